@@ -1,0 +1,195 @@
+"""Runs an audit: model × images → FullGrad decompositions under every ψ → checks → results.
+
+Images stream through in batches (memory is bounded by the batch, not the folder). Each batch
+costs one forward pass for the prediction and one forward+backward pass for the full-gradient
+decomposition; every ψ is computed from that one decomposition. The model is never modified.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checks import CHECKS
+from .config import AuditConfig
+from .errors import NoImagesError
+from .data import DecodedImage, Skipped, find_images, iter_decoded, require_images
+from .methods.fullgrad import full_gradients
+from .model import LoadedModel, load_model, resolve_device
+from .psi import get_psi
+from .report.overlay import save_overlay
+from .result import AuditResult, CompletenessRecord, ImageRecord, MapRecord
+
+__all__ = ["Progress", "run_audit", "environment_versions"]
+
+Progress = Callable[[str, int, int | None], None]
+"""Progress callback: ``(stage description, done, total or None)``."""
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.per_stage: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.per_stage[name] = self.per_stage.get(name, 0.0) + time.perf_counter() - t0
+
+
+def environment_versions() -> dict[str, str]:
+    """Versions of the interpreter and the libraries that determine the numbers."""
+    import PIL
+    import torchvision
+
+    return {"saliaudit": __version__, "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": np.__version__, "pillow": PIL.__version__,
+            "platform": platform.platform()}
+
+
+def map_filename(rel: str, psi: str) -> str:
+    """A flat, safe file name for the overlay of image ``rel`` under ``psi``."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", rel.rsplit(".", 1)[0].replace("/", "__"))
+    return f"{stem[:150]}.fullgrad.{psi}.png"
+
+
+def _model_info(lm: LoadedModel) -> dict[str, Any]:
+    return {"path": str(lm.path) if lm.path else None, "sha256": lm.sha256, "format": lm.format,
+            "arch": lm.arch, "num_classes": lm.num_classes, "input_size": list(lm.input_size),
+            "mean": list(lm.mean), "std": list(lm.std), "static_batch": lm.static_batch,
+            "class_names": list(lm.class_names), "sources": dict(lm.sources),
+            "limitations": list(lm.limitations), "notes": list(lm.notes)}
+
+
+def new_result(cfg: AuditConfig, started: datetime, device: torch.device) -> AuditResult:
+    """An empty result with the run and configuration recorded (filled as the audit runs)."""
+    return AuditResult(
+        tool={"name": "saliaudit", "version": __version__},
+        run={"started_at": started.isoformat(timespec="seconds"), "duration_s": None,
+             "seed": cfg.seed, "device": str(device), "versions": environment_versions()},
+        config={"values": dict(cfg.values), "sources": dict(cfg.sources),
+                "file": str(cfg.config_file) if cfg.config_file else None},
+        model={}, inputs={"source": None, "found": 0, "loaded": 0, "skipped": []})
+
+
+def run_audit(model_path: str | Path, images: str | Path, cfg: AuditConfig, out_dir: Path,
+              progress: Progress | None = None, result: AuditResult | None = None) -> AuditResult:
+    """Audit ``model_path`` on ``images``; writes overlays into ``out_dir/maps``.
+
+    ``result`` (from :func:`new_result`) is filled in place, so that a caller interrupted
+    half-way still holds everything measured so far. Raises the :mod:`saliaudit.errors`
+    subclasses for unusable models (exit 3) or image sets (exit 4).
+    """
+    timer = _Timer()
+    started_clock = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    result = result or new_result(cfg, datetime.now(timezone.utc), device)
+    with timer.stage("load_model"):
+        lm = load_model(model_path, arch=cfg.arch, num_classes=cfg.num_classes,
+                        input_size=cfg.input_size, mean=cfg.mean, std=cfg.std, labels=cfg.labels,
+                        trust_model=cfg.trust_model, device=device)
+    result.model = _model_info(lm)
+    with timer.stage("find_images"):
+        listing = find_images(images, max_images=cfg.max_images, sample=cfg.sample, seed=cfg.seed)
+    skipped: list[Skipped] = list(listing.skipped)
+    result.inputs.update(source=str(images), found=listing.found,
+                         class_names_from_folders=listing.class_names)
+    require_images(listing)
+    psis = [get_psi(p) for p in cfg.psi]
+    maps_dir = out_dir / "maps"
+    total = len(listing.entries)
+    done = 0
+    decoded = iter_decoded(listing, max_pixels=cfg.max_pixels)
+    if progress:
+        progress("Decomposing", 0, total)
+    while True:
+        with timer.stage("decode_images"):
+            batch = next(_batches_iter(decoded, cfg.batch_size, skipped), None)
+        if batch is None:
+            break
+        _audit_batch(lm, batch, psis, cfg, maps_dir, out_dir, result, timer)
+        done += len(batch)
+        result.inputs["loaded"] = len(result.images)
+        result.inputs["skipped"] = [{"path": s.path, "reason": s.reason} for s in skipped]
+        if progress:
+            progress("Decomposing", done + len(skipped) - len(listing.skipped), total)
+    result.inputs["loaded"] = len(result.images)
+    result.inputs["skipped"] = [{"path": s.path, "reason": s.reason} for s in skipped]
+    if not result.images:
+        first = skipped[0] if skipped else None
+        raise NoImagesError(
+            f"none of the {listing.found} image files could be used", path=images,
+            hint=f"first problem: {first.path}: {first.reason}" if first else None)
+    with timer.stage("checks"):
+        check = CHECKS["completeness"]()
+        m = check.measure(records=result.completeness)
+        result.checks = [check.judge(m, {"fail": cfg.completeness_tolerance})]
+    result.summarize(cfg.fail_on)
+    result.timings = {"total_s": time.perf_counter() - started_clock,
+                      "per_stage": {k: round(v, 4) for k, v in timer.per_stage.items()}}
+    result.run["duration_s"] = result.timings["total_s"]
+    return result
+
+
+def _batches_iter(decoded: Iterator[DecodedImage | Skipped], size: int,
+                  skipped: list[Skipped]) -> Iterator[list[DecodedImage]]:
+    """One batch from a shared iterator (a generator per call keeps the state in ``decoded``)."""
+    batch: list[DecodedImage] = []
+    for item in decoded:
+        if isinstance(item, Skipped):
+            skipped.append(item)
+            continue
+        batch.append(item)
+        if len(batch) == size:
+            break
+    if batch:
+        yield batch
+
+
+def _audit_batch(lm: LoadedModel, batch: list[DecodedImage], psis: list, cfg: AuditConfig,
+                 maps_dir: Path, out_dir: Path, result: AuditResult, timer: _Timer) -> None:
+    with timer.stage("preprocess"):
+        x = lm.preprocess([d.image for d in batch])
+    with timer.stage("predict"):
+        logits = lm.logits(x)
+        probs = torch.softmax(logits.double(), dim=1)
+        targets = logits.argmax(1)
+    with timer.stage("decomposition"):
+        fg = full_gradients(lm, x, targets)
+    with timer.stage("psi"):
+        maps = {k: v.cpu().numpy() for k, v in fg.saliency_maps([p.name for p in psis]).items()}
+    names = lm.class_names
+    for i, d in enumerate(batch):
+        t = int(targets[i])
+        result.images.append(ImageRecord(d.entry.rel, d.sha256, d.entry.label, t, names[t],
+                                         float(probs[i, t]), list(d.notes)))
+        result.completeness.append(CompletenessRecord(
+            d.entry.rel, t, names[t], float(fg.logits[i]), float(fg.reconstructed[i]),
+            float(fg.residual[i]), list(fg.unaccounted)))
+    if not cfg.overlays:
+        return
+    with timer.stage("overlays"):
+        maps_dir.mkdir(parents=True, exist_ok=True)
+        for i, d in enumerate(batch):
+            t = int(targets[i])
+            for psi in psis:
+                name = map_filename(d.entry.rel, psi.name)
+                save_overlay(maps_dir / name, d.image, maps[psi.name][i], signed=psi.signed,
+                             title=f"FullGrad ψ={psi.name} · {names[t]}")
+                result.maps.append(MapRecord(d.entry.rel, "fullgrad", psi.name, t,
+                                             (maps_dir / name).relative_to(out_dir).as_posix(),
+                                             psi.signed))

@@ -1,0 +1,158 @@
+"""The ``saliaudit`` command line: options → config → audit → render.
+
+This is the only place that catches errors and maps them to exit codes (design.md §2):
+0 no check reached ``--fail-on`` · 1 the gate failed · 2 usage error · 3 the audit could not
+run · 4 no usable images · 130 interrupted (Ctrl-C or SIGTERM; a partial results.json is kept).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import (EXIT_CANNOT_RUN, EXIT_GATE, EXIT_INTERRUPTED, EXIT_OK, SaliauditError,
+                     UsageError)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Audit whether the saliency maps of a PyTorch image classifier can be trusted.")
+err_console = Console(stderr=True, highlight=False)
+_DEBUG = {"on": False}
+
+
+class Interrupted(BaseException):
+    """Raised from the SIGTERM handler (Ctrl-C raises KeyboardInterrupt)."""
+
+
+def _fail(err: BaseException, code: int) -> None:
+    if _DEBUG["on"]:
+        err_console.print(traceback.format_exc(), markup=False)
+    err_console.print(f"saliaudit: error: {err}", markup=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"saliaudit {__version__}")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
+) -> None:
+    _DEBUG["on"] = debug
+
+
+@app.command()
+def report(
+    model: Path = typer.Argument(..., help="Model file: .pt2, state_dict (.pt/.pth/.safetensors with --arch), TorchScript, or a pickled module with --trust-model."),
+    images: Path = typer.Argument(..., help="Image folder (recursive; ImageFolder layout gives labels) or a list file."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Output folder [default: saliaudit-report]."),
+    format: Optional[str] = typer.Option(None, "--format", help="Comma-separated output formats [default: json]."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML configuration file."),
+    psi: Optional[str] = typer.Option(None, "--psi", help="Comma-separated ψ presets [default: all]."),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="Audit at most N images."),
+    sample: Optional[int] = typer.Option(None, "--sample", help="Audit a reproducible random subset of N images."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch [default: 8]."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed [default: 0]."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps [default: auto]."),
+    fail_on: Optional[str] = typer.Option(None, "--fail-on", help="fail, warn or never [default: fail]."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="torchvision architecture of a state_dict."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classes of a state_dict head."),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="Input size: 224 or H,W."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Normalization mean, e.g. 0.485,0.456,0.406."),
+    std: Optional[str] = typer.Option(None, "--std", help="Normalization std, e.g. 0.229,0.224,0.225."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Class names file, one per line."),
+    trust_model: Optional[bool] = typer.Option(None, "--trust-model", help="Allow unpickling a pickled model (runs code from the file)."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Refuse larger images [default: 64000000]."),
+    overlays: Optional[bool] = typer.Option(None, "--overlays/--no-overlays", help="Write PNG overlays [default: on]."),
+    force: Optional[bool] = typer.Option(None, "--force", help="Write into a non-empty folder that is not a saliaudit output."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table on the terminal."),
+) -> None:
+    """Audit MODEL on IMAGES and write the results (and maps) to the output folder."""
+    from .config import resolve_config
+
+    flags: dict[str, Any] = dict(
+        output=output, format=format, psi=psi, max_images=max_images, sample=sample,
+        batch_size=batch_size, seed=seed, device=device, fail_on=fail_on, arch=arch,
+        num_classes=num_classes, input_size=input_size, mean=mean, std=std, labels=labels,
+        trust_model=trust_model, max_pixels=max_pixels, overlays=overlays, force=force)
+    try:
+        cfg = resolve_config(flags, config_file=config)
+    except SaliauditError as err:
+        _fail(err, err.exit_code)
+    code = _run_report(model, images, cfg, quiet)
+    raise typer.Exit(code)
+
+
+def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
+    from .audit import new_result, run_audit
+    from .model import resolve_device
+    from .report.output import OutputFolder
+    from .report.terminal import print_summary, progress_bar
+
+    out = OutputFolder(Path(cfg.output), force=cfg.force)
+    result = None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_term(signum, frame):  # noqa: ARG001
+        raise Interrupted()
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        out.prepare()
+        result = new_result(cfg, datetime.now(timezone.utc), resolve_device(cfg.device))
+        with progress_bar(err_console, quiet) as progress:
+            run_audit(model, images, cfg, out.path, progress=progress, result=result)
+        out.write_results(result, cfg.format)
+        if not quiet:
+            print_summary(err_console, result, out.path)
+        return EXIT_GATE if result.summary.get("gate_failed") else EXIT_OK
+    except (KeyboardInterrupt, Interrupted):
+        reason = "interrupted by SIGTERM" if sys.exc_info()[0] is Interrupted else "interrupted (Ctrl-C)"
+        if result is not None:
+            result.summarize(cfg.fail_on, status="error", reason=reason)
+            out.write_results(result, ["json"])
+        err_console.print(f"saliaudit: {reason}; partial results in {out.path / 'results.json'}",
+                          markup=False)
+        return EXIT_INTERRUPTED
+    except SaliauditError as err:
+        if result is not None and out.prepared:
+            result.summarize(cfg.fail_on, status="error", reason=str(err))
+            out.write_results(result, ["json"])
+        _fail(err, err.exit_code)
+    except typer.Exit:
+        raise
+    except Exception as err:  # an unexpected bug: one line, the traceback with --debug
+        _fail(RuntimeError(f"unexpected {type(err).__name__}: {err} "
+                           "(rerun with --debug and report it)"), EXIT_CANNOT_RUN)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return EXIT_CANNOT_RUN
+
+
+@app.command()
+def doctor() -> None:
+    """Check the environment: Python, torch, devices, PDF backend, fonts."""
+    from .doctor import run_doctor
+
+    raise typer.Exit(run_doctor(Console()))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except UsageError as err:  # raised before a command body runs
+        err_console.print(f"saliaudit: error: {err}", markup=False)
+        sys.exit(err.exit_code)

@@ -1,0 +1,232 @@
+"""Validated audit settings, each with the source it came from (design.md §2 Configuration).
+
+Precedence: command-line flags > ``SALIAUDIT_*`` environment variables > ``--config FILE``
+or the nearest ``saliaudit.toml`` / ``[tool.saliaudit]`` in ``pyproject.toml`` (searched from
+the current folder upwards) > defaults. The report and the results record the effective
+value of every setting and where it came from.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+from .psi import PSI_PRESETS
+
+__all__ = ["Setting", "SETTINGS", "AuditConfig", "resolve_config", "find_config_file"]
+
+FORMATS = ("json",)  # renderers available in this version (report/)
+FAIL_ON = ("fail", "warn", "never")
+
+
+def _int(lo: int, hi: int | None = None) -> Callable[[Any], int]:
+    def parse(v: Any) -> int:
+        try:
+            n = int(str(v).strip()) if not isinstance(v, bool) else None
+        except ValueError:
+            n = None
+        if n is None or n < lo or (hi is not None and n > hi):
+            bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            raise ValueError(f"expected an integer {bound}, got {v!r}")
+        return n
+    return parse
+
+
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda v: None if v is None or str(v).strip().lower() in ("", "none") else parse(v)
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(v: Any) -> str:
+        s = str(v).strip().lower()
+        if s not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {v!r}")
+        return s
+    return parse
+
+
+def _list_of(*choices: str) -> Callable[[Any], list[str]]:
+    def parse(v: Any) -> list[str]:
+        items = v if isinstance(v, (list, tuple)) else str(v).split(",")
+        out = [str(i).strip() for i in items if str(i).strip()]
+        bad = [i for i in out if i not in choices]
+        if bad or not out:
+            raise ValueError(f"expected a comma-separated list of {', '.join(choices)}, got {v!r}")
+        return list(dict.fromkeys(out))
+    return parse
+
+
+def _bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {v!r}")
+
+
+def _text(v: Any) -> str:
+    return str(v)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value: its parser, default and help text."""
+
+    name: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in [
+    Setting("output", _text, "saliaudit-report", "output folder"),
+    Setting("format", _list_of(*FORMATS), ["json"], "output formats"),
+    Setting("psi", _list_of(*PSI_PRESETS), list(PSI_PRESETS), "FullGrad post-processings ψ"),
+    Setting("max_images", _optional(_int(1)), None, "audit at most this many images"),
+    Setting("sample", _optional(_int(1)), None, "audit a reproducible random subset of N images"),
+    Setting("batch_size", _int(1, 4096), 8, "images per forward/backward batch"),
+    Setting("seed", _int(0), 0, "seed for every random choice"),
+    Setting("device", _text, "auto", "auto, cpu, cuda, cuda:N or mps"),
+    Setting("fail_on", _choice(*FAIL_ON), "fail", "lowest verdict that makes the exit code 1"),
+    Setting("arch", _optional(_text), None, "torchvision architecture of a state_dict"),
+    Setting("num_classes", _optional(_int(1)), None, "number of classes of a state_dict head"),
+    Setting("input_size", _optional(_text), None, "model input size, H or H,W"),
+    Setting("mean", _optional(_text), None, "normalization mean, three comma-separated values"),
+    Setting("std", _optional(_text), None, "normalization std, three comma-separated values"),
+    Setting("labels", _optional(_text), None, "class names file, one per line"),
+    Setting("trust_model", _bool, False, "allow unpickling a pickled nn.Module (runs code)"),
+    Setting("max_pixels", _int(1), 64_000_000, "refuse images with more pixels (bombs)"),
+    Setting("completeness_tolerance", lambda v: _positive_float(v), 1e-3,
+            "FAIL completeness when a relative residual exceeds this"),
+    Setting("overlays", _bool, True, "write a PNG overlay per image and ψ"),
+    Setting("force", _bool, False, "write into a non-empty folder that is not a saliaudit output"),
+]}
+
+
+def _positive_float(v: Any) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        f = -1.0
+    if not f > 0 or f != f or f == float("inf"):
+        raise ValueError(f"expected a positive number, got {v!r}")
+    return f
+
+
+@dataclass
+class AuditConfig:
+    """Effective settings (``values``) and where each came from (``sources``)."""
+
+    values: dict[str, Any]
+    sources: dict[str, str]
+    config_file: Path | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
+
+
+def find_config_file(start: Path | None = None) -> tuple[Path, dict[str, Any]] | None:
+    """The nearest ``saliaudit.toml`` or ``pyproject.toml`` with ``[tool.saliaudit]``."""
+    folder = (start or Path.cwd()).resolve()
+    for d in [folder, *folder.parents]:
+        candidate = d / "saliaudit.toml"
+        if candidate.is_file():
+            return candidate, _read_toml(candidate, table=None)
+        pyproject = d / "pyproject.toml"
+        if pyproject.is_file():
+            table = _read_toml(pyproject, table=("tool", "saliaudit"))
+            if table is not None:
+                return pyproject, table
+    return None
+
+
+def _read_toml(path: Path, table: tuple[str, ...] | None) -> dict[str, Any] | None:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise UsageError(f"cannot read the configuration: {err}", path=path,
+                         hint="fix the TOML syntax or pass another --config") from None
+    if table is None:
+        return data.get("saliaudit", data) if isinstance(data.get("saliaudit"), dict) else data
+    for key in table:
+        data = data.get(key) if isinstance(data, dict) else None
+        if data is None:
+            return None
+    return data
+
+
+def _normalize_key(key: str) -> str:
+    return key.strip().lower().replace("-", "_")
+
+
+def resolve_config(flags: Mapping[str, Any], *, config_file: str | Path | None = None,
+                   environ: Mapping[str, str] | None = None,
+                   cwd: Path | None = None) -> AuditConfig:
+    """Merge flags, environment, config file and defaults; validate every value.
+
+    Args:
+        flags: values given on the command line (``None`` = not given).
+        config_file: ``--config FILE``; without it the nearest config file is used.
+        environ: environment (default ``os.environ``); ``SALIAUDIT_BATCH_SIZE=4`` sets
+            ``batch_size``.
+        cwd: where to start looking for a config file.
+
+    Raises:
+        UsageError: an unknown key or an invalid value, naming where it came from.
+    """
+    environ = os.environ if environ is None else environ
+    file_values: dict[str, Any] = {}
+    file_path: Path | None = None
+    if config_file is not None:
+        file_path = Path(config_file)
+        if not file_path.is_file():
+            raise UsageError("configuration file not found", path=file_path,
+                             hint="check the --config path")
+        table = _read_toml(file_path, table=("tool", "saliaudit")
+                           if file_path.name == "pyproject.toml" else None)
+        file_values = table or {}
+    else:
+        found = find_config_file(cwd)
+        if found is not None:
+            file_path, file_values = found
+    layers: list[tuple[str, dict[str, Any]]] = [
+        ("flag", {k: v for k, v in flags.items() if v is not None}),
+        ("environment", {_normalize_key(k[len("SALIAUDIT_"):]): v for k, v in environ.items()
+                         if k.startswith("SALIAUDIT_")}),
+        (f"config file {file_path}" if file_path else "config file",
+         {_normalize_key(k): v for k, v in file_values.items()}),
+    ]
+    for source, layer in layers[1:]:
+        unknown = sorted(set(layer) - set(SETTINGS))
+        if unknown:
+            where = "environment variable SALIAUDIT_" if source == "environment" else ""
+            raise UsageError(f"unknown setting {where}{unknown[0].upper() if where else unknown[0]!s}"
+                             f" in {source}",
+                             hint="valid settings: " + ", ".join(SETTINGS))
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, setting in SETTINGS.items():
+        raw, source = setting.default, "default"
+        for layer_source, layer in layers:
+            if name in layer:
+                raw, source = layer[name], layer_source
+                break
+        try:
+            values[name] = setting.parse(raw) if source != "default" else raw
+        except ValueError as err:
+            label = {"flag": f"--{name.replace('_', '-')}",
+                     "environment": f"SALIAUDIT_{name.upper()}"}.get(source, f"{name} in {source}")
+            raise UsageError(f"invalid {label}: {err}") from None
+        sources[name] = source
+    return AuditConfig(values, sources, file_path)

@@ -1,0 +1,65 @@
+"""Errors raised by saliaudit.
+
+Every error carries a one-line message that names the file involved and says what to do,
+and the exit code the CLI maps it to (design.md §2): 2 usage, 3 the audit could not run,
+4 no usable images. ``cli.py`` is the only place that catches them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_GATE = 1
+EXIT_USAGE = 2
+EXIT_CANNOT_RUN = 3
+EXIT_NO_IMAGES = 4
+EXIT_INTERRUPTED = 130
+
+
+class SaliauditError(Exception):
+    """Base class. ``str(err)`` is the one-line message shown to the user."""
+
+    exit_code: int = EXIT_CANNOT_RUN
+
+    def __init__(self, message: str, *, path: str | Path | None = None, hint: str | None = None):
+        self.path = str(path) if path is not None else None
+        self.hint = hint
+        text = f"{self.path}: {message}" if self.path else message
+        if hint:
+            text = f"{text} ({hint})"
+        super().__init__(text)
+
+
+class UsageError(SaliauditError):
+    """A flag, option value or config entry is invalid (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class ModelLoadError(SaliauditError):
+    """The model file cannot be loaded or does not behave like a classifier (exit 3)."""
+
+    exit_code = EXIT_CANNOT_RUN
+
+
+class UntrustedPickleError(ModelLoadError):
+    """A pickled model was refused because unpickling can run arbitrary code (exit 3)."""
+
+
+class ImageError(SaliauditError):
+    """One image cannot be used; the audit records it as skipped and goes on."""
+
+
+class NoImagesError(SaliauditError):
+    """No usable image was found (exit 4)."""
+
+    exit_code = EXIT_NO_IMAGES
+
+
+class DecompositionError(SaliauditError):
+    """A saliency decomposition cannot be computed for this model (exit 3 when fatal)."""
+
+
+class OutputError(SaliauditError):
+    """The output folder cannot be written safely (exit 3)."""

@@ -1,0 +1,1 @@
+"""Saliency methods. FullGrad lives in :mod:`saliaudit.methods.fullgrad`."""

@@ -1,0 +1,282 @@
+"""FullGrad: the full-gradient decomposition and its saliency maps.
+
+Srinivas & Fleuret, *Full-Gradient Representation for Neural Network Visualization*,
+NeurIPS 2019. For a target logit ``f``::
+
+    f(x) = Σ ∇ₓf ⊙ x  +  Σ_ops Σ ∂f/∂y_op ⊙ b_op           (completeness)
+
+where ``b_op`` is each op's bias, explicit or implicit (:mod:`saliaudit.methods.biases`).
+The decomposition is computed once per (image, class) by one forward pass through the ATen
+graph and one backward pass; gradients and biases are paired by the op that produced them,
+never by module order. Every ψ preset (:mod:`saliaudit.psi`) is then applied to the same terms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import DecompositionError, UsageError
+from ..graph import GraphRunner, get_graph, module_path, op_name
+from ..psi import PSI_PRESETS, TermStats, get_psi, reduce_term, upsample_sum
+from .biases import Unaccounted, bias_kind, bias_of
+
+__all__ = ["BiasTerm", "FullGradients", "full_gradients"]
+
+
+class BiasTerm:
+    """One op's share ``∂f/∂y ⊙ b`` of the logit.
+
+    Attributes:
+        name: unique name, ``<module path>.<op>`` (e.g. ``layer1.0.bn1.batch_norm``).
+        op: the ATen op (e.g. ``batch_norm``, ``hardtanh``, ``mul``).
+        kind: ``explicit`` (conv/linear bias), ``batchnorm``, ``constant`` or ``implicit``.
+        grad: ``∂f/∂y``, shaped like the op's output (NCHW for spatial terms).
+        bias: ``b``, broadcastable to ``grad``.
+        spatial: whether the term is an image-like ``(B, C, h, w)`` map (stored NCHW even
+            when the op's output was channels-last).
+        channel_bias: ``b`` as a ``(C,)`` vector when it is constant over space (conv,
+            linear and batch-norm biases); the term is then never materialized.
+    """
+
+    def __init__(self, name: str, op: str, kind: str, grad: torch.Tensor, bias: torch.Tensor,
+                 spatial: bool, channel_bias: torch.Tensor | None = None):
+        self.name, self.op, self.kind, self.spatial = name, op, kind, spatial
+        self.grad, self.bias, self.channel_bias = grad, bias, channel_bias
+        self._stats: TermStats | None = None
+
+    def __repr__(self) -> str:
+        return f"BiasTerm({self.name!r}, op={self.op!r}, kind={self.kind!r}, shape={tuple(self.grad.shape)})"
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The term ``g ⊙ b``, shaped like ``grad``."""
+        return (self.grad * self.bias).expand(self.grad.shape)
+
+    @property
+    def stats(self) -> TermStats:
+        """Shared reductions used by every ψ (see :class:`saliaudit.psi.TermStats`)."""
+        if self._stats is None:
+            if self.channel_bias is not None:
+                self._stats = TermStats(grad=self.grad, channel_bias=self.channel_bias)
+            else:
+                self._stats = TermStats(self.value)
+        return self._stats
+
+    def total(self) -> torch.Tensor:
+        """Per-image sum of the term, float64, shape ``(B,)``."""
+        if self.spatial:
+            return self.stats.sum("keep").reshape(self.grad.shape[0], -1).sum(
+                1, dtype=torch.float64)
+        return self.value.reshape(self.grad.shape[0], -1).sum(1, dtype=torch.float64)
+
+
+@dataclass
+class FullGradients:
+    """The full-gradient decomposition of a batch (see module docstring).
+
+    Attributes:
+        input_term: ``∇ₓf ⊙ x``, shape ``(B, C, H, W)``.
+        input_gradient: ``∇ₓf``, shape ``(B, C, H, W)``.
+        bias_terms: named :class:`BiasTerm` for every bias-carrying op, in graph order.
+        logits: the target logits ``f(x)``, shape ``(B,)``.
+        targets: the target classes, shape ``(B,)``.
+        reconstructed: ``Σ input_term + Σ bias terms`` per image (float64).
+        residual: ``|f − reconstructed| / max(|f|, 1e-6)`` per image (float64).
+        unaccounted: ops whose bias could not be computed; their share is in ``residual``.
+    """
+
+    input_term: torch.Tensor
+    input_gradient: torch.Tensor
+    bias_terms: dict[str, BiasTerm]
+    logits: torch.Tensor
+    targets: torch.Tensor
+    reconstructed: torch.Tensor
+    residual: torch.Tensor
+    unaccounted: list[str] = field(default_factory=list)
+
+    @property
+    def spatial_terms(self) -> list[BiasTerm]:
+        return [t for t in self.bias_terms.values() if t.spatial]
+
+    def saliency(self, psi: str = "paper") -> torch.Tensor:
+        """FullGrad map ``ψ(∇ₓf ⊙ x) + Σ_l ψ(f^b_l)`` at input resolution, ``(B, H, W)``."""
+        return self.saliency_maps([psi])[psi]
+
+    def saliency_maps(self, psis: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Maps for several ψ presets from the one decomposition: ``{name: (B, H, W)}``."""
+        presets = [get_psi(p) for p in (psis if psis is not None else list(PSI_PRESETS))]
+        size = (self.input_term.shape[2], self.input_term.shape[3])
+
+        def per_layer():
+            for term in [self.input_term] + [t.stats for t in self.spatial_terms]:
+                yield from reduce_term(term, presets).items()
+
+        return upsample_sum(per_layer(), size, presets)
+
+
+def _nchw_order(layout: str | None, ndim: int) -> list[int] | None:
+    """Permutation that brings a value of this layout to NCHW, or None if not spatial."""
+    if ndim != 4 or layout is None or sorted(layout) != sorted("NCHW"):
+        return None
+    return [layout.index(c) for c in "NCHW"]
+
+
+def _channel_vector(bias: torch.Tensor, order: list[int], shape: torch.Size) -> torch.Tensor | None:
+    """``bias`` as a (C,) vector if it only varies along the channel dimension."""
+    b = bias.reshape((1,) * (len(shape) - bias.dim()) + tuple(bias.shape))
+    varying = [d for d in range(b.dim()) if b.shape[d] != 1]
+    c_dim = order[1]
+    if varying == [c_dim] and b.shape[c_dim] == shape[c_dim]:
+        return b.reshape(-1)
+    if not varying:
+        return b.reshape(1).expand(shape[c_dim])
+    return None
+
+
+def _decompose(gm: torch.fx.GraphModule, x: torch.Tensor,
+               targets: torch.Tensor) -> FullGradients:
+    records: list[tuple[torch.fx.Node, str, torch.Tensor, torch.Tensor]] = []
+    tuple_bias: dict[torch.fx.Node, tuple] = {}
+    unaccounted: list[str] = []
+
+    def on_op(node, target, args, kwargs, out, dep_mask):
+        name = op_name(target)
+        if name == "getitem":
+            src = node.args[0]
+            if src in tuple_bias and isinstance(out, torch.Tensor):
+                b = tuple_bias[src][node.args[1]]
+                if b is not None:
+                    records.append((node, op_name(src.target), out, b))
+            return
+        try:
+            b = bias_of(target, args, kwargs, out, dep_mask)
+        except Unaccounted as err:
+            unaccounted.append(f"{module_path(node)} ({err})")
+            return
+        if isinstance(b, tuple):
+            tuple_bias[node] = b
+        elif b is not None and isinstance(out, torch.Tensor) and out.requires_grad:
+            records.append((node, name, out, b))
+
+    x = x.detach().requires_grad_(True)
+    runner = GraphRunner(gm, on_op=on_op)
+    with torch.enable_grad():
+        out = runner.run(x)
+        logits_all = out[0] if isinstance(out, (tuple, list)) else out
+        if not isinstance(logits_all, torch.Tensor) or logits_all.dim() != 2:
+            raise DecompositionError(
+                f"the model output has shape {getattr(logits_all, 'shape', None)}, "
+                "not (batch, classes)", hint="audit a classifier that returns logits")
+        picked = logits_all.gather(1, targets.view(-1, 1)).squeeze(1)
+        inputs = [x] + [r[2] for r in records]
+        grads = torch.autograd.grad(picked.sum(), inputs, allow_unused=True)
+    layouts = runner.layouts
+    input_grad = grads[0] if grads[0] is not None else torch.zeros_like(x)
+    input_term = (input_grad * x).detach()
+    terms: dict[str, BiasTerm] = {}
+    for (node, name, out_t, b), g in zip(records, grads[1:]):
+        if g is None:
+            continue
+        b = b.detach()
+        order = _nchw_order(layouts.get(node), g.dim())
+        channel_bias = None
+        if order is not None:
+            channel_bias = _channel_vector(b, order, g.shape)
+            b = b.reshape((1,) * (g.dim() - b.dim()) + tuple(b.shape)).permute(order)
+            g = g.permute(order)
+        key = f"{module_path(node)}.{name}"
+        k = 2
+        while key in terms:
+            key = f"{module_path(node)}.{name}#{k}"
+            k += 1
+        terms[key] = BiasTerm(key, name, bias_kind(name), g.detach(), b, order is not None,
+                              channel_bias)
+    logits = picked.detach()
+    recon = input_term.reshape(x.shape[0], -1).sum(1, dtype=torch.float64)
+    for t in terms.values():
+        recon = recon + t.total()
+    f64 = logits.to(torch.float64)
+    residual = (f64 - recon).abs() / f64.abs().clamp(min=1e-6)
+    return FullGradients(input_term, input_grad.detach(), terms, logits, targets,
+                         recon, residual, unaccounted)
+
+
+def _no_graph(module: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor,
+              reason: str) -> FullGradients:
+    """Input-gradient part only (TorchScript): the bias share stays in the residual."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits_all = module(x)
+        picked = logits_all.gather(1, targets.view(-1, 1)).squeeze(1)
+        (grad,) = torch.autograd.grad(picked.sum(), [x])
+    input_term = (grad * x).detach()
+    recon = input_term.reshape(x.shape[0], -1).sum(1, dtype=torch.float64)
+    f64 = picked.detach().to(torch.float64)
+    residual = (f64 - recon).abs() / f64.abs().clamp(min=1e-6)
+    return FullGradients(input_term, grad.detach(), {}, picked.detach(), targets, recon,
+                         residual, [reason])
+
+
+def full_gradients(model, x: torch.Tensor, targets: torch.Tensor | Sequence[int]) -> FullGradients:
+    """Full-gradient decomposition of a batch for the given target classes.
+
+    Args:
+        model: a :class:`~saliaudit.model.LoadedModel` (from :func:`saliaudit.load_model`) or
+            an ``nn.Module``; it is not modified (a module in training mode is audited as an
+            eval-mode copy).
+        x: preprocessed float tensor ``(B, 3, H, W)``; float64 gives a float64 decomposition.
+        targets: ``(B,)`` class indices.
+
+    Returns:
+        :class:`FullGradients` with ``input_term``, named ``bias_terms``, ``residual`` and
+        ``saliency(psi)``.
+
+    Reference: Srinivas & Fleuret, NeurIPS 2019, eq. 1–2.
+    """
+    if x.dim() != 4:
+        raise UsageError(f"x must be a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
+    targets = torch.as_tensor(targets, dtype=torch.long, device=x.device).reshape(-1)
+    if targets.numel() != x.shape[0]:
+        raise UsageError(f"{targets.numel()} targets for a batch of {x.shape[0]} images")
+    gm = get_graph(model, x)
+    if gm is None:
+        module = getattr(model, "module", model)
+        return _no_graph(module, x, targets,
+                         "TorchScript internals: bias terms cannot be captured")
+    static = getattr(model, "static_batch", None)
+    if static and x.shape[0] != static:
+        return _chunked(gm, x, targets, static)
+    return _decompose(gm, x, targets)
+
+
+def _chunked(gm: torch.fx.GraphModule, x: torch.Tensor, targets: torch.Tensor,
+             size: int) -> FullGradients:
+    """Run a graph exported with a static batch size on chunks of exactly that size."""
+    parts = []
+    for start in range(0, x.shape[0], size):
+        xs, ts = x[start:start + size], targets[start:start + size]
+        n = xs.shape[0]
+        if n < size:  # pad the last chunk by repeating its last image, then drop the padding
+            xs = torch.cat([xs, xs[-1:].expand(size - n, *xs.shape[1:])])
+            ts = torch.cat([ts, ts[-1:].expand(size - n)])
+        parts.append((_decompose(gm, xs, ts), n))
+    first = parts[0][0]
+
+    def cat(get):
+        return torch.cat([get(fg)[:n] for fg, n in parts])
+
+    terms = {}
+    for k, t in first.bias_terms.items():
+        bias = t.bias
+        if bias.shape[0] != 1:  # a per-image bias (implicit biases) is batched like the grad
+            bias = cat(lambda fg, k=k: fg.bias_terms[k].bias)
+        terms[k] = BiasTerm(t.name, t.op, t.kind, cat(lambda fg, k=k: fg.bias_terms[k].grad),
+                            bias, t.spatial, t.channel_bias)
+    unaccounted = sorted({u for fg, _ in parts for u in fg.unaccounted})
+    return FullGradients(cat(lambda f: f.input_term), cat(lambda f: f.input_gradient), terms,
+                         cat(lambda f: f.logits), cat(lambda f: f.targets),
+                         cat(lambda f: f.reconstructed), cat(lambda f: f.residual),
+                         unaccounted)

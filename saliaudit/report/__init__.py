@@ -1,0 +1,1 @@
+"""Report rendering: figures, HTML/PDF, JSON and JUnit outputs."""

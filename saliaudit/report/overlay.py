@@ -1,0 +1,238 @@
+"""Saliency overlays: colour maps, normalization and PIL rendering (no matplotlib).
+
+Colour map anchors and their sources:
+
+* ``"diverging"``: ColorBrewer RdBu, 11 classes (Cynthia Brewer, colorbrewer2.org; the same
+  anchors as matplotlib's ``RdBu``), reversed so negative is blue and positive is red. The
+  centre anchor ``#f7f7f7`` is replaced by pure white so that a zero saliency is white.
+  Interpolated in CIELAB (D65), centre anchor exactly at index 128.
+* ``"sequential"``: viridis (van der Walt & Smith, matplotlib ``_cm_listed``), 16 evenly spaced
+  samples (identical to R ``viridisLite::viridis(16)``), interpolated linearly in sRGB.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["colormap", "normalize_map", "render_overlay", "save_overlay", "map_to_png_bytes"]
+
+_RDBU_R = ("#053061", "#2166ac", "#4393c3", "#92c5de", "#d1e5f0", "#ffffff",
+           "#fddbc7", "#f4a582", "#d6604d", "#b2182b", "#67001f")
+_VIRIDIS = ("#440154", "#481a6c", "#472f7d", "#414487", "#39568c", "#31688e", "#2a788e",
+            "#23888e", "#1f988b", "#22a884", "#35b779", "#54c568", "#7ad151", "#a5db36",
+            "#d2e21b", "#fde725")
+
+BAR_WIDTH = 12  # px, colour bar strip
+MARGIN = 4  # px, spacing around the colour bar, labels and title
+_WHITE = (255, 255, 255)
+_BLACK = (0, 0, 0)
+_XYZ_WHITE = np.array([0.95047, 1.0, 1.08883])
+_RGB2XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
+                     [0.2126729, 0.7151522, 0.0721750],
+                     [0.0193339, 0.1191920, 0.9503041]])
+
+
+def _hex(colours: tuple[str, ...]) -> np.ndarray:
+    return np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in colours], float) / 255.0
+
+
+def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    lin = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    t = lin @ _RGB2XYZ.T / _XYZ_WHITE
+    f = np.where(t > (6 / 29) ** 3, np.cbrt(t), t / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], 1)
+
+
+def _lab_to_srgb(lab: np.ndarray) -> np.ndarray:
+    fy = (lab[:, 0] + 16) / 116
+    f = np.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], 1)
+    t = np.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29))
+    lin = np.clip(t * _XYZ_WHITE @ np.linalg.inv(_RGB2XYZ).T, 0.0, 1.0)
+    return np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055)
+
+
+def _interp(anchors: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    idx = np.arange(256, dtype=float)
+    return np.stack([np.interp(idx, positions, anchors[:, c]) for c in range(3)], 1)
+
+
+@lru_cache(maxsize=None)
+def _lut(name: str) -> np.ndarray:
+    if name == "diverging":
+        half = len(_RDBU_R) // 2
+        pos = np.concatenate([np.linspace(0, 128, half + 1), np.linspace(128, 255, half + 1)[1:]])
+        rgb = _lab_to_srgb(_interp(_srgb_to_lab(_hex(_RDBU_R)), pos))
+    elif name == "sequential":
+        rgb = _interp(_hex(_VIRIDIS), np.linspace(0, 255, len(_VIRIDIS)))
+    else:
+        raise ValueError(f"unknown colour map {name!r}; expected 'diverging' or 'sequential'")
+    lut = np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
+    lut.setflags(write=False)
+    return lut
+
+
+def colormap(name: str) -> np.ndarray:
+    """Return a (256, 3) uint8 lookup table: ``"diverging"`` (RdBu_r) or ``"sequential"`` (viridis)."""
+    return _lut(name).copy()
+
+
+def _clean(saliency: np.ndarray, two_d: bool = True) -> np.ndarray:
+    """Float64 copy with NaN/Inf replaced by 0; ``two_d`` drops leading singleton axes and
+    requires an (H, W) map."""
+    s = np.array(saliency, dtype=np.float64)
+    while two_d and s.ndim > 2 and s.shape[0] == 1:
+        s = s[0]
+    if two_d and s.ndim != 2:
+        raise ValueError(f"saliency must be a 2-D (H, W) array, got shape {np.shape(saliency)}")
+    return np.nan_to_num(s, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _scale(s: np.ndarray, signed: bool, percentile: float) -> tuple[float, float]:
+    """(low, high) of the normalization; high <= low means "all zeros" (empty/constant map)."""
+    if s.size == 0 or s.min() == s.max():
+        return 0.0, 0.0
+    if signed:
+        a = np.abs(s)
+        hi = float(np.percentile(a, percentile))
+        return 0.0, hi if hi > 0 else float(a.max())
+    s = np.maximum(s, 0.0)
+    lo = float(s.min())
+    hi = float(np.percentile(s, percentile))
+    return lo, hi if hi > lo else float(s.max())
+
+
+def _apply(s: np.ndarray, signed: bool, lo: float, hi: float) -> np.ndarray:
+    if not hi > lo:
+        return np.zeros_like(s)
+    if signed:
+        return np.clip(s / hi, -1.0, 1.0)
+    return np.clip((np.maximum(s, 0.0) - lo) / (hi - lo), 0.0, 1.0)
+
+
+def normalize_map(saliency: np.ndarray, *, signed: bool, percentile: float = 99.5) -> np.ndarray:
+    """Scale a map robustly: signed -> [-1, 1] by the percentile of |s|; magnitude -> [0, 1].
+
+    Magnitude maps clip negatives to 0 and are min-max scaled with the percentile as the max.
+    NaN/Inf count as 0; constant maps (all-zero included, either mode) give zeros. Any shape.
+    """
+    if not 0.0 < percentile <= 100.0:
+        raise ValueError(f"percentile must be in (0, 100], got {percentile}")
+    s = _clean(saliency, two_d=False)
+    return _apply(s, signed, *_scale(s, signed, percentile))
+
+
+def _resize(v: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a float map to PIL size (width, height)."""
+    if v.size == 0:
+        return np.zeros((size[1], size[0]))
+    if (v.shape[1], v.shape[0]) == tuple(size):
+        return v
+    img = Image.fromarray(v.astype(np.float32)).resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.float64)
+
+
+def _colour(v: np.ndarray, signed: bool) -> np.ndarray:
+    """Colour a normalized map: (H, W, 3) uint8; signed 0 -> index 128 (white)."""
+    if signed:
+        idx = np.where(v >= 0, 128 + v * 127, 128 + v * 128)
+        return _lut("diverging")[np.clip(np.round(idx), 0, 255).astype(np.intp)]
+    return _lut("sequential")[np.clip(np.round(v * 255), 0, 255).astype(np.intp)]
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.2g}"
+
+
+def _text_size(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) -> tuple[int, int]:
+    l, t, r, b = draw.textbbox((0, 0), text, font=font)
+    return int(r - l), int(b)
+
+
+def _colorbar(height: int, signed: bool, lo: float, hi: float) -> Image.Image:
+    """A vertical colour bar strip with tick labels, ``height`` pixels tall."""
+    font = ImageFont.load_default()
+    labels = [f"+{_fmt(hi)}", "0", f"-{_fmt(hi)}"] if signed else [_fmt(hi), _fmt(lo)]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    sizes = [_text_size(probe, t, font) for t in labels]
+    width = MARGIN + BAR_WIDTH + MARGIN + max(w for w, _ in sizes) + MARGIN
+    strip = Image.new("RGB", (width, height), _WHITE)
+    ramp = np.linspace(1.0, -1.0 if signed else 0.0, height)[:, None].repeat(BAR_WIDTH, 1)
+    strip.paste(Image.fromarray(_colour(ramp, signed)), (MARGIN, 0))
+    draw = ImageDraw.Draw(strip)
+    x = 2 * MARGIN + BAR_WIDTH
+    for i, (text, (_, th)) in enumerate(zip(labels, sizes)):
+        centre = (height - 1) * i / (len(labels) - 1)
+        y = int(min(max(centre - th / 2, 0), max(height - th, 0)))
+        draw.text((x, y), text, fill=_BLACK, font=font)
+    return strip
+
+
+def render_overlay(image: Image.Image, saliency: np.ndarray, *, signed: bool, alpha: float = 0.5,
+                   colorbar: bool = True, title: str | None = None) -> Image.Image:
+    """Blend a coloured saliency map over ``image``; optional colour bar (right) and title (top).
+
+    Signed maps use the diverging map weighted by |normalized| (neutral areas keep the photo);
+    magnitude maps use the sequential map everywhere. Returns a new RGB image.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    photo = image.convert("RGB")
+    s = _clean(saliency)
+    lo, hi = _scale(s, signed, 99.5)
+    v = _resize(_apply(s, signed, lo, hi), photo.size)
+    w = (np.abs(v) if signed else np.ones_like(v))[..., None] * alpha
+    base = np.asarray(photo, dtype=np.float64)
+    out = (1.0 - w) * base + w * _colour(v, signed).astype(np.float64)
+    body = Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))
+    if colorbar:
+        strip = _colorbar(body.height, signed, lo, max(hi, lo))
+        canvas = Image.new("RGB", (body.width + strip.width, body.height), _WHITE)
+        canvas.paste(body, (0, 0))
+        canvas.paste(strip, (body.width, 0))
+        body = canvas
+    if title:
+        font = ImageFont.load_default()
+        probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        band = _text_size(probe, title, font)[1] + 2 * MARGIN
+        canvas = Image.new("RGB", (body.width, body.height + band), _WHITE)
+        canvas.paste(body, (0, band))
+        ImageDraw.Draw(canvas).text((MARGIN, MARGIN), title, fill=_BLACK, font=font)
+        body = canvas
+    return body
+
+
+def save_overlay(path: Path, image: Image.Image, saliency: np.ndarray, *, signed: bool,
+                 **kwargs: object) -> Path:
+    """Render an overlay and write it as PNG atomically (temp file + ``os.replace``)."""
+    path = Path(path)
+    rendered = render_overlay(image, saliency, signed=signed, **kwargs)  # type: ignore[arg-type]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            rendered.save(fh, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def map_to_png_bytes(saliency: np.ndarray, *, signed: bool,
+                     size: tuple[int, int] | None = None) -> bytes:
+    """PNG bytes of the coloured map alone; ``size`` is PIL's (width, height)."""
+    v = normalize_map(_clean(saliency), signed=signed)
+    if size is not None:
+        v = _resize(v, (int(size[0]), int(size[1])))
+    elif v.size == 0:
+        v = np.zeros((1, 1))
+    buf = io.BytesIO()
+    Image.fromarray(_colour(v, signed)).save(buf, format="PNG")
+    return buf.getvalue()

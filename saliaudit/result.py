@@ -1,0 +1,127 @@
+"""The audit results: plain data that renderers take (no tensors, no HTML).
+
+``AuditResult.to_dict()`` is the ``results.json`` document of design.md §5; every float is
+finite (NaN and Inf never reach the file: they become ``null`` and the cell says why).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = "1.0"
+STATUSES = ("pass", "warn", "fail", "error", "skipped")
+_SEVERITY = {"pass": 0, "skipped": 0, "warn": 1, "fail": 2, "error": 2}
+
+
+@dataclass
+class CheckResult:
+    """One (check, method, ψ) cell of the verdict table."""
+
+    check: str
+    method: str
+    psi: str | None
+    status: str
+    value: float | None
+    metric: str
+    thresholds: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+    spread: float | None = None
+    per_image: list[dict[str, Any]] = field(default_factory=list)
+    series: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CompletenessRecord:
+    """FullGrad completeness for one image: ``f(x)`` against the sum of all terms."""
+
+    image: str
+    target: int
+    target_name: str
+    logit: float
+    reconstructed: float
+    relative_residual: float
+    unaccounted: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ImageRecord:
+    """One audited image."""
+
+    image: str
+    sha256: str
+    label: int | None
+    predicted: int
+    predicted_name: str
+    score: float
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MapRecord:
+    """A saliency map written as a PNG overlay (path relative to the output folder)."""
+
+    image: str
+    method: str
+    psi: str | None
+    target: int
+    path: str
+    signed: bool
+
+
+@dataclass
+class AuditResult:
+    """Everything an audit produced; see design.md §5 for the field meanings."""
+
+    tool: dict[str, Any]
+    run: dict[str, Any]
+    config: dict[str, Any]
+    model: dict[str, Any]
+    inputs: dict[str, Any]
+    summary: dict[str, Any] = field(default_factory=dict)
+    checks: list[CheckResult] = field(default_factory=list)
+    completeness: list[CompletenessRecord] = field(default_factory=list)
+    images: list[ImageRecord] = field(default_factory=list)
+    maps: list[MapRecord] = field(default_factory=list)
+    timings: dict[str, Any] = field(default_factory=dict)
+
+    def summarize(self, fail_on: str, status: str | None = None, reason: str | None = None) -> None:
+        """Fill ``summary``: counts per status and the overall status of the gate."""
+        counts = {s: 0 for s in STATUSES}
+        for c in self.checks:
+            counts[c.status] += 1
+        worst = max((_SEVERITY[c.status] for c in self.checks), default=0)
+        overall = {0: "pass", 1: "warn", 2: "fail"}[worst]
+        if counts["error"] and overall == "fail" and not counts["fail"]:
+            overall = "error"
+        self.summary = {"status": status or overall, "fail_on": fail_on, "counts": counts,
+                        "gate_failed": gate_failed(self.checks, fail_on)}
+        if reason:
+            self.summary["reason"] = reason
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = {"schema_version": SCHEMA_VERSION, **asdict(self)}
+        return _finite(doc)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False)
+
+
+def gate_failed(checks: list[CheckResult], fail_on: str) -> bool:
+    """Whether a check reached the ``--fail-on`` level (ERROR counts as FAIL)."""
+    if fail_on == "never":
+        return False
+    level = {"warn": 1, "fail": 2}[fail_on]
+    return any(_SEVERITY[c.status] >= level for c in checks)
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

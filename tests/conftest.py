@@ -1,0 +1,55 @@
+"""Shared fixtures: real photographs shipped with scikit-image, small models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+
+def real_images(size: int = 64, n: int = 2, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``n`` real photographs (scikit-image's bundled samples), resized, ImageNet-normalized."""
+    import skimage.data
+    from PIL import Image
+
+    names = ["astronaut", "coffee", "chelsea", "rocket"]
+    batch = []
+    for name in names[:n]:
+        arr = getattr(skimage.data, name)()
+        img = Image.fromarray(arr).convert("RGB").resize((size, size), Image.BILINEAR)
+        batch.append(np.asarray(img, dtype=np.float32) / 255.0)
+    x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(dtype).contiguous()
+
+
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every batch-norm layer non-trivial statistics and affine parameters."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                c = m.num_features
+                m.running_mean.copy_(torch.rand(c, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(c, generator=gen) * 1.5 + 0.5)
+                if m.weight is not None:
+                    m.weight.copy_(torch.rand(c, generator=gen) + 0.5)
+                    m.bias.copy_(torch.rand(c, generator=gen) - 0.5)
+    return model
+
+
+def hook_counts(model: torch.nn.Module) -> int:
+    """Total number of hooks of every kind registered on any submodule."""
+    total = 0
+    for m in model.modules():
+        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                     "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+            total += len(getattr(m, attr, {}) or {})
+    return total
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
