@@ -66,6 +66,18 @@ def map_filename(rel: str, psi: str) -> str:
     return f"{stem[:150]}.fullgrad.{psi}.png"
 
 
+def _display_image(image, short_side: int = 256, long_side: int = 512):
+    """The image at a size where an overlay is readable: small inputs are enlarged."""
+    w, h = image.size
+    scale = max(short_side / min(w, h), 1.0)
+    scale = min(scale, max(long_side / max(w, h), 1.0)) if scale > 1 else min(1.0, long_side / max(w, h))
+    if abs(scale - 1.0) < 1e-6:
+        return image
+    from PIL import Image
+
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+
+
 def _model_info(lm: LoadedModel) -> dict[str, Any]:
     return {"path": str(lm.path) if lm.path else None, "sha256": lm.sha256, "format": lm.format,
             "arch": lm.arch, "num_classes": lm.num_classes, "input_size": list(lm.input_size),
@@ -186,10 +198,11 @@ def _audit_batch(lm: LoadedModel, batch: list[DecodedImage], psis: list, cfg: Au
         maps_dir.mkdir(parents=True, exist_ok=True)
         for i, d in enumerate(batch):
             t = int(targets[i])
+            shown = _display_image(d.image)
             for psi in psis:
                 name = map_filename(d.entry.rel, psi.name)
-                save_overlay(maps_dir / name, d.image, maps[psi.name][i], signed=psi.signed,
-                             title=f"FullGrad ψ={psi.name} · {names[t]}")
+                save_overlay(maps_dir / name, shown, maps[psi.name][i], signed=psi.signed,
+                             title=f"FullGrad psi={psi.name} - {names[t]}")
                 result.maps.append(MapRecord(d.entry.rel, "fullgrad", psi.name, t,
                                              (maps_dir / name).relative_to(out_dir).as_posix(),
                                              psi.signed))

@@ -8,6 +8,7 @@ value of every setting and where it came from.
 
 from __future__ import annotations
 
+import copy
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -22,6 +23,8 @@ __all__ = ["Setting", "SETTINGS", "AuditConfig", "resolve_config", "find_config_
 
 FORMATS = ("json",)  # renderers available in this version (report/)
 FAIL_ON = ("fail", "warn", "never")
+#: Settings that only the user's own command line or environment may set (never a file).
+FLAG_OR_ENV_ONLY = ("trust_model",)
 
 
 def _int(lo: int, hi: int | None = None) -> Callable[[Any], int]:
@@ -93,7 +96,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("max_images", _optional(_int(1)), None, "audit at most this many images"),
     Setting("sample", _optional(_int(1)), None, "audit a reproducible random subset of N images"),
     Setting("batch_size", _int(1, 4096), 8, "images per forward/backward batch"),
-    Setting("seed", _int(0), 0, "seed for every random choice"),
+    Setting("seed", _int(0, 2**64 - 1), 0, "seed for every random choice"),
     Setting("device", _text, "auto", "auto, cpu, cuda, cuda:N or mps"),
     Setting("fail_on", _choice(*FAIL_ON), "fail", "lowest verdict that makes the exit code 1"),
     Setting("arch", _optional(_text), None, "torchvision architecture of a state_dict"),
@@ -113,7 +116,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
 
 def _positive_float(v: Any) -> float:
     try:
-        f = float(v)
+        f = float(v) if not isinstance(v, bool) else -1.0
     except (TypeError, ValueError):
         f = -1.0
     if not f > 0 or f != f or f == float("inf"):
@@ -210,10 +213,15 @@ def resolve_config(flags: Mapping[str, Any], *, config_file: str | Path | None =
     for source, layer in layers[1:]:
         unknown = sorted(set(layer) - set(SETTINGS))
         if unknown:
-            where = "environment variable SALIAUDIT_" if source == "environment" else ""
-            raise UsageError(f"unknown setting {where}{unknown[0].upper() if where else unknown[0]!s}"
-                             f" in {source}",
-                             hint="valid settings: " + ", ".join(SETTINGS))
+            what = (f"environment variable SALIAUDIT_{unknown[0].upper()}"
+                    if source == "environment" else f"setting {unknown[0]} in {source}")
+            raise UsageError(f"unknown {what}", hint="valid settings: " + ", ".join(SETTINGS))
+        if source != "environment" and any(k in layer for k in FLAG_OR_ENV_ONLY):
+            key = next(k for k in FLAG_OR_ENV_ONLY if k in layer)
+            raise UsageError(
+                f"{key} is not accepted in {source}: a configuration file found in a parent "
+                "folder must not enable running code from a model file",
+                hint=f"pass --{key.replace('_', '-')} on the command line instead")
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for name, setting in SETTINGS.items():
@@ -223,7 +231,7 @@ def resolve_config(flags: Mapping[str, Any], *, config_file: str | Path | None =
                 raw, source = layer[name], layer_source
                 break
         try:
-            values[name] = setting.parse(raw) if source != "default" else raw
+            values[name] = setting.parse(raw) if source != "default" else copy.deepcopy(raw)
         except ValueError as err:
             label = {"flag": f"--{name.replace('_', '-')}",
                      "environment": f"SALIAUDIT_{name.upper()}"}.get(source, f"{name} in {source}")

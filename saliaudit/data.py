@@ -32,6 +32,7 @@ _FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
     "TIFF": (".tif", ".tiff"), "WEBP": (".webp",), "PPM": (".ppm", ".pgm"),
 }
 _ORIENTATION_TAG = 0x0112
+_OUTPUT_MARKER = ".saliaudit-output"  # written by saliaudit.report.output into its folders
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 
@@ -140,8 +141,8 @@ def _walk_folder(root: Path) -> ImageListing:
             cparts, rel = parts + (child.name,), "/".join(parts + (child.name,))
             if _safe(child.is_dir):
                 real = os.path.realpath(child.path)
-                if real in visited:
-                    continue
+                if real in visited or _safe(lambda: os.path.exists(os.path.join(child.path, _OUTPUT_MARKER))):
+                    continue  # loops, and saliaudit's own output folders (their overlays)
                 visited.add(real)
                 if not parts:
                     top_dirs.append(child.name)

@@ -31,7 +31,13 @@ def _probe() -> list[tuple[str, str, str]]:
     except Exception as err:  # report, don't crash: this is the diagnostic command
         rows.append(("torch", "missing", f"{type(err).__name__}: {err}"))
     try:
-        import weasyprint
+        from PIL import ImageFile
+
+        truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+        try:
+            import weasyprint  # it sets LOAD_TRUNCATED_IMAGES = True process-wide
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = truncated
 
         rows.append(("PDF (WeasyPrint/Pango)", "ok", weasyprint.__version__))
     except Exception as err:

@@ -501,3 +501,15 @@ def test_iter_decoded_is_lazy(tmp_path, monkeypatch):
     first = next(it)
     assert isinstance(first, DecodedImage) and calls == ["0.png"]
     assert len(list(it)) == 2 and len(calls) == 3
+
+
+def test_saliaudit_output_folders_inside_the_image_folder_are_skipped(tmp_path):
+    # `-o` inside the image folder: a second run must not audit its own overlays
+    Image.new("RGB", (8, 8), "red").save(tmp_path / "a.png")
+    out = tmp_path / "report" / "maps"
+    out.mkdir(parents=True)
+    Image.new("RGB", (8, 8), "blue").save(out / "a.fullgrad.paper.png")
+    (tmp_path / "report" / ".saliaudit-output").write_text("x")
+    assert [e.rel for e in find_images(tmp_path).entries] == ["a.png"]
+    (tmp_path / "report" / ".saliaudit-output").unlink()
+    assert len(find_images(tmp_path).entries) == 2

@@ -23,7 +23,7 @@ class OfficialFullGrad:
         self.handles = []
         for m in model.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
-                self.handles.append(m.register_full_backward_hook(self._grads))
+                self.handles.append(m.register_backward_hook(self._grads))  # as the official code
                 b = self._bias(m)
                 if b is not None:
                     self.biases.append(b)
