@@ -133,7 +133,7 @@ def run_audit(model_path: str | Path, images: str | Path, cfg: AuditConfig, out_
             batch = next(_batches_iter(decoded, cfg.batch_size, skipped), None)
         if batch is None:
             break
-        _audit_batch(lm, batch, psis, cfg, maps_dir, out_dir, result, timer)
+        _audit_batch(lm, batch, psis, cfg, maps_dir, out_dir, result, timer, listing.class_names)
         done += len(batch)
         result.inputs["loaded"] = len(result.images)
         result.inputs["skipped"] = [{"path": s.path, "reason": s.reason} for s in skipped]
@@ -172,8 +172,22 @@ def _batches_iter(decoded: Iterator[DecodedImage | Skipped], size: int,
         yield batch
 
 
+def _true_label(entry_label: int | None, folders: list[str] | None,
+                names: list[str]) -> tuple[int | None, str | None]:
+    """Ground truth from an ImageFolder layout, as the model's class index (matched by name).
+
+    Folder indices follow the sorted folder names, which need not be the model's class
+    order; a folder whose name is not a class name gives no label index.
+    """
+    if entry_label is None or not folders:
+        return None, None
+    folder = folders[entry_label]
+    return (names.index(folder) if folder in names else None), folder
+
+
 def _audit_batch(lm: LoadedModel, batch: list[DecodedImage], psis: list, cfg: AuditConfig,
-                 maps_dir: Path, out_dir: Path, result: AuditResult, timer: _Timer) -> None:
+                 maps_dir: Path, out_dir: Path, result: AuditResult, timer: _Timer,
+                 folders: list[str] | None) -> None:
     with timer.stage("preprocess"):
         x = lm.preprocess([d.image for d in batch])
     with timer.stage("predict"):
@@ -187,8 +201,9 @@ def _audit_batch(lm: LoadedModel, batch: list[DecodedImage], psis: list, cfg: Au
     names = lm.class_names
     for i, d in enumerate(batch):
         t = int(targets[i])
-        result.images.append(ImageRecord(d.entry.rel, d.sha256, d.entry.label, t, names[t],
-                                         float(probs[i, t]), list(d.notes)))
+        label, folder = _true_label(d.entry.label, folders, names)
+        result.images.append(ImageRecord(d.entry.rel, d.sha256, label, t, names[t],
+                                         float(probs[i, t]), list(d.notes), folder))
         result.completeness.append(CompletenessRecord(
             d.entry.rel, t, names[t], float(fg.logits[i]), float(fg.reconstructed[i]),
             float(fg.residual[i]), list(fg.unaccounted)))

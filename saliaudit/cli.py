@@ -121,6 +121,7 @@ def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
     except (KeyboardInterrupt, Interrupted):
         reason = "interrupted by SIGTERM" if sys.exc_info()[0] is Interrupted else "interrupted (Ctrl-C)"
         if result is not None:
+            result.inputs["loaded"] = len(result.images)
             result.summarize(cfg.fail_on, status="error", reason=reason)
             out.write_results(result, ["json"])
         err_console.print(f"saliaudit: {reason}; partial results in {out.path / 'results.json'}",

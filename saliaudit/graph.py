@@ -186,6 +186,11 @@ class GraphRunner(torch.fx.Interpreter):
                 if isinstance(out, torch.Tensor) and out.dim() == 4:
                     self.layouts[n] = "NCHW"
             return out
+        if n.op == "get_attr":
+            # weights and buffers are constants here: detaching them keeps autograd from
+            # computing weight gradients, without touching the module's requires_grad flags
+            out = super().run_node(n)
+            return out.detach() if isinstance(out, torch.Tensor) else out
         if n.op != "call_function":
             return super().run_node(n)
         with self._set_current_node(n):

@@ -127,28 +127,25 @@ class TermStats:
     def _weights(self, *rows: torch.Tensor) -> torch.Tensor:
         return torch.stack([r.expand(self.b, self.c) for r in rows], dim=1)
 
-    def _sums(self) -> None:
+    def _signed_sum(self) -> torch.Tensor:
         ones = self.flat.new_ones(self.c)
-        if self.beta is None:
-            self._cache["S"] = self._spatial(self._channel_sum(self.flat, self._weights(ones)))
-            self._cache["A"] = self._spatial(self._channel_sum(self._abs, self._weights(ones)))
-        else:
-            self._cache["S"] = self._spatial(
-                self._channel_sum(self.flat, self._weights(self.beta)))
-            self._cache["A"] = self._spatial(
-                self._channel_sum(self._abs, self._weights(self.beta.abs())))
+        return self._spatial(self._channel_sum(
+            self.flat, self._weights(ones if self.beta is None else self.beta)))
+
+    def _abs_sum(self) -> torch.Tensor:
+        ones = self.flat.new_ones(self.c)
+        return self._spatial(self._channel_sum(
+            self._abs, self._weights(ones if self.beta is None else self.beta.abs())))
 
     def sum(self, sign: str) -> torch.Tensor:
         """Channel sum of the sign-handled term, ``(B, h, w)``."""
-        if "S" not in self._cache:
-            self._sums()
         if sign == "keep":
-            return self._cache["S"]
+            return self._get("S", self._signed_sum)
+        a = self._get("A", self._abs_sum)
         if sign == "abs":
-            return self._cache["A"]
-        if sign == "positive":
-            return (self._cache["S"] + self._cache["A"]) * 0.5
-        return (self._cache["A"] - self._cache["S"]) * 0.5
+            return a
+        s = self._get("S", self._signed_sum)
+        return (s + a) * 0.5 if sign == "positive" else (a - s) * 0.5
 
     def _channel_minmax(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per (image, channel): min and max of t, min and max of |t|."""

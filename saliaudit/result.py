@@ -57,6 +57,7 @@ class ImageRecord:
     predicted_name: str
     score: float
     notes: list[str] = field(default_factory=list)
+    label_name: str | None = None  # the ImageFolder class folder, when there is one
 
 
 @dataclass

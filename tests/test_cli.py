@@ -715,3 +715,39 @@ def test_python_dash_m_entry_point(assets, tmp_path):
     assert proc.returncode == 2
     assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [
         "saliaudit: error: invalid --fail-on: expected one of fail, warn, never, got 'maybe'"]
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_interrupted_run_keeps_partial_results_exit_130(assets, tmp_path, signame):
+    import signal
+    import time
+
+    images = make_images(tmp_path / "many", n=200)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SALIAUDIT_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    cmd = [sys.executable, "-m", "saliaudit", "report", str(assets["model"]), str(images),
+           "-o", str(out), "--batch-size", "1"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+
+    def started() -> bool:
+        return (out / "maps").is_dir() and any((out / "maps").glob("*.png"))
+
+    while not started():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.monotonic() < deadline, "the audit never started"
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, signame))
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    doc = load_results(out)
+    assert doc["summary"]["status"] == "error"
+    assert "interrupted" in doc["summary"]["reason"]
+    assert 0 < doc["inputs"]["loaded"] < 200
+    assert len(doc["completeness"]) == doc["inputs"]["loaded"]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

@@ -1,0 +1,94 @@
+"""The bundled sample models: they load with their metadata, classify their sample images as
+stated in sample_models/README.md, their state_dicts match the .pt2 graphs, masks are valid."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import saliaudit
+from saliaudit.data import find_images, iter_decoded
+from saliaudit.methods.fullgrad import full_gradients
+
+ROOT = Path(__file__).resolve().parents[1] / "sample_models"
+MODELS = {"shapes_vgg": ("ShapesVGG", "shapes"), "digits_cnn": ("DigitsCNN", "digits")}
+
+
+def _archs():
+    spec = importlib.util.spec_from_file_location("sample_archs", ROOT / "archs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sample_folder_is_small():
+    total = sum(p.stat().st_size for p in ROOT.rglob("*") if p.is_file())
+    assert total < 10 * 2**20
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_sample_model_accuracy_and_completeness(name):
+    lm = saliaudit.load_model(ROOT / f"{name}.pt2")
+    assert lm.sources["mean"] == "pt2 metadata" and lm.mean == (0.5, 0.5, 0.5)
+    labels = (ROOT / f"{MODELS[name][1].split('_')[0]}_labels.txt").read_text().split()
+    assert lm.class_names == labels
+    listing = find_images(ROOT / "images" / MODELS[name][1])
+    assert sorted(listing.class_names) == sorted(labels)  # folders are sorted by name
+    decoded = [d for d in iter_decoded(listing)]
+    x = lm.preprocess([d.image for d in decoded])
+    truth = torch.tensor([labels.index(listing.class_names[d.entry.label]) for d in decoded])
+    pred = lm.logits(x).argmax(1)
+    assert (pred == truth).float().mean().item() >= 0.95
+    fg = full_gradients(lm, x, pred)
+    assert fg.residual.max().item() < 1e-3 and not fg.unaccounted
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_dict_matches_pt2(name):
+    cls = getattr(_archs(), MODELS[name][0])
+    model = cls().eval()
+    model.load_state_dict(torch.load(ROOT / f"{name}.pt", weights_only=True))
+    lm = saliaudit.load_model(ROOT / f"{name}.pt2")
+    x = torch.randn(3, 3, *lm.input_size)
+    torch.testing.assert_close(model(x), lm.logits(x), rtol=1e-5, atol=1e-5)
+
+
+def test_masks_cover_every_shape_image():
+    for folder in ("shapes", "shapes_pairs"):
+        for image in sorted((ROOT / "images" / folder).rglob("*.png")):
+            rel = image.relative_to(ROOT / "images").with_suffix("")
+            masks = sorted((ROOT / "masks" / rel).glob("*.png"))
+            assert masks, f"no mask for {rel}"
+            if folder == "shapes_pairs":
+                assert len(masks) == 2
+            for m in masks:
+                arr = np.asarray(Image.open(m))
+                assert arr.shape == Image.open(image).size[::-1]
+                assert set(np.unique(arr)) <= {0, 255} and arr.max() == 255
+
+
+def test_quick_start_audit_of_the_sample_model(tmp_path):
+    """The README's quick start: audit the bundled shapes model on its sample folder."""
+    from typer.testing import CliRunner
+
+    from saliaudit.cli import app
+
+    out = tmp_path / "report"
+    result = CliRunner().invoke(app, ["report", str(ROOT / "shapes_vgg.pt2"),
+                                      str(ROOT / "images" / "shapes"), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["inputs"]["loaded"] == doc["inputs"]["found"] > 0
+    assert doc["checks"][0]["check"] == "completeness" and doc["checks"][0]["status"] == "pass"
+    names = doc["model"]["class_names"]
+    imgs = doc["images"]
+    assert all(names[r["label"]] == r["label_name"] for r in imgs)  # matched by name, not order
+    assert sum(r["label"] == r["predicted"] for r in imgs) >= 0.95 * len(imgs)
+    assert len(list((out / "maps").glob("*.png"))) == 6 * len(imgs)
