@@ -1,0 +1,56 @@
+"""Shared helpers of the saliency methods: a differentiable forward, input gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["forward_fn", "input_gradient", "picked"]
+
+
+def forward_fn(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A differentiable ``x -> logits`` for a LoadedModel or ``nn.Module`` (never mutated).
+
+    A ``.pt2`` graph exported with a static batch size runs on chunks of exactly that size
+    (the last chunk padded by repeating its last row); autograd flows through the chunks.
+    A module left in training mode runs as an eval-mode copy.
+    """
+    module = getattr(model, "module", model)
+    if isinstance(module, torch.nn.Module) and module.training:
+        import copy
+
+        module = copy.deepcopy(module).eval()
+    static = getattr(model, "static_batch", None)
+    if not static:
+        return module
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for start in range(0, x.shape[0], static):
+            chunk = x[start:start + static]
+            n = chunk.shape[0]
+            if n < static:
+                chunk = torch.cat([chunk, chunk[-1:].expand(static - n, *chunk.shape[1:])])
+            outs.append(module(chunk)[:n])
+        return torch.cat(outs)
+
+    return run
+
+
+def picked(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The target logits ``(B,)``."""
+    return logits.gather(1, targets.view(-1, 1)).squeeze(1)
+
+
+def input_gradient(model: Any, x: torch.Tensor, targets: torch.Tensor,
+                   forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(∂f_target/∂x, f_target(x))`` for a batch, one forward and one backward pass."""
+    forward = forward or forward_fn(model)
+    xi = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        score = picked(forward(xi), targets)
+        (grad,) = torch.autograd.grad(score.sum(), [xi])
+    return grad.detach(), score.detach()
