@@ -22,7 +22,8 @@ import torch
 from . import __version__
 from .checks import CHECKS
 from .config import AuditConfig
-from .errors import NoImagesError
+from .errors import NoImagesError, SaliauditError
+from .methods import Method, get_method, postprocess
 from .data import DecodedImage, Skipped, find_images, iter_decoded, require_images
 from .methods.fullgrad import full_gradients
 from .model import LoadedModel, load_model, resolve_device
@@ -60,10 +61,10 @@ def environment_versions() -> dict[str, str]:
             "platform": platform.platform()}
 
 
-def map_filename(rel: str, psi: str) -> str:
-    """A flat, safe file name for the overlay of image ``rel`` under ``psi``."""
+def map_filename(rel: str, method: str, variant: str) -> str:
+    """A flat, safe file name for the overlay of image ``rel`` by ``method`` (ψ or post)."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", rel.rsplit(".", 1)[0].replace("/", "__"))
-    return f"{stem[:150]}.fullgrad.{psi}.png"
+    return f"{stem[:150]}.{method}.{variant}.png"
 
 
 def _display_image(image, short_side: int = 256, long_side: int = 512):
@@ -121,7 +122,8 @@ def run_audit(model_path: str | Path, images: str | Path, cfg: AuditConfig, out_
     result.inputs.update(source=str(images), found=listing.found,
                          class_names_from_folders=listing.class_names)
     require_images(listing)
-    psis = [get_psi(p) for p in cfg.psi]
+    psis = [get_psi(p) for p in cfg.psi] if "fullgrad" in cfg.methods else []
+    methods = _plan_methods(lm, cfg, result)
     maps_dir = out_dir / "maps"
     total = len(listing.entries)
     done = 0
@@ -133,7 +135,9 @@ def run_audit(model_path: str | Path, images: str | Path, cfg: AuditConfig, out_
             batch = next(_batches_iter(decoded, cfg.batch_size, skipped), None)
         if batch is None:
             break
-        _audit_batch(lm, batch, psis, cfg, maps_dir, out_dir, result, timer, listing.class_names)
+        x, targets = _audit_batch(lm, batch, psis, cfg, maps_dir, out_dir, result, timer,
+                                  listing.class_names)
+        _comparison_maps(lm, batch, x, targets, methods, cfg, maps_dir, out_dir, result, timer)
         done += len(batch)
         result.inputs["loaded"] = len(result.images)
         result.inputs["skipped"] = [{"path": s.path, "reason": s.reason} for s in skipped]
@@ -149,7 +153,10 @@ def run_audit(model_path: str | Path, images: str | Path, cfg: AuditConfig, out_
     with timer.stage("checks"):
         check = CHECKS["completeness"]()
         m = check.measure(records=result.completeness)
-        result.checks = [check.judge(m, {"fail": cfg.completeness_tolerance})]
+        verdict = check.judge(m, {"fail": cfg.completeness_tolerance})
+        if "fullgrad" not in cfg.methods:
+            verdict.message = "FullGrad was not selected (--methods)"
+        result.checks = [verdict]
     result.summarize(cfg.fail_on)
     result.timings = {"total_s": time.perf_counter() - started_clock,
                       "per_stage": {k: round(v, 4) for k, v in timer.per_stage.items()}}
@@ -187,37 +194,108 @@ def _true_label(entry_label: int | None, folders: list[str] | None,
 
 def _audit_batch(lm: LoadedModel, batch: list[DecodedImage], psis: list, cfg: AuditConfig,
                  maps_dir: Path, out_dir: Path, result: AuditResult, timer: _Timer,
-                 folders: list[str] | None) -> None:
+                 folders: list[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
     with timer.stage("preprocess"):
         x = lm.preprocess([d.image for d in batch])
     with timer.stage("predict"):
         logits = lm.logits(x)
         probs = torch.softmax(logits.double(), dim=1)
         targets = logits.argmax(1)
-    with timer.stage("decomposition"):
-        fg = full_gradients(lm, x, targets)
-    with timer.stage("psi"):
-        maps = {k: v.cpu().numpy() for k, v in fg.saliency_maps([p.name for p in psis]).items()}
     names = lm.class_names
     for i, d in enumerate(batch):
         t = int(targets[i])
         label, folder = _true_label(d.entry.label, folders, names)
         result.images.append(ImageRecord(d.entry.rel, d.sha256, label, t, names[t],
                                          float(probs[i, t]), list(d.notes), folder))
+    if "fullgrad" not in cfg.methods:
+        return x, targets
+    with timer.stage("decomposition"):
+        fg = full_gradients(lm, x, targets)
+    with timer.stage("psi"):
+        maps = {k: v.cpu().numpy() for k, v in fg.saliency_maps([p.name for p in psis]).items()}
+    for i, d in enumerate(batch):
+        t = int(targets[i])
         result.completeness.append(CompletenessRecord(
             d.entry.rel, t, names[t], float(fg.logits[i]), float(fg.reconstructed[i]),
             float(fg.residual[i]), list(fg.unaccounted)))
     if not cfg.overlays:
-        return
+        return x, targets
     with timer.stage("overlays"):
         maps_dir.mkdir(parents=True, exist_ok=True)
         for i, d in enumerate(batch):
             t = int(targets[i])
             shown = _display_image(d.image)
             for psi in psis:
-                name = map_filename(d.entry.rel, psi.name)
+                name = map_filename(d.entry.rel, "fullgrad", psi.name)
                 save_overlay(maps_dir / name, shown, maps[psi.name][i], signed=psi.signed,
                              title=f"FullGrad psi={psi.name} - {names[t]}")
                 result.maps.append(MapRecord(d.entry.rel, "fullgrad", psi.name, t,
                                              (maps_dir / name).relative_to(out_dir).as_posix(),
                                              psi.signed))
+    return x, targets
+
+
+def _plan_methods(lm: LoadedModel, cfg: AuditConfig, result: AuditResult) -> list[Method]:
+    """The comparison methods that can run on this model; the others recorded as skipped."""
+    planned = []
+    for name in cfg.methods:
+        if name == "fullgrad":
+            result.methods.append({"method": name, "family": "fullgrad", "status": "ok",
+                                   "params": {}, "reason": None})
+            continue
+        method = get_method(name)
+        params = _method_params(method, cfg)
+        entry = {"method": name, "family": method.family, "params": params,
+                 "reference": method.reference, "status": "ok", "reason": None}
+        if method.needs_internals and lm.format == "torchscript":
+            entry.update(status="skipped", reason="needs layer internals, which a TorchScript "
+                         "model does not expose; export the model with torch.export (.pt2)")
+        else:
+            planned.append(method)
+        result.methods.append(entry)
+    return planned
+
+
+def _method_params(method: Method, cfg: AuditConfig) -> dict[str, Any]:
+    params = dict(method.params)
+    if "layer" in params and cfg.cam_layer:
+        params["layer"] = cfg.cam_layer
+    return params
+
+
+def _comparison_maps(lm: LoadedModel, batch: list[DecodedImage], x: torch.Tensor,
+                     targets: torch.Tensor, methods: list[Method],
+                     cfg: AuditConfig, maps_dir: Path, out_dir: Path, result: AuditResult,
+                     timer: _Timer) -> None:
+    """Signed attributions of the comparison methods, post-processed and drawn."""
+    if not methods:
+        return
+    entries = {e["method"]: e for e in result.methods}
+    for method in methods:
+        entry = entries[method.name]
+        if entry["status"] == "error":
+            continue
+        try:
+            with timer.stage(f"method:{method.name}"):
+                attribution = method(lm, x, targets, **_method_params(method, cfg))
+        except SaliauditError as err:
+            entry.update(status="error", reason=str(err))
+            continue
+        except Exception as err:  # one method failing must not stop the audit
+            entry.update(status="error", reason=f"{type(err).__name__}: {err}")
+            continue
+        if not cfg.overlays:
+            continue
+        with timer.stage("overlays"):
+            maps_dir.mkdir(parents=True, exist_ok=True)
+            for post in cfg.post:
+                maps = postprocess(attribution, post).cpu().numpy()
+                for i, d in enumerate(batch):
+                    t = int(targets[i])
+                    name = map_filename(d.entry.rel, method.name, post)
+                    save_overlay(maps_dir / name, _display_image(d.image), maps[i],
+                                 signed=post == "signed",
+                                 title=f"{method.name} {post} - {lm.class_names[t]}")
+                    result.maps.append(MapRecord(d.entry.rel, method.name, None, t,
+                                                 (maps_dir / name).relative_to(out_dir).as_posix(),
+                                                 post == "signed", post))

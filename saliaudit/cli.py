@@ -60,7 +60,10 @@ def report(
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Output folder [default: saliaudit-report]."),
     format: Optional[str] = typer.Option(None, "--format", help="Comma-separated output formats [default: json]."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML configuration file."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods: fullgrad and those of `saliaudit methods` [default: fullgrad]."),
     psi: Optional[str] = typer.Option(None, "--psi", help="Comma-separated ψ presets [default: all]."),
+    post: Optional[str] = typer.Option(None, "--post", help="Post-processing of comparison methods: signed,abs [default: both]."),
+    cam_layer: Optional[str] = typer.Option(None, "--cam-layer", help="Layer of the CAM methods [default: automatic]."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Audit at most N images."),
     sample: Optional[int] = typer.Option(None, "--sample", help="Audit a reproducible random subset of N images."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch [default: 8]."),
@@ -83,7 +86,7 @@ def report(
     from .config import resolve_config
 
     flags: dict[str, Any] = dict(
-        output=output, format=format, psi=psi, max_images=max_images, sample=sample,
+        output=output, format=format, psi=psi, methods=methods, post=post, cam_layer=cam_layer, max_images=max_images, sample=sample,
         batch_size=batch_size, seed=seed, device=device, fail_on=fail_on, arch=arch,
         num_classes=num_classes, input_size=input_size, mean=mean, std=std, labels=labels,
         trust_model=trust_model, max_pixels=max_pixels, overlays=overlays, force=force)
@@ -140,6 +143,76 @@ def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return EXIT_CANNOT_RUN
+
+
+@app.command("methods")
+def methods_command(
+    model: Optional[Path] = typer.Option(None, "--model", help="Also show the layers the CAM methods would use on this model."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="torchvision architecture of a state_dict model."),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="Model input size."),
+) -> None:
+    """List the saliency methods with their parameters (and, for a model, the CAM layers)."""
+    from .methods import METHODS, method_names
+    from .psi import PSI_PRESETS
+
+    console = Console()
+    method_names()
+    console.print("fullgrad  [dim](FullGrad, Srinivas & Fleuret 2019)[/]  ψ presets: "
+                  + ", ".join(f"{p.name} ({p.description})" for p in PSI_PRESETS.values()),
+                  soft_wrap=True)
+    for m in METHODS.values():
+        params = ", ".join(f"{k}={v!r}" for k, v in m.params.items()) or "no parameters"
+        needs = " · needs layer internals" if m.needs_internals else ""
+        console.print(f"[bold]{m.name}[/]  [dim]({m.family}{needs}; {m.reference})[/]\n"
+                      f"    {m.summary}\n    {params}", soft_wrap=True)
+    if model is None:
+        return
+    try:
+        import torch
+
+        from .methods.cam import cam_layers, find_cam_layer
+        from .model import load_model
+
+        lm = load_model(model, arch=arch, input_size=input_size)
+        example = torch.zeros(1, 3, *lm.input_size)
+        console.print(f"\nCAM layer for {model}: [bold]{find_cam_layer(lm, example)}[/] "
+                      f"(override with --cam-layer); spatial layers: "
+                      + ", ".join(cam_layers(lm, example)), soft_wrap=True)
+    except SaliauditError as err:
+        _fail(err, err.exit_code)
+
+
+@app.command()
+def explain(
+    model: Path = typer.Argument(..., help="Model file (as for report)."),
+    image: Path = typer.Argument(..., help="One image file."),
+    method: str = typer.Option("fullgrad", "--method", help="Method name (saliaudit methods)."),
+    psi: str = typer.Option("paper", "--psi", help="ψ preset for fullgrad."),
+    post: str = typer.Option("signed", "--post", help="signed or abs, for the other methods."),
+    target: Optional[int] = typer.Option(None, "--target", help="Class index [default: the top-1 class]."),
+    output: Path = typer.Option(Path("map.png"), "-o", "--output", help="PNG file to write."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="torchvision architecture of a state_dict."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classes of a state_dict head."),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="Input size: 224 or H,W."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Normalization mean."),
+    std: Optional[str] = typer.Option(None, "--std", help="Normalization std."),
+    cam_layer: Optional[str] = typer.Option(None, "--cam-layer", help="Layer of the CAM methods."),
+    trust_model: bool = typer.Option(False, "--trust-model", help="Allow unpickling a pickled model."),
+) -> None:
+    """Write one saliency map of IMAGE as a PNG overlay."""
+    from .explain import explain_image
+
+    try:
+        text = explain_image(model, image, method=method, psi=psi, post=post, target=target,
+                             output=output, arch=arch, num_classes=num_classes,
+                             input_size=input_size, mean=mean, std=std, cam_layer=cam_layer,
+                             trust_model=trust_model)
+    except SaliauditError as err:
+        _fail(err, err.exit_code)
+    except Exception as err:
+        _fail(RuntimeError(f"unexpected {type(err).__name__}: {err} (rerun with --debug)"),
+              EXIT_CANNOT_RUN)
+    err_console.print(text, markup=False)
 
 
 @app.command()

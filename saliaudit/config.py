@@ -93,6 +93,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("output", _text, "saliaudit-report", "output folder"),
     Setting("format", _list_of(*FORMATS), ["json"], "output formats"),
     Setting("psi", _list_of(*PSI_PRESETS), list(PSI_PRESETS), "FullGrad post-processings ψ"),
+    Setting("methods", lambda v: _methods(v), ["fullgrad"],
+            "saliency methods: fullgrad and the comparison methods (saliaudit methods)"),
+    Setting("post", _list_of("signed", "abs"), ["signed", "abs"],
+            "post-processings of the comparison methods"),
+    Setting("cam_layer", _optional(_text), None, "layer of the CAM methods (default: automatic)"),
     Setting("max_images", _optional(_int(1)), None, "audit at most this many images"),
     Setting("sample", _optional(_int(1)), None, "audit a reproducible random subset of N images"),
     Setting("batch_size", _int(1, 4096), 8, "images per forward/backward batch"),
@@ -112,6 +117,12 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("overlays", _bool, True, "write a PNG overlay per image and ψ"),
     Setting("force", _bool, False, "write into a non-empty folder that is not a saliaudit output"),
 ]}
+
+
+def _methods(v: Any) -> list[str]:
+    from .methods import method_names
+
+    return _list_of("fullgrad", *method_names())(v)
 
 
 def _positive_float(v: Any) -> float:

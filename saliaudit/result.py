@@ -70,6 +70,7 @@ class MapRecord:
     target: int
     path: str
     signed: bool
+    post: str | None = None  # post-processing of a comparison method (signed or abs)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class AuditResult:
     completeness: list[CompletenessRecord] = field(default_factory=list)
     images: list[ImageRecord] = field(default_factory=list)
     maps: list[MapRecord] = field(default_factory=list)
+    methods: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, Any] = field(default_factory=dict)
 
     def summarize(self, fail_on: str, status: str | None = None, reason: str | None = None) -> None:
