@@ -285,6 +285,10 @@ def export(model, size: int, path: Path, meta: dict) -> None:
         (example,),
         dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},),
     )
+    # Debug stack traces hold the absolute path of archs.py: drop them so the saved file
+    # leaks no local path and is byte-identical wherever and whenever it is regenerated.
+    for node in ep.graph.nodes:
+        node.meta.pop("stack_trace", None)
     torch.export.save(ep, str(path), extra_files={"saliaudit.json": json.dumps(meta)})
 
 
@@ -301,7 +305,7 @@ def save_mask(mask: np.ndarray, path: Path) -> None:
 
 def load_png_input(path: Path) -> torch.Tensor:
     with Image.open(path) as im:
-        arr = np.asarray(im.convert("RGB"))
+        arr = np.array(im.convert("RGB"))  # writable copy
     return to_input(arr[None])
 
 
@@ -414,6 +418,7 @@ def main() -> int:
         ep = torch.export.load(str(HERE / f"{stem}.pt2"), extra_files=extra)
         meta = json.loads(extra["saliaudit.json"])
         assert meta["name"] == stem and len(meta["class_names"]) == n_cls, meta
+        assert not any(n.meta.get("stack_trace") for n in ep.graph.nodes)
         gm = ep.module()
         sd = torch.load(HERE / f"{stem}.pt", weights_only=True)
         fresh = (ShapesVGG if key == "shapes" else DigitsCNN)(num_classes=n_cls)
