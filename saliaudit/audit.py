@@ -20,14 +20,16 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checks import CHECKS
+from .caveats import AbsDiscards, compute_caveats
+from .checks.base import Batch, MapSource
+from .checks.runner import CheckRunner, oom_split
 from .config import AuditConfig
-from .errors import NoImagesError, SaliauditError
-from .methods import Method, get_method, postprocess
 from .data import DecodedImage, Skipped, find_images, iter_decoded, require_images
-from .methods.fullgrad import full_gradients
+from .errors import NoImagesError, SaliauditError, UsageError
+from .figures import ExampleFigures, choose_examples
+from .methods import Method, get_method, postprocess
+from .methods.sources import FullGradSource, MethodSource
 from .model import LoadedModel, load_model, resolve_device
-from .psi import get_psi
 from .report.overlay import save_overlay
 from .result import AuditResult, CompletenessRecord, ImageRecord, MapRecord
 
@@ -100,11 +102,12 @@ def new_result(cfg: AuditConfig, started: datetime, device: torch.device) -> Aud
 
 def run_audit(model_path: str | Path, images: str | Path, cfg: AuditConfig, out_dir: Path,
               progress: Progress | None = None, result: AuditResult | None = None) -> AuditResult:
-    """Audit ``model_path`` on ``images``; writes overlays into ``out_dir/maps``.
+    """Audit ``model_path`` on ``images``: maps of every method and ψ, the checks, caveats.
 
     ``result`` (from :func:`new_result`) is filled in place, so that a caller interrupted
-    half-way still holds everything measured so far. Raises the :mod:`saliaudit.errors`
-    subclasses for unusable models (exit 3) or image sets (exit 4).
+    half-way still holds everything measured so far. Overlays go to ``out_dir/maps``.
+    Raises the :mod:`saliaudit.errors` subclasses for unusable models (exit 3) or image
+    sets (exit 4); a failing method or check cell is recorded and the audit goes on.
     """
     timer = _Timer()
     started_clock = time.perf_counter()
@@ -122,27 +125,42 @@ def run_audit(model_path: str | Path, images: str | Path, cfg: AuditConfig, out_
     result.inputs.update(source=str(images), found=listing.found,
                          class_names_from_folders=listing.class_names)
     require_images(listing)
-    psis = [get_psi(p) for p in cfg.psi] if "fullgrad" in cfg.methods else []
-    methods = _plan_methods(lm, cfg, result)
-    maps_dir = out_dir / "maps"
-    total = len(listing.entries)
-    done = 0
+    masks_dir = _masks_dir(cfg)
+    runner = CheckRunner(cfg.checks, _thresholds(cfg), _check_params(cfg), masks_dir is not None)
+    result.check_info = runner.info()
+    sources = _plan_sources(lm, cfg, result, runner)
+    figures = ExampleFigures(choose_examples([e.rel for e in listing.entries],
+                                             int(getattr(cfg, "examples_html", 24)), cfg.seed))
+    discards = AbsDiscards() if "fullgrad" in cfg.methods else None
+    edge_sim: dict[str, list[float]] = {}
+    total, done = len(listing.entries), 0
     decoded = iter_decoded(listing, max_pixels=cfg.max_pixels)
     if progress:
-        progress("Decomposing", 0, total)
+        progress("Auditing", 0, total)
     while True:
         with timer.stage("decode_images"):
-            batch = next(_batches_iter(decoded, cfg.batch_size, skipped), None)
-        if batch is None:
+            items = next(_batches_iter(decoded, cfg.batch_size, skipped), None)
+        if items is None:
             break
-        x, targets = _audit_batch(lm, batch, psis, cfg, maps_dir, out_dir, result, timer,
-                                  listing.class_names)
-        _comparison_maps(lm, batch, x, targets, methods, cfg, maps_dir, out_dir, result, timer)
-        done += len(batch)
+        records: list[ImageRecord] = []
+        batch = _predict(lm, items, cfg, masks_dir, listing.class_names, records,
+                         len(result.images), timer, figures)
+        edges = _edge_maps(lm, batch) if sources else None
+        complete: list[CompletenessRecord] = []
+        for source in sources:
+            _run_source(source, batch, items, cfg, runner, figures, discards, edges, edge_sim,
+                        out_dir, result, complete, timer)
+            if isinstance(source, FullGradSource):
+                source.forget()
+        runner.end_batch(batch)
+        # a batch lands in the results whole (an interrupted run keeps consistent records)
+        result.images.extend(records)
+        result.completeness.extend(complete)
+        done += len(items)
         result.inputs["loaded"] = len(result.images)
         result.inputs["skipped"] = [{"path": s.path, "reason": s.reason} for s in skipped]
         if progress:
-            progress("Decomposing", done + len(skipped) - len(listing.skipped), total)
+            progress("Auditing", done + len(skipped) - len(listing.skipped), total)
     result.inputs["loaded"] = len(result.images)
     result.inputs["skipped"] = [{"path": s.path, "reason": s.reason} for s in skipped]
     if not result.images:
@@ -150,18 +168,154 @@ def run_audit(model_path: str | Path, images: str | Path, cfg: AuditConfig, out_
         raise NoImagesError(
             f"none of the {listing.found} image files could be used", path=images,
             hint=f"first problem: {first.path}: {first.reason}" if first else None)
-    with timer.stage("checks"):
-        check = CHECKS["completeness"]()
-        m = check.measure(records=result.completeness)
-        verdict = check.judge(m, {"fail": cfg.completeness_tolerance})
-        if "fullgrad" not in cfg.methods:
-            verdict.message = "FullGrad was not selected (--methods)"
-        result.checks = [verdict]
+    with timer.stage("judge"):
+        result.checks = runner.results()
+        sims = {k: float(np.mean(v)) for k, v in edge_sim.items() if v}
+        result.caveats = compute_caveats(result.checks, discards, sims)
+        result.figures = figures.to_dict(result.checks)
+    result.run["oom_retries"] = runner.oom_retries
     result.summarize(cfg.fail_on)
+    per_stage = {**timer.per_stage, **runner.timings}
     result.timings = {"total_s": time.perf_counter() - started_clock,
-                      "per_stage": {k: round(v, 4) for k, v in timer.per_stage.items()}}
+                      "per_stage": {k: round(v, 4) for k, v in per_stage.items()}}
     result.run["duration_s"] = result.timings["total_s"]
     return result
+
+
+def _masks_dir(cfg: AuditConfig) -> Path | None:
+    if not cfg.masks:
+        return None
+    path = Path(cfg.masks)
+    if not path.is_dir():
+        raise UsageError("the masks folder does not exist", path=path,
+                         hint="pass --masks DIR with MASKS/<image path without extension>/<class>.png")
+    return path
+
+
+def _thresholds(cfg: AuditConfig) -> dict[str, dict[str, Any]]:
+    t = {k: dict(v) for k, v in cfg.thresholds.items()}
+    t.setdefault("completeness", {}).setdefault("fail", cfg.completeness_tolerance)
+    return t
+
+
+def _check_params(cfg: AuditConfig) -> dict[str, dict[str, Any]]:
+    p = {k: dict(v) for k, v in cfg.check_params.items()}
+    if cfg.flip:
+        p.setdefault("sign_flip", {})["pairs"] = [list(x) for x in cfg.flip]
+    return p
+
+
+def _predict(lm: LoadedModel, items: list[DecodedImage], cfg: AuditConfig, masks_dir: Path | None,
+             folders: list[str] | None, records: list[ImageRecord], offset: int, timer: _Timer,
+             figures: ExampleFigures) -> Batch:
+    """Preprocess and predict one batch; record the images; the Batch the checks see."""
+    with timer.stage("preprocess"):
+        x = lm.preprocess([d.image for d in items])
+    with timer.stage("predict"):
+        logits = lm.logits(x)
+        probs = torch.softmax(logits.double(), dim=1)
+        targets = logits.argmax(1)
+    names = lm.class_names
+    labels, masks = [], [] if masks_dir is not None else None
+    for i, d in enumerate(items):
+        t = int(targets[i])
+        label, folder = _true_label(d.entry.label, folders, names)
+        labels.append(label)
+        notes = list(d.notes)
+        if masks is not None:
+            masks.append(_load_masks(masks_dir, d.entry.rel, names, lm.input_size, notes))
+        records.append(ImageRecord(d.entry.rel, d.sha256, label, t, names[t],
+                                   float(probs[i, t]), notes, folder))
+    batch = Batch(lm, x, [d.entry.rel for d in items], targets, logits, labels, masks, cfg.seed,
+                  offset, figures.names)
+    figures.add_images(batch, [d.image for d in items], names, probs)
+    return batch
+
+
+def _load_masks(masks_dir: Path, rel: str, names: list[str], size: tuple[int, int],
+                notes: list[str]) -> dict[int, np.ndarray]:
+    from .masks import load_masks
+
+    try:
+        return load_masks(masks_dir, rel, names, size)
+    except SaliauditError as err:
+        notes.append(f"masks not used: {err}")
+        return {}
+
+
+def _edge_maps(lm: LoadedModel, batch: Batch) -> torch.Tensor | None:
+    """The edge control's magnitude maps (for the resembles-edge caveat)."""
+    try:
+        return postprocess(get_method("edge")(lm, batch.x, batch.targets), "abs")
+    except Exception:  # the caveat is optional; the edge method is tested on its own
+        return None
+
+
+def _run_source(source: MapSource, batch: Batch, items: list[DecodedImage], cfg: AuditConfig,
+                runner: CheckRunner, figures: ExampleFigures, discards: AbsDiscards | None,
+                edges: torch.Tensor | None, edge_sim: dict[str, list[float]], out_dir: Path,
+                result: AuditResult, complete: list[CompletenessRecord], timer: _Timer) -> None:
+    """One method on one batch: its maps, overlays, example figures and every check."""
+    entry = next(e for e in result.methods if e["method"] == source.method)
+    if entry["status"] != "ok":
+        return
+    try:
+        with timer.stage(f"method:{source.method}"):
+            maps = oom_split(lambda b, _m: source.maps(b.model, b.x, b.targets), batch, {},
+                             _cat_maps, runner._retried)
+    except Exception as err:  # one method failing must not stop the audit
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        reason = str(err) if isinstance(err, SaliauditError) else f"{type(err).__name__}: {err}"
+        entry.update(status="error", reason=reason)
+        runner.fail_source(source, f"the method failed: {reason}")
+        return
+    if isinstance(source, FullGradSource):
+        fg = source.decompose(batch.model, batch.x, batch.targets)
+        for i, name in enumerate(batch.images):
+            t = int(batch.targets[i])
+            complete.append(CompletenessRecord(
+                name, t, batch.model.class_names[t], float(fg.logits[i]),
+                float(fg.reconstructed[i]), float(fg.residual[i]), list(fg.unaccounted)))
+        if discards is not None:
+            discards.add(fg)
+    if edges is not None:
+        try:
+            from .checks.similarity import spearman
+        except ImportError:  # TEMP until similarity.py lands
+            spearman = None
+        for v, m in (maps.items() if spearman else []):
+            values, _ = spearman(m, edges, absolute=True)
+            edge_sim.setdefault(f"{v.method}/{v.psi or v.post}", []).extend(float(s) for s in values)
+    with timer.stage("figures"):
+        figures.add_maps(batch, source, maps)
+    if cfg.overlays:
+        with timer.stage("overlays"):
+            _write_overlays(batch, items, maps, out_dir, result)
+    runner.run(batch, source, maps)
+
+
+def _cat_maps(a: dict, b: dict) -> dict:
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def _write_overlays(batch: Batch, items: list[DecodedImage], maps: dict, out_dir: Path,
+                    result: AuditResult) -> None:
+    maps_dir = out_dir / "maps"
+    maps_dir.mkdir(parents=True, exist_ok=True)
+    names = batch.model.class_names
+    for v, m in maps.items():
+        arr = m.detach().cpu().numpy()
+        for i, d in enumerate(items):
+            t = int(batch.targets[i])
+            variant = v.psi or v.post
+            name = map_filename(d.entry.rel, v.method, variant)
+            what = f"FullGrad psi={v.psi}" if v.psi else f"{v.method} {v.post}"
+            save_overlay(maps_dir / name, _display_image(d.image), arr[i], signed=v.signed,
+                         title=f"{what} - {names[t]}")
+            result.maps.append(MapRecord(d.entry.rel, v.method, v.psi, t,
+                                         (maps_dir / name).relative_to(out_dir).as_posix(),
+                                         v.signed, v.post))
 
 
 def _batches_iter(decoded: Iterator[DecodedImage | Skipped], size: int,
@@ -192,66 +346,28 @@ def _true_label(entry_label: int | None, folders: list[str] | None,
     return (names.index(folder) if folder in names else None), folder
 
 
-def _audit_batch(lm: LoadedModel, batch: list[DecodedImage], psis: list, cfg: AuditConfig,
-                 maps_dir: Path, out_dir: Path, result: AuditResult, timer: _Timer,
-                 folders: list[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    with timer.stage("preprocess"):
-        x = lm.preprocess([d.image for d in batch])
-    with timer.stage("predict"):
-        logits = lm.logits(x)
-        probs = torch.softmax(logits.double(), dim=1)
-        targets = logits.argmax(1)
-    names = lm.class_names
-    for i, d in enumerate(batch):
-        t = int(targets[i])
-        label, folder = _true_label(d.entry.label, folders, names)
-        result.images.append(ImageRecord(d.entry.rel, d.sha256, label, t, names[t],
-                                         float(probs[i, t]), list(d.notes), folder))
-    if "fullgrad" not in cfg.methods:
-        return x, targets
-    with timer.stage("decomposition"):
-        fg = full_gradients(lm, x, targets)
-    with timer.stage("psi"):
-        maps = {k: v.cpu().numpy() for k, v in fg.saliency_maps([p.name for p in psis]).items()}
-    for i, d in enumerate(batch):
-        t = int(targets[i])
-        result.completeness.append(CompletenessRecord(
-            d.entry.rel, t, names[t], float(fg.logits[i]), float(fg.reconstructed[i]),
-            float(fg.residual[i]), list(fg.unaccounted)))
-    if not cfg.overlays:
-        return x, targets
-    with timer.stage("overlays"):
-        maps_dir.mkdir(parents=True, exist_ok=True)
-        for i, d in enumerate(batch):
-            t = int(targets[i])
-            shown = _display_image(d.image)
-            for psi in psis:
-                name = map_filename(d.entry.rel, "fullgrad", psi.name)
-                save_overlay(maps_dir / name, shown, maps[psi.name][i], signed=psi.signed,
-                             title=f"FullGrad psi={psi.name} - {names[t]}")
-                result.maps.append(MapRecord(d.entry.rel, "fullgrad", psi.name, t,
-                                             (maps_dir / name).relative_to(out_dir).as_posix(),
-                                             psi.signed))
-    return x, targets
-
-
-def _plan_methods(lm: LoadedModel, cfg: AuditConfig, result: AuditResult) -> list[Method]:
-    """The comparison methods that can run on this model; the others recorded as skipped."""
-    planned = []
+def _plan_sources(lm: LoadedModel, cfg: AuditConfig, result: AuditResult,
+                  runner: CheckRunner) -> list[MapSource]:
+    """The map sources of the selected methods; those that cannot run recorded as skipped."""
+    planned: list[MapSource] = []
     for name in cfg.methods:
         if name == "fullgrad":
             result.methods.append({"method": name, "family": "fullgrad", "status": "ok",
-                                   "params": {}, "reason": None})
+                                   "params": {"psi": list(cfg.psi)}, "reason": None,
+                                   "reference": "Srinivas & Fleuret, NeurIPS 2019"})
+            planned.insert(0, FullGradSource(list(cfg.psi)))
             continue
         method = get_method(name)
         params = _method_params(method, cfg)
         entry = {"method": name, "family": method.family, "params": params,
                  "reference": method.reference, "status": "ok", "reason": None}
+        source = MethodSource(method, params, list(cfg.post))
         if method.needs_internals and lm.format == "torchscript":
             entry.update(status="skipped", reason="needs layer internals, which a TorchScript "
                          "model does not expose; export the model with torch.export (.pt2)")
+            runner.fail_source(source, f"{name} was skipped: {entry['reason']}", skipped=True)
         else:
-            planned.append(method)
+            planned.append(source)
         result.methods.append(entry)
     return planned
 
@@ -261,41 +377,3 @@ def _method_params(method: Method, cfg: AuditConfig) -> dict[str, Any]:
     if "layer" in params and cfg.cam_layer:
         params["layer"] = cfg.cam_layer
     return params
-
-
-def _comparison_maps(lm: LoadedModel, batch: list[DecodedImage], x: torch.Tensor,
-                     targets: torch.Tensor, methods: list[Method],
-                     cfg: AuditConfig, maps_dir: Path, out_dir: Path, result: AuditResult,
-                     timer: _Timer) -> None:
-    """Signed attributions of the comparison methods, post-processed and drawn."""
-    if not methods:
-        return
-    entries = {e["method"]: e for e in result.methods}
-    for method in methods:
-        entry = entries[method.name]
-        if entry["status"] == "error":
-            continue
-        try:
-            with timer.stage(f"method:{method.name}"):
-                attribution = method(lm, x, targets, **_method_params(method, cfg))
-        except SaliauditError as err:
-            entry.update(status="error", reason=str(err))
-            continue
-        except Exception as err:  # one method failing must not stop the audit
-            entry.update(status="error", reason=f"{type(err).__name__}: {err}")
-            continue
-        if not cfg.overlays:
-            continue
-        with timer.stage("overlays"):
-            maps_dir.mkdir(parents=True, exist_ok=True)
-            for post in cfg.post:
-                maps = postprocess(attribution, post).cpu().numpy()
-                for i, d in enumerate(batch):
-                    t = int(targets[i])
-                    name = map_filename(d.entry.rel, method.name, post)
-                    save_overlay(maps_dir / name, _display_image(d.image), maps[i],
-                                 signed=post == "signed",
-                                 title=f"{method.name} {post} - {lm.class_names[t]}")
-                    result.maps.append(MapRecord(d.entry.rel, method.name, None, t,
-                                                 (maps_dir / name).relative_to(out_dir).as_posix(),
-                                                 post == "signed", post))

@@ -64,6 +64,11 @@ def report(
     psi: Optional[str] = typer.Option(None, "--psi", help="Comma-separated ψ presets [default: all]."),
     post: Optional[str] = typer.Option(None, "--post", help="Post-processing of comparison methods: signed,abs [default: both]."),
     cam_layer: Optional[str] = typer.Option(None, "--cam-layer", help="Layer of the CAM methods [default: automatic]."),
+    checks: Optional[str] = typer.Option(None, "--checks", help="Comma-separated checks of `saliaudit checks` [default: all]."),
+    threshold: Optional[list[str]] = typer.Option(None, "--threshold", help="Check threshold CHECK.NAME=VALUE, e.g. class_sensitivity.fail=0.8 (repeatable)."),
+    check_param: Optional[list[str]] = typer.Option(None, "--check-param", help="Check parameter CHECK.NAME=VALUE, e.g. randomization.granularity=layers (repeatable)."),
+    flip: Optional[str] = typer.Option(None, "--flip", help="sign_flip class pairs C:C', e.g. 8:3 [default: runner-up]."),
+    masks: Optional[str] = typer.Option(None, "--masks", help="Folder of object masks MASKS/<image path without extension>/<class>.png (pointing games)."),
     max_images: Optional[int] = typer.Option(None, "--max-images", help="Audit at most N images."),
     sample: Optional[int] = typer.Option(None, "--sample", help="Audit a reproducible random subset of N images."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch [default: 8]."),
@@ -86,7 +91,9 @@ def report(
     from .config import resolve_config
 
     flags: dict[str, Any] = dict(
-        output=output, format=format, psi=psi, methods=methods, post=post, cam_layer=cam_layer, max_images=max_images, sample=sample,
+        output=output, format=format, psi=psi, methods=methods, post=post, cam_layer=cam_layer,
+        checks=checks, thresholds=threshold or None, check_params=check_param or None, flip=flip,
+        masks=masks, max_images=max_images, sample=sample,
         batch_size=batch_size, seed=seed, device=device, fail_on=fail_on, arch=arch,
         num_classes=num_classes, input_size=input_size, mean=mean, std=std, labels=labels,
         trust_model=trust_model, max_pixels=max_pixels, overlays=overlays, force=force)
@@ -170,16 +177,54 @@ def methods_command(
     try:
         import torch
 
+        from .errors import DecompositionError
         from .methods.cam import cam_layers, find_cam_layer
         from .model import load_model
 
         lm = load_model(model, arch=arch, input_size=input_size)
-        example = torch.zeros(1, 3, *lm.input_size)
-        console.print(f"\nCAM layer for {model}: [bold]{find_cam_layer(lm, example)}[/] "
-                      f"(override with --cam-layer); spatial layers: "
-                      + ", ".join(cam_layers(lm, example)), soft_wrap=True)
     except SaliauditError as err:
         _fail(err, err.exit_code)
+    cam = [m.name for m in METHODS.values() if m.family == "cam"]
+    internals = [m.name for m in METHODS.values() if m.needs_internals and m.family != "cam"]
+    # as the audit plans them: on TorchScript, methods that need layer internals are SKIPPED
+    reason = ("a TorchScript model does not expose its layer activations; export the model "
+              "with torch.export and pass the .pt2" if lm.format == "torchscript" else None)
+    if reason is None:
+        try:
+            example = torch.zeros(1, 3, *lm.input_size)
+            layer, layers = find_cam_layer(lm, example), cam_layers(lm, example)
+        except DecompositionError as err:  # no capturable graph, or no spatial layer
+            reason = str(err)
+        except UsageError as err:
+            _fail(err, err.exit_code)
+    if reason is not None:
+        skipped = ", ".join(cam + (internals if lm.format == "torchscript" else []))
+        console.print(f"\nCAM layer for {model}: not available, CAM methods are skipped on "
+                      f"this model: {reason}. Skipped: {skipped or 'none'}.",
+                      soft_wrap=True, markup=False, highlight=False)
+        return
+    console.print(f"\nCAM layer for {model}: [bold]{layer}[/] (override with --cam-layer); "
+                  "spatial layers: " + ", ".join(layers), soft_wrap=True, highlight=False)
+
+
+@app.command("checks")
+def checks_command() -> None:
+    """List the sanity checks: what each measures, its thresholds and parameters."""
+    from .checks import check_names, get_check
+
+    console = Console()
+    for name in check_names():
+        c = get_check(name)
+        scope = " · FullGrad only" if c.fullgrad_only else ""
+        scope += " · needs --masks" if c.needs_masks else ""
+        thresholds = ", ".join(f"{k}={v!r}" for k, v in c.thresholds.items()) or "none"
+        params = ", ".join(f"{k}={v!r}" for k, v in c.params.items()) or "none"
+        console.print(f"[bold]{name}[/]  [dim]({c.metric}{scope})[/]\n    {c.summary}\n"
+                      f"    thresholds: {thresholds}\n    parameters: {params}\n"
+                      f"    [dim]{c.reference}[/]", soft_wrap=True, markup=True, highlight=False)
+    console.print("\nSet thresholds with --threshold CHECK.NAME=VALUE and parameters with "
+                  "--check-param CHECK.NAME=VALUE, or in the config file as [thresholds.CHECK] "
+                  "and [check_params.CHECK] tables.", soft_wrap=True, markup=False)
 
 
 @app.command()

@@ -23,6 +23,9 @@ __all__ = ["Setting", "SETTINGS", "AuditConfig", "resolve_config", "find_config_
 
 FORMATS = ("json",)  # renderers available in this version (report/)
 FAIL_ON = ("fail", "warn", "never")
+#: Methods audited by default: FullGrad, the comparison methods auditors know, the controls.
+DEFAULT_METHODS = ("fullgrad", "gradient", "grad_x_input", "integrated_gradients", "smoothgrad",
+                   "gradcam", "gradcam_pp", "guided_backprop", "deeplift", "random", "edge")
 #: Settings that only the user's own command line or environment may set (never a file).
 FLAG_OR_ENV_ONLY = ("trust_model",)
 
@@ -93,7 +96,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("output", _text, "saliaudit-report", "output folder"),
     Setting("format", _list_of(*FORMATS), ["json"], "output formats"),
     Setting("psi", _list_of(*PSI_PRESETS), list(PSI_PRESETS), "FullGrad post-processings ψ"),
-    Setting("methods", lambda v: _methods(v), ["fullgrad"],
+    Setting("methods", lambda v: _methods(v), list(DEFAULT_METHODS),
             "saliency methods: fullgrad and the comparison methods (saliaudit methods)"),
     Setting("post", _list_of("signed", "abs"), ["signed", "abs"],
             "post-processings of the comparison methods"),
@@ -114,6 +117,16 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("max_pixels", _int(1), 64_000_000, "refuse images with more pixels (bombs)"),
     Setting("completeness_tolerance", lambda v: _positive_float(v), 1e-3,
             "FAIL completeness when a relative residual exceeds this"),
+    Setting("checks", lambda v: _checks(v), None,
+            "sanity checks to run (saliaudit checks) [default: all]"),
+    Setting("thresholds", lambda v: _check_options(v, "thresholds"), {},
+            "check thresholds, CHECK.NAME=VALUE (e.g. class_sensitivity.fail=0.8)"),
+    Setting("check_params", lambda v: _check_options(v, "params"), {},
+            "check parameters, CHECK.NAME=VALUE (e.g. randomization.granularity=layers)"),
+    Setting("flip", _optional(lambda v: _flip(v)), None,
+            "sign_flip class pairs C:C' (indices or names), e.g. 8:3"),
+    Setting("masks", _optional(_text), None,
+            "folder of per-image, per-class object masks (pointing games)"),
     Setting("overlays", _bool, True, "write a PNG overlay per image and ψ"),
     Setting("force", _bool, False, "write into a non-empty folder that is not a saliaudit output"),
 ]}
@@ -123,6 +136,89 @@ def _methods(v: Any) -> list[str]:
     from .methods import method_names
 
     return _list_of("fullgrad", *method_names())(v)
+
+
+def _checks(v: Any) -> list[str]:
+    from .checks import check_names
+
+    return _list_of(*check_names())(v)
+
+
+def _flip(v: Any) -> list[list[str]]:
+    """``8:3`` or ``8:3,cat:dog`` -> ``[["8", "3"], ["cat", "dog"]]`` (resolved to classes later)."""
+    items = v if isinstance(v, (list, tuple)) else str(v).split(",")
+    pairs = []
+    for item in items:
+        pair = [str(p).strip() for p in (item if isinstance(item, (list, tuple)) else str(item).split(":"))]
+        if len(pair) != 2 or not all(pair) or pair[0] == pair[1]:
+            raise ValueError(f"expected class pairs C:C' such as 8:3, got {v!r}")
+        pairs.append(pair)
+    if not pairs:
+        raise ValueError(f"expected class pairs C:C' such as 8:3, got {v!r}")
+    return pairs
+
+
+def _scalar(text: Any, default: Any) -> Any:
+    """Parse a check option to the type of its default (numbers, booleans, lists, text)."""
+    if not isinstance(text, str):
+        value = text
+    else:
+        t = text.strip()
+        low = t.lower()
+        if low in ("none", "null", ""):
+            return None
+        if isinstance(default, bool):
+            return _bool(t)
+        if isinstance(default, list) or t.startswith("["):
+            t = t.strip("[]")
+            return [_scalar(p, default[0] if isinstance(default, list) and default else 0.0)
+                    for p in t.replace(";", " ").split() if p] if t else []
+        try:
+            value = float(t) if any(c in low for c in ".e") or not low.lstrip("-").isdigit() else int(t)
+        except ValueError:
+            value = t
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {text!r}")
+    if isinstance(default, (int, float)) and not isinstance(default, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number, got {text!r}")
+        if isinstance(value, float) and value != value:
+            raise ValueError(f"expected a number, got {text!r}")
+    return value
+
+
+def _check_options(v: Any, kind: str) -> dict[str, dict[str, Any]]:
+    """``a.b=1,c.d=x`` (flags, environment) or ``{check: {name: value}}`` (config file)."""
+    from .checks import check_names, get_check
+
+    if isinstance(v, dict):
+        items = [(f"{c}.{k}", val) for c, sub in v.items()
+                 for k, val in (sub.items() if isinstance(sub, dict) else [(None, sub)])]
+    else:
+        raw = v if isinstance(v, (list, tuple)) else [v]
+        items = []
+        for chunk in raw:
+            for part in str(chunk).split(","):
+                if part.strip():
+                    key, sep, val = part.partition("=")
+                    if not sep:
+                        raise ValueError(f"expected CHECK.NAME=VALUE, got {part.strip()!r}")
+                    items.append((key.strip(), val.strip()))
+    out: dict[str, dict[str, Any]] = {}
+    for key, val in items:
+        check, dot, name = str(key).partition(".")
+        if not dot or check not in check_names() or not name or name == "None":
+            raise ValueError(f"expected CHECK.NAME=VALUE with CHECK one of {', '.join(check_names())}, "
+                             f"got {key!r}")
+        defaults = getattr(get_check(check), kind)
+        if name not in defaults:
+            raise ValueError(f"check {check} has no {kind[:-1]} {name!r} (it has: "
+                             f"{', '.join(defaults) or 'none'})")
+        default = defaults[name]
+        if kind == "thresholds" and default is None:
+            default = 0.0
+        out.setdefault(check, {})[name] = _scalar(val, default)
+    return out
 
 
 def _positive_float(v: Any) -> float:

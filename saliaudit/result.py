@@ -31,6 +31,14 @@ class CheckResult:
     spread: float | None = None
     per_image: list[dict[str, Any]] = field(default_factory=list)
     series: dict[str, Any] = field(default_factory=dict)
+    post: str | None = None  # signed/abs of a comparison method (psi is None then)
+    params: dict[str, Any] = field(default_factory=dict)  # the check's parameters
+
+    @property
+    def variant(self) -> str:
+        """``fullgrad/paper``, ``gradient/abs`` or ``fullgrad``: the map the cell judged."""
+        v = self.psi or self.post
+        return f"{self.method}/{v}" if v else self.method
 
 
 @dataclass
@@ -89,6 +97,9 @@ class AuditResult:
     maps: list[MapRecord] = field(default_factory=list)
     methods: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, Any] = field(default_factory=dict)
+    check_info: dict[str, Any] = field(default_factory=dict)
+    caveats: list[dict[str, Any]] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
 
     def summarize(self, fail_on: str, status: str | None = None, reason: str | None = None) -> None:
         """Fill ``summary``: counts per status and the overall status of the gate."""

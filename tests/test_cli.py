@@ -140,7 +140,12 @@ def run(runner: CliRunner, *args, env: dict[str, str] | None = None):
 
 
 def report(runner: CliRunner, model: Path, images: Path, out: Path, *extra, env=None):
-    return run(runner, "report", model, images, "-o", out, "--format", "json", "-q", *extra, env=env)
+    """``saliaudit report`` as these plumbing tests need it: FullGrad and completeness only
+    unless the test picks methods or checks (the checks have their own tests)."""
+    pick = [] if any(str(e) == "--methods" for e in extra) else ["--methods", "fullgrad"]
+    pick += [] if any(str(e) == "--checks" for e in extra) else ["--checks", "completeness"]
+    return run(runner, "report", model, images, "-o", out, "--format", "json", "-q", *pick,
+               *extra, env=env)
 
 
 # --------------------------------------------------------------------------- basic commands
@@ -255,7 +260,7 @@ def test_report_terminal_summary(runner, assets, tmp_path):
     """Without -q the verdict table and the overall line are printed (progress on stderr)."""
     out = tmp_path / "out"
     result = run(runner, "report", assets["model"], assets["images"], "-o", out, "--no-overlays",
-                 "--psi", "paper")
+                 "--psi", "paper", "--methods", "fullgrad", "--checks", "completeness")
     assert result.exit_code == 0, result.output
     assert "completeness" in result.output
     assert "PASS" in result.output
@@ -631,7 +636,8 @@ def test_rerun_into_previous_output(runner, assets, tmp_path):
 
 
 def test_default_output_folder(runner, assets, tmp_path):
-    result = run(runner, "report", assets["model"], assets["images"], "-q", "--no-overlays")
+    result = run(runner, "report", assets["model"], assets["images"], "-q", "--no-overlays",
+                 "--methods", "fullgrad", "--checks", "completeness")
     assert result.exit_code == 0, result.output
     doc = load_results(tmp_path / "saliaudit-report")
     assert doc["config"]["sources"]["output"] == "default"
@@ -700,7 +706,8 @@ def test_python_dash_m_entry_point(assets, tmp_path):
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     cmd = [sys.executable, "-m", "saliaudit", "report", str(assets["model"]), str(assets["images"]),
-           "-o", str(out), "--format", "json", "--psi", "paper,signed"]
+           "-o", str(out), "--format", "json", "--psi", "paper,signed", "--methods", "fullgrad",
+           "--checks", "completeness"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -729,13 +736,14 @@ def test_interrupted_run_keeps_partial_results_exit_130(assets, tmp_path, signam
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     cmd = [sys.executable, "-m", "saliaudit", "report", str(assets["model"]), str(images),
-           "-o", str(out), "--batch-size", "1"]
+           "-o", str(out), "--batch-size", "1", "--methods", "fullgrad", "--checks", "completeness",
+           "--format", "json"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
 
-    def started() -> bool:
-        return (out / "maps").is_dir() and any((out / "maps").glob("*.png"))
+    def started() -> bool:  # overlays of the third image exist: two batches (of 1) are complete
+        return (out / "maps").is_dir() and len(list((out / "maps").glob("*.png"))) > 2 * 6
 
     while not started():
         assert proc.poll() is None, proc.communicate()[1]

@@ -91,4 +91,6 @@ def test_quick_start_audit_of_the_sample_model(tmp_path):
     imgs = doc["images"]
     assert all(names[r["label"]] == r["label_name"] for r in imgs)  # matched by name, not order
     assert sum(r["label"] == r["predicted"] for r in imgs) >= 0.95 * len(imgs)
-    assert len(list((out / "maps").glob("*.png"))) == 6 * len(imgs)
+    variants = {(m["method"], m["psi"] or m["post"]) for m in doc["maps"]}
+    assert len(variants) >= 6 + 2 * (len(doc["methods"]) - 1)  # every ψ and post of every method
+    assert len(list((out / "maps").glob("*.png"))) == len(variants) * len(imgs)

@@ -8,44 +8,45 @@ official code on networks with implicit biases) and the FullGrad maps omit part 
 
 from __future__ import annotations
 
-import statistics
-from typing import Any
+import torch
 
-from ..result import CheckResult, CompletenessRecord
-from .base import Check, register
+from ..result import CheckResult
+from .base import Batch, Check, MapSource, Measurement, Variant, register
 
 
 @register
 class Completeness(Check):
     name = "completeness"
-    summary = ("Does the FullGrad decomposition add up to the logit? "
-               "Missing biases leave part of the model unexplained (Srinivas & Fleuret 2019, eq. 1).")
+    title = "Completeness of the FullGrad decomposition"
+    summary = ("Does the FullGrad decomposition add up to the logit? The input-gradient term "
+               "plus every bias term must equal f(x); missing biases leave part of the model "
+               "unexplained (Srinivas & Fleuret 2019, eq. 1).")
+    reference = "Srinivas & Fleuret, Full-Gradient Representation for Neural Network Visualization, NeurIPS 2019"
+    metric = "max relative residual"
     thresholds = {"fail": 1e-3}
+    fullgrad_only = True
 
-    def measure(self, *, records: list[CompletenessRecord], **_: Any) -> dict[str, Any]:
-        values = [r.relative_residual for r in records]
-        unaccounted = sorted({u for r in records for u in r.unaccounted})
-        return {"per_image": [{"image": r.image, "value": r.relative_residual} for r in records],
-                "max": max(values) if values else None,
-                "spread": statistics.pstdev(values) if len(values) > 1 else 0.0,
-                "unaccounted": unaccounted}
+    def measure(self, batch: Batch, source: MapSource,
+                maps: dict[Variant, torch.Tensor]) -> dict[Variant, Measurement]:
+        fg = source.decompose(batch.model, batch.x, batch.targets)  # type: ignore[attr-defined]
+        m = Measurement(values=[float(r) for r in fg.residual], images=list(batch.images),
+                        extra={"unaccounted": list(fg.unaccounted)})
+        return {Variant("fullgrad"): m}
 
-    def judge(self, m: dict[str, Any], thresholds: dict[str, float]) -> CheckResult:
-        tol = thresholds["fail"]
-        worst = m["max"]
-        if worst is None:
-            return CheckResult(self.name, "fullgrad", None, "skipped", None, "max relative residual",
-                               thresholds, "no image was decomposed")
-        bad = [p for p in m["per_image"] if not p["value"] <= tol]
+    def judge(self, variant: Variant, m: Measurement) -> CheckResult:
+        tol = float(self.t["fail"])
+        unaccounted = sorted(set(m.extra.get("unaccounted", [])))
+        m.extra["unaccounted"] = unaccounted
+        if not m.values:
+            return self.result(variant, m, "skipped", None, "no image was decomposed")
+        worst = max(m.values, key=lambda v: v if v == v else float("inf"))
+        bad = [v for v in m.values if not v <= tol]
         if bad:
-            extra = f"; unaccounted ops: {', '.join(m['unaccounted'][:3])}" if m["unaccounted"] else ""
-            msg = (f"{len(bad)} of {len(m['per_image'])} images have a relative residual above "
-                   f"{tol:g} (worst {worst:.2e}){extra}: the maps leave part of the logit unexplained")
-            status = "fail"
-        else:
-            msg = (f"the decomposition adds up to the logit on all {len(m['per_image'])} images "
-                   f"(worst relative residual {worst:.2e} ≤ {tol:g})")
-            status = "pass"
-        return CheckResult(self.name, "fullgrad", None, status, worst, "max relative residual",
-                           thresholds, msg, spread=m["spread"], per_image=m["per_image"],
-                           series={"unaccounted": m["unaccounted"]})
+            extra = f"; unaccounted ops: {', '.join(unaccounted[:3])}" if unaccounted else ""
+            return self.result(variant, m, "fail", worst,
+                               f"{len(bad)} of {len(m.values)} images have a relative residual "
+                               f"above {tol:g} (worst {worst:.2e}){extra}: the maps leave part "
+                               "of the logit unexplained")
+        return self.result(variant, m, "pass", worst,
+                           f"the decomposition adds up to the logit on all {len(m.values)} "
+                           f"images (worst relative residual {worst:.2e} ≤ {tol:g})")

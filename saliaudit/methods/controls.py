@@ -22,7 +22,7 @@ def content_seed(image: torch.Tensor) -> int:
     quantized to float32 (C-contiguous, little-endian on every supported platform)."""
     t = image.detach().to("cpu", torch.float32).contiguous().clone()
     h = hashlib.sha256(repr(tuple(t.shape)).encode())
-    h.update(bytes(t.untyped_storage()))
+    h.update(t.numpy().tobytes())  # same bytes as the storage, ~1000x faster
     return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
 
 

@@ -18,6 +18,16 @@ from ..result import AuditResult
 MARKER = ".saliaudit-output"
 
 
+def _umask() -> int:
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+#: Mode of written files: what ``open()`` would give under the user's umask (mkstemp gives 0600).
+FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write(path: Path, data: str | bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,6 +35,7 @@ def atomic_write(path: Path, data: str | bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         try:

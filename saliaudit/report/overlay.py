@@ -217,7 +217,10 @@ def save_overlay(path: Path, image: Image.Image, saliency: np.ndarray, *, signed
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            rendered.save(fh, format="PNG")
+            rendered.save(fh, format="PNG", compress_level=1)  # 10x faster to encode, ~1.5x larger
+        from .output import FILE_MODE
+
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,196 @@
+"""Runs the selected checks over batches and map sources; turns measurements into cells.
+
+An exception inside one (check, method) pair becomes ERROR for that pair's cells and the
+audit goes on; a check that cannot apply is SKIPPED with the reason. Out-of-memory on the
+device retries the batch in halves before the cell fails (design.md §4, issue 6).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from ..errors import SaliauditError
+from ..result import CheckResult
+from . import check_names, get_check
+from .base import Batch, Check, MapSource, Measurement, Variant
+
+__all__ = ["CheckRunner", "oom_split", "is_oom"]
+
+T = TypeVar("T")
+
+
+def is_oom(err: BaseException) -> bool:
+    """Whether ``err`` is a device out-of-memory error (CUDA, MPS or the CPU allocator)."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if oom is not None and isinstance(err, oom):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def oom_split(fn: Callable[[Batch, dict[Variant, torch.Tensor]], T], batch: Batch,
+              maps: dict[Variant, torch.Tensor], merge: Callable[[T, T], T],
+              on_retry: Callable[[int], None] | None = None) -> T:
+    """``fn(batch, maps)``; on out-of-memory, free the cache and run the two halves.
+
+    Halving goes on down to single images; an image that alone does not fit re-raises.
+    """
+    try:
+        return fn(batch, maps)
+    except Exception as err:
+        if not is_oom(err) or len(batch) <= 1:
+            raise
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    half = len(batch) // 2
+    if on_retry:
+        on_retry(half)
+    parts = []
+    for idx in (list(range(half)), list(range(half, len(batch)))):
+        sub_maps = {v: m[idx[0]:idx[-1] + 1] for v, m in maps.items()}
+        parts.append(oom_split(fn, batch.select(idx), sub_maps, merge, on_retry))
+    return merge(parts[0], parts[1])
+
+
+def _merge_measurements(a: dict[Variant, Measurement],
+                        b: dict[Variant, Measurement]) -> dict[Variant, Measurement]:
+    for v, m in b.items():
+        if v in a:
+            a[v].extend(m)
+        else:
+            a[v] = m
+    return a
+
+
+def _error_text(err: BaseException) -> str:
+    if isinstance(err, SaliauditError):
+        return str(err)
+    text = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {text}"[:400]
+
+
+class CheckRunner:
+    """The checks of one audit, their accumulated measurements, skips and errors."""
+
+    def __init__(self, names: list[str] | None, thresholds: dict[str, dict[str, Any]],
+                 params: dict[str, dict[str, Any]], has_masks: bool):
+        self.checks: list[Check] = [get_check(n)(params=params.get(n), thresholds=thresholds.get(n))
+                                    for n in (names or check_names())]
+        self.has_masks = has_masks
+        self.acc: dict[tuple[str, Variant], Measurement] = {}
+        self.errors: dict[tuple[str, str], str] = {}
+        self.skips: dict[tuple[str, str], str] = {}
+        self.sources: list[MapSource] = []
+        self.oom_retries = 0
+        self.timings: dict[str, float] = {}
+
+    def add_source(self, source: MapSource) -> None:
+        if source not in self.sources:
+            self.sources.append(source)
+
+    def fail_source(self, source: MapSource, reason: str, skipped: bool = False) -> None:
+        """The method itself failed (ERROR) or cannot run (SKIPPED): every check of it
+        gets that status and reason."""
+        self.add_source(source)
+        where = self.skips if skipped else self.errors
+        for check in self.checks:
+            where.setdefault((check.name, source.method), reason)
+
+    def run(self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor],
+            timer: Callable[[str], Any] | None = None) -> None:
+        """Measure every check on ``batch`` for ``source`` (its top-1 ``maps``)."""
+        import time
+
+        self.add_source(source)
+        for check in self.checks:
+            key = (check.name, source.method)
+            if key in self.errors or key in self.skips:
+                continue
+            reason = check.skip_reason(source, batch.model, self.has_masks)
+            if reason:
+                self.skips[key] = reason
+                continue
+            sub = check.take(batch)
+            if sub is None:
+                continue
+            n = len(sub)
+            sub_maps = {v: m[:n] for v, m in maps.items()}
+            t0 = time.perf_counter()
+            try:
+                out = oom_split(lambda b, mp, c=check: c.measure(b, source, mp), sub, sub_maps,
+                                _merge_measurements, self._retried)
+            except Exception as err:  # one cell failing must not stop the audit
+                if isinstance(err, KeyboardInterrupt):
+                    raise
+                self.errors[key] = _error_text(err)
+                for v in [v for (c, v) in self.acc if c == check.name and v.method == source.method]:
+                    del self.acc[(check.name, v)]
+                continue
+            finally:
+                name = f"check:{check.name}"
+                self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+            for v, m in out.items():
+                if (check.name, v) in self.acc:
+                    self.acc[(check.name, v)].extend(m)
+                else:
+                    self.acc[(check.name, v)] = m
+
+    def end_batch(self, batch: Batch) -> None:
+        """Count the batch's images against each check's ``max_images``."""
+        for check in self.checks:
+            check.seen += len(batch)
+
+    def _retried(self, size: int) -> None:
+        self.oom_retries += 1
+
+    def results(self) -> list[CheckResult]:
+        """One cell per (check, method, variant), in check order then method order."""
+        cells: list[CheckResult] = []
+        for check in self.checks:
+            for source in self.sources:
+                key = (check.name, source.method)
+                variants = self._variants(check, source)
+                if key in self.skips:
+                    if check.fullgrad_only and source.method != "fullgrad":
+                        continue
+                    cells += [self._plain(check, v, "skipped", self.skips[key]) for v in variants]
+                elif key in self.errors:
+                    if check.fullgrad_only and source.method != "fullgrad":
+                        continue
+                    cells += [self._plain(check, v, "error", self.errors[key]) for v in variants]
+                else:
+                    measured = [v for (c, v) in self.acc if c == check.name and v.method == source.method]
+                    if not measured:
+                        if check.fullgrad_only and source.method != "fullgrad":
+                            continue
+                        cells += [self._plain(check, v, "skipped", "no image was measured")
+                                  for v in variants]
+                    for v in measured:
+                        try:
+                            cells.append(check.judge(v, self.acc[(check.name, v)]))
+                        except Exception as err:
+                            if isinstance(err, KeyboardInterrupt):
+                                raise
+                            cells.append(self._plain(check, v, "error", _error_text(err)))
+        return cells
+
+    def _variants(self, check: Check, source: MapSource) -> list[Variant]:
+        if check.fullgrad_only and check.name == "completeness":
+            return [Variant("fullgrad")]
+        return list(source.variants)
+
+    @staticmethod
+    def _plain(check: Check, v: Variant, status: str, message: str) -> CheckResult:
+        return CheckResult(check.name, v.method, v.psi, status, None, check.metric, dict(check.t),
+                           message, post=v.post, params={k: (x if isinstance(x, (int, float, str, bool, type(None), list)) else str(x)) for k, x in check.p.items()})
+
+    def info(self) -> dict[str, dict[str, Any]]:
+        """Title, summary, reference, metric, thresholds and params of each selected check."""
+        return {c.name: {"title": c.title or c.name, "summary": c.summary, "reference": c.reference,
+                         "metric": c.metric, "thresholds": dict(c.t),
+                         "params": {k: (x if isinstance(x, (int, float, str, bool, type(None), list)) else str(x))
+                                    for k, x in c.p.items()},
+                         "fullgrad_only": c.fullgrad_only, "needs_masks": c.needs_masks}
+                for c in self.checks}
