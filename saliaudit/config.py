@@ -26,6 +26,8 @@ FAIL_ON = ("fail", "warn", "never")
 #: Methods audited by default: FullGrad, the comparison methods auditors know, the controls.
 DEFAULT_METHODS = ("fullgrad", "gradient", "grad_x_input", "integrated_gradients", "smoothgrad",
                    "gradcam", "gradcam_pp", "guided_backprop", "deeplift", "random", "edge")
+#: Command-line spellings that differ from the setting name.
+_FLAG_NAMES = {"thresholds": "--threshold", "check_params": "--check-param"}
 #: Settings that only the user's own command line or environment may set (never a file).
 FLAG_OR_ENV_ONLY = ("trust_model",)
 
@@ -340,7 +342,7 @@ def resolve_config(flags: Mapping[str, Any], *, config_file: str | Path | None =
         try:
             values[name] = setting.parse(raw) if source != "default" else copy.deepcopy(raw)
         except ValueError as err:
-            label = {"flag": f"--{name.replace('_', '-')}",
+            label = {"flag": _FLAG_NAMES.get(name, f"--{name.replace('_', '-')}"),
                      "environment": f"SALIAUDIT_{name.upper()}"}.get(source, f"{name} in {source}")
             raise UsageError(f"invalid {label}: {err}") from None
         sources[name] = source

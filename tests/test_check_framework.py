@@ -1,0 +1,242 @@
+"""The check framework: runner (errors, skips, OOM halving), settings, caveats, figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from saliaudit.caveats import AbsDiscards, compute_caveats
+from saliaudit.checks import CHECKS, check_names, get_check
+from saliaudit.checks.base import Check, Measurement, Variant, small_map
+from saliaudit.checks.runner import CheckRunner, oom_split
+from saliaudit.cli import app
+from saliaudit.config import resolve_config
+from saliaudit.errors import UsageError
+from saliaudit.figures import choose_examples
+from saliaudit.methods.sources import make_source
+from saliaudit.result import CheckResult
+
+from .checks_util import make_batch
+
+
+class _Probe(Check):
+    """A test check: value = mean |map| per image; records the batch sizes it saw."""
+
+    name = "probe"
+    metric = "mean |map|"
+    thresholds = {"fail": 1e9}
+    params = {"max_images": None}
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.sizes: list[int] = []
+
+    def measure(self, batch, source, maps):
+        self.sizes.append(len(batch))
+        return {v: Measurement(values=[float(x) for x in m.abs().mean((1, 2))],
+                               images=list(batch.images)) for v, m in maps.items()}
+
+    def judge(self, variant, m):
+        return self.result(variant, m, "pass", m.mean(), f"{len(m.values)} images")
+
+
+@pytest.fixture
+def probe():
+    CHECKS["probe"] = _Probe
+    yield _Probe
+    CHECKS.pop("probe", None)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return make_batch(n=6)
+
+
+def test_oom_split_halves_and_merges(batch):
+    calls = []
+
+    def fn(b, maps):
+        calls.append(len(b))
+        if len(b) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return list(b.images)
+
+    out = oom_split(fn, batch, {}, lambda a, b: a + b)
+    assert out == batch.images  # every image, in order
+    assert calls[0] == 6 and max(calls[1:]) <= 3 and min(calls) >= 1
+
+
+def test_oom_split_reraises_for_one_image_and_passes_other_errors(batch):
+    def always(b, maps):
+        raise torch.OutOfMemoryError("out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        oom_split(always, batch, {}, lambda a, b: a + b)
+
+    def bug(b, maps):
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        oom_split(bug, batch, {}, lambda a, b: a + b)
+
+
+def test_runner_oom_in_measure_gives_same_numbers(probe, batch):
+    source = make_source("gradient", psis=[], posts=["abs"])
+    maps = source.maps(batch.model, batch.x, batch.targets)
+    plain = CheckRunner(["probe"], {}, {}, False)
+    plain.run(batch, source, maps)
+
+    class Tight(_Probe):
+        def measure(self, b, s, m):
+            if len(b) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory")
+            return super().measure(b, s, m)
+
+    CHECKS["probe"] = Tight
+    tight = CheckRunner(["probe"], {}, {}, False)
+    tight.run(batch, source, maps)
+    assert tight.oom_retries > 0
+    a, b = plain.results()[0], tight.results()[0]
+    assert b.status == "pass" and a.per_image == b.per_image
+
+
+def test_runner_error_is_contained_to_its_cell(probe, batch):
+    class Fragile(_Probe):
+        def measure(self, b, s, m):
+            if s.method == "gradient":
+                raise RuntimeError("boom")
+            return super().measure(b, s, m)
+
+    CHECKS["probe"] = Fragile
+    runner = CheckRunner(["probe", "completeness"], {}, {}, False)
+    for name in ("fullgrad", "gradient"):
+        source = make_source(name, psis=["paper", "signed"], posts=["signed", "abs"])
+        runner.run(batch, source, source.maps(batch.model, batch.x, batch.targets))
+    cells = {(c.check, c.variant): c for c in runner.results()}
+    assert cells[("probe", "gradient/signed")].status == "error"
+    assert "RuntimeError: boom" in cells[("probe", "gradient/abs")].message
+    assert cells[("probe", "fullgrad/paper")].status == "pass"
+    assert cells[("completeness", "fullgrad")].status == "pass"
+    assert ("completeness", "gradient") not in cells  # FullGrad-only: no cell for other methods
+
+
+def test_runner_max_images_and_skips(probe, batch):
+    runner = CheckRunner(["probe", "pointing_game"] if "pointing_game" in check_names() else ["probe"],
+                         {}, {"probe": {"max_images": 4}}, False)
+    source = make_source("gradient", psis=[], posts=["signed"])
+    for half in ([0, 1, 2], [3, 4, 5]):
+        sub = batch.select(half)
+        runner.run(sub, source, source.maps(sub.model, sub.x, sub.targets))
+        runner.end_batch(sub)
+    cells = runner.results()
+    probe_cell = next(c for c in cells if c.check == "probe")
+    assert len(probe_cell.per_image) == 4  # 3 from the first batch, 1 from the second
+    for c in cells:
+        if c.check == "pointing_game":
+            assert c.status == "skipped" and "--masks" in c.message
+
+
+def test_thresholds_and_params_from_flags_env_and_file(tmp_path):
+    cfg = resolve_config({"thresholds": ["completeness.fail=0.01"],
+                          "check_params": ["completeness.max_images=3"] if "max_images" in get_check("completeness").params else None},
+                         environ={}, cwd=tmp_path)
+    assert cfg.thresholds == {"completeness": {"fail": 0.01}}
+    assert cfg.sources["thresholds"] == "flag"
+    (tmp_path / "saliaudit.toml").write_text("[thresholds.completeness]\nfail = 0.5\n")
+    cfg = resolve_config({}, environ={}, cwd=tmp_path)
+    assert cfg.thresholds == {"completeness": {"fail": 0.5}}
+    assert cfg.sources["thresholds"].startswith("config file")
+    cfg = resolve_config({}, environ={"SALIAUDIT_THRESHOLDS": "completeness.fail=2e-3"},
+                         cwd=tmp_path)
+    assert cfg.thresholds == {"completeness": {"fail": 2e-3}}
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("nosuch.fail=1", "expected CHECK.NAME=VALUE"),
+    ("completeness.nosuch=1", "has no threshold 'nosuch'"),
+    ("completeness.fail=abc", "expected a number"),
+    ("completeness", "expected CHECK.NAME=VALUE"),
+])
+def test_bad_threshold_is_a_usage_error(tmp_path, bad, words):
+    with pytest.raises(UsageError, match="invalid --threshold") as err:
+        resolve_config({"thresholds": [bad]}, environ={}, cwd=tmp_path)
+    assert words in str(err.value)
+
+
+def test_flip_pairs_parse(tmp_path):
+    assert resolve_config({"flip": "8:3,cat:dog"}, environ={}, cwd=tmp_path).flip == [
+        ["8", "3"], ["cat", "dog"]]
+    for bad in ("8", "8:8", "8:3:1", ":3"):
+        with pytest.raises(UsageError, match="--flip"):
+            resolve_config({"flip": bad}, environ={}, cwd=tmp_path)
+
+
+def test_checks_command_lists_every_check():
+    result = CliRunner().invoke(app, ["checks"])
+    assert result.exit_code == 0, result.output
+    for name in check_names():
+        assert name in result.output
+        for key in CHECKS[name].thresholds:
+            assert f"{key}=" in result.output
+
+
+def _cell(check, psi, status, value, method="fullgrad"):
+    return CheckResult(check, method, psi, status, value, "m", {}, "")
+
+
+def test_caveat_when_psi_changes_the_verdict():
+    cells = [_cell("class_sensitivity", "paper", "fail", 0.81),
+             _cell("class_sensitivity", "signed", "pass", 0.12)]
+    kinds = {c["kind"]: c for c in compute_caveats(cells, None, {})}
+    assert "psi_changes_verdict" in kinds
+    msg = kinds["psi_changes_verdict"]["message"]
+    assert "PASS under signed (0.12)" in msg and "FAIL under paper (0.81)" in msg
+    assert kinds["signed_vs_paper"]["numbers"] == {"signed": 0.12, "paper": 0.81}
+    assert "more class-sensitive" in kinds["signed_vs_paper"]["message"]
+    same = [_cell("class_sensitivity", "paper", "pass", 0.2),
+            _cell("class_sensitivity", "signed", "pass", 0.1)]
+    assert "psi_changes_verdict" not in {c["kind"] for c in compute_caveats(same, None, {})}
+
+
+def test_caveat_resembles_edge_only_when_measured_so():
+    cells = [_cell("randomization", None, "pass", 0.1, method="gradient")]
+    cells[0].post = "abs"
+    yes = compute_caveats(cells, None, {"gradient/abs": 0.6})
+    no = compute_caveats(cells, None, {"gradient/abs": 0.05})
+    assert [c["kind"] for c in yes] == ["resembles_edge"]
+    assert yes[0]["numbers"] == {"edge_similarity": 0.6, "randomized_similarity": 0.1}
+    assert no == []
+
+
+def test_abs_discards_share_matches_a_direct_count(batch):
+    from saliaudit.methods.fullgrad import full_gradients
+
+    fg = full_gradients(batch.model, batch.x, batch.targets)
+    acc = AbsDiscards()
+    acc.add(fg)
+    t = fg.input_term.double()
+    direct = float((-t).clamp(min=0).sum() / t.abs().sum())
+    assert acc.per_layer()["input (∇ₓf ⊙ x)"] == pytest.approx(direct, rel=1e-4)
+    term = fg.spatial_terms[0]
+    v = term.value.double()
+    assert acc.per_layer()[term.name] == pytest.approx(
+        float((-v).clamp(min=0).sum() / v.abs().sum()), rel=1e-4)
+    assert 0 <= acc.total() <= 1
+
+
+def test_small_map_and_examples_are_bounded_and_seeded():
+    m = small_map(torch.arange(200 * 100, dtype=torch.float32).reshape(200, 100))
+    assert len(m) == 48 and len(m[0]) == 24
+    assert np.isfinite(np.array(m)).all()
+    names = [f"img{i}.png" for i in range(100)]
+    assert choose_examples(names, 10, 1) == choose_examples(list(reversed(names)), 10, 1)
+    assert choose_examples(names, 10, 1) != choose_examples(names, 10, 2)
+    assert choose_examples(names[:5], 10, 0) == set(names[:5])
+
+
+def test_variant_labels():
+    assert Variant("fullgrad", psi="paper").label == "fullgrad/paper"
+    assert Variant("gradcam", post="abs").label == "gradcam/abs"
+    assert _cell("completeness", None, "pass", 0.0).variant == "fullgrad"
