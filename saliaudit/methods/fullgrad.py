@@ -39,11 +39,15 @@ class BiasTerm:
             when the op's output was channels-last).
         channel_bias: ``b`` as a ``(C,)`` vector when it is constant over space (conv,
             linear and batch-norm biases); the term is then never materialized.
+        node: name of the graph node of the op (for ops with several outputs, such as
+            ``_native_batch_norm_legit_no_training``, the op's node, not the ``getitem``), so
+            that a term can be matched to the graph (e.g. batch-norm folding pairs).
     """
 
     def __init__(self, name: str, op: str, kind: str, grad: torch.Tensor, bias: torch.Tensor,
-                 spatial: bool, channel_bias: torch.Tensor | None = None):
+                 spatial: bool, channel_bias: torch.Tensor | None = None, node: str | None = None):
         self.name, self.op, self.kind, self.spatial = name, op, kind, spatial
+        self.node = node
         self.grad, self.bias, self.channel_bias = grad, bias, channel_bias
         self._stats: TermStats | None = None
 
@@ -192,8 +196,9 @@ def _decompose(gm: torch.fx.GraphModule, x: torch.Tensor,
         while key in terms:
             key = f"{module_path(node)}.{name}#{k}"
             k += 1
+        origin = node.args[0] if op_name(node.target) == "getitem" else node
         terms[key] = BiasTerm(key, name, bias_kind(name), g.detach(), b, order is not None,
-                              channel_bias)
+                              channel_bias, getattr(origin, "name", node.name))
     logits = picked.detach()
     recon = input_term.reshape(x.shape[0], -1).sum(1, dtype=torch.float64)
     for t in terms.values():
@@ -274,7 +279,7 @@ def _chunked(gm: torch.fx.GraphModule, x: torch.Tensor, targets: torch.Tensor,
         if bias.shape[0] != 1:  # a per-image bias (implicit biases) is batched like the grad
             bias = cat(lambda fg, k=k: fg.bias_terms[k].bias)
         terms[k] = BiasTerm(t.name, t.op, t.kind, cat(lambda fg, k=k: fg.bias_terms[k].grad),
-                            bias, t.spatial, t.channel_bias)
+                            bias, t.spatial, t.channel_bias, t.node)
     unaccounted = sorted({u for fg, _ in parts for u in fg.unaccounted})
     return FullGradients(cat(lambda f: f.input_term), cat(lambda f: f.input_gradient), terms,
                          cat(lambda f: f.logits), cat(lambda f: f.targets),

@@ -27,16 +27,16 @@ class FullGradSource(MapSource):
     def __init__(self, psis: list[str]):
         self.psis = list(psis)
         self.variants = [Variant("fullgrad", psi=p, signed=get_psi(p).signed) for p in self.psis]
-        self._last: tuple[Any, torch.Tensor, torch.Tensor, FullGradients] | None = None
+        self._cache: list[tuple[Any, torch.Tensor, torch.Tensor, FullGradients]] = []
 
     def decompose(self, model: Any, x: torch.Tensor, targets: torch.Tensor) -> FullGradients:
-        """The decomposition, cached for the last (model, x, targets) it was asked for."""
-        last = self._last
-        if (last is not None and last[0] is model and last[1] is x
-                and torch.equal(last[2], targets)):
-            return last[3]
+        """The decomposition, cached for the first (the batch's top-1 classes, which most
+        checks come back to) and the last (model, x, targets) it was asked for."""
+        for m, xx, t, fg in self._cache:
+            if m is model and xx is x and t.shape == targets.shape and torch.equal(t, targets):
+                return fg
         fg = full_gradients(model, x, targets)
-        self._last = (model, x, targets.clone(), fg)
+        self._cache = self._cache[:1] + [(model, x, targets.clone(), fg)]
         return fg
 
     def maps(self, model: Any, x: torch.Tensor, targets: torch.Tensor) -> dict[Variant, torch.Tensor]:
@@ -45,8 +45,8 @@ class FullGradSource(MapSource):
         return {v: out[v.psi].detach() for v in self.variants}
 
     def forget(self) -> None:
-        """Drop the cached decomposition (frees its gradients)."""
-        self._last = None
+        """Drop the cached decompositions (frees their gradients)."""
+        self._cache = []
 
 
 class MethodSource(MapSource):
