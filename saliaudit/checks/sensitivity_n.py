@@ -1,0 +1,218 @@
+"""Sensitivity-n (Ancona, Ceolini, Öztireli & Gross, ICLR 2018, §4).
+
+An attribution satisfies *sensitivity-n* when, for every subset ``S`` of ``n`` input
+features, the sum of the attributions of ``S`` equals the output change when ``S`` is
+removed: ``Σ_{i∈S} R_i = f(x) − f(x_{S←baseline})``. No method satisfies it for all n unless
+the model is linear (then gradient × input does, with the zero baseline). Ancona et al. measure
+how close a method comes with the Pearson correlation, over random subsets of size ``n``,
+between the two sides, and plot it against ``n`` on a log scale.
+
+Here, per image and for ``points`` values of ``n`` log-spaced from 1 feature to
+``max_fraction`` (80 %) of the features, ``subsets`` random subsets (default 100, as Ancona
+et al.) are drawn — seeded by the audit seed, the image name and ``n``, so every method is
+scored on the same subsets — and removed. Features are ``patches`` (default: squares of
+``patch`` pixels, ``input size / 16`` by default, i.e. a 16 × 16 grid, as the ImageNet
+experiments of Ancona et al. use patches) or single ``pixels`` (all channels of one location).
+The attribution of a feature is the sum of the 2-D map over it; the output is the logit of the
+top-1 class. Removed features take the ``zero`` baseline by default — the model input's zero
+(the normalization mean colour), the reference of gradient × input, ε-LRP and DeepLIFT-Rescale
+in Ancona et al. (``black``, ``mean`` and ``blur`` are available).
+
+The output changes do not depend on the map: they are computed once per image (``points ×
+subsets`` forward passes, batched ``chunk`` at a time) and shared by every method and variant;
+this is why the default ``max_images`` is 16 (1,600 subsets per n).
+
+A constant map (e.g. all-zero) makes every subset's attribution sum equal: the correlation is
+undefined and is reported as 0 with a note (never NaN); likewise when the output does not
+change across subsets. Verdict: the curve's maximum (over n) of the mean correlation over
+images; WARN below ``warn`` (0.1: no n at which the map tracks the model's output changes),
+FAIL below ``fail`` when it is set (default unset: no FAIL).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import UsageError
+from ..result import CheckResult
+from .base import Batch, Check, MapSource, Measurement, Variant, register
+from .removal import (Job, check_baseline, check_choice, check_int, flag_notes, image_generator,
+                      image_keys, nonfinite_count, removal_baseline, run_removals)
+
+FEATURES = ("patches", "pixels")
+
+
+@register
+class SensitivityN(Check):
+    name = "sensitivity_n"
+    title = "Sensitivity-n: attribution sums against output changes"
+    summary = ("For random subsets of n features, the sum of their attributions should track how "
+               "much the output drops when they are removed (Ancona et al., ICLR 2018). The Pearson "
+               "correlation is plotted against n; only a linear model can reach 1 at every n.")
+    reference = ("Ancona, Ceolini, Öztireli & Gross, Towards better understanding of gradient-based "
+                 "attribution methods for Deep Neural Networks, ICLR 2018")
+    metric = "max over n of the mean Pearson correlation (attribution sum vs output change)"
+    thresholds = {"warn": 0.1, "fail": None}
+    params = {
+        "features": "patches",  # or "pixels"
+        "patch": None,  # patch side in pixels (None: input size / 16)
+        "points": 8,  # values of n, log-spaced
+        "max_fraction": 0.8,  # largest n as a share of the features
+        "subsets": 100,  # random subsets per n and image (Ancona et al.)
+        "baseline": "zero",  # zero (model input 0), black, mean or blur
+        "blur_sigma": 5.0,
+        "chunk": 64,  # perturbed images per forward pass
+        "max_images": 16,
+    }
+
+    def __init__(self, params: dict[str, Any] | None = None,
+                 thresholds: dict[str, float | None] | None = None):
+        super().__init__(params, thresholds)
+        check_choice("features", self.p["features"], FEATURES)
+        check_baseline(self.p)
+        check_int("points", self.p["points"])
+        check_int("subsets", self.p["subsets"], 3)
+        check_int("chunk", self.p["chunk"])
+        if self.p["patch"] is not None:
+            check_int("patch", self.p["patch"])
+        mf = self.p["max_fraction"]
+        if isinstance(mf, bool) or not isinstance(mf, (int, float)) or not 0 < mf <= 1:
+            raise UsageError(f"max_fraction={mf!r} is not in (0, 1]", hint="e.g. max_fraction=0.8")
+        self._changes: dict[tuple[Any, ...], np.ndarray] = {}  # image key -> (points, subsets)
+
+    # ----------------------------------------------------------------------------------------
+    def layout(self, h: int, w: int) -> tuple[torch.Tensor, int, int]:
+        """``(feature index of each pixel (H·W,), number of features, patch side)``."""
+        if self.p["features"] == "pixels":
+            return torch.arange(h * w), h * w, 1
+        p = int(self.p["patch"]) if self.p["patch"] is not None else max(1, round(min(h, w) / 16))
+        cols = math.ceil(w / p)
+        rr = torch.arange(h).div(p, rounding_mode="floor")
+        cc = torch.arange(w).div(p, rounding_mode="floor")
+        return (rr[:, None] * cols + cc[None, :]).reshape(-1), math.ceil(h / p) * cols, p
+
+    def sizes(self, n_features: int) -> list[int]:
+        """The subset sizes n: ``points`` log-spaced values from 1 to ``max_fraction`` of the
+        features (distinct, so fewer with few features)."""
+        top = max(1, int(math.floor(float(self.p["max_fraction"]) * n_features)))
+        pts = int(self.p["points"])
+        return sorted({int(round(v)) for v in np.geomspace(1, top, pts)} if pts > 1 else {top})
+
+    def subsets(self, seed: int, name: str, n_features: int, n: int) -> torch.Tensor:
+        """``(subsets, F)`` bool: the random subsets of ``n`` features of image ``name`` (CPU;
+        the ``n`` smallest of float64 uniform draws per row, seeded per image and n)."""
+        gen = image_generator(seed, name, "sensitivity-n", n_features, n)
+        u = torch.rand((int(self.p["subsets"]), n_features), generator=gen, dtype=torch.float64)
+        kth = u.kthvalue(n, dim=1, keepdim=True).values
+        return u <= kth
+
+    def _output_changes(self, batch: Batch, base: torch.Tensor, pid: torch.Tensor, n_features: int,
+                        ns: list[int]) -> np.ndarray:
+        """``(B, points, subsets)`` ``f(x) − f(x̃)`` of the top-1 logit (map-independent: cached)."""
+        keys = image_keys(batch.model, batch.x, batch.images)
+        todo = [i for i, k in enumerate(keys) if k not in self._changes]
+        dev = batch.x.device
+        pid_dev = pid.to(dev)
+        jobs = []
+        for i in todo:
+            t = int(batch.targets[i])
+            for n in ns:
+                jobs.append(Job(i, (lambda i=i, n=n: self.subsets(batch.seed, batch.images[i], n_features, n)
+                                    .to(dev)[:, pid_dev]), [t]))
+        outs = run_removals(batch.model, batch.x, base, jobs, chunk=int(self.p["chunk"]))
+        for j, i in enumerate(todo):
+            f0 = float(batch.logits[i, int(batch.targets[i])].double())
+            rows = [f0 - outs[j * len(ns) + q][:, 0].double().cpu().numpy() for q in range(len(ns))]
+            self._changes[keys[i]] = np.stack(rows)
+        return np.stack([self._changes[k] for k in keys])
+
+    def measure(self, batch: Batch, source: MapSource,
+                maps: dict[Variant, torch.Tensor]) -> dict[Variant, Measurement]:
+        x = batch.x
+        b, _, h, w = x.shape
+        if b == 0:
+            return {v: Measurement() for v in maps}
+        pid, n_features, patch = self.layout(h, w)
+        ns = self.sizes(n_features)
+        base = removal_baseline(batch.model, x, self.p["baseline"], sigma=self.p["blur_sigma"])
+        changes = self._output_changes(batch, base, pid, n_features, ns)  # (B, P, S)
+
+        variants = list(maps)
+        dev = x.device
+        # attribution of each feature: the map summed over the feature's pixels, (V, B, F)
+        fs = torch.zeros((len(variants), b, n_features), dtype=torch.float64, device=dev)
+        idx = pid.to(dev).expand(b, -1)
+        for vi, v in enumerate(variants):
+            fs[vi].scatter_add_(1, idx, maps[v].detach().to(dev, torch.float64).reshape(b, -1))
+        fs = torch.nan_to_num(fs, nan=0.0, posinf=0.0, neginf=0.0).cpu()
+        corr = np.zeros((len(variants), b, len(ns)))
+        undefined_map = np.zeros((len(variants), b), dtype=bool)
+        undefined_out = np.zeros(b, dtype=bool)
+        for i in range(b):
+            for q, n in enumerate(ns):
+                sel = self.subsets(batch.seed, batch.images[i], n_features, n).to(torch.float64)
+                sums = (sel @ fs[:, i].T).numpy().T  # (V, S)
+                d = changes[i, q]
+                for vi in range(len(variants)):
+                    r, bad_a, bad_d = _pearson(sums[vi], d)
+                    corr[vi, i, q] = r
+                    undefined_map[vi, i] |= bad_a
+                    undefined_out[i] |= bad_d
+        result: dict[Variant, Measurement] = {}
+        for vi, v in enumerate(variants):
+            flags = (["constant_map"] * int(undefined_map[vi].sum())
+                     + ["constant_output"] * int(undefined_out.sum())
+                     + ["nonfinite_map"] * nonfinite_count(maps[v]))
+            result[v] = Measurement(
+                values=[float(c) for c in corr[vi].mean(1)], images=list(batch.images),
+                curves={"correlation": corr[vi]}, axes={"correlation": list(ns)},
+                # tuples, not lists: Measurement.extend concatenates lists across batches
+                extra={"n_fraction": tuple(n / n_features for n in ns), "features": self.p["features"],
+                       "n_features": n_features, "patch": patch, "baseline": self.p["baseline"],
+                       "subsets": int(self.p["subsets"]), "flags": flags})
+        return result
+
+    # ----------------------------------------------------------------------------------------
+    def judge(self, variant: Variant, m: Measurement) -> CheckResult:
+        flag_notes(m)
+        if not m.values or "correlation" not in m.curves:
+            return self.result(variant, m, "skipped", None, "no image was measured")
+        curve = np.nanmean(np.asarray(m.curves["correlation"], dtype=np.float64), 0)
+        ns = list(m.axes.get("correlation", []))
+        best = int(np.nanargmax(curve))
+        value = float(curve[best])
+        warn, fail = self.t.get("warn"), self.t.get("fail")
+        if fail is not None and value < float(fail):
+            status = "fail"
+        elif warn is not None and value < float(warn):
+            status = "warn"
+        else:
+            status = "pass"
+        feats = f"{m.extra.get('n_features')} {m.extra.get('features')}"
+        shape = ", ".join(f"n={n}: {c:.2f}" for n, c in zip(ns, curve))
+        verdict = ("the attribution sums track the output changes at some subset size"
+                   if status == "pass" else
+                   f"the attribution sums do not track the output changes at any n (all below "
+                   f"{float(fail if status == 'fail' else warn):g})")
+        msg = (f"{verdict}: mean Pearson correlation peaks at {value:.2f} for n={ns[best]} of {feats} "
+               f"({len(m.values)} images, {m.extra.get('subsets')} subsets per n, "
+               f"{m.extra.get('baseline')} baseline; {shape})")
+        if m.notes:
+            msg += "; " + "; ".join(m.notes)
+        return self.result(variant, m, status, value, msg)
+
+
+def _pearson(a: np.ndarray, d: np.ndarray) -> tuple[float, bool, bool]:
+    """Pearson correlation of two float64 vectors; ``(0, …)`` with the flags of which side was
+    constant (relative spread ≤ 1e-9) when it is undefined."""
+    sa, sd = a.std(), d.std()
+    flat_a = not sa > 1e-9 * max(float(np.abs(a).mean()), 1e-300)
+    flat_d = not sd > 1e-9 * max(float(np.abs(d).mean()), 1e-300)
+    if flat_a or flat_d or not (np.isfinite(sa) and np.isfinite(sd)):
+        return 0.0, bool(flat_a), bool(flat_d)
+    r = float(np.mean((a - a.mean()) * (d - d.mean())) / (sa * sd))
+    return (max(-1.0, min(1.0, r)) if np.isfinite(r) else 0.0), False, False
