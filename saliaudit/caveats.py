@@ -10,6 +10,9 @@ them. Kinds:
   ψ is less class-sensitive on many models; the report says which way it goes here).
 - ``resembles_edge``: a method whose maps resemble the model-independent edge control more
   than they resemble its own maps on the fully randomized model.
+- ``survives_top_randomization``: a method whose maps stay alike the original (similarity at
+  or above the FAIL threshold) while at least the top third of the cascade is randomized: the
+  maps do not reflect the top layers (Adebayo et al. 2018, guided backprop in Fig. 2).
 - ``choose_psi_by_metric``: which ψ each check favours here; the FullGrad authors note that ψ
   must be chosen by the metric that matters (Srinivas & Fleuret 2019, §6).
 """
@@ -57,6 +60,36 @@ class AbsDiscards:
 
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3g}"
+
+
+def _survivors(checks: list[CheckResult]) -> list[dict[str, Any]]:
+    """Maps that stay alike the original while the top third of the cascade is randomized."""
+    out = []
+    for c in checks:
+        if c.check != "randomization" or c.status not in _RANK or c.method in ("random", "edge"):
+            continue
+        metric = c.series.get("verdict_metric", "spearman_abs")
+        curve = c.series.get(f"cascading_{metric}") or {}
+        mean, steps = curve.get("mean") or [], curve.get("x") or []
+        fail = c.thresholds.get("fail")
+        if not mean or fail is None or len(mean) < 3:
+            continue
+        kept = 0
+        for v in mean:
+            if v is None or v < fail:
+                break
+            kept += 1
+        if kept >= -(-len(mean) // 3) and kept < len(mean):
+            out.append({"kind": "survives_top_randomization", "variant": c.variant,
+                        "numbers": {"steps_kept": kept, "steps": len(mean),
+                                    "curve": dict(zip(map(str, steps), mean))},
+                        "message": (
+                            f"{c.variant} maps stay alike the original (similarity ≥ {fail:g}) "
+                            f"until {steps[kept]} is randomized ({kept} of {len(mean)} cascade "
+                            f"steps, values {', '.join(f'{v:.2f}' for v in mean[:kept + 1])}): "
+                            "they do not reflect the top layers of the model "
+                            "(Adebayo et al. 2018).")})
+    return out
 
 
 def compute_caveats(checks: list[CheckResult], discards: AbsDiscards | None,
@@ -110,6 +143,7 @@ def compute_caveats(checks: list[CheckResult], discards: AbsDiscards | None,
                         f"FullGrad signed maps are {more} class-sensitive than the paper's ψ here "
                         f"(similarity of top-1 and lowest-class maps {s:.3g} signed vs {p:.3g} "
                         "paper; lower means the map changes more with the class).")})
+    out += _survivors(checks)
     rand = {c.variant: c.value for c in checks
             if c.check == "randomization" and c.value is not None}
     for variant, sim_edge in sorted(edge_similarity.items()):

@@ -240,3 +240,26 @@ def test_variant_labels():
     assert Variant("fullgrad", psi="paper").label == "fullgrad/paper"
     assert Variant("gradcam", post="abs").label == "gradcam/abs"
     assert _cell("completeness", None, "pass", 0.0).variant == "fullgrad"
+
+
+def test_caveat_survives_top_randomization():
+    def cell(method, curve):
+        c = CheckResult("randomization", method, None, "pass", curve[-1], "m", {"fail": 0.7}, "",
+                        post="abs")
+        c.series = {"verdict_metric": "spearman_abs",
+                    "cascading_spearman_abs": {"x": [f"s{i}" for i in range(len(curve))],
+                                               "mean": curve, "std": [0.0] * len(curve)}}
+        return c
+
+    gbp = cell("guided_backprop", [0.8, 0.86, 0.71, 0.61, 0.49, 0.15, 0.04])
+    grad = cell("gradient", [0.86, 0.72, 0.46, 0.38, 0.29, 0.1, 0.05])
+    found = [c for c in compute_caveats([gbp, grad, cell("random", [1.0] * 7)], None, {})
+             if c["kind"] == "survives_top_randomization"]
+    assert [c["variant"] for c in found] == ["guided_backprop/abs"]
+    assert found[0]["numbers"]["steps_kept"] == 3 and "until s3 is randomized" in found[0]["message"]
+
+
+def test_measurement_extend_merges_figures():
+    a = Measurement(values=[1.0], images=["a"], extra={"figures": {"a": 1}})
+    a.extend(Measurement(values=[2.0], images=["b"], extra={"figures": {"b": 2}}))
+    assert a.extra["figures"] == {"a": 1, "b": 2} and a.values == [1.0, 2.0]

@@ -147,6 +147,8 @@ class Measurement:
         for k, v in other.extra.items():
             if isinstance(v, list) and isinstance(self.extra.get(k), list):
                 self.extra[k] = self.extra[k] + v
+            elif isinstance(v, dict) and isinstance(self.extra.get(k), dict):
+                self.extra[k] = {**self.extra[k], **v}  # e.g. figures keyed by image
             else:
                 self.extra[k] = v
         self.notes.extend(n for n in other.notes if n not in self.notes)

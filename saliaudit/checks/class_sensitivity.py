@@ -1,0 +1,212 @@
+"""Class sensitivity: does the map change with the explained class?
+
+A map that explains the decision for class c should differ from the map for a class the model
+rejects. Following Khakzar, Baselizadeh & Navab (*Rethinking Positive Aggregation and
+Propagation of Gradients in Gradient-based Saliency Methods*) and the class-sensitivity
+experiment requested of the FullGrad paper (Srinivas & Fleuret 2019, with Adebayo et al.'s
+similarity measures), each image's map for its top-1 class is compared with its map for the
+lowest-scoring class (``argmin`` of the logits). The primary measure is the Spearman rank
+correlation of the two maps' HOG features (Khakzar's measure; lower is better; they report
+Grad-CAM 0.03, gradients 0.44, FullGrad 0.48 and guided backprop 0.99 on VGG-16); the check
+also reports the raw Spearman correlation with and without absolute values and SSIM
+(:mod:`saliaudit.checks.similarity`), and the same four measures for the top-1 class against
+the runner-up (the class the model nearly chose). Verdict on the mean over images of the
+``metric`` parameter (default ``hog``): FAIL ≥ 0.7, WARN ≥ 0.4.
+
+Model- and class-independent maps (the ``random`` and ``edge`` controls) give identical maps
+for both classes, similarity 1 and FAIL. A constant map (an all-zero Grad-CAM for a class with
+no positive evidence) has a defined similarity (0 against a non-constant map) and is counted
+in a note.
+
+Results: ``value`` and ``per_image`` are the verdict metric (top-1 vs lowest); ``series``
+holds ``lowest`` and ``runner_up`` (mean of every metric), ``verdict_metric``,
+``degenerate_pairs`` and, for the first ``figure_images`` example images by name,
+``figures[image] = {"top1", "top1_class", "lowest", "lowest_class"}`` (maps at ≤ 48 px).
+Note: HOG uses unsigned orientations on min–max normalized maps, so a map and its negation
+have the same HOG features — for signed maps compare the signed Spearman in ``series``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import UsageError
+from ..result import CheckResult
+from .base import Batch, Check, MapSource, Measurement, Variant, higher_is_worse, register, small_map
+from .similarity import METRIC_NAMES, METRICS, Maps, similarity
+
+__all__ = ["ClassSensitivity"]
+
+_SHORT = {"spearman_abs": "Spearman ABS", "spearman": "signed Spearman", "ssim": "SSIM",
+          "hog": "HOG Spearman"}
+_PAIRS = ("lowest", "runner_up")
+
+
+@register
+class ClassSensitivity(Check):
+    name = "class_sensitivity"
+    title = "Class sensitivity (top-1 vs lowest-scoring class)"
+    summary = ("Does the map change when another class is explained? The maps for the top-1 "
+               "class and for the lowest-scoring class are compared by the Spearman correlation "
+               "of their HOG features; alike maps do not explain the class (Khakzar et al.; "
+               "Srinivas & Fleuret 2019; Adebayo et al. 2018).")
+    reference = ("Khakzar, Baselizadeh & Navab, Rethinking Positive Aggregation and Propagation "
+                 "of Gradients in Gradient-based Saliency Methods, 2020; Srinivas & Fleuret, "
+                 "Full-Gradient Representation for Neural Network Visualization, NeurIPS 2019; "
+                 "Adebayo et al., Sanity Checks for Saliency Maps, NeurIPS 2018")
+    metric = "Spearman of HOG features, top-1 vs lowest class"
+    thresholds = {"fail": 0.7, "warn": 0.4}
+    params = {
+        "metric": "hog",  # verdict metric of magnitude maps: hog, spearman_abs, spearman or ssim
+        # verdict metric of signed maps: HOG and SSIM of min-max normalized maps cannot see a
+        # sign flip (a map and its negation score 1), so signed maps are judged by the signed
+        # Spearman correlation, which can
+        "signed_metric": "spearman",
+        "max_images": None,  # all images
+        "figure_images": 3,  # example images (first by name) whose two maps are stored
+    }
+
+    def __init__(self, params: dict[str, Any] | None = None,
+                 thresholds: dict[str, float | None] | None = None):
+        super().__init__(params, thresholds)
+        for key in ("metric", "signed_metric"):
+            if self.p[key] not in METRICS:
+                raise UsageError(f"class_sensitivity: {key}={self.p[key]!r} is not one of "
+                                 f"{', '.join(METRICS)}", hint=f"set {key} to " + " or ".join(METRICS))
+        fi = self.p["figure_images"]
+        if isinstance(fi, bool) or not isinstance(fi, int) or fi < 0:
+            raise UsageError(f"class_sensitivity: figure_images={fi!r} is not an integer ≥ 0",
+                             hint="set figure_images to 0 (no figures) or more")
+        mi = self.p["max_images"]
+        if mi is not None and (isinstance(mi, bool) or not isinstance(mi, int) or mi < 1):
+            raise UsageError(f"class_sensitivity: max_images={mi!r} is not a positive integer",
+                             hint="set max_images to a positive integer or null (all images)")
+        name = "Spearman of HOG features" if self.p["metric"] == "hog" else METRIC_NAMES[self.p["metric"]]
+        self.metric = f"{name}, top-1 vs lowest class"
+        self._figures: dict[Variant, dict[str, Any]] = {}
+
+    def skip_reason(self, source: MapSource, model: Any, has_masks: bool) -> str | None:
+        k = getattr(model, "num_classes", None)
+        if k is not None and k < 2:
+            return "needs a model with at least 2 classes"
+        return super().skip_reason(source, model, has_masks)
+
+    def measure(self, batch: Batch, source: MapSource,
+                maps: dict[Variant, torch.Tensor]) -> dict[Variant, Measurement]:
+        variants = list(maps)
+        n = len(batch)
+        if n == 0:
+            return {v: Measurement() for v in variants}
+        logits = batch.logits.detach()
+        if logits.shape[1] < 2:
+            raise UsageError("class sensitivity needs a model with at least 2 classes")
+        lowest = logits.argmin(1).to(batch.x.device)
+        ranked = torch.sort(logits, dim=1, descending=True, stable=True).indices
+        top1 = batch.targets.to(batch.x.device)
+        # runner-up: the best class other than the top-1 target
+        runner = torch.where(ranked[:, 0].to(top1.device) == top1, ranked[:, 1].to(top1.device),
+                             ranked[:, 0].to(top1.device))
+        other = {"lowest": source.maps(batch.model, batch.x, lowest)}
+        other["runner_up"] = source.maps(batch.model, batch.x, runner)
+        same = (lowest == top1).cpu().numpy()  # all logits equal: no lowest class
+        shown = set(sorted(batch.examples)[:int(self.p["figure_images"])])
+        examples = [i for i, name in enumerate(batch.images) if name in shown]
+        out: dict[Variant, Measurement] = {}
+        for v in variants:
+            metric = self._metric(v)
+            extra: dict[str, Any] = {}
+            ref = Maps(maps[v])
+            for pair in _PAIRS:
+                cmp = Maps(other[pair][v])
+                for m in METRICS:
+                    vals, deg = similarity(ref, cmp, m)
+                    extra[f"{pair}_{m}"] = [float(x) for x in vals]
+                    if pair == "lowest" and m == metric:
+                        extra["degenerate"] = [bool(d) for d in deg]
+            values = [float("nan") if same[i] else extra[f"lowest_{metric}"][i] for i in range(n)]
+            extra["no_lowest"] = [bool(s) for s in same]
+            figs = {batch.images[i]: {"top1": small_map(maps[v][i]), "top1_class": int(top1[i]),
+                                      "lowest": small_map(other["lowest"][v][i]),
+                                      "lowest_class": int(lowest[i])} for i in examples}
+            if figs:
+                self._figures.setdefault(v, {}).update(figs)
+                extra["figures"] = figs
+            out[v] = Measurement(values=values, images=list(batch.images), extra=extra)
+        return out
+
+    def _metric(self, v: Variant) -> str:
+        """The verdict metric of variant ``v`` (signed maps: ``signed_metric``)."""
+        return self.p["signed_metric"] if v.signed else self.p["metric"]
+
+    def _metric_text(self, metric: str) -> str:
+        name = "Spearman of HOG features" if metric == "hog" else METRIC_NAMES[metric]
+        return f"{name}, top-1 vs lowest class"
+
+    def judge(self, variant: Variant, m: Measurement) -> CheckResult:
+        cell = self._judge(variant, m)
+        cell.metric = self._metric_text(self._metric(variant))
+        return cell
+
+    def _judge(self, variant: Variant, m: Measurement) -> CheckResult:
+        metric = self._metric(variant)
+        per_metric = {pair: {k: m.extra.pop(f"{pair}_{k}", []) for k in METRICS} for pair in _PAIRS}
+        degenerate = m.extra.pop("degenerate", [])
+        no_lowest = m.extra.pop("no_lowest", [])
+        figs = self._figures.get(variant) or m.extra.get("figures")
+        if figs:
+            m.extra["figures"] = figs
+        else:
+            m.extra.pop("figures", None)
+
+        def mean(xs: list[float]) -> float | None:
+            f = [x for x in xs if np.isfinite(x)]
+            return float(np.mean(f)) if f else None
+
+        series: dict[str, Any] = {
+            "verdict_metric": metric,
+            "metrics": {k: METRIC_NAMES[k] for k in METRICS},
+            "lowest": {k: mean(per_metric["lowest"][k]) for k in METRICS},
+            "runner_up": {k: mean(per_metric["runner_up"][k]) for k in METRICS},
+            "degenerate_pairs": int(sum(bool(d) for d in degenerate)),
+        }
+        n = len(m.values)
+        if not n:
+            return self.result(variant, m, "skipped", None, "no image was measured", **series)
+        value = m.mean()
+        status = higher_is_worse(value, self.t)
+        notes = []
+        if series["degenerate_pairs"]:
+            notes.append(f"{series['degenerate_pairs']} of {n} map pairs had a constant map "
+                         "(similarity defined: 1 if both constant, 0 if one)")
+        if any(no_lowest):
+            notes.append(f"{sum(bool(x) for x in no_lowest)} images where every class scores "
+                         "the same were left out")
+        short = _SHORT[metric]
+        fail, warn = self.t.get("fail"), self.t.get("warn")
+        if status == "fail":
+            msg = (f"maps for the top-1 and the lowest class are alike ({short} {value:.2f} ≥ "
+                   f"{fail:g}): the map does not depend on the class")
+        elif status == "warn":
+            msg = (f"maps for the top-1 and the lowest class are partly alike ({short} "
+                   f"{value:.2f} ≥ {warn:g}): the map depends only weakly on the class")
+        elif status == "pass":
+            bound = warn if warn is not None else fail
+            msg = (f"maps for the top-1 and the lowest class differ ({short} {value:.2f}"
+                   + (f" < {bound:g}" if bound is not None else "") + "): the map depends on the class")
+        else:
+            msg = "no finite similarity was measured (every class scores the same on every image)"
+        mag = series["lowest"].get("spearman_abs")
+        if variant.signed and metric == "spearman" and status == "pass" and mag is not None \
+                and fail is not None and mag >= fail:
+            notes.append(f"the lowest-class map is close to the negation of the top-1 map "
+                         f"(|map| Spearman {mag:.2f}): the class flips the sign of the evidence, "
+                         "not where it lies")
+        ru = series["runner_up"].get(metric)
+        if ru is not None and status != "error":
+            msg += f"; top-1 vs runner-up {ru:.2f}"
+        if notes:
+            msg += "; " + "; ".join(notes)
+        return self.result(variant, m, status, value, msg, **series)
