@@ -7,6 +7,7 @@ decomposition; every ψ is computed from that one decomposition. The model is ne
 
 from __future__ import annotations
 
+import copy
 import platform
 import re
 import time
@@ -22,12 +23,13 @@ import torch
 from . import __version__
 from .caveats import AbsDiscards, compute_caveats
 from .checks.base import Batch, MapSource
-from .checks.runner import CheckRunner, oom_split
+from .checks.runner import CheckRunner, is_oom, oom_split
 from .config import AuditConfig
 from .data import DecodedImage, Skipped, find_images, iter_decoded, require_images
 from .errors import NoImagesError, SaliauditError, UsageError
 from .figures import ExampleFigures, choose_examples
 from .methods import Method, get_method, postprocess
+from .methods.fullgrad import BiasTerm, FullGradients
 from .methods.sources import FullGradSource, MethodSource
 from .model import LoadedModel, load_model, resolve_device
 from .report.overlay import save_overlay
@@ -144,7 +146,9 @@ def run_audit(model_path: str | Path, images: str | Path, cfg: AuditConfig, out_
             break
         records: list[ImageRecord] = []
         batch = _predict(lm, items, cfg, masks_dir, listing.class_names, records,
-                         len(result.images), timer, figures)
+                         len(result.images), timer, figures, skipped, runner._retried)
+        if batch is None:  # every image of the batch gave NaN/Inf logits (now in skipped)
+            continue
         edges = _edge_maps(lm, batch) if sources else None
         complete: list[CompletenessRecord] = []
         for source in sources:
@@ -207,12 +211,26 @@ def _check_params(cfg: AuditConfig) -> dict[str, dict[str, Any]]:
 
 def _predict(lm: LoadedModel, items: list[DecodedImage], cfg: AuditConfig, masks_dir: Path | None,
              folders: list[str] | None, records: list[ImageRecord], offset: int, timer: _Timer,
-             figures: ExampleFigures) -> Batch:
-    """Preprocess and predict one batch; record the images; the Batch the checks see."""
+             figures: ExampleFigures, skipped: list[Skipped],
+             on_retry: Callable[[int], None] | None = None) -> Batch | None:
+    """Preprocess and predict one batch; record the images; the Batch the checks see.
+
+    Images whose logits are NaN/Inf are removed from ``items`` (in place) into ``skipped``;
+    ``None`` when none is left.
+    """
     with timer.stage("preprocess"):
         x = lm.preprocess([d.image for d in items])
     with timer.stage("predict"):
-        logits = lm.logits(x)
+        logits = _logits(lm, x, on_retry)
+        finite = torch.isfinite(logits).all(1)
+        if not bool(finite.all()):
+            keep = [i for i in range(len(items)) if finite[i]]
+            skipped.extend(Skipped(d.entry.rel, _NONFINITE) for i, d in enumerate(items)
+                           if not finite[i])
+            items[:] = [items[i] for i in keep]
+            if not items:
+                return None
+            x, logits = x[keep], logits[keep]
         probs = torch.softmax(logits.double(), dim=1)
         targets = logits.argmax(1)
     names = lm.class_names
@@ -223,7 +241,8 @@ def _predict(lm: LoadedModel, items: list[DecodedImage], cfg: AuditConfig, masks
         labels.append(label)
         notes = list(d.notes)
         if masks is not None:
-            masks.append(_load_masks(masks_dir, d.entry.rel, names, lm.input_size, notes))
+            masks.append(_load_masks(masks_dir, d.entry.rel, names, lm.input_size, notes,
+                                     d.image.size))
         records.append(ImageRecord(d.entry.rel, d.sha256, label, t, names[t],
                                    float(probs[i, t]), notes, folder))
     batch = Batch(lm, x, [d.entry.rel for d in items], targets, logits, labels, masks, cfg.seed,
@@ -232,12 +251,54 @@ def _predict(lm: LoadedModel, items: list[DecodedImage], cfg: AuditConfig, masks
     return batch
 
 
-def _load_masks(masks_dir: Path, rel: str, names: list[str], size: tuple[int, int],
-                notes: list[str]) -> dict[int, np.ndarray]:
-    from .masks import load_masks
+_NONFINITE = ("the model output NaN/Inf for this image; check the model's weights and its "
+              "preprocessing (--mean, --std, --input-size)")
 
+
+class _Rows:
+    """The rows of a tensor as :func:`oom_split` sees a batch."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def select(self, index: list[int]) -> "_Rows":
+        return _Rows(self.x[index[0]:index[-1] + 1])
+
+
+def _logits(lm: LoadedModel, x: torch.Tensor, on_retry: Callable[[int], None] | None) -> torch.Tensor:
+    """``lm.logits(x)``, run in halves on out-of-memory (down to one image)."""
     try:
-        return load_masks(masks_dir, rel, names, size)
+        return oom_split(lambda rows, _m: lm.logits(rows.x), _Rows(x), {},
+                         lambda a, b: torch.cat([a, b]), on_retry)
+    except Exception as err:
+        if not is_oom(err):
+            raise
+        raise SaliauditError(f"out of memory on {lm.device} even for one image "
+                             f"({_first_line(err)})", path=lm.path,
+                             hint=_OOM_HINT) from err
+
+
+_OOM_HINT = "use --device cpu, a smaller --input-size, or free the device's memory"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _load_masks(masks_dir: Path, rel: str, names: list[str], size: tuple[int, int],
+                notes: list[str], image_size: tuple[int, int]) -> dict[int, np.ndarray]:
+    from .masks import load_masks, mask_skip_reason
+
+    reason = mask_skip_reason(masks_dir, rel)
+    if reason:
+        notes.append(f"no masks: {reason}")
+        return {}
+    try:
+        return load_masks(masks_dir, rel, names, size, image_size=image_size)
     except SaliauditError as err:
         notes.append(f"masks not used: {err}")
         return {}
@@ -259,19 +320,26 @@ def _run_source(source: MapSource, batch: Batch, items: list[DecodedImage], cfg:
     entry = next(e for e in result.methods if e["method"] == source.method)
     if entry["status"] != "ok":
         return
+    fg = None
     try:
         with timer.stage(f"method:{source.method}"):
+            if isinstance(source, FullGradSource):  # one decomposition (halved on OOM), reused
+                fg = oom_split(lambda b, _m: source.decompose(b.model, b.x, b.targets), batch,
+                               {}, _cat_fullgrad, runner._retried)
+                _prime(source, batch, fg)
             maps = oom_split(lambda b, _m: source.maps(b.model, b.x, b.targets), batch, {},
                              _cat_maps, runner._retried)
     except Exception as err:  # one method failing must not stop the audit
         if isinstance(err, KeyboardInterrupt):
             raise
-        reason = str(err) if isinstance(err, SaliauditError) else f"{type(err).__name__}: {err}"
+        reason = (str(err) if isinstance(err, SaliauditError)
+                  else f"{type(err).__name__}: {_first_line(err)}")
+        if is_oom(err):
+            reason += f" (out of memory even for one image: {_OOM_HINT})"
         entry.update(status="error", reason=reason)
         runner.fail_source(source, f"the method failed: {reason}")
         return
-    if isinstance(source, FullGradSource):
-        fg = source.decompose(batch.model, batch.x, batch.targets)
+    if fg is not None:
         for i, name in enumerate(batch.images):
             t = int(batch.targets[i])
             complete.append(CompletenessRecord(
@@ -280,23 +348,65 @@ def _run_source(source: MapSource, batch: Batch, items: list[DecodedImage], cfg:
         if discards is not None:
             discards.add(fg)
     if edges is not None:
-        try:
-            from .checks.similarity import spearman
-        except ImportError:  # TEMP until similarity.py lands
-            spearman = None
-        for v, m in (maps.items() if spearman else []):
+        from .checks.similarity import spearman
+
+        for v, m in maps.items():
+            if not bool(torch.isfinite(m).all()):
+                continue  # a method's NaN maps are the checks' business, not the caveat's
             values, _ = spearman(m, edges, absolute=True)
             edge_sim.setdefault(f"{v.method}/{v.psi or v.post}", []).extend(float(s) for s in values)
     with timer.stage("figures"):
-        figures.add_maps(batch, source, maps)
+        try:  # halved on out-of-memory like the maps; the example figures are optional
+            oom_split(lambda b, m: figures.add_maps(b, source, m), batch, maps,
+                      lambda a, b: None, runner._retried)
+        except Exception as err:
+            if not is_oom(err):
+                raise
     if cfg.overlays:
         with timer.stage("overlays"):
             _write_overlays(batch, items, maps, out_dir, result)
+    if fg is not None:  # the example figures decomposed other targets: the checks reuse fg
+        _prime(source, batch, fg)
     runner.run(batch, source, maps)
 
 
 def _cat_maps(a: dict, b: dict) -> dict:
     return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def _prime(source: FullGradSource, batch: Batch, fg: FullGradients) -> None:
+    """Make ``fg`` the decomposition ``source`` returns for the batch (its one-entry cache)."""
+    source._last = (batch.model, batch.x, batch.targets.clone(), fg)
+
+
+def _cat_fullgrad(a: FullGradients, b: FullGradients) -> FullGradients:
+    """The decomposition of two consecutive sub-batches as one (after an OOM retry)."""
+    na, nb = a.logits.shape[0], b.logits.shape[0]
+
+    def per_image(t: BiasTerm | None, n: int, like: BiasTerm) -> tuple[torch.Tensor, torch.Tensor]:
+        if t is None:  # no gradient reached the op in this half
+            return torch.zeros((n, *like.grad.shape[1:]), dtype=like.grad.dtype,
+                               device=like.grad.device), like.bias
+        return t.grad, t.bias
+
+    terms = {}
+    for k in list(a.bias_terms) + [k for k in b.bias_terms if k not in a.bias_terms]:
+        ta, tb = a.bias_terms.get(k), b.bias_terms.get(k)
+        like = ta or tb
+        (ga, ba), (gb, bb) = per_image(ta, na, like), per_image(tb, nb, like)
+        batched = (ba.dim() == ga.dim() and bb.dim() == gb.dim() and ba.shape[0] == na
+                   and bb.shape[0] == nb)
+        shared = ba.shape == bb.shape and (not batched or (na == nb == 1 and torch.equal(ba, bb)))
+        bias = ba if shared else torch.cat([ba.expand(na, *ba.shape[1:]),
+                                            bb.expand(nb, *bb.shape[1:])])
+        term = copy.copy(like)  # name, op, kind, spatial, channel bias... as computed
+        term.grad, term.bias, term._stats = torch.cat([ga, gb]), bias, None
+        terms[k] = term
+    return FullGradients(
+        torch.cat([a.input_term, b.input_term]), torch.cat([a.input_gradient, b.input_gradient]),
+        terms, torch.cat([a.logits, b.logits]), torch.cat([a.targets, b.targets]),
+        torch.cat([a.reconstructed, b.reconstructed]), torch.cat([a.residual, b.residual]),
+        sorted(set(a.unaccounted) | set(b.unaccounted)))
 
 
 def _write_overlays(batch: Batch, items: list[DecodedImage], maps: dict, out_dir: Path,

@@ -15,6 +15,9 @@ them. Kinds:
   maps do not reflect the top layers (Adebayo et al. 2018, guided backprop in Fig. 2).
 - ``choose_psi_by_metric``: which ψ each check favours here; the FullGrad authors note that ψ
   must be chosen by the metric that matters (Srinivas & Fleuret 2019, §6).
+- ``control_passes``: a control (``random``, ``edge``) that PASSES a check it must fail: on
+  this model that check cannot tell a map from noise or image edges, so its other verdicts
+  are not evidence (design.md §3).
 """
 
 from __future__ import annotations
@@ -144,6 +147,16 @@ def compute_caveats(checks: list[CheckResult], discards: AbsDiscards | None,
                         f"(similarity of top-1 and lowest-class maps {s:.3g} signed vs {p:.3g} "
                         "paper; lower means the map changes more with the class).")})
     out += _survivors(checks)
+    for c in checks:
+        if c.control == "unexpected":
+            out.append({"kind": "control_passes", "check": c.check, "variant": c.variant,
+                        "numbers": {"value": c.value, "thresholds": dict(c.thresholds)},
+                        "message": (
+                            f"{c.check} PASSES the {c.method} control ({c.variant}, "
+                            f"{_fmt(c.value)}), a map that ignores the model: on this model the "
+                            f"check cannot tell an explanation from {'noise' if c.method == 'random' else 'image edges'}, "
+                            f"so its verdicts for the other methods are not evidence. "
+                            "Change its parameters or thresholds (saliaudit checks).")})
     rand = {c.variant: c.value for c in checks
             if c.check == "randomization" and c.value is not None}
     for variant, sim_edge in sorted(edge_similarity.items()):

@@ -58,9 +58,9 @@ def report(
     model: Path = typer.Argument(..., help="Model file: .pt2, state_dict (.pt/.pth/.safetensors with --arch), TorchScript, or a pickled module with --trust-model."),
     images: Path = typer.Argument(..., help="Image folder (recursive; ImageFolder layout gives labels) or a list file."),
     output: Optional[str] = typer.Option(None, "-o", "--output", help="Output folder [default: saliaudit-report]."),
-    format: Optional[str] = typer.Option(None, "--format", help="Comma-separated output formats [default: json]."),
+    format: Optional[str] = typer.Option(None, "--format", help="Comma-separated output formats: html, pdf, json, junit [default: html,pdf,json]."),
     config: Optional[Path] = typer.Option(None, "--config", help="TOML configuration file."),
-    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods: fullgrad and those of `saliaudit methods` [default: fullgrad]."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods: fullgrad and those of `saliaudit methods` [default: fullgrad, 8 comparison methods, random, edge]."),
     psi: Optional[str] = typer.Option(None, "--psi", help="Comma-separated ψ presets [default: all]."),
     post: Optional[str] = typer.Option(None, "--post", help="Post-processing of comparison methods: signed,abs [default: both]."),
     cam_layer: Optional[str] = typer.Option(None, "--cam-layer", help="Layer of the CAM methods [default: automatic]."),
@@ -85,6 +85,10 @@ def report(
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Refuse larger images [default: 64000000]."),
     overlays: Optional[bool] = typer.Option(None, "--overlays/--no-overlays", help="Write PNG overlays [default: on]."),
     force: Optional[bool] = typer.Option(None, "--force", help="Write into a non-empty folder that is not a saliaudit output."),
+    examples: Optional[int] = typer.Option(None, "--examples", help="Example images per check in the PDF, most telling first [default: 6]."),
+    examples_html: Optional[int] = typer.Option(None, "--examples-html", help="Example images per check in the HTML [default: 24]."),
+    page_size: Optional[str] = typer.Option(None, "--page-size", help="PDF page size: a4 or letter [default: a4]."),
+    annotations: Optional[bool] = typer.Option(None, "--annotations/--no-annotations", help="Print ::error::/::warning:: annotations for GitHub Actions on stdout [default: off]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table on the terminal."),
 ) -> None:
     """Audit MODEL on IMAGES and write the results (and maps) to the output folder."""
@@ -96,7 +100,9 @@ def report(
         masks=masks, max_images=max_images, sample=sample,
         batch_size=batch_size, seed=seed, device=device, fail_on=fail_on, arch=arch,
         num_classes=num_classes, input_size=input_size, mean=mean, std=std, labels=labels,
-        trust_model=trust_model, max_pixels=max_pixels, overlays=overlays, force=force)
+        trust_model=trust_model, max_pixels=max_pixels, overlays=overlays, force=force,
+        examples=examples, examples_html=examples_html, page_size=page_size,
+        annotations=annotations)
     try:
         cfg = resolve_config(flags, config_file=config)
     except SaliauditError as err:
@@ -109,6 +115,7 @@ def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
     from .audit import new_result, run_audit
     from .model import resolve_device
     from .report.output import OutputFolder
+    from .report.pdf import PdfUnavailableError
     from .report.terminal import print_summary, progress_bar
 
     out = OutputFolder(Path(cfg.output), force=cfg.force)
@@ -124,9 +131,18 @@ def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
         result = new_result(cfg, datetime.now(timezone.utc), resolve_device(cfg.device))
         with progress_bar(err_console, quiet) as progress:
             run_audit(model, images, cfg, out.path, progress=progress, result=result)
-        out.write_results(result, cfg.format)
+        doc = result.to_dict()
+        try:
+            out.write_results(doc, cfg.format)
+            pdf_error = None
+        except PdfUnavailableError as err:  # HTML/JSON/JUnit are written; the PDF is not
+            pdf_error = err
+        _ci_outputs(doc, cfg.annotations)
         if not quiet:
-            print_summary(err_console, result, out.path)
+            print_summary(err_console, doc, out.path, cfg.format)
+        if pdf_error is not None:
+            err_console.print(f"saliaudit: error: {pdf_error}", markup=False, soft_wrap=True)
+            return pdf_error.exit_code
         return EXIT_GATE if result.summary.get("gate_failed") else EXIT_OK
     except (KeyboardInterrupt, Interrupted):
         reason = "interrupted by SIGTERM" if sys.exc_info()[0] is Interrupted else "interrupted (Ctrl-C)"
@@ -150,6 +166,78 @@ def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return EXIT_CANNOT_RUN
+
+
+def _ci_outputs(doc: dict[str, Any], annotations: bool) -> None:
+    """Append the job summary when ``$GITHUB_STEP_SUMMARY`` is set; print annotations on request."""
+    import os
+
+    from .report.ci import append_step_summary, emit_annotations
+
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        try:
+            append_step_summary(doc)
+        except OSError as err:
+            err_console.print(f"saliaudit: warning: cannot append to $GITHUB_STEP_SUMMARY "
+                              f"({err.strerror})", markup=False)
+    if annotations:
+        emit_annotations(doc, typer.echo)
+
+
+@app.command()
+def render(
+    results: Path = typer.Argument(..., help="results.json written by saliaudit report."),
+    output: Optional[str] = typer.Option(None, "-o", "--output", help="Output folder [default: the folder of RESULTS]."),
+    format: str = typer.Option("html,pdf", "--format", help="Comma-separated: html, pdf, json, junit [default: html,pdf]."),
+    page_size: Optional[str] = typer.Option(None, "--page-size", help="PDF page size a4 or letter [default: as in the results, else a4]."),
+    examples: Optional[int] = typer.Option(None, "--examples", help="Example images in the PDF [default: as in the results, else 6]."),
+    examples_html: Optional[int] = typer.Option(None, "--examples-html", help="Example images in the HTML [default: as in the results, else 24]."),
+    force: bool = typer.Option(False, "--force", help="Write into a non-empty folder that is not a saliaudit output."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not list the files written."),
+) -> None:
+    """Rebuild the HTML/PDF (and JSON/JUnit) report from a results.json, without the model."""
+    from .config import SETTINGS
+    from .report.output import OutputFolder
+    from .report.pdf import PdfUnavailableError
+    from .report.render import load_results, write_outputs
+
+    try:
+        formats = _parse_option("--format", format, SETTINGS["format"].parse)
+        size = _parse_option("--page-size", page_size, SETTINGS["page_size"].parse)
+        n_pdf = _parse_option("--examples", examples, SETTINGS["examples"].parse)
+        n_html = _parse_option("--examples-html", examples_html, SETTINGS["examples_html"].parse)
+        doc = load_results(results)
+        out = OutputFolder(Path(output) if output else results.parent, force=force)
+        out.prepare()
+        try:
+            written = write_outputs(doc, out.path, formats, examples=n_pdf, examples_html=n_html,
+                                    page_size=size)
+        except PdfUnavailableError as err:
+            done = [out.path / n for f, n in (("json", "results.json"), ("junit", "junit.xml"),
+                                              ("html", "report.html")) if f in formats]
+            for p in done if not quiet else []:
+                err_console.print(f"wrote {p}", markup=False)
+            _fail(err, err.exit_code)
+    except SaliauditError as err:
+        _fail(err, err.exit_code)
+    except typer.Exit:
+        raise
+    except Exception as err:  # an unexpected bug: one line, the traceback with --debug
+        _fail(RuntimeError(f"unexpected {type(err).__name__}: {err} "
+                           "(rerun with --debug and report it)"), EXIT_CANNOT_RUN)
+    if not quiet:
+        for p in written:
+            err_console.print(f"wrote {p}", markup=False)
+    raise typer.Exit(EXIT_OK)
+
+
+def _parse_option(flag: str, value: Any, parse: Any) -> Any:
+    if value is None:
+        return None
+    try:
+        return parse(value)
+    except ValueError as err:
+        raise UsageError(f"invalid {flag}: {err}") from None
 
 
 @app.command("methods")
@@ -198,9 +286,12 @@ def methods_command(
         except UsageError as err:
             _fail(err, err.exit_code)
     if reason is not None:
-        skipped = ", ".join(cam + (internals if lm.format == "torchscript" else []))
-        console.print(f"\nCAM layer for {model}: not available, CAM methods are skipped on "
-                      f"this model: {reason}. Skipped: {skipped or 'none'}.",
+        if lm.format == "torchscript":
+            tail = ("an audit reports the CAM methods, and the other methods that need layer "
+                    "internals, as skipped. Skipped: " + ", ".join(cam + internals) + ".")
+        else:
+            tail = "the CAM methods cannot run on this model: " + ", ".join(cam) + "."
+        console.print(f"\nCAM layer for {model}: not available: {reason}; {tail}",
                       soft_wrap=True, markup=False, highlight=False)
         return
     console.print(f"\nCAM layer for {model}: [bold]{layer}[/] (override with --cam-layer); "
@@ -219,9 +310,15 @@ def checks_command() -> None:
         scope += " · needs --masks" if c.needs_masks else ""
         thresholds = ", ".join(f"{k}={v!r}" for k, v in c.thresholds.items()) or "none"
         params = ", ".join(f"{k}={v!r}" for k, v in c.params.items()) or "none"
+        controls = ", ".join(sorted(c.controls_must_fail))
+        controls = f"    controls it must not pass: {controls}\n" if controls else ""
         console.print(f"[bold]{name}[/]  [dim]({c.metric}{scope})[/]\n    {c.summary}\n"
-                      f"    thresholds: {thresholds}\n    parameters: {params}\n"
+                      f"    thresholds: {thresholds}\n    parameters: {params}\n{controls}"
                       f"    [dim]{c.reference}[/]", soft_wrap=True, markup=True, highlight=False)
+    console.print("\nA control (random, edge) ignores the model: its FAIL on a check it must not "
+                  "pass shows the check working and never fails the gate; a control that passes "
+                  "counts as a WARN and the report says that check is unreliable on the model.",
+                  soft_wrap=True, markup=False)
     console.print("\nSet thresholds with --threshold CHECK.NAME=VALUE and parameters with "
                   "--check-param CHECK.NAME=VALUE, or in the config file as [thresholds.CHECK] "
                   "and [check_params.CHECK] tables.", soft_wrap=True, markup=False)

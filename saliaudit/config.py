@@ -21,7 +21,7 @@ from .psi import PSI_PRESETS
 
 __all__ = ["Setting", "SETTINGS", "AuditConfig", "resolve_config", "find_config_file"]
 
-FORMATS = ("json",)  # renderers available in this version (report/)
+FORMATS = ("html", "pdf", "json", "junit")  # renderers of report/ (render.FILES)
 FAIL_ON = ("fail", "warn", "never")
 #: Methods audited by default: FullGrad, the comparison methods auditors know, the controls.
 DEFAULT_METHODS = ("fullgrad", "gradient", "grad_x_input", "integrated_gradients", "smoothgrad",
@@ -96,7 +96,7 @@ class Setting:
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("output", _text, "saliaudit-report", "output folder"),
-    Setting("format", _list_of(*FORMATS), ["json"], "output formats"),
+    Setting("format", _list_of(*FORMATS), ["html", "pdf", "json"], "output formats"),
     Setting("psi", _list_of(*PSI_PRESETS), list(PSI_PRESETS), "FullGrad post-processings ψ"),
     Setting("methods", lambda v: _methods(v), list(DEFAULT_METHODS),
             "saliency methods: fullgrad and the comparison methods (saliaudit methods)"),
@@ -119,7 +119,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("max_pixels", _int(1), 64_000_000, "refuse images with more pixels (bombs)"),
     Setting("completeness_tolerance", lambda v: _positive_float(v), 1e-3,
             "FAIL completeness when a relative residual exceeds this"),
-    Setting("checks", lambda v: _checks(v), None,
+    Setting("checks", _optional(lambda v: _checks(v)), None,
             "sanity checks to run (saliaudit checks) [default: all]"),
     Setting("thresholds", lambda v: _check_options(v, "thresholds"), {},
             "check thresholds, CHECK.NAME=VALUE (e.g. class_sensitivity.fail=0.8)"),
@@ -131,6 +131,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
             "folder of per-image, per-class object masks (pointing games)"),
     Setting("overlays", _bool, True, "write a PNG overlay per image and ψ"),
     Setting("force", _bool, False, "write into a non-empty folder that is not a saliaudit output"),
+    Setting("examples", _int(0, 1000), 6, "example images (most telling first) in the PDF report"),
+    Setting("examples_html", _int(0, 1000), 24, "example images in the HTML report"),
+    Setting("page_size", _choice("a4", "letter"), "a4", "PDF page size: a4 or letter"),
+    Setting("annotations", _bool, False, "print ::warning::/::error:: annotations for GitHub Actions"),
 ]}
 
 

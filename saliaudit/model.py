@@ -166,8 +166,12 @@ def _validate(lm: LoadedModel, num_classes: int | None, where: str) -> int:
         with torch.no_grad():
             out = lm.module(torch.zeros(shape, device=lm.device))
     except Exception as e:
+        oom = isinstance(e, getattr(torch, "OutOfMemoryError", ())) or (
+            isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+        hint = ("out of memory on the device: use --device cpu, a smaller --input-size, or free the device's memory"
+                if oom else "check --input-size and that the file holds an image classifier")
         raise ModelLoadError(f"running the model on a blank {shape} batch failed: {one_line(e)}", path=where,
-                             hint="check --input-size and that the file holds an image classifier") from None
+                             hint=hint) from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != b:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelLoadError(f"output shape {got} is not (batch, classes); saliaudit audits classifiers "

@@ -33,6 +33,10 @@ class CheckResult:
     series: dict[str, Any] = field(default_factory=dict)
     post: str | None = None  # signed/abs of a comparison method (psi is None then)
     params: dict[str, Any] = field(default_factory=dict)  # the check's parameters
+    #: For a control's cell (``random``, ``edge``): ``expected`` (it did not pass a check it
+    #: must fail: the check works), ``unexpected`` (it passed one: the check cannot tell a
+    #: map from noise or edges on this model) or ``reference`` (no expectation); else None.
+    control: str | None = None
 
     @property
     def variant(self) -> str:
@@ -102,16 +106,22 @@ class AuditResult:
     figures: dict[str, Any] = field(default_factory=dict)
 
     def summarize(self, fail_on: str, status: str | None = None, reason: str | None = None) -> None:
-        """Fill ``summary``: counts per status and the overall status of the gate."""
+        """Fill ``summary``: counts per status (controls apart) and the overall status of the
+        gate, which judges each cell by :func:`gate_status`."""
         counts = {s: 0 for s in STATUSES}
+        controls = {k: 0 for k in ("expected", "unexpected", "reference")}
         for c in self.checks:
-            counts[c.status] += 1
-        worst = max((_SEVERITY[c.status] for c in self.checks), default=0)
+            if c.control in controls and c.status != "error":
+                controls[c.control] += 1
+            else:
+                counts[c.status] += 1
+        gated = [gate_status(c) for c in self.checks]
+        worst = max((_SEVERITY[g] for g in gated), default=0)
         overall = {0: "pass", 1: "warn", 2: "fail"}[worst]
-        if counts["error"] and overall == "fail" and not counts["fail"]:
+        if "error" in gated and overall == "fail" and "fail" not in gated:
             overall = "error"
         self.summary = {"status": status or overall, "fail_on": fail_on, "counts": counts,
-                        "gate_failed": gate_failed(self.checks, fail_on)}
+                        "controls": controls, "gate_failed": gate_failed(self.checks, fail_on)}
         if reason:
             self.summary["reason"] = reason
 
@@ -123,12 +133,24 @@ class AuditResult:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False)
 
 
+def gate_status(cell: CheckResult) -> str:
+    """The status a cell gives the gate and the overall verdict.
+
+    A control's expected failure is the check working, so it counts as ``pass``; a control
+    that passes a check it must fail counts as ``warn`` (that check's verdicts cannot be
+    trusted on this model); an ERROR counts whatever the method."""
+    if cell.control is None or cell.status in ("error", "skipped"):
+        return cell.status
+    return "warn" if cell.control == "unexpected" else "pass"
+
+
 def gate_failed(checks: list[CheckResult], fail_on: str) -> bool:
-    """Whether a check reached the ``--fail-on`` level (ERROR counts as FAIL)."""
+    """Whether a cell reached the ``--fail-on`` level (ERROR counts as FAIL; controls by
+    :func:`gate_status`)."""
     if fail_on == "never":
         return False
     level = {"warn": 1, "fail": 2}[fail_on]
-    return any(_SEVERITY[c.status] >= level for c in checks)
+    return any(_SEVERITY[gate_status(c)] >= level for c in checks)
 
 
 def _finite(obj: Any) -> Any:

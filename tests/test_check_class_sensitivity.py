@@ -89,6 +89,28 @@ def test_gradcam_is_class_sensitive(cells):
     assert r.value < cells["random/abs"].value - 0.5
 
 
+def test_guided_backprop_fails_on_the_sample_model(cells):
+    """Positive propagation makes maps class-insensitive (Khakzar et al.: 0.99 on VGG-16;
+    Adebayo et al.): the check must say so on the sample shapes model."""
+    statuses = {p: cells[f"guided_backprop/{p}"].status for p in ("signed", "abs")}
+    assert "fail" in statuses.values(), statuses
+    assert cells["guided_backprop/signed"].value > cells["gradcam/signed"].value + 0.3
+
+
+def test_fullgrad_signed_is_more_class_sensitive_than_paper(cells):
+    """FullGrad §6 / Khakzar et al.: abs aggregation (ψ paper) discards what tells classes
+    apart; with the sign kept the lowest class's map differs from the top-1 map. The caveat
+    carries the same numbers."""
+    from saliaudit.caveats import compute_caveats
+
+    signed, paper = cells["fullgrad/signed"], cells["fullgrad/paper"]
+    assert signed.value < paper.value - 0.5, (signed.value, paper.value)
+    assert paper.status == "fail" and signed.status == "pass"
+    cav = [c for c in compute_caveats([signed, paper], None, {}) if c["kind"] == "signed_vs_paper"]
+    assert len(cav) == 1 and cav[0]["numbers"] == {"signed": signed.value, "paper": paper.value}
+    assert "more class-sensitive" in cav[0]["message"] and "not more" not in cav[0]["message"]
+
+
 def test_result_fields(cells, shapes):
     r = cells["gradient/abs"]
     assert r.check == "class_sensitivity"

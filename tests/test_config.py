@@ -40,7 +40,7 @@ def test_defaults(tmp_path):
     assert all(s == "default" for s in cfg.sources.values())
     assert cfg.config_file is None
     assert cfg.output == "saliaudit-report"
-    assert cfg.format == ["json"]
+    assert cfg.format == ["html", "pdf", "json"]
     assert cfg.psi == list(PSI_PRESETS)
     assert cfg.batch_size == 8
     assert cfg.seed == 0
@@ -68,7 +68,7 @@ def test_defaults_are_not_shared_between_configs(tmp_path):
     first.format.clear()
     second = resolve(cwd=tmp_path)
     assert second.psi == list(PSI_PRESETS)
-    assert second.format == ["json"]
+    assert second.format == ["html", "pdf", "json"]
     assert SETTINGS["psi"].default == list(PSI_PRESETS)
 
 
@@ -178,7 +178,7 @@ def test_bad_lists(tmp_path, raw):
 
 
 def test_format_choices():
-    assert FORMATS == ("json",)
+    assert FORMATS == ("html", "pdf", "json", "junit")
     assert FAIL_ON == ("fail", "warn", "never")
 
 

@@ -204,6 +204,9 @@ class Check:
         params: default parameters, overridable by configuration.
         fullgrad_only: the check applies to FullGrad only (completeness, bn_folding).
         needs_masks: SKIPPED unless ``--masks`` is given.
+        controls_must_fail: the controls (``random``, ``edge``) that must not PASS this
+            check: one that does shows the check cannot tell a map that explains the model
+            from one that does not (design.md §3), and is reported as such.
     """
 
     name: ClassVar[str]
@@ -215,6 +218,7 @@ class Check:
     params: ClassVar[dict[str, Any]] = {}
     fullgrad_only: ClassVar[bool] = False
     needs_masks: ClassVar[bool] = False
+    controls_must_fail: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, params: dict[str, Any] | None = None,
                  thresholds: dict[str, float | None] | None = None):

@@ -59,6 +59,7 @@ class ClassSensitivity(Check):
                  "Adebayo et al., Sanity Checks for Saliency Maps, NeurIPS 2018")
     metric = "Spearman of HOG features, top-1 vs lowest class"
     thresholds = {"fail": 0.7, "warn": 0.4}
+    controls_must_fail = frozenset({"random", "edge"})
     params = {
         "metric": "hog",  # verdict metric of magnitude maps: hog, spearman_abs, spearman or ssim
         # verdict metric of signed maps: HOG and SSIM of min-max normalized maps cannot see a

@@ -79,6 +79,7 @@ class Perturbation(Check):
                  "Benchmark for Interpretability Methods in Deep Neural Networks, NeurIPS 2019")
     metric = "mean advantage over a random order (LeRF and MoRF averaged, in units of |f(x)|)"
     thresholds = {"min_advantage": 0.0, "alpha": 0.05}
+    controls_must_fail = frozenset({"random"})
     params = {
         "fractions": [0.01, 0.02, 0.05, 0.1, 0.2],  # share of the pixels removed
         "output": "logit",  # or "probability" (softmax of the top class)

@@ -312,6 +312,7 @@ class Randomization(Check):
                  "Maps, NeurIPS 2018")
     metric = "Spearman rank correlation of |map| (ABS), original vs fully randomized model"
     thresholds = {"fail": 0.7, "warn": 0.4}
+    controls_must_fail = frozenset({"random", "edge"})
     params = {
         "metric": "spearman_abs",  # verdict metric: spearman_abs, spearman, ssim or hog
         # final: the fully randomized model (Adebayo et al.'s headline comparison); mean: the

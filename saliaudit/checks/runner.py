@@ -17,7 +17,7 @@ from ..result import CheckResult
 from . import check_names, get_check
 from .base import Batch, Check, MapSource, Measurement, Variant
 
-__all__ = ["CheckRunner", "oom_split", "is_oom"]
+__all__ = ["CheckRunner", "oom_split", "is_oom", "control_expectation"]
 
 T = TypeVar("T")
 
@@ -28,6 +28,19 @@ def is_oom(err: BaseException) -> bool:
     if oom is not None and isinstance(err, oom):
         return True
     return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def control_expectation(cell: CheckResult, check: Check) -> str | None:
+    """``CheckResult.control`` for a cell: None unless its method is a control (family
+    ``control`` in the method registry)."""
+    from ..methods import METHODS, method_names
+
+    method = METHODS.get(cell.method) if cell.method in method_names() else None
+    if method is None or method.family != "control":
+        return None
+    if cell.method not in check.controls_must_fail or cell.status in ("error", "skipped"):
+        return "reference"
+    return "unexpected" if cell.status == "pass" else "expected"
 
 
 def oom_split(fn: Callable[[Batch, dict[Variant, torch.Tensor]], T], batch: Batch,
@@ -78,6 +91,7 @@ class CheckRunner:
                  params: dict[str, dict[str, Any]], has_masks: bool):
         self.checks: list[Check] = [get_check(n)(params=params.get(n), thresholds=thresholds.get(n))
                                     for n in (names or check_names())]
+        self._by_name = {c.name: c for c in self.checks}
         self.has_masks = has_masks
         self.acc: dict[tuple[str, Variant], Measurement] = {}
         self.errors: dict[tuple[str, str], str] = {}
@@ -174,6 +188,8 @@ class CheckRunner:
                             if isinstance(err, KeyboardInterrupt):
                                 raise
                             cells.append(self._plain(check, v, "error", _error_text(err)))
+        for cell in cells:
+            cell.control = control_expectation(cell, self._by_name[cell.check])
         return cells
 
     def _variants(self, check: Check, source: MapSource) -> list[Variant]:

@@ -57,6 +57,7 @@ class SensitivityN(Check):
                  "attribution methods for Deep Neural Networks, ICLR 2018")
     metric = "max over n of the mean Pearson correlation (attribution sum vs output change)"
     thresholds = {"warn": 0.1, "fail": None}
+    controls_must_fail = frozenset({"random"})
     params = {
         "features": "patches",  # or "pixels"
         "patch": None,  # patch side in pixels (None: input size / 16)

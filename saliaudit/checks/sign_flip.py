@@ -60,6 +60,7 @@ class SignFlip(Check):
                  "Representation for Neural Network Visualization, NeurIPS 2019, §6")
     metric = "mean advantage over a random order of the log-odds change towards c′ (logits)"
     thresholds = {"min_advantage": 0.0, "alpha": 0.05, "warn_win_rate": 0.75}
+    controls_must_fail = frozenset({"random", "edge"})
     params = {
         "pairs": None,  # None: runner-up; or [[c, c′], ...] / "8:3,cat:dog" (indices or names)
         "fractions": [0.01, 0.02, 0.05, 0.1, 0.2],  # share of the pixels removed

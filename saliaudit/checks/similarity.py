@@ -262,7 +262,8 @@ def ssim(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
     pad = (win - 1) // 2
     h, w = s.shape[1:]
     vals = s[:, pad:h - pad, pad:w - pad].reshape(len(ok), -1).mean(1, dtype=np.float64)
-    out[ok] = np.nan_to_num(vals, nan=0.0, posinf=1.0, neginf=-1.0)
+    # SSIM lies in [-1, 1]; float rounding can overshoot by ~1e-13 on identical maps
+    out[ok] = np.clip(np.nan_to_num(vals, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
     return out, degenerate
 
 

@@ -80,9 +80,12 @@ class OutputFolder:
                               hint="check the permissions or choose another -o") from None
         self.prepared = True
 
-    def write_results(self, result: AuditResult, formats: list[str]) -> list[Path]:
-        """Write the requested formats; returns the paths written."""
-        written = []
-        if "json" in formats:
-            written.append(atomic_write(self.path / "results.json", result.to_json() + "\n"))
-        return written
+    def write_results(self, result: AuditResult | dict, formats: list[str], **settings: object) -> list[Path]:
+        """Write the requested formats of ``result`` (or of its ``to_dict()``) with
+        ``report.render.write_outputs``: each file atomically, the PDF last. Returns the paths
+        written; ``settings`` override the report settings recorded in the results
+        (examples, examples_html, page_size)."""
+        from .render import write_outputs
+
+        doc = result if isinstance(result, dict) else result.to_dict()
+        return write_outputs(doc, self.path, formats, **settings)  # type: ignore[arg-type]

@@ -10,8 +10,11 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.table import Table
+from rich.text import Text
 
 from ..result import AuditResult
+from .context import STATUS_TEXT, check_order, fmt, gate_status_of, status_of, variant_label, verdict_rows
+from .render import FILES
 
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "red", "error": "magenta", "skipped": "dim"}
 
@@ -35,21 +38,102 @@ def progress_bar(console: Console, quiet: bool) -> Iterator:
         yield update
 
 
-def print_summary(console: Console, result: AuditResult, out: Path) -> None:
-    """Verdict table, completeness range and where the files went."""
-    table = Table(title="saliaudit verdicts", show_lines=False)
-    for col in ("check", "method", "ψ", "status", "value", "message"):
-        table.add_column(col, overflow="fold")
-    for c in result.checks:
-        value = "" if c.value is None else f"{c.value:.3g}"
-        table.add_row(c.check, c.method, c.psi or "–", f"[{_STYLE[c.status]}]{c.status.upper()}[/]",
-                      value, c.message)
-    console.print(table)
-    inputs = result.inputs
+#: Short column heads for narrow terminals (the legend under the table spells them out).
+_SHORT = {"completeness": "compl", "class_sensitivity": "class", "randomization": "rand",
+          "perturbation": "pert", "sensitivity_n": "sens-n", "sign_flip": "sign",
+          "bn_folding": "bn", "pointing_game": "point", "restricted_pointing_game": "r-point"}
+_CODE = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "error": "ERR", "skipped": "skip"}
+
+
+_LETTER = {"pass": "P", "warn": "W", "fail": "F", "error": "E", "skipped": "s"}
+
+
+def _cell(cell: dict | None, with_value: bool, letters: bool = False) -> Text:
+    if cell is None:
+        return Text("–", style="dim")
+    st = status_of(cell)
+    control = cell.get("control")
+    text = (_LETTER if letters else _CODE)[st]
+    text += "*" if control in ("expected", "reference") else "!" if control == "unexpected" else ""
+    if with_value and cell.get("value") is not None:
+        text += f" {fmt(cell.get('value'), 2)}"
+    style = "dim" if control in ("expected", "reference") else "bold yellow" if control == "unexpected" else _STYLE[st]
+    return Text(text, style=style)
+
+
+def verdict_table(doc: dict, width: int) -> tuple[Table, str] | None:
+    """The methods × checks table that fits ``width`` columns, or the narrowest form:
+    ``(table, form)`` with form ``full`` (check names and values), ``short`` (short names,
+    values), ``status`` (short names, statuses) or ``letters`` (numbered columns, P/W/F/E/s)."""
+    checks = check_order(doc)
+    rows = verdict_rows(doc)
+    if not rows or not checks:
+        return None
+    label_w = max(len(r["label"]) for r in rows)
+    cells = {(i, c): r["cells"].get(c) for i, r in enumerate(rows) for c in checks}
+    forms = (("full", True, False), ("short", True, False), ("status", False, False),
+             ("letters", False, True))
+    for form, with_value, letters in forms:
+        heads = ([c for c in checks] if form == "full" else
+                 [str(k + 1) for k in range(len(checks))] if letters else [_SHORT.get(c, c) for c in checks])
+        widths = [max(len(h), *(len(_cell(cells[(i, c)], with_value, letters).plain) for i in range(len(rows))))
+                  for h, c in zip(heads, checks)]
+        if label_w + 3 + sum(w + 3 for w in widths) + 1 <= width:
+            break
+    table = Table(title="saliaudit verdicts", show_lines=False, pad_edge=False)
+    table.add_column("map", no_wrap=True)
+    for h in heads:
+        table.add_column(h, justify="center", no_wrap=True)
+    for i, r in enumerate(rows):
+        table.add_row(Text(r["label"]), *(_cell(cells[(i, c)], with_value, letters) for c in checks))
+    return table, form
+
+
+def print_summary(console: Console, result: AuditResult | dict, out: Path,
+                  formats: list[str] | None = None, max_findings: int = 12) -> None:
+    """Verdict table (methods × checks), the worst findings, the overall line and the files.
+
+    Every text from the results goes through :class:`rich.text.Text`, so a file name or a
+    message with square brackets cannot be taken for Rich markup.
+    """
+    doc = result if isinstance(result, dict) else result.to_dict()
+    made = verdict_table(doc, console.width)
+    if made is None:
+        console.print("no check was run", markup=False)
+    else:
+        table, form = made
+        console.print(table)
+        lines = []
+        if form in ("short", "status"):
+            lines.append(", ".join(f"{_SHORT[c]} = {c}" for c in check_order(doc) if c in _SHORT))
+        elif form == "letters":
+            lines.append(", ".join(f"{k + 1} = {c}" for k, c in enumerate(check_order(doc)))
+                         + " · P pass, W warn, F fail, E error, s skipped")
+        if any(isinstance(c, dict) and c.get("control") for c in doc.get("checks") or []):
+            lines.append("* a control (random, edge): a check must not pass it, so its FAIL shows "
+                         "the check working · ! a control passed: that check is unreliable here")
+        if lines:
+            console.print(Text("\n".join(lines), style="dim"), soft_wrap=True)
+    bad = [c for c in doc.get("checks") or [] if isinstance(c, dict) and gate_status_of(c) in ("fail", "error")]
+    for c in bad[:max_findings]:
+        st = status_of(c)
+        line = Text()
+        line.append(f"{STATUS_TEXT[st]} ", style=_STYLE[st])
+        line.append(f"{c.get('check')} {variant_label(c)}: {c.get('message') or ''}")
+        console.print(line, soft_wrap=True)
+    if len(bad) > max_findings:
+        console.print(f"… {len(bad) - max_findings} more FAIL/ERROR cells in the report", markup=False)
+    inputs = doc.get("inputs") or {}
     console.print(f"images: {inputs.get('loaded', 0)} audited, {len(inputs.get('skipped', []))} "
                   f"skipped of {inputs.get('found', 0)} found", markup=False)
-    s = result.summary
-    style = _STYLE.get(s.get("status", "error"), "")
+    s = doc.get("summary") or {}
+    status = str(s.get("status") or "error")
     gate = "FAILED" if s.get("gate_failed") else "passed"
-    console.print(f"overall: [{style}]{s.get('status', '?').upper()}[/] · gate (--fail-on "
-                  f"{s.get('fail_on')}) {gate} · results: {out / 'results.json'}")
+    line = Text("overall: ")
+    line.append(STATUS_TEXT.get(status, status.upper()), style=_STYLE.get(status, ""))
+    line.append(f" · gate (--fail-on {s.get('fail_on')}) {gate} · results: {out / 'results.json'}")
+    console.print(line, soft_wrap=True)
+    files = [out / FILES[f] for f in (formats or []) if f in FILES and f != "json"
+             and (out / FILES[f]).exists()]
+    if files:
+        console.print("report: " + ", ".join(str(f) for f in files), markup=False, soft_wrap=True)
