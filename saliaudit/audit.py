@@ -7,7 +7,6 @@ decomposition; every ψ is computed from that one decomposition. The model is ne
 
 from __future__ import annotations
 
-import copy
 import platform
 import re
 import time
@@ -29,7 +28,7 @@ from .data import DecodedImage, Skipped, find_images, iter_decoded, require_imag
 from .errors import NoImagesError, SaliauditError, UsageError
 from .figures import ExampleFigures, choose_examples
 from .methods import Method, get_method, postprocess
-from .methods.fullgrad import BiasTerm, FullGradients
+from .methods.fullgrad import FullGradients
 from .methods.sources import FullGradSource, MethodSource
 from .model import LoadedModel, load_model, resolve_device
 from .report.overlay import save_overlay
@@ -325,8 +324,8 @@ def _run_source(source: MapSource, batch: Batch, items: list[DecodedImage], cfg:
         with timer.stage(f"method:{source.method}"):
             if isinstance(source, FullGradSource):  # one decomposition (halved on OOM), reused
                 fg = oom_split(lambda b, _m: source.decompose(b.model, b.x, b.targets), batch,
-                               {}, _cat_fullgrad, runner._retried)
-                _prime(source, batch, fg)
+                               {}, FullGradients.cat, runner._retried)
+                source.prime(batch.model, batch.x, batch.targets, fg)
             maps = oom_split(lambda b, _m: source.maps(b.model, b.x, b.targets), batch, {},
                              _cat_maps, runner._retried)
     except Exception as err:  # one method failing must not stop the audit
@@ -365,48 +364,11 @@ def _run_source(source: MapSource, batch: Batch, items: list[DecodedImage], cfg:
     if cfg.overlays:
         with timer.stage("overlays"):
             _write_overlays(batch, items, maps, out_dir, result)
-    if fg is not None:  # the example figures decomposed other targets: the checks reuse fg
-        _prime(source, batch, fg)
     runner.run(batch, source, maps)
 
 
 def _cat_maps(a: dict, b: dict) -> dict:
     return {k: torch.cat([a[k], b[k]]) for k in a}
-
-
-def _prime(source: FullGradSource, batch: Batch, fg: FullGradients) -> None:
-    """Make ``fg`` the decomposition ``source`` returns for the batch (its one-entry cache)."""
-    source._last = (batch.model, batch.x, batch.targets.clone(), fg)
-
-
-def _cat_fullgrad(a: FullGradients, b: FullGradients) -> FullGradients:
-    """The decomposition of two consecutive sub-batches as one (after an OOM retry)."""
-    na, nb = a.logits.shape[0], b.logits.shape[0]
-
-    def per_image(t: BiasTerm | None, n: int, like: BiasTerm) -> tuple[torch.Tensor, torch.Tensor]:
-        if t is None:  # no gradient reached the op in this half
-            return torch.zeros((n, *like.grad.shape[1:]), dtype=like.grad.dtype,
-                               device=like.grad.device), like.bias
-        return t.grad, t.bias
-
-    terms = {}
-    for k in list(a.bias_terms) + [k for k in b.bias_terms if k not in a.bias_terms]:
-        ta, tb = a.bias_terms.get(k), b.bias_terms.get(k)
-        like = ta or tb
-        (ga, ba), (gb, bb) = per_image(ta, na, like), per_image(tb, nb, like)
-        batched = (ba.dim() == ga.dim() and bb.dim() == gb.dim() and ba.shape[0] == na
-                   and bb.shape[0] == nb)
-        shared = ba.shape == bb.shape and (not batched or (na == nb == 1 and torch.equal(ba, bb)))
-        bias = ba if shared else torch.cat([ba.expand(na, *ba.shape[1:]),
-                                            bb.expand(nb, *bb.shape[1:])])
-        term = copy.copy(like)  # name, op, kind, spatial, channel bias... as computed
-        term.grad, term.bias, term._stats = torch.cat([ga, gb]), bias, None
-        terms[k] = term
-    return FullGradients(
-        torch.cat([a.input_term, b.input_term]), torch.cat([a.input_gradient, b.input_gradient]),
-        terms, torch.cat([a.logits, b.logits]), torch.cat([a.targets, b.targets]),
-        torch.cat([a.reconstructed, b.reconstructed]), torch.cat([a.residual, b.residual]),
-        sorted(set(a.unaccounted) | set(b.unaccounted)))
 
 
 def _write_overlays(batch: Batch, items: list[DecodedImage], maps: dict, out_dir: Path,

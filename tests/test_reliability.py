@@ -563,7 +563,7 @@ def test_oom_split_halves_down_to_one_image_and_counts_retries():
 def test_fullgrad_merged_from_halves_equals_one_pass():
     """The decomposition retried in halves gives the terms, maps and residuals of one pass,
     also for per-image (implicit) biases."""
-    from saliaudit.audit import _cat_fullgrad
+    from saliaudit.methods.fullgrad import FullGradients
     from saliaudit.methods.fullgrad import full_gradients
     from saliaudit.model import wrap_module
 
@@ -575,8 +575,8 @@ def test_fullgrad_merged_from_halves_equals_one_pass():
     x = torch.randn(5, 3, 16, 16)
     t = lm.logits(x).argmax(1)
     whole = full_gradients(lm, x, t)
-    merged = _cat_fullgrad(full_gradients(lm, x[:2], t[:2]),
-                           _cat_fullgrad(full_gradients(lm, x[2:3], t[2:3]),
+    merged = FullGradients.cat(full_gradients(lm, x[:2], t[:2]),
+                           FullGradients.cat(full_gradients(lm, x[2:3], t[2:3]),
                                          full_gradients(lm, x[3:], t[3:])))
     assert any(term.bias.shape[0] == 5 for term in whole.bias_terms.values())  # implicit (SiLU)
     assert set(merged.bias_terms) == set(whole.bias_terms)
@@ -612,3 +612,36 @@ def test_sample_same_seed_same_subset_other_seed_other_subset(runner, assets, tm
                     "--max-images", "2", "--no-overlays", "--psi", "paper")
     assert result.exit_code == 0, result.output
     assert [r["image"] for r in load_results(out)["images"]] == expected[3][:2]
+
+
+def test_audit_decomposes_each_batch_once_for_its_top1_classes(tmp_path, monkeypatch):
+    """The audit's decomposition, halved on out-of-memory, is the one the maps, figures and
+    checks reuse: no (images, targets) pair is decomposed twice."""
+    from collections import Counter
+
+    from saliaudit.audit import run_audit
+    from saliaudit.config import resolve_config
+    from saliaudit.methods import sources
+
+    calls: Counter = Counter()
+    seen = set()
+    real = sources.full_gradients
+
+    def oom_once_per_batch(model, x, targets):
+        key = (tuple(x.shape), round(float(x.double().sum()), 6), tuple(targets.tolist()))
+        calls[key] += 1
+        if x.shape[0] == 4 and key not in seen:  # the whole batch does not fit, once
+            seen.add(key)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, x, targets)
+
+    monkeypatch.setattr(sources, "full_gradients", oom_once_per_batch)
+    root = Path(__file__).resolve().parents[1] / "sample_models"
+    cfg = resolve_config({"methods": "fullgrad", "checks": "completeness", "overlays": False,
+                          "batch_size": 4, "max_images": 8, "format": "json"}, cwd=tmp_path, environ={})
+    result = run_audit(root / "shapes_vgg.pt2", root / "images" / "shapes", cfg, tmp_path)
+    assert len(result.images) == 8 and result.run["oom_retries"] >= 2
+    # each full-batch key: one failed try; each half: one pass (twice would be recomputation)
+    assert all(n == 1 for n in calls.values()), calls
+    assert sum(1 for k in calls if k[0][0] == 2) >= 4
+    assert all(r.relative_residual < 1e-3 for r in result.completeness)

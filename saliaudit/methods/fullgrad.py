@@ -13,6 +13,7 @@ never by module order. Every ψ preset (:mod:`saliaudit.psi`) is then applied to
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -100,6 +101,53 @@ class FullGradients:
     reconstructed: torch.Tensor
     residual: torch.Tensor
     unaccounted: list[str] = field(default_factory=list)
+
+    def head(self, n: int) -> "FullGradients":
+        """The decomposition of the first ``n`` images (shared biases stay shared)."""
+        b = self.logits.shape[0]
+        if n >= b:
+            return self
+        terms = {}
+        for k, t in self.bias_terms.items():
+            term = copy.copy(t)
+            per_image = t.bias.dim() == t.grad.dim() and t.bias.shape[0] == b
+            term.grad, term._stats = t.grad[:n], None
+            term.bias = t.bias[:n] if per_image else t.bias
+            terms[k] = term
+        return FullGradients(self.input_term[:n], self.input_gradient[:n], terms, self.logits[:n],
+                             self.targets[:n], self.reconstructed[:n], self.residual[:n],
+                             list(self.unaccounted))
+
+    @staticmethod
+    def cat(a: "FullGradients", b: "FullGradients") -> "FullGradients":
+        """The decomposition of two consecutive sub-batches as one batch (after an out-of-memory
+        retry in halves): per-image gradients concatenated, shared biases kept shared."""
+        na, nb = a.logits.shape[0], b.logits.shape[0]
+
+        def per_image(t: BiasTerm | None, n: int, like: BiasTerm) -> tuple[torch.Tensor, torch.Tensor]:
+            if t is None:  # no gradient reached the op in this half
+                return torch.zeros((n, *like.grad.shape[1:]), dtype=like.grad.dtype,
+                                   device=like.grad.device), like.bias
+            return t.grad, t.bias
+
+        terms = {}
+        for k in list(a.bias_terms) + [k for k in b.bias_terms if k not in a.bias_terms]:
+            ta, tb = a.bias_terms.get(k), b.bias_terms.get(k)
+            like = ta or tb
+            (ga, ba), (gb, bb) = per_image(ta, na, like), per_image(tb, nb, like)
+            batched = (ba.dim() == ga.dim() and bb.dim() == gb.dim() and ba.shape[0] == na
+                       and bb.shape[0] == nb)
+            shared = ba.shape == bb.shape and (not batched or (na == nb == 1 and torch.equal(ba, bb)))
+            bias = ba if shared else torch.cat([ba.expand(na, *ba.shape[1:]),
+                                                bb.expand(nb, *bb.shape[1:])])
+            term = copy.copy(like)  # name, op, kind, spatial, channel bias... as computed
+            term.grad, term.bias, term._stats = torch.cat([ga, gb]), bias, None
+            terms[k] = term
+        return FullGradients(
+            torch.cat([a.input_term, b.input_term]), torch.cat([a.input_gradient, b.input_gradient]),
+            terms, torch.cat([a.logits, b.logits]), torch.cat([a.targets, b.targets]),
+            torch.cat([a.reconstructed, b.reconstructed]), torch.cat([a.residual, b.residual]),
+            sorted(set(a.unaccounted) | set(b.unaccounted)))
 
     @property
     def spatial_terms(self) -> list[BiasTerm]:
@@ -268,20 +316,7 @@ def _chunked(gm: torch.fx.GraphModule, x: torch.Tensor, targets: torch.Tensor,
             xs = torch.cat([xs, xs[-1:].expand(size - n, *xs.shape[1:])])
             ts = torch.cat([ts, ts[-1:].expand(size - n)])
         parts.append((_decompose(gm, xs, ts), n))
-    first = parts[0][0]
-
-    def cat(get):
-        return torch.cat([get(fg)[:n] for fg, n in parts])
-
-    terms = {}
-    for k, t in first.bias_terms.items():
-        bias = t.bias
-        if bias.shape[0] != 1:  # a per-image bias (implicit biases) is batched like the grad
-            bias = cat(lambda fg, k=k: fg.bias_terms[k].bias)
-        terms[k] = BiasTerm(t.name, t.op, t.kind, cat(lambda fg, k=k: fg.bias_terms[k].grad),
-                            bias, t.spatial, t.channel_bias, t.node)
-    unaccounted = sorted({u for fg, _ in parts for u in fg.unaccounted})
-    return FullGradients(cat(lambda f: f.input_term), cat(lambda f: f.input_gradient), terms,
-                         cat(lambda f: f.logits), cat(lambda f: f.targets),
-                         cat(lambda f: f.reconstructed), cat(lambda f: f.residual),
-                         unaccounted)
+    merged = parts[0][0].head(parts[0][1])
+    for fg, n in parts[1:]:
+        merged = FullGradients.cat(merged, fg.head(n))
+    return merged

@@ -44,6 +44,11 @@ class FullGradSource(MapSource):
         out = fg.saliency_maps(self.psis)
         return {v: out[v.psi].detach() for v in self.variants}
 
+    def prime(self, model: Any, x: torch.Tensor, targets: torch.Tensor, fg: FullGradients) -> None:
+        """Make ``fg`` the first cached decomposition of (model, x, targets), e.g. one the
+        audit computed in halves after an out-of-memory error, so maps and checks reuse it."""
+        self._cache = [(model, x, targets.clone(), fg)]
+
     def forget(self) -> None:
         """Drop the cached decompositions (frees their gradients)."""
         self._cache = []
