@@ -8,7 +8,6 @@ decomposition; every ψ is computed from that one decomposition. The model is ne
 from __future__ import annotations
 
 import platform
-import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,7 +30,7 @@ from .methods import Method, get_method, postprocess
 from .methods.fullgrad import FullGradients
 from .methods.sources import FullGradSource, MethodSource
 from .model import LoadedModel, load_model, resolve_device
-from .report.overlay import save_overlay
+from .report.overlay import display_image, map_filename, save_overlay
 from .result import AuditResult, CompletenessRecord, ImageRecord, MapRecord
 
 __all__ = ["Progress", "run_audit", "environment_versions"]
@@ -62,24 +61,6 @@ def environment_versions() -> dict[str, str]:
             "torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": np.__version__, "pillow": PIL.__version__,
             "platform": platform.platform()}
-
-
-def map_filename(rel: str, method: str, variant: str) -> str:
-    """A flat, safe file name for the overlay of image ``rel`` by ``method`` (ψ or post)."""
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", rel.rsplit(".", 1)[0].replace("/", "__"))
-    return f"{stem[:150]}.{method}.{variant}.png"
-
-
-def _display_image(image, short_side: int = 256, long_side: int = 512):
-    """The image at a size where an overlay is readable: small inputs are enlarged."""
-    w, h = image.size
-    scale = max(short_side / min(w, h), 1.0)
-    scale = min(scale, max(long_side / max(w, h), 1.0)) if scale > 1 else min(1.0, long_side / max(w, h))
-    if abs(scale - 1.0) < 1e-6:
-        return image
-    from PIL import Image
-
-    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
 
 
 def _model_info(lm: LoadedModel) -> dict[str, Any]:
@@ -383,7 +364,7 @@ def _write_overlays(batch: Batch, items: list[DecodedImage], maps: dict, out_dir
             variant = v.psi or v.post
             name = map_filename(d.entry.rel, v.method, variant)
             what = f"FullGrad psi={v.psi}" if v.psi else f"{v.method} {v.post}"
-            save_overlay(maps_dir / name, _display_image(d.image), arr[i], signed=v.signed,
+            save_overlay(maps_dir / name, display_image(d.image), arr[i], signed=v.signed,
                          title=f"{what} - {names[t]}")
             result.maps.append(MapRecord(d.entry.rel, v.method, v.psi, t,
                                          (maps_dir / name).relative_to(out_dir).as_posix(),

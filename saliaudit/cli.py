@@ -38,6 +38,12 @@ def _fail(err: BaseException, code: int) -> None:
     raise typer.Exit(code)
 
 
+def _bug(err: Exception) -> None:
+    """An unexpected exception (a bug in saliaudit): one line and exit 3, the traceback with --debug."""
+    _fail(RuntimeError(f"unexpected {type(err).__name__}: {err} (rerun with --debug and report it)"),
+          EXIT_CANNOT_RUN)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"saliaudit {__version__}")
@@ -161,8 +167,7 @@ def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
     except typer.Exit:
         raise
     except Exception as err:  # an unexpected bug: one line, the traceback with --debug
-        _fail(RuntimeError(f"unexpected {type(err).__name__}: {err} "
-                           "(rerun with --debug and report it)"), EXIT_CANNOT_RUN)
+        _bug(err)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return EXIT_CANNOT_RUN
@@ -223,8 +228,7 @@ def render(
     except typer.Exit:
         raise
     except Exception as err:  # an unexpected bug: one line, the traceback with --debug
-        _fail(RuntimeError(f"unexpected {type(err).__name__}: {err} "
-                           "(rerun with --debug and report it)"), EXIT_CANNOT_RUN)
+        _bug(err)
     if not quiet:
         for p in written:
             err_console.print(f"wrote {p}", markup=False)
@@ -266,7 +270,7 @@ def methods_command(
         import torch
 
         from .errors import DecompositionError
-        from .methods.cam import cam_layers, find_cam_layer
+        from .methods.layers import cam_layers, find_cam_layer
         from .model import load_model
 
         lm = load_model(model, arch=arch, input_size=input_size)
@@ -351,9 +355,8 @@ def explain(
                              trust_model=trust_model)
     except SaliauditError as err:
         _fail(err, err.exit_code)
-    except Exception as err:
-        _fail(RuntimeError(f"unexpected {type(err).__name__}: {err} (rerun with --debug)"),
-              EXIT_CANNOT_RUN)
+    except Exception as err:  # an unexpected bug: one line, the traceback with --debug
+        _bug(err)
     err_console.print(text, markup=False)
 
 

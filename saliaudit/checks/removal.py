@@ -12,7 +12,7 @@ pixel sets per image. This module holds what they share:
   - ``zero``: the model input's zero, i.e. the normalization mean colour — the reference
     under which gradient × input of a linear model is exact (Ancona et al. 2018, §3);
   - ``mean``: each image's per-channel mean colour;
-  - ``blur``: a Gaussian blur of the image (σ in pixels, :func:`~saliaudit.methods.gradients.
+  - ``blur``: a Gaussian blur of the image (σ in pixels, :func:`~saliaudit.methods.baselines.
     gaussian_blur`, the same as integrated gradients' ``blur`` baseline).
 
   A *pixel* is all channels at one spatial location: removing it sets every channel there
@@ -108,7 +108,7 @@ def removal_baseline(model: Any, x: torch.Tensor, kind: str = "black", *,
     on ``x``'s device (a per-image tensor even where the value is constant, so every image's
     baseline is independent of the rest of the batch).
     """
-    from ..methods.gradients import black_value, gaussian_blur
+    from ..methods.baselines import black_value, gaussian_blur
 
     check_choice("baseline", kind, REMOVAL_BASELINES)
     x = x.detach()

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from . import register
-from .gradients import _as_targets
+from .common import as_targets
 
 __all__ = ["content_seed", "edge", "random", "sobel_magnitude"]
 
@@ -40,7 +40,7 @@ def random(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     Returns: ``(B, C, H, W)`` on ``x``'s device, in ``x``'s dtype.
     Reference: a control of design.md §3 (cf. Adebayo et al. 2018, "Sanity Checks for Saliency Maps").
     """
-    _as_targets(targets, x)
+    as_targets(targets, x)
     out = []
     for xi in x:
         gen = torch.Generator().manual_seed(content_seed(xi))
@@ -77,5 +77,5 @@ def edge(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     Returns: ``(B, 1, H, W)`` on ``x``'s device.
     Reference: a control of design.md §3 (cf. Adebayo et al. 2018, "Sanity Checks for Saliency Maps").
     """
-    _as_targets(targets, x)
+    as_targets(targets, x)
     return sobel_magnitude(x).sum(1, keepdim=True)

@@ -6,14 +6,13 @@ copies of the images are sent through the model in chunks of ``internal_batch`` 
 weighted gradients are accumulated on the device (no numpy round trip). The model is never
 modified: gradients are taken with :func:`torch.autograd.grad` with respect to the input only.
 
-The helpers :func:`make_baselines`, :func:`gaussian_blur` and :func:`integrated_gradients_delta`
-are public: the tests and the checks use them to rebuild the exact baselines and to report
-integrated gradients' completeness error.
+Baselines come from :mod:`saliaudit.methods.baselines` (re-exported here);
+:func:`integrated_gradients_delta` is public: the checks and the tests use it to report integrated
+gradients' completeness error.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,8 @@ import torch
 
 from ..errors import UsageError
 from . import register
-from .common import forward_fn, input_gradient, picked
+from .baselines import BASELINES, black_value, gaussian_blur, generator, make_baselines
+from .common import as_targets, forward_fn, input_gradient, picked, positive_float, positive_int
 
 __all__ = [
     "BASELINES",
@@ -41,8 +41,6 @@ __all__ = [
     "smoothgrad_sq",
 ]
 
-#: Baselines understood by integrated gradients (and, the deterministic ones, by occlusion).
-BASELINES = ("black", "mean", "blur", "uniform-noise")
 #: Quadrature rules of integrated gradients (Captum's names and conventions).
 IG_METHODS = ("riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle", "gausslegendre")
 
@@ -50,123 +48,6 @@ IG_METHODS = ("riemann_trapezoid", "riemann_left", "riemann_right", "riemann_mid
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-
-def _as_targets(targets: Any, x: torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(targets, dtype=torch.long, device=x.device).reshape(-1)
-    if x.dim() != 4 or t.numel() != x.shape[0]:
-        raise UsageError(f"x must be (B, C, H, W) with B targets; got x {tuple(x.shape)} and "
-                         f"{t.numel()} targets")
-    return t
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    return value
-
-
-def _positive_float(name: str, value: Any, *, allow_zero: bool = False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{name} must be a number; got {value!r}") from None
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        raise UsageError(f"{name} must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
-    return v
-
-
-def _normalization(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(mean, std)`` as ``(1, C, 1, 1)`` tensors when ``model`` (a LoadedModel, not a bare
-    module) carries a per-channel normalization matching ``x``'s channels, else None."""
-    c = x.shape[1]
-    mean, std = getattr(model, "mean", None), getattr(model, "std", None)
-    if (isinstance(model, torch.nn.Module) or not isinstance(mean, (tuple, list))
-            or not isinstance(std, (tuple, list)) or len(mean) != c or len(std) != c):
-        return None
-    m = torch.tensor([float(v) for v in mean], dtype=x.dtype, device=x.device).view(1, c, 1, 1)
-    s = torch.tensor([float(v) for v in std], dtype=x.dtype, device=x.device).view(1, c, 1, 1)
-    return m, s
-
-
-def black_value(model: Any, x: torch.Tensor) -> torch.Tensor:
-    """The preprocessed value of a black pixel, ``(1, C, 1, 1)``.
-
-    ``(0 - mean) / std`` per channel when ``model`` carries its normalization (a LoadedModel with
-    ``mean``/``std`` of length C), else 0 (the input is taken as already in model space).
-    """
-    norm = _normalization(model, x)
-    if norm is None:
-        return torch.zeros((1, x.shape[1], 1, 1), dtype=x.dtype, device=x.device)
-    m, s = norm
-    return (0.0 - m) / s
-
-
-def _gauss_kernel(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    radius = max(1, int(4.0 * sigma + 0.5))  # scipy.ndimage's truncate=4
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    k = torch.exp(-0.5 * (t / sigma) ** 2)
-    return (k / k.sum()).to(dtype=dtype, device=device)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable gaussian blur of ``(B, C, H, W)`` per channel; kernel radius ``round(4σ)``,
-    edge-replicating padding (works for any image size). ``sigma <= 0`` returns ``x``."""
-    if sigma <= 0:
-        return x.clone()
-    c = x.shape[1]
-    k = _gauss_kernel(float(sigma), x.dtype, x.device)
-    r = (k.numel() - 1) // 2
-    out = torch.nn.functional.pad(x, (r, r, 0, 0), mode="replicate")
-    out = torch.nn.functional.conv2d(out, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
-    out = torch.nn.functional.pad(out, (0, 0, r, r), mode="replicate")
-    return torch.nn.functional.conv2d(out, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
-
-
-def _generator(device: torch.device, seed: int) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(int(seed))
-
-
-def make_baselines(model: Any, x: torch.Tensor, baseline: str = "black", *, n: int = 1,
-                   blur_sigma: float = 5.0, seed: int = 0) -> torch.Tensor:
-    """Baselines ``(n, B, C, H, W)`` for ``x`` (already normalized, model space).
-
-    * ``black``: the preprocessed black image, :func:`black_value` (``n`` identical copies);
-    * ``mean``: each image's per-channel mean (``n`` identical copies);
-    * ``blur``: :func:`gaussian_blur` of ``x``; with ``n = 1`` σ = ``blur_sigma``, with ``n > 1``
-      σ_k ~ U(0, ``blur_sigma``) drawn from ``seed``;
-    * ``uniform-noise``: uniform noise per channel over the range of a valid image — [black,
-      white] = [(0−mean)/std, (1−mean)/std] when the model carries its normalization, else
-      each image's per-channel [min, max]. The unit noise ``(n, C, H, W)`` is drawn once from
-      ``seed`` on ``x``'s device and shared by the images of the batch, so an image's baseline
-      does not depend on the rest of the batch.
-    """
-    if baseline not in BASELINES:
-        raise UsageError(f"unknown baseline {baseline!r}", hint="choose from " + ", ".join(BASELINES))
-    n = _positive_int("n_baselines", n)
-    b, c, h, w = x.shape
-    x = x.detach()
-    if baseline == "black":
-        return black_value(model, x).expand(b, c, h, w).unsqueeze(0).expand(n, b, c, h, w).clone()
-    if baseline == "mean":
-        return x.mean(dim=(2, 3), keepdim=True).expand(b, c, h, w).unsqueeze(0).expand(n, b, c, h, w).clone()
-    gen = _generator(x.device, seed)
-    if baseline == "blur":
-        sigma = _positive_float("blur_sigma", blur_sigma, allow_zero=True)
-        if n == 1:
-            return gaussian_blur(x, sigma).unsqueeze(0)
-        sigmas = torch.rand(n, generator=gen, device=x.device, dtype=torch.float64) * sigma
-        return torch.stack([gaussian_blur(x, float(s)) for s in sigmas.tolist()])
-    # uniform-noise
-    norm = _normalization(model, x)
-    if norm is not None:
-        m, s = norm
-        lo, hi = ((0.0 - m) / s).expand(b, c, 1, 1), ((1.0 - m) / s).expand(b, c, 1, 1)
-    else:
-        lo = x.amin(dim=(2, 3), keepdim=True)
-        hi = x.amax(dim=(2, 3), keepdim=True)
-    u = torch.rand((n, 1, c, h, w), generator=gen, device=x.device, dtype=x.dtype)
-    return lo.unsqueeze(0) + u * (hi - lo).unsqueeze(0)
-
 
 def quadrature(steps: int, method: str = "riemann_trapezoid") -> tuple[list[float], list[float]]:
     """``(step_sizes, alphas)`` of an IG quadrature rule; the weights sum to 1.
@@ -181,7 +62,7 @@ def quadrature(steps: int, method: str = "riemann_trapezoid") -> tuple[list[floa
     """
     if method not in IG_METHODS:
         raise UsageError(f"unknown integration method {method!r}", hint="choose from " + ", ".join(IG_METHODS))
-    n = _positive_int("steps", steps, 1 if method == "gausslegendre" else 2)
+    n = positive_int("steps", steps, 1 if method == "gausslegendre" else 2)
     if method == "gausslegendre":
         k = torch.arange(1, n, dtype=torch.float64)
         off = k / torch.sqrt(4 * k * k - 1)
@@ -237,7 +118,7 @@ def gradient(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     Returns: ``(B, C, H, W)`` on ``x``'s device, one forward and one backward pass.
     Paper: Simonyan, Vedaldi & Zisserman, "Deep Inside Convolutional Networks", 2013.
     """
-    targets = _as_targets(targets, x)
+    targets = as_targets(targets, x)
     grad, _ = input_gradient(model, x, targets)
     return grad
 
@@ -256,7 +137,7 @@ def grad_x_input(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Te
     Returns: ``(B, C, H, W)`` on ``x``'s device, one forward and one backward pass.
     Paper: Shrikumar, Greenside, Shcherbina & Kundaje, "Not Just a Black Box", 2016.
     """
-    targets = _as_targets(targets, x)
+    targets = as_targets(targets, x)
     grad, _ = input_gradient(model, x, targets)
     return grad * x.detach()
 
@@ -265,7 +146,7 @@ def _ig(model: Any, x: torch.Tensor, targets: torch.Tensor, bases: torch.Tensor,
         method: str, internal_batch: int) -> torch.Tensor:
     """IG averaged over baselines ``bases`` (K, B, C, H, W)."""
     sizes, alphas = quadrature(steps, method)
-    internal_batch = _positive_int("internal_batch", internal_batch)
+    internal_batch = positive_int("internal_batch", internal_batch)
     forward = forward_fn(model)
     x = x.detach()
     k, b = bases.shape[0], x.shape[0]
@@ -320,7 +201,7 @@ def integrated_gradients(model: Any, x: torch.Tensor, targets: torch.Tensor, *, 
     Returns: ``(B, C, H, W)`` on ``x``'s device; cost ``steps × n_baselines`` gradient rows per image.
     Paper: Sundararajan, Taly & Yan, "Axiomatic Attribution for Deep Networks", ICML 2017.
     """
-    targets = _as_targets(targets, x)
+    targets = as_targets(targets, x)
     bases = make_baselines(model, x, baseline, n=n_baselines, blur_sigma=blur_sigma, seed=seed)
     return _ig(model, x, targets, bases, steps, integration, internal_batch)
 
@@ -351,7 +232,7 @@ def integrated_gradients_delta(model: Any, x: torch.Tensor, targets: Any, attrib
     ``baseline_tensor`` is ``(B, C, H, W)`` or ``(K, B, C, H, W)`` (the K averaged baselines,
     as from :func:`make_baselines`); computed in ``x``'s dtype with two forward passes.
     """
-    targets = _as_targets(targets, x)
+    targets = as_targets(targets, x)
     forward = forward_fn(model)
     bases = baseline_tensor if baseline_tensor.dim() == 5 else baseline_tensor.unsqueeze(0)
     k, b = bases.shape[:2]
@@ -370,9 +251,9 @@ def smoothgrad_noise(x: torch.Tensor, samples: int, noise: float, seed: int) -> 
     ``ε_s = σ_i · z_s`` with ``z = torch.randn((samples, C, H, W), generator=Generator(x.device)
     .manual_seed(seed))`` shared by the images of the batch and ``σ_i = noise · (max x_i − min x_i)``.
     """
-    samples = _positive_int("samples", samples)
-    noise = _positive_float("noise", noise, allow_zero=True)
-    gen = _generator(x.device, seed)
+    samples = positive_int("samples", samples)
+    noise = positive_float("noise", noise, allow_zero=True)
+    gen = generator(x.device, seed)
     _, c, h, w = x.shape
     z = torch.randn((samples, 1, c, h, w), generator=gen, device=x.device, dtype=x.dtype)
     flat = x.detach().reshape(x.shape[0], -1)
@@ -382,8 +263,8 @@ def smoothgrad_noise(x: torch.Tensor, samples: int, noise: float, seed: int) -> 
 
 def _smooth(model: Any, x: torch.Tensor, targets: torch.Tensor, samples: int, noise: float, seed: int,
             internal_batch: int, square: bool) -> torch.Tensor:
-    targets = _as_targets(targets, x)
-    internal_batch = _positive_int("internal_batch", internal_batch)
+    targets = as_targets(targets, x)
+    internal_batch = positive_int("internal_batch", internal_batch)
     eps = smoothgrad_noise(x, samples, noise, seed)
     x = x.detach()
     b = x.shape[0]

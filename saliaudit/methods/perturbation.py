@@ -14,7 +14,8 @@ import torch
 from ..errors import UsageError
 from . import register
 from .common import forward_fn, picked
-from .gradients import _as_targets, _positive_int, make_baselines
+from .baselines import make_baselines
+from .common import as_targets, positive_int
 
 __all__ = ["occlusion", "occlusion_windows"]
 
@@ -59,10 +60,10 @@ def occlusion(model: Any, x: torch.Tensor, targets: torch.Tensor, *, patch: int 
     Returns: ``(B, C, H, W)`` on ``x``'s device; ``n_windows + 1`` forward rows per image.
     Paper: Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014.
     """
-    targets = _as_targets(targets, x)
-    patch = _positive_int("patch", patch)
-    stride = _positive_int("stride", stride)
-    internal_batch = _positive_int("internal_batch", internal_batch)
+    targets = as_targets(targets, x)
+    patch = positive_int("patch", patch)
+    stride = positive_int("stride", stride)
+    internal_batch = positive_int("internal_batch", internal_batch)
     b, c, h, w = x.shape
     if patch > min(h, w):
         raise UsageError(f"occlusion patch {patch} exceeds the image size {h}×{w}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -21,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["colormap", "normalize_map", "render_overlay", "save_overlay", "map_to_png_bytes"]
+__all__ = ["colormap", "display_image", "map_filename", "map_to_png_bytes", "normalize_map",
+           "render_overlay", "save_overlay"]
 
 _RDBU_R = ("#053061", "#2166ac", "#4393c3", "#92c5de", "#d1e5f0", "#ffffff",
            "#fddbc7", "#f4a582", "#d6604d", "#b2182b", "#67001f")
@@ -239,3 +241,19 @@ def map_to_png_bytes(saliency: np.ndarray, *, signed: bool,
     buf = io.BytesIO()
     Image.fromarray(_colour(v, signed)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def map_filename(rel: str, method: str, variant: str) -> str:
+    """A flat, safe file name for the overlay of image ``rel`` by ``method`` (ψ or post)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", rel.rsplit(".", 1)[0].replace("/", "__"))
+    return f"{stem[:150]}.{method}.{variant}.png"
+
+
+def display_image(image: Image.Image, short_side: int = 256, long_side: int = 512) -> Image.Image:
+    """The image at a size where an overlay is readable: small inputs are enlarged."""
+    w, h = image.size
+    scale = max(short_side / min(w, h), 1.0)
+    scale = min(scale, max(long_side / max(w, h), 1.0)) if scale > 1 else min(1.0, long_side / max(w, h))
+    if abs(scale - 1.0) < 1e-6:
+        return image
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
