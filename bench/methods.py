@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     get_graph(model, x)  # one-off torch.export capture, cached per model (CAM, propagation)
     export_s = time.perf_counter() - t0
-    from saliaudit.methods.cam import find_cam_layer  # after method_names(): registry order
+    from saliaudit.methods.layers import find_cam_layer  # after method_names(): registry order
 
     try:
         cam_layer = find_cam_layer(model, x)
