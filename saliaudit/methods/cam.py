@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 from . import register
+from .common import as_targets
 from .layers import (cam_layers, cumulative_nodes, find_cam_layer, layer_activations, model_index,
                      resolve_layer, run_chunks)
 
@@ -184,11 +185,7 @@ def cumulative_gradcam(model: Any, x: torch.Tensor, targets: torch.Tensor, *,
 
     Returns: ``(B, 1, H, W)`` on ``x``'s device and dtype.
     """
-    if x.dim() != 4:
-        raise UsageError(f"x must be a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-    targets = torch.as_tensor(targets, dtype=torch.long, device=x.device).reshape(-1)
-    if targets.numel() != x.shape[0]:
-        raise UsageError(f"{targets.numel()} targets for a batch of {x.shape[0]} images")
+    targets = as_targets(targets, x)
     gm, index = model_index(model, x)
     nodes = cumulative_nodes(index, resolve_layer(index, layer))
     total = None

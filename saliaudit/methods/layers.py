@@ -22,6 +22,7 @@ import torch.fx
 
 from ..errors import DecompositionError, UsageError
 from ..graph import GraphRunner, get_graph, module_path, op_name
+from .common import as_targets
 
 __all__ = ["LayerIndex", "cam_layers", "cumulative_nodes", "find_cam_layer", "layer_activations",
            "model_index", "resolve_layer", "run_chunks"]
@@ -297,11 +298,7 @@ def layer_activations(model: Any, x: torch.Tensor, targets: torch.Tensor | list[
     ``layers``: a name, ``None`` (automatic) or a list of them. Batched on ``x``'s device; a
     graph with a static batch size runs in chunks of that size.
     """
-    if x.dim() != 4:
-        raise UsageError(f"x must be a (B, C, H, W) tensor, got shape {tuple(x.shape)}")
-    targets = torch.as_tensor(targets, dtype=torch.long, device=x.device).reshape(-1)
-    if targets.numel() != x.shape[0]:
-        raise UsageError(f"{targets.numel()} targets for a batch of {x.shape[0]} images")
+    targets = as_targets(targets, x)
     gm, index = model_index(model, x)
     names = layers if isinstance(layers, list) else [layers]
     nodes = [resolve_layer(index, name) for name in names]
