@@ -255,13 +255,13 @@ def methods_command(
     from .psi import PSI_PRESETS
 
     console = Console()
-    method_names()
-    console.print("fullgrad  [dim](FullGrad, Srinivas & Fleuret 2019)[/]  ψ presets: "
-                  + ", ".join(f"{p.name} ({p.description})" for p in PSI_PRESETS.values()),
-                  soft_wrap=True)
-    for m in METHODS.values():
+    for name in method_names():
+        m = METHODS[name]
         params = ", ".join(f"{k}={v!r}" for k, v in m.params.items()) or "no parameters"
         needs = " · needs layer internals" if m.needs_internals else ""
+        if m.option == "psi":
+            params += "; ψ presets (--psi): " + ", ".join(
+                f"{p.name} ({p.description})" for p in PSI_PRESETS.values() if p.name in m.choices)
         console.print(f"[bold]{m.name}[/]  [dim]({m.family}{needs}; {m.reference})[/]\n"
                       f"    {m.summary}\n    {params}", soft_wrap=True)
     if model is None:
@@ -310,7 +310,7 @@ def checks_command() -> None:
     console = Console()
     for name in check_names():
         c = get_check(name)
-        scope = " · FullGrad only" if c.fullgrad_only else ""
+        scope = f" · needs a method that provides {', '.join(sorted(c.requires))}" if c.requires else ""
         scope += " · needs --masks" if c.needs_masks else ""
         thresholds = ", ".join(f"{k}={v!r}" for k, v in c.thresholds.items()) or "none"
         params = ", ".join(f"{k}={v!r}" for k, v in c.params.items()) or "none"

@@ -141,7 +141,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
 def _methods(v: Any) -> list[str]:
     from .methods import method_names
 
-    return _list_of("fullgrad", *method_names())(v)
+    return _list_of(*method_names())(v)
 
 
 def _checks(v: Any) -> list[str]:

@@ -7,6 +7,8 @@ and the exit code the CLI maps it to (design.md §2): 2 usage, 3 the audit could
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from pathlib import Path
 
 EXIT_OK = 0
@@ -63,3 +65,10 @@ class DecompositionError(SaliauditError):
 
 class OutputError(SaliauditError):
     """The output folder cannot be written safely (exit 3)."""
+
+
+def suggest(word: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices`` to a misspelled ``word``
+    (empty when none is close): appended to usage errors about names."""
+    close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""

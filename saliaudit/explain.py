@@ -8,9 +8,8 @@ import torch
 
 from .data import ImageEntry, decode_image
 from .errors import UsageError
-from .methods import explain, get_method, postprocess
+from .methods import build_source, get_method
 from .model import load_model
-from .psi import get_psi
 from .report.overlay import save_overlay
 
 
@@ -28,17 +27,12 @@ def explain_image(model: Path, image: Path, *, method: str, psi: str, post: str,
         raise UsageError(f"--target {target} is not a class index of this model",
                          hint=f"use 0..{lm.num_classes - 1}")
     targets = torch.tensor([target])
-    if method == "fullgrad":
-        from .methods.fullgrad import full_gradients
-
-        preset = get_psi(psi)
-        saliency = full_gradients(lm, x, targets).saliency(preset.name)[0]
-        signed, label = preset.signed, f"fullgrad psi={preset.name}"
-    else:
-        m = get_method(method)
-        params = {"layer": cam_layer} if cam_layer and "layer" in m.params else {}
-        saliency = postprocess(explain(lm, x, targets, method, **params), post)[0]
-        signed, label = post == "signed", f"{method} {post}"
+    m = get_method(method)
+    params = {"layer": cam_layer} if cam_layer and "layer" in m.params else {}
+    source = build_source(method, psi=[psi], post=[post], params=params)
+    (variant, maps), = source.maps(lm, x, targets).items()
+    saliency, signed = maps[0], variant.signed
+    label = f"{method} psi={psi}" if m.option == "psi" else f"{method} {post}"
     output = Path(output)
     if output.suffix.lower() != ".png":
         raise UsageError("the output of explain is a PNG file", path=output, hint="use -o map.png")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .checks.base import Batch, MapSource, small_map
+from .maps import Batch, MapSource, small_map
 
 __all__ = ["choose_examples", "thumbnail_uri", "ExampleFigures"]
 

@@ -15,7 +15,7 @@ from saliaudit.checks.base import Variant
 from saliaudit.checks.bn_folding import BNFolding, fold_decomposition, folding_pairs
 from saliaudit.graph import get_graph
 from saliaudit.methods.fullgrad import full_gradients
-from saliaudit.methods.sources import make_source
+from saliaudit.methods import build_source
 from saliaudit.psi import psi_names
 
 from .checks_util import all_weights, make_batch
@@ -124,7 +124,7 @@ def test_bias_free_convs_leave_every_map_unchanged():
 def test_sample_model_numbers_and_verdicts():
     batch = make_batch(n=6)
     weights = all_weights(batch.model)
-    source = make_source("fullgrad", psis=PSIS, posts=[])
+    source = build_source("fullgrad", psi=PSIS, post=[])
     check = BNFolding()
     assert check.skip_reason(source, batch.model, False) is None
     maps = source.maps(batch.model, batch.x, batch.targets)
@@ -178,7 +178,7 @@ def test_skipped_without_a_foldable_batch_norm():
     net = NoFold().eval()
     x = torch.randn(2, 3, 8, 8)
     assert folding_pairs(get_graph(net, x)) == []
-    source = make_source("fullgrad", psis=["paper", "signed"], posts=[])
+    source = build_source("fullgrad", psi=["paper", "signed"], post=[])
     check = BNFolding()
     assert check.skip_reason(source, net, False) is None  # no input_size: measure() decides
     model = SimpleNamespace(module=net, exported=None, input_size=(8, 8), device="cpu")
@@ -190,7 +190,7 @@ def test_skipped_without_a_foldable_batch_norm():
     scripted = SimpleNamespace(module=torch.jit.script(net), exported=None, input_size=(8, 8),
                                device="cpu")
     assert "TorchScript" in check.skip_reason(source, scripted, False)
-    other = make_source("gradient", psis=[], posts=["abs"])
+    other = build_source("gradient", psi=[], post=["abs"])
     assert check.skip_reason(other, net, False) == "applies to FullGrad only"
 
 

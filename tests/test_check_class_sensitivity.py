@@ -16,7 +16,7 @@ from saliaudit.checks.class_sensitivity import ClassSensitivity
 from saliaudit.checks.similarity import hog_cell_size
 from saliaudit.errors import UsageError
 from saliaudit.methods import get_method
-from saliaudit.methods.sources import make_source
+from saliaudit.methods import build_source
 
 from .checks_util import make_batch
 
@@ -40,7 +40,7 @@ def shapes():
 
 
 def _measure(check, batch, name):
-    source = make_source(name, psis=["paper", "signed"], posts=["signed", "abs"])
+    source = build_source(name, psi=["paper", "signed"], post=["signed", "abs"])
     maps = source.maps(batch.model, batch.x, batch.targets)
     return check.measure(batch, source, maps)
 
@@ -203,5 +203,5 @@ def test_params_and_skip():
     class One:
         num_classes = 1
 
-    assert "2 classes" in ClassSensitivity().skip_reason(make_source("gradient", psis=[], posts=["abs"]),
+    assert "2 classes" in ClassSensitivity().skip_reason(build_source("gradient", psi=[], post=["abs"]),
                                                          One(), False)

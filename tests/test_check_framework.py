@@ -15,7 +15,7 @@ from saliaudit.cli import app
 from saliaudit.config import resolve_config
 from saliaudit.errors import UsageError
 from saliaudit.figures import choose_examples
-from saliaudit.methods.sources import make_source
+from saliaudit.methods import build_source
 from saliaudit.result import CheckResult
 
 from .checks_util import make_batch
@@ -83,7 +83,7 @@ def test_oom_split_reraises_for_one_image_and_passes_other_errors(batch):
 
 
 def test_runner_oom_in_measure_gives_same_numbers(probe, batch):
-    source = make_source("gradient", psis=[], posts=["abs"])
+    source = build_source("gradient", psi=[], post=["abs"])
     maps = source.maps(batch.model, batch.x, batch.targets)
     plain = CheckRunner(["probe"], {}, {}, False)
     plain.run(batch, source, maps)
@@ -112,7 +112,7 @@ def test_runner_error_is_contained_to_its_cell(probe, batch):
     CHECKS["probe"] = Fragile
     runner = CheckRunner(["probe", "completeness"], {}, {}, False)
     for name in ("fullgrad", "gradient"):
-        source = make_source(name, psis=["paper", "signed"], posts=["signed", "abs"])
+        source = build_source(name, psi=["paper", "signed"], post=["signed", "abs"])
         runner.run(batch, source, source.maps(batch.model, batch.x, batch.targets))
     cells = {(c.check, c.variant): c for c in runner.results()}
     assert cells[("probe", "gradient/signed")].status == "error"
@@ -125,7 +125,7 @@ def test_runner_error_is_contained_to_its_cell(probe, batch):
 def test_runner_max_images_and_skips(probe, batch):
     runner = CheckRunner(["probe", "pointing_game"] if "pointing_game" in check_names() else ["probe"],
                          {}, {"probe": {"max_images": 4}}, False)
-    source = make_source("gradient", psis=[], posts=["signed"])
+    source = build_source("gradient", psi=[], post=["signed"])
     for half in ([0, 1, 2], [3, 4, 5]):
         sub = batch.select(half)
         runner.run(sub, source, source.maps(sub.model, sub.x, sub.targets))

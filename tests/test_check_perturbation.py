@@ -13,7 +13,7 @@ from saliaudit.checks import removal as R
 from saliaudit.checks.base import MapSource, Variant
 from saliaudit.checks.perturbation import Perturbation
 from saliaudit.errors import UsageError
-from saliaudit.methods.sources import make_source
+from saliaudit.methods import build_source
 from saliaudit.result import _finite
 from tests.checks_util import all_weights, make_batch
 
@@ -33,7 +33,7 @@ def maps(shapes):
         # gradcam and edge maps are ≥ 0 (signed = abs); the report numbers of every variant on
         # all 24 images come from the same code (see the engineer's report)
         posts = ["signed", "abs"] if name == "random" else ["abs"]
-        src = make_source(name, psis=["paper"], posts=posts)
+        src = build_source(name, psi=["paper"], post=posts)
         out[name] = (src, src.maps(shapes.model, shapes.x, shapes.targets))
     return out
 

@@ -18,7 +18,7 @@ from saliaudit.checks.pointing_game import (
 )
 from saliaudit.errors import SaliauditError
 from saliaudit.masks import load_masks
-from saliaudit.methods.sources import make_source
+from saliaudit.methods import build_source
 from saliaudit.model import load_model
 
 from .checks_util import SAMPLES, make_batch
@@ -167,7 +167,7 @@ def shapes():
 def test_sample_model_hit_rates(shapes):
     rates: dict[str, dict[str, float]] = {"single": {}, "pairs": {}, "restricted": {}}
     for name in ("fullgrad", "gradcam", "edge", "random"):
-        src = make_source(name, psis=["paper"], posts=["abs"])
+        src = build_source(name, psi=["paper"], post=["abs"])
         for d, games in (("shapes", [("single", PointingGame)]),
                          ("shapes_pairs", [("pairs", PointingGame),
                                            ("restricted", RestrictedPointingGame)])):

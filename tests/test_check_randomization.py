@@ -18,7 +18,7 @@ from saliaudit.checks.randomization import (Randomization, RandomizedModels, gro
                                             module_seed, reinit_values)
 from saliaudit.errors import UsageError
 from saliaudit.graph import get_graph
-from saliaudit.methods.sources import make_source
+from saliaudit.methods import build_source
 from saliaudit.model import wrap_module
 
 from .checks_util import all_weights, make_batch
@@ -47,7 +47,7 @@ def shapes():
 
 
 def _run(check, batch, name, **kw):
-    source = make_source(name, psis=["paper", "signed"], posts=["signed", "abs"], **kw)
+    source = build_source(name, psi=["paper", "signed"], post=["signed", "abs"], **kw)
     maps = source.maps(batch.model, batch.x, batch.targets)
     return source, maps, check.measure(batch, source, maps)
 
@@ -182,7 +182,7 @@ def test_textbook_cascade_same_weights_and_maps(tiny):
     seed = 7
     rm = RandomizedModels(lm, x, seed, granularity="layers")
     assert [s for s, _ in rm.steps] == ["fc", "features.4", "features.3", "features.1", "features.0"]
-    source = make_source("gradient", psis=[], posts=["signed"])
+    source = build_source("gradient", psi=[], post=["signed"])
     v = source.variants[0]
     original = source.maps(lm, x, torch.tensor([0, 1, 2]))[v]
     # the unrandomized working copy reproduces the original maps

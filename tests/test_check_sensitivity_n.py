@@ -12,7 +12,7 @@ import torch
 from saliaudit.checks.base import Batch, MapSource, Variant
 from saliaudit.checks.sensitivity_n import SensitivityN, _pearson
 from saliaudit.errors import UsageError
-from saliaudit.methods.sources import make_source
+from saliaudit.methods import build_source
 from saliaudit.model import wrap_module
 from saliaudit.result import _finite
 from tests.checks_util import SAMPLES, make_batch
@@ -35,7 +35,7 @@ def linear_batch(n: int = 4, mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3), seed: i
 
 
 def measure(check, batch, name, posts=("signed", "abs")):
-    src = make_source(name, psis=[], posts=list(posts))
+    src = build_source(name, psi=[], post=list(posts))
     out = check.measure(batch, src, src.maps(batch.model, batch.x, batch.targets))
     return {v.label: (m, check.judge(v, m)) for v, m in out.items()}
 
@@ -118,7 +118,7 @@ def test_output_changes_are_shared_by_methods_and_batch_split_invariant():
         return original(x)
 
     check = SensitivityN({**params, "chunk": 16})
-    srcs = {n: make_source(n, psis=[], posts=["signed", "abs"]) for n in ("gradient", "grad_x_input")}
+    srcs = {n: build_source(n, psi=[], post=["signed", "abs"]) for n in ("gradient", "grad_x_input")}
     maps = {n: s.maps(lm, digits.x, digits.targets) for n, s in srcs.items()}
     lm.logits = counting
     try:

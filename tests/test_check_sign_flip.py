@@ -11,7 +11,7 @@ import torch
 
 from saliaudit.checks.sign_flip import SignFlip, _parse_pairs, _resolve
 from saliaudit.errors import UsageError
-from saliaudit.methods.sources import make_source
+from saliaudit.methods import build_source
 from saliaudit.result import _finite
 from tests.checks_util import SAMPLES, all_weights, make_batch
 
@@ -25,7 +25,7 @@ def digits():
 def sources(digits):
     out = {}
     for name in ("fullgrad", "gradient", "random"):
-        src = make_source(name, psis=["paper", "signed", "abs"], posts=["signed", "abs"])
+        src = build_source(name, psi=["paper", "signed", "abs"], post=["signed", "abs"])
         out[name] = (src, src.maps(digits.model, digits.x, digits.targets))
     return out
 

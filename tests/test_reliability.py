@@ -535,7 +535,15 @@ def test_oom_even_for_one_image_gives_error_cells(runner, assets, prev_out, tmp_
 
 
 def test_oom_split_halves_down_to_one_image_and_counts_retries():
-    from saliaudit.audit import _Rows
+    class _Rows:  # the rows of a tensor as oom_split sees a batch
+        def __init__(self, x):
+            self.x = x
+
+        def __len__(self):
+            return int(self.x.shape[0])
+
+        def select(self, index):
+            return _Rows(self.x[index[0]:index[-1] + 1])
 
     sizes, retries = [], []
 

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..maps import Batch, MapSource, Variant, small_map
 from ..result import CheckResult
 
 __all__ = ["CHECKS", "Check", "register", "Variant", "Batch", "Measurement", "MapSource",
@@ -34,85 +35,6 @@ def register(cls: type["Check"]) -> type["Check"]:
     """Class decorator: make a check available by its ``name`` (``--checks``)."""
     CHECKS[cls.name] = cls
     return cls
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One way of turning a method's attribution into a 2-D map.
-
-    ``psi`` is the FullGrad ψ preset (``None`` for other methods); ``post`` the comparison
-    methods' post-processing (``signed`` or ``abs``; ``None`` for FullGrad). ``signed`` tells
-    whether the map keeps negative evidence.
-    """
-
-    method: str
-    psi: str | None = None
-    post: str | None = None
-    signed: bool = False
-
-    @property
-    def label(self) -> str:
-        """``fullgrad/paper``, ``gradient/abs``: for messages and test names."""
-        return f"{self.method}/{self.psi or self.post}" if (self.psi or self.post) else self.method
-
-
-@dataclass
-class Batch:
-    """One batch of audited images, as every check sees it.
-
-    Attributes:
-        model: the loaded model (:class:`~saliaudit.model.LoadedModel`); never modify it.
-        x: preprocessed images ``(B, 3, H, W)`` on the model's device.
-        images: the images' paths relative to the audited folder (result keys).
-        targets: the predicted (top-1) classes ``(B,)``.
-        logits: the model's outputs ``(B, K)``.
-        labels: ground-truth class index per image, or ``None``.
-        masks: per image, ``{class index: bool array (H, W) at input size}`` when ``--masks``
-            was given (else ``None``).
-        seed: the audit seed; derive every random choice from it (and the image, not the
-            batch composition) so results do not depend on the batch size.
-        offset: index of the batch's first image in the audit.
-    """
-
-    model: Any
-    x: torch.Tensor
-    images: list[str]
-    targets: torch.Tensor
-    logits: torch.Tensor
-    labels: list[int | None] = field(default_factory=list)
-    masks: list[dict[int, np.ndarray]] | None = None
-    seed: int = 0
-    offset: int = 0
-    examples: set[str] = field(default_factory=set)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def select(self, index: list[int]) -> "Batch":
-        """The sub-batch of the given positions."""
-        idx = torch.as_tensor(index, dtype=torch.long, device=self.x.device)
-        return Batch(self.model, self.x[idx], [self.images[i] for i in index], self.targets[idx],
-                     self.logits[idx], [self.labels[i] for i in index] if self.labels else [],
-                     [self.masks[i] for i in index] if self.masks else None, self.seed,
-                     self.offset + (index[0] if index else 0), self.examples)
-
-
-class MapSource:
-    """A saliency method as 2-D maps under all its selected variants.
-
-    ``maps(model, x, targets)`` returns ``{Variant: (B, H, W) float tensor}`` at input
-    resolution. Checks call it with other targets (class sensitivity), other inputs
-    (perturbations) or another model (a randomized copy). Subclasses: FullGrad
-    (``saliaudit.audit``) and the comparison methods.
-    """
-
-    method: str
-    variants: list[Variant]
-    needs_internals: bool = False
-    model_independent: bool = False  # the controls: maps do not depend on the model
-
-    def maps(self, model: Any, x: torch.Tensor, targets: torch.Tensor) -> dict[Variant, torch.Tensor]:
-        raise NotImplementedError
 
 
 @dataclass
@@ -202,7 +124,9 @@ class Check:
         metric: what ``value`` is (e.g. "Spearman of HOG features").
         thresholds: default thresholds (``fail``, ``warn``), overridable by configuration.
         params: default parameters, overridable by configuration.
-        fullgrad_only: the check applies to FullGrad only (completeness, bn_folding).
+        requires: capabilities a method's map source must provide for the check to apply
+            (:attr:`MapSource.provides`; e.g. ``{"decomposition"}`` for completeness and
+            bn_folding, which FullGrad provides); other methods get no cell.
         needs_masks: SKIPPED unless ``--masks`` is given.
         controls_must_fail: the controls (``random``, ``edge``) that must not PASS this
             check: one that does shows the check cannot tell a map that explains the model
@@ -216,7 +140,7 @@ class Check:
     metric: ClassVar[str] = ""
     thresholds: ClassVar[dict[str, float | None]] = {}
     params: ClassVar[dict[str, Any]] = {}
-    fullgrad_only: ClassVar[bool] = False
+    requires: ClassVar[frozenset[str]] = frozenset()
     needs_masks: ClassVar[bool] = False
     controls_must_fail: ClassVar[frozenset[str]] = frozenset()
 
@@ -228,11 +152,21 @@ class Check:
 
     def skip_reason(self, source: MapSource, model: Any, has_masks: bool) -> str | None:
         """Why this check cannot apply to ``source`` on ``model`` (``None``: it applies)."""
-        if self.fullgrad_only and source.method != "fullgrad":
-            return "applies to FullGrad only"
+        if not self.applies_to(source):
+            missing = ", ".join(sorted(self.requires - source.provides))
+            return f"needs a method that provides {missing}"
         if self.needs_masks and not has_masks:
             return "needs object masks (--masks DIR)"
         return None
+
+    @classmethod
+    def applies_to(cls, source: MapSource) -> bool:
+        """Whether ``source`` provides what the check requires (else it gets no cell)."""
+        return cls.requires <= source.provides
+
+    def variants(self, source: MapSource) -> list[Variant]:
+        """The cells this check produces for ``source`` (default: one per map variant)."""
+        return list(source.variants)
 
     def take(self, batch: Batch) -> Batch | None:
         """The part of ``batch`` still to measure under ``params["max_images"]`` (or None)."""
@@ -273,22 +207,6 @@ def higher_is_worse(value: float | None, t: dict[str, float | None]) -> str:
     if t.get("warn") is not None and value >= t["warn"]:
         return "warn"
     return "pass"
-
-
-def small_map(t: torch.Tensor | np.ndarray, size: int = 48) -> list[list[float]]:
-    """A 2-D map downsampled (area average) to at most ``size`` px on its long side, as nested
-    lists rounded to 4 significant digits: small enough to store in results.json for figures."""
-    a = torch.as_tensor(t).detach().to("cpu", torch.float64)
-    if a.dim() != 2:
-        raise ValueError(f"small_map expects a (H, W) map, got shape {tuple(a.shape)}")
-    h, w = a.shape
-    scale = size / max(h, w)
-    if scale < 1:
-        a = torch.nn.functional.interpolate(a[None, None], size=(max(1, round(h * scale)),
-                                                                 max(1, round(w * scale))),
-                                            mode="area")[0, 0]
-    a = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
-    return [[float(f"{v:.4g}") for v in row] for row in a.tolist()]
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

@@ -217,7 +217,7 @@ class BNFolding(Check):
     metric = "Spearman of |map| before vs after folding"
     thresholds = {"fail": None, "warn": 0.9}
     params = {"tolerance": 1e-3}  # completeness residual the folded decomposition must stay under
-    fullgrad_only = True
+    requires = frozenset({"decomposition"})
 
     def __init__(self, params: dict[str, Any] | None = None,
                  thresholds: dict[str, float | None] | None = None):

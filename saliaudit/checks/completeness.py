@@ -24,14 +24,18 @@ class Completeness(Check):
     reference = "Srinivas & Fleuret, Full-Gradient Representation for Neural Network Visualization, NeurIPS 2019"
     metric = "max relative residual"
     thresholds = {"fail": 1e-3}
-    fullgrad_only = True
+    requires = frozenset({"decomposition"})
 
     def measure(self, batch: Batch, source: MapSource,
                 maps: dict[Variant, torch.Tensor]) -> dict[Variant, Measurement]:
         fg = source.decompose(batch.model, batch.x, batch.targets)  # type: ignore[attr-defined]
         m = Measurement(values=[float(r) for r in fg.residual], images=list(batch.images),
                         extra={"unaccounted": list(fg.unaccounted)})
-        return {Variant("fullgrad"): m}
+        return {self.variants(source)[0]: m}
+
+    def variants(self, source: MapSource) -> list[Variant]:
+        """One cell per method: the decomposition does not depend on the post-processing."""
+        return [Variant(source.method)]
 
     def judge(self, variant: Variant, m: Measurement) -> CheckResult:
         tol = float(self.t["fail"])

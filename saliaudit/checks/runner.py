@@ -12,22 +12,16 @@ from typing import Any, TypeVar
 
 import torch
 
+from ..batches import is_oom
 from ..errors import SaliauditError
 from ..result import CheckResult
 from . import check_names, get_check
-from .base import Batch, Check, MapSource, Measurement, Variant
+from ..maps import Batch, MapSource, Variant
+from .base import Check, Measurement
 
 __all__ = ["CheckRunner", "oom_split", "is_oom", "control_expectation"]
 
 T = TypeVar("T")
-
-
-def is_oom(err: BaseException) -> bool:
-    """Whether ``err`` is a device out-of-memory error (CUDA, MPS or the CPU allocator)."""
-    oom = getattr(torch, "OutOfMemoryError", None)
-    if oom is not None and isinstance(err, oom):
-        return True
-    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
 
 
 def control_expectation(cell: CheckResult, check: Check) -> str | None:
@@ -112,8 +106,7 @@ class CheckRunner:
         for check in self.checks:
             where.setdefault((check.name, source.method), reason)
 
-    def run(self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor],
-            timer: Callable[[str], Any] | None = None) -> None:
+    def run(self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]) -> None:
         """Measure every check on ``batch`` for ``source`` (its top-1 ``maps``)."""
         import time
 
@@ -134,10 +127,8 @@ class CheckRunner:
             t0 = time.perf_counter()
             try:
                 out = oom_split(lambda b, mp, c=check: c.measure(b, source, mp), sub, sub_maps,
-                                _merge_measurements, self._retried)
+                                _merge_measurements, self.count_retry)
             except Exception as err:  # one cell failing must not stop the audit
-                if isinstance(err, KeyboardInterrupt):
-                    raise
                 self.errors[key] = _error_text(err)
                 for v in [v for (c, v) in self.acc if c == check.name and v.method == source.method]:
                     del self.acc[(check.name, v)]
@@ -156,7 +147,8 @@ class CheckRunner:
         for check in self.checks:
             check.seen += len(batch)
 
-    def _retried(self, size: int) -> None:
+    def count_retry(self, size: int) -> None:
+        """Count one out-of-memory retry (the batch was halved to ``size`` images)."""
         self.oom_retries += 1
 
     def results(self) -> list[CheckResult]:
@@ -165,37 +157,26 @@ class CheckRunner:
         for check in self.checks:
             for source in self.sources:
                 key = (check.name, source.method)
-                variants = self._variants(check, source)
+                variants = check.variants(source)
+                if not check.applies_to(source):
+                    continue
                 if key in self.skips:
-                    if check.fullgrad_only and source.method != "fullgrad":
-                        continue
                     cells += [self._plain(check, v, "skipped", self.skips[key]) for v in variants]
                 elif key in self.errors:
-                    if check.fullgrad_only and source.method != "fullgrad":
-                        continue
                     cells += [self._plain(check, v, "error", self.errors[key]) for v in variants]
                 else:
                     measured = [v for (c, v) in self.acc if c == check.name and v.method == source.method]
                     if not measured:
-                        if check.fullgrad_only and source.method != "fullgrad":
-                            continue
                         cells += [self._plain(check, v, "skipped", "no image was measured")
                                   for v in variants]
                     for v in measured:
                         try:
                             cells.append(check.judge(v, self.acc[(check.name, v)]))
                         except Exception as err:
-                            if isinstance(err, KeyboardInterrupt):
-                                raise
                             cells.append(self._plain(check, v, "error", _error_text(err)))
         for cell in cells:
             cell.control = control_expectation(cell, self._by_name[cell.check])
         return cells
-
-    def _variants(self, check: Check, source: MapSource) -> list[Variant]:
-        if check.fullgrad_only and check.name == "completeness":
-            return [Variant("fullgrad")]
-        return list(source.variants)
 
     @staticmethod
     def _plain(check: Check, v: Variant, status: str, message: str) -> CheckResult:
@@ -208,5 +189,5 @@ class CheckRunner:
                          "metric": c.metric, "thresholds": dict(c.t),
                          "params": {k: (x if isinstance(x, (int, float, str, bool, type(None), list)) else str(x))
                                     for k, x in c.p.items()},
-                         "fullgrad_only": c.fullgrad_only, "needs_masks": c.needs_masks}
+                         "requires": sorted(c.requires), "needs_masks": c.needs_masks}
                 for c in self.checks}

@@ -2,15 +2,18 @@
 
 Every method maps ``(model, x, targets)`` to a *signed* attribution at input resolution,
 ``(B, C, H, W)`` (``C = 1`` for CAM methods), then a declared post-processing turns it into a
-2-D map. FullGrad (with its ψ presets) lives in :mod:`saliaudit.methods.fullgrad`; the
-comparison methods of design.md §3 register here with :func:`register`, and the CLI choices,
-``saliaudit methods``, the docs and the tests pick every entry up from :data:`METHODS`.
+2-D map. FullGrad registers in :mod:`saliaudit.methods.fullgrad` with its ψ presets as its
+post-processings; the comparison methods and the controls register in one module per family,
+and plugins with :func:`saliaudit.register_method`. The CLI choices, ``saliaudit methods``,
+the docs and the tests pick every entry up from :data:`METHODS`; :func:`build_source` turns
+any of them into the :class:`~saliaudit.maps.MapSource` the checks use.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +23,10 @@ import torch
 from ..errors import UsageError
 
 __all__ = ["Method", "METHODS", "register", "get_method", "method_names", "explain",
-           "postprocess", "POSTPROCESS"]
+           "postprocess", "POSTPROCESS", "build_source", "FAMILIES"]
+
+#: Method families in listing order; a plugin's own family sorts after them.
+FAMILIES = ("fullgrad", "gradient", "cam", "propagation", "perturbation", "control")
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,12 @@ class Method:
             such methods are SKIPPED on TorchScript models.
         reference: the paper.
         summary: one line for ``saliaudit methods``.
+        option: the setting that selects the map variants: ``post`` (``--post``: ``signed``,
+            ``abs``) or, for FullGrad, ``psi`` (``--psi``: its ψ presets).
+        choices: the variant names ``option`` may take.
+        source: the :class:`~saliaudit.maps.MapSource` class built by :func:`build_source`,
+            ``source(method, params, variants)``; ``None``: the generic one.
+        origin: ``builtin`` or where a plugin came from.
     """
 
     name: str
@@ -45,6 +57,10 @@ class Method:
     needs_internals: bool = False
     reference: str = ""
     summary: str = ""
+    option: str = "post"
+    choices: tuple[str, ...] = ("signed", "abs")
+    source: Any = None
+    origin: str = "builtin"
 
     def __call__(self, model: Any, x: torch.Tensor, targets: torch.Tensor, **params: Any) -> torch.Tensor:
         unknown = sorted(set(params) - set(self.params))
@@ -56,13 +72,20 @@ class Method:
 
 METHODS: dict[str, Method] = {}
 
-#: Modules that register methods when imported (one file per family).
-_FAMILIES = ("gradients", "cam", "propagation", "perturbation", "controls")
+_loaded = False
 
 
 def register(name: str, *, family: str, needs_internals: bool = False, reference: str = "",
-             summary: str = "") -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
-    """Decorator: register ``fn(model, x, targets, *, param=default, ...)`` under ``name``."""
+             summary: str = "", option: str = "post", choices: tuple[str, ...] | None = None,
+             source: Any = None, origin: str = "builtin",
+             ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Decorator: register ``fn(model, x, targets, *, param=default, ...)`` under ``name``.
+
+    ``fn`` returns the signed attribution ``(B, C, H, W)``; its keyword-only arguments are the
+    method's parameters. A name registered twice keeps the last registration.
+    """
+    if option not in ("post", "psi"):
+        raise ValueError(f"option must be 'post' or 'psi', not {option!r}")
 
     def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         sig = inspect.signature(fn)
@@ -70,25 +93,31 @@ def register(name: str, *, family: str, needs_internals: bool = False, reference
                   if p.kind is inspect.Parameter.KEYWORD_ONLY}
         doc = (fn.__doc__ or "").strip().splitlines()
         METHODS[name] = Method(name, fn, family, params, needs_internals, reference,
-                               summary or (doc[0] if doc else ""))
+                               summary or (doc[0] if doc else ""), option,
+                               tuple(choices or POSTPROCESS), source, origin)
         return fn
 
     return wrap
 
 
 def _load_families() -> None:
-    for module in _FAMILIES:
-        try:
-            importlib.import_module(f"{__name__}.{module}")
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{module}":
-                raise
+    """Import every module of this package once (each registers its methods). An import
+    error inside one is a bug and raises."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def method_names() -> list[str]:
-    """All registered comparison methods, in registration order."""
+    """All registered methods: by family (:data:`FAMILIES`, then others), then registration."""
     _load_families()
-    return list(METHODS)
+    rank = {f: i for i, f in enumerate(FAMILIES)}
+    order = list(METHODS)
+    return sorted(order, key=lambda n: (rank.get(METHODS[n].family, len(rank)), order.index(n)))
 
 
 def get_method(name: str) -> Method:
@@ -97,8 +126,29 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise UsageError(f"unknown method {name!r}",
-                         hint="choose from fullgrad, " + ", ".join(METHODS)) from None
+        from ..errors import suggest
+
+        raise UsageError(f"unknown method {name!r}" + suggest(name, method_names()),
+                         hint="choose from " + ", ".join(method_names())) from None
+
+
+def build_source(name: str, *, psi: list[str] | None = None, post: list[str] | None = None,
+                 params: dict[str, Any] | None = None) -> Any:
+    """The :class:`~saliaudit.maps.MapSource` of method ``name``: its maps under the chosen
+    variants (``psi`` for a method whose :attr:`Method.option` is ``psi``, else ``post``;
+    ``None``: all of its choices), with ``params`` over its defaults. The one way sources are
+    built, by the audit and by the tests."""
+    from .sources import MethodSource
+
+    method = get_method(name)
+    chosen = psi if method.option == "psi" else post
+    variants = list(method.choices if chosen is None else chosen)
+    bad = [v for v in variants if v not in method.choices]
+    if bad:
+        flag = "--psi" if method.option == "psi" else "--post"
+        raise UsageError(f"{name} has no {method.option} {bad[0]!r}",
+                         hint=f"{flag} takes " + ", ".join(method.choices))
+    return (method.source or MethodSource)(method, {**method.params, **(params or {})}, variants)
 
 
 def explain(model: Any, x: torch.Tensor, targets: torch.Tensor | list[int], method: str,
@@ -112,12 +162,6 @@ def explain(model: Any, x: torch.Tensor, targets: torch.Tensor | list[int], meth
     if x.dim() != 4 or targets.numel() != x.shape[0]:
         raise UsageError(f"x must be (B, C, H, W) with B targets; got x {tuple(x.shape)} and "
                          f"{targets.numel()} targets")
-    if method == "fullgrad":
-        from .fullgrad import full_gradients
-
-        if params:
-            raise UsageError("fullgrad takes no parameters here; choose ψ with --psi")
-        return full_gradients(model, x, targets).saliency("signed")[:, None]
     return get_method(method)(model, x, targets, **params)
 
 

@@ -18,12 +18,15 @@ import re
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ..result import MapRecord
+
 __all__ = ["colormap", "display_image", "map_filename", "map_to_png_bytes", "normalize_map",
-           "render_overlay", "save_overlay"]
+           "render_overlay", "save_overlay", "write_overlays"]
 
 _RDBU_R = ("#053061", "#2166ac", "#4393c3", "#92c5de", "#d1e5f0", "#ffffff",
            "#fddbc7", "#f4a582", "#d6604d", "#b2182b", "#67001f")
@@ -257,3 +260,24 @@ def display_image(image: Image.Image, short_side: int = 256, long_side: int = 51
     if abs(scale - 1.0) < 1e-6:
         return image
     return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+
+
+def write_overlays(batch: Any, images: list[Image.Image], maps: dict[Any, Any],
+                   out_dir: Path) -> list[MapRecord]:
+    """One PNG overlay per (image of ``batch``, map variant) under ``out_dir/maps``; the
+    records the results list them by (paths relative to ``out_dir``)."""
+    maps_dir = Path(out_dir) / "maps"
+    maps_dir.mkdir(parents=True, exist_ok=True)
+    names = batch.model.class_names
+    records = []
+    for v, m in maps.items():
+        arr = m.detach().cpu().numpy()
+        variant = v.psi or v.post
+        what = f"{v.method} psi={v.psi}" if v.psi else f"{v.method} {v.post}"
+        for i, rel in enumerate(batch.images):
+            t = int(batch.targets[i])
+            name = map_filename(rel, v.method, variant)
+            save_overlay(maps_dir / name, display_image(images[i]), arr[i], signed=v.signed,
+                         title=f"{what} - {names[t]}")
+            records.append(MapRecord(rel, v.method, v.psi, t, f"maps/{name}", v.signed, v.post))
+    return records
