@@ -1,7 +1,7 @@
 """Benchmark: a default audit's time per stage against its floor, and Quantus side by side.
 
 1. The default audit (every default method, every ψ, every check; overlays and report
-   rendering off) of MODEL on IMAGES, run in this process through ``saliaudit.audit.run_audit``;
+   rendering off) of MODEL on IMAGES, run in this process through ``saliaudit.engine.run_audit``;
    its time per stage is printed with its ratio to the floor.
 2. The floor: the forward and backward passes no audit can avoid, i.e. one forward pass and the
    input gradient of the top-1 logit for every image, in the audit's batches, same process.
@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "sample_models"))
 
-from saliaudit.audit import run_audit  # noqa: E402
+from saliaudit.engine import run_audit  # noqa: E402
 from saliaudit.config import resolve_config  # noqa: E402
 from saliaudit.data import find_images, iter_decoded  # noqa: E402
 from saliaudit.model import load_model  # noqa: E402

@@ -96,7 +96,7 @@ def child_env(args: argparse.Namespace) -> dict[str, str]:
 
 def baseline(work: Path, args: argparse.Namespace) -> float:
     """Peak RSS (MB) of a child that imports what an audit imports, and does nothing."""
-    code = "import torch, torchvision, saliaudit.cli, saliaudit.audit, saliaudit.checks"
+    code = "import torch, torchvision, saliaudit.cli, saliaudit.engine, saliaudit.checks"
     _, _, rss, tail = measure([sys.executable, "-c", code], child_env(args), work)
     return rss
 

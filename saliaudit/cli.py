@@ -95,6 +95,7 @@ def report(
     examples_html: Optional[int] = typer.Option(None, "--examples-html", help="Example images per check in the HTML [default: 24]."),
     page_size: Optional[str] = typer.Option(None, "--page-size", help="PDF page size: a4 or letter [default: a4]."),
     annotations: Optional[bool] = typer.Option(None, "--annotations/--no-annotations", help="Print ::error::/::warning:: annotations for GitHub Actions on stdout [default: off]."),
+    plugin: Optional[list[str]] = typer.Option(None, "--plugin", help="Module or .py file that registers methods or checks (repeatable; runs its code)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table on the terminal."),
 ) -> None:
     """Audit MODEL on IMAGES and write the results (and maps) to the output folder."""
@@ -108,7 +109,7 @@ def report(
         num_classes=num_classes, input_size=input_size, mean=mean, std=std, labels=labels,
         trust_model=trust_model, max_pixels=max_pixels, overlays=overlays, force=force,
         examples=examples, examples_html=examples_html, page_size=page_size,
-        annotations=annotations)
+        annotations=annotations, plugins=plugin or None)
     try:
         cfg = resolve_config(flags, config_file=config)
     except SaliauditError as err:
@@ -118,7 +119,7 @@ def report(
 
 
 def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
-    from .audit import new_result, run_audit
+    from .engine import new_result, run_audit
     from .model import resolve_device
     from .report.output import OutputFolder
     from .report.pdf import PdfUnavailableError
@@ -249,10 +250,13 @@ def methods_command(
     model: Optional[Path] = typer.Option(None, "--model", help="Also show the layers the CAM methods would use on this model."),
     arch: Optional[str] = typer.Option(None, "--arch", help="torchvision architecture of a state_dict model."),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="Model input size."),
+    plugin: Optional[list[str]] = typer.Option(None, "--plugin", help="Module or .py file that registers methods or checks (repeatable; runs its code)."),
 ) -> None:
     """List the saliency methods with their parameters (and, for a model, the CAM layers)."""
     from .methods import METHODS, method_names
     from .psi import PSI_PRESETS
+
+    _load_plugins(plugin)
 
     console = Console()
     for name in method_names():
@@ -303,9 +307,13 @@ def methods_command(
 
 
 @app.command("checks")
-def checks_command() -> None:
+def checks_command(
+    plugin: Optional[list[str]] = typer.Option(None, "--plugin", help="Module or .py file that registers methods or checks (repeatable; runs its code)."),
+) -> None:
     """List the sanity checks: what each measures, its thresholds and parameters."""
     from .checks import check_names, get_check
+
+    _load_plugins(plugin)
 
     console = Console()
     for name in check_names():
@@ -344,10 +352,12 @@ def explain(
     std: Optional[str] = typer.Option(None, "--std", help="Normalization std."),
     cam_layer: Optional[str] = typer.Option(None, "--cam-layer", help="Layer of the CAM methods."),
     trust_model: bool = typer.Option(False, "--trust-model", help="Allow unpickling a pickled model."),
+    plugin: Optional[list[str]] = typer.Option(None, "--plugin", help="Module or .py file that registers methods or checks (repeatable; runs its code)."),
 ) -> None:
     """Write one saliency map of IMAGE as a PNG overlay."""
     from .explain import explain_image
 
+    _load_plugins(plugin)
     try:
         text = explain_image(model, image, method=method, psi=psi, post=post, target=target,
                              output=output, arch=arch, num_classes=num_classes,
@@ -358,6 +368,16 @@ def explain(
     except Exception as err:  # an unexpected bug: one line, the traceback with --debug
         _bug(err)
     err_console.print(text, markup=False)
+
+
+def _load_plugins(specs: list[str] | None) -> None:
+    """``--plugin`` of the listing commands and explain (report loads them with its config)."""
+    from .plugins import load_plugins
+
+    try:
+        load_plugins(specs or [])
+    except SaliauditError as err:
+        _fail(err, err.exit_code)
 
 
 @app.command()

@@ -27,7 +27,8 @@ FAIL_ON = ("fail", "warn", "never")
 DEFAULT_METHODS = ("fullgrad", "gradient", "grad_x_input", "integrated_gradients", "smoothgrad",
                    "gradcam", "gradcam_pp", "guided_backprop", "deeplift", "random", "edge")
 #: Command-line spellings that differ from the setting name.
-_FLAG_NAMES = {"thresholds": "--threshold", "check_params": "--check-param"}
+_FLAG_NAMES = {"thresholds": "--threshold", "check_params": "--check-param",
+               "plugins": "--plugin"}
 #: Settings that only the user's own command line or environment may set (never a file).
 FLAG_OR_ENV_ONLY = ("trust_model",)
 
@@ -95,6 +96,9 @@ class Setting:
 
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in [
+    # first: plugins register the methods and checks that later settings may name
+    Setting("plugins", lambda v: _plugins(v), [],
+            "plugin modules or .py files that register methods and checks"),
     Setting("output", _text, "saliaudit-report", "output folder"),
     Setting("format", _list_of(*FORMATS), ["html", "pdf", "json"], "output formats"),
     Setting("psi", _list_of(*PSI_PRESETS), list(PSI_PRESETS), "FullGrad post-processings ψ"),
@@ -136,6 +140,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     Setting("page_size", _choice("a4", "letter"), "a4", "PDF page size: a4 or letter"),
     Setting("annotations", _bool, False, "print ::warning::/::error:: annotations for GitHub Actions"),
 ]}
+
+
+def _plugins(v: Any) -> list[str]:
+    items = v if isinstance(v, (list, tuple)) else str(v).split(",")
+    return [str(i).strip() for i in items if str(i).strip()]
 
 
 def _methods(v: Any) -> list[str]:
@@ -350,4 +359,9 @@ def resolve_config(flags: Mapping[str, Any], *, config_file: str | Path | None =
                      "environment": f"SALIAUDIT_{name.upper()}"}.get(source, f"{name} in {source}")
             raise UsageError(f"invalid {label}: {err}") from None
         sources[name] = source
+        if name == "plugins" and values[name]:
+            from .plugins import load_plugins
+
+            base = file_path.parent if source.startswith("config file") and file_path else None
+            values[name] = load_plugins(values[name], base=base)
     return AuditConfig(values, sources, file_path)

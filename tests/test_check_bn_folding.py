@@ -191,7 +191,7 @@ def test_skipped_without_a_foldable_batch_norm():
                                device="cpu")
     assert "TorchScript" in check.skip_reason(source, scripted, False)
     other = build_source("gradient", psi=[], post=["abs"])
-    assert check.skip_reason(other, net, False) == "applies to FullGrad only"
+    assert check.skip_reason(other, net, False) == "needs a method that provides decomposition"
 
 
 def _batch(net, x):

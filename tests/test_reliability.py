@@ -627,7 +627,7 @@ def test_audit_decomposes_each_batch_once_for_its_top1_classes(tmp_path, monkeyp
     checks reuse: no (images, targets) pair is decomposed twice."""
     from collections import Counter
 
-    from saliaudit.audit import run_audit
+    from saliaudit.engine import run_audit
     from saliaudit.config import resolve_config
     from saliaudit.methods import sources
 

@@ -110,6 +110,9 @@ def _load_families() -> None:
     for info in pkgutil.iter_modules(__path__):
         if not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
+    from ..plugins import load_entry_points
+
+    load_entry_points("saliaudit.methods")
 
 
 def method_names() -> list[str]:

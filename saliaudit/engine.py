@@ -152,7 +152,8 @@ class Audit:
             source = build_source(name, psi=list(cfg.psi), post=list(cfg.post), params=params)
             entry = {"method": name, "family": method.family, "params": _jsonable(params),
                      "reference": method.reference, "status": "ok", "reason": None,
-                     "option": method.option, "variants": [v.psi or v.post for v in source.variants]}
+                     "option": method.option, "origin": method.origin,
+                     "variants": [v.psi or v.post for v in source.variants]}
             if method.option == "psi":
                 entry["params"]["psi"] = list(cfg.psi)
             if method.needs_internals and self.lm.format == "torchscript":
