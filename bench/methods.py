@@ -3,7 +3,7 @@
 The floor is the one forward + backward pass that any gradient saliency map needs: the model's
 eager forward and the gradient of the target logits with respect to the input (parameters
 frozen), on the same batch, in the same process. Every registered method
-(``saliaudit.methods.method_names()``, plus ``fullgrad``) runs through ``saliaudit.methods.explain`` with
+(``saliaudit.methods.method_names()``, FullGrad included) runs through ``saliaudit.methods.explain`` with
 its default parameters (``Method.params``) and the top-1 class as target; next to it, when
 importable, the matching Captum and pytorch-grad-cam implementation with the same parameters
 (same steps, samples, window, stride, baseline, internal batch and CAM layer). ``-`` marks a
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.quick:
         args.arch, args.batch, args.size, args.repeats = "resnet18", 2, 64, 1
-    all_names = ["fullgrad", *method_names()]
+    all_names = method_names()  # FullGrad first, then every registered method
     # the slowest last (occlusion: thousands of forward passes), so the table fills up first
     default = sorted(all_names, key=lambda n: n == "occlusion")
     names = default if not args.methods else [n.strip() for n in args.methods.split(",") if n.strip()]
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     pgc_cam = cam_model.get_submodule(cam_layer) if cam_module is not None else None
     rows, notes = [], []
     for name in names:
-        params = {} if name == "fullgrad" else dict(METHODS[name].params)
+        params = dict(METHODS[name].params)
         cells: list[tuple[float | None, float | None, str]] = []
         try:
             cells.append(timer.measure(lambda name=name: explain(model, x, targets, method=name)))
