@@ -629,7 +629,7 @@ def test_audit_decomposes_each_batch_once_for_its_top1_classes(tmp_path, monkeyp
 
     from saliaudit.engine import run_audit
     from saliaudit.config import resolve_config
-    from saliaudit.methods import sources
+    from saliaudit.methods import fullgrad as sources
 
     calls: Counter = Counter()
     seen = set()
