@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, stats
 from .batches import OOM_HINT, Predicted, first_line, is_oom, next_batch, predict_batch
 from .caveats import AbsDiscards, compute_caveats
 from .checks.runner import CheckRunner, oom_split
@@ -193,6 +193,7 @@ class Audit:
             result.caveats = compute_caveats(result.checks, self.discards, sims)
             result.figures = self.figures.to_dict(result.checks)
         result.run["oom_retries"] = self.runner.oom_retries
+        result.run["statistics"] = {"interval": stats.INTERVAL_METHOD, **self.runner.calibration}
         result.summarize(self.cfg.fail_on)
         per_stage = {**self.timer.per_stage, **self.runner.timings}
         result.timings = {"total_s": time.perf_counter() - self.started,

@@ -37,6 +37,20 @@ class CheckResult:
     #: must fail: the check works), ``unexpected`` (it passed one: the check cannot tell a
     #: map from noise or edges on this model) or ``reference`` (no expectation); else None.
     control: str | None = None
+    #: Images the aggregate rests on, and its 95 % confidence interval (``ci_method`` says
+    #: how it was computed); ``None`` for cells that were not measured.
+    n: int | None = None
+    ci: list[float] | None = None
+    ci_method: str | None = None
+    #: The interval lies across a threshold: the verdict is WARN for want of evidence, and
+    #: about ``images_needed`` images in all would decide it (from the measured spread).
+    inconclusive: bool = False
+    images_needed: int | None = None
+    #: Paired tests against the check's must-fail controls on the same images:
+    #: ``{control: {n, p, p_adjusted, better}}``; a method that is not significantly better
+    #: than every control cannot PASS.
+    controls: dict[str, Any] = field(default_factory=dict)
+    signed: bool | None = None  # the judged map keeps negative evidence
 
     @property
     def variant(self) -> str:
@@ -115,13 +129,17 @@ class AuditResult:
                 controls[c.control] += 1
             else:
                 counts[c.status] += 1
+        inconclusive = [c for c in self.checks if c.inconclusive and c.control is None]
         gated = [gate_status(c) for c in self.checks]
         worst = max((_SEVERITY[g] for g in gated), default=0)
         overall = {0: "pass", 1: "warn", 2: "fail"}[worst]
         if "error" in gated and overall == "fail" and "fail" not in gated:
             overall = "error"
+        needed = [c.images_needed for c in inconclusive if c.images_needed]
         self.summary = {"status": status or overall, "fail_on": fail_on, "counts": counts,
-                        "controls": controls, "gate_failed": gate_failed(self.checks, fail_on)}
+                        "controls": controls, "gate_failed": gate_failed(self.checks, fail_on),
+                        "inconclusive": len(inconclusive),
+                        "images_to_decide": max(needed) if needed else None}
         if reason:
             self.summary["reason"] = reason
 

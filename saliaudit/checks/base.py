@@ -16,6 +16,7 @@ may stop measuring once it has seen ``params["max_images"]`` images (expensive c
 from __future__ import annotations
 
 import statistics
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -144,6 +145,16 @@ class Check:
     needs_masks: ClassVar[bool] = False
     controls_must_fail: ClassVar[frozenset[str]] = frozenset()
 
+    #: How ``value`` aggregates the images: ``mean`` (a 95 % bootstrap interval is recorded)
+    #: or ``worst`` (the worst image decides; no interval).
+    aggregate: ClassVar[str] = "mean"
+    #: The verdict compares the mean with the thresholds through its interval (else the
+    #: check's own test decides, and the interval is reported beside it).
+    interval_verdict: ClassVar[bool] = False
+    #: The range ``value`` can take (e.g. ``(-1, 1)`` for a correlation): the interval for a
+    #: single image, and a bound for the bootstrap interval.
+    value_range: ClassVar[tuple[float, float] | None] = None
+
     def __init__(self, params: dict[str, Any] | None = None,
                  thresholds: dict[str, float | None] | None = None):
         self.p: dict[str, Any] = {**self.params, **(params or {})}
@@ -190,12 +201,53 @@ class Check:
 
     def result(self, variant: Variant, m: Measurement, status: str, value: float | None,
                message: str, **series: Any) -> CheckResult:
-        """A :class:`CheckResult` carrying the measurement's per-image values and curves."""
-        return CheckResult(self.name, variant.method, variant.psi, status, nan_safe(value),
+        """A :class:`CheckResult` carrying the measurement's per-image values and curves,
+        ``n`` and the 95 % interval of ``value``; for a check judged by its thresholds
+        (:attr:`interval_verdict`), the verdict then follows the interval: PASS or FAIL only
+        when the whole interval lies on that side (else WARN, inconclusive)."""
+        cell = CheckResult(self.name, variant.method, variant.psi, status, nan_safe(value),
                            self.metric, {k: v for k, v in self.t.items()}, message,
                            spread=nan_safe(m.spread()), per_image=m.per_image(),
                            series={**m.curve_series(), **m.extra, **series},
-                           post=variant.post, params=_jsonable(self.p))
+                           post=variant.post, params=_jsonable(self.p), signed=variant.signed)
+        if status in ("pass", "warn", "fail") and cell.value is not None:
+            self._with_interval(cell, m, variant)
+        return cell
+
+    def _with_interval(self, cell: CheckResult, m: Measurement, variant: Variant) -> None:
+        from .. import stats
+
+        value = float(cell.value)  # type: ignore[arg-type]
+        finite = [v for v in m.values if np.isfinite(v)]
+        if self.aggregate == "worst" or not finite:
+            cell.n, cell.ci = len(finite), [value, value]
+            cell.ci_method = "none: the worst image decides, every image is checked"
+            return
+        seed = zlib.crc32(f"{self.name}/{variant.label}".encode())
+        iv = stats.mean_interval(finite, seed=seed, bounds=self.value_range)
+        assert iv is not None
+        cell.n, cell.ci_method = iv.n, iv.method
+        cell.ci = [min(iv.lo, value), max(iv.hi, value)]
+        if not self.interval_verdict:
+            return
+        hib = bool(getattr(self, "higher_is_better", False))
+        fail, warn = self.t.get("fail"), self.t.get("warn")
+        if fail is None and warn is None:
+            return
+        status, inconclusive = stats.decide(iv, fail=fail, warn=warn, higher_is_better=hib)
+        if iv.n < 2:
+            status, inconclusive = "warn", True
+        if inconclusive:
+            cell.inconclusive = True
+            cell.images_needed = stats.images_to_decide(iv, [fail, warn])
+            more = (f"; about {cell.images_needed} images would decide it"
+                    if cell.images_needed else "")
+            cell.message = (f"inconclusive: n = {iv.n}, 95 % CI [{iv.lo:.3g}, {iv.hi:.3g}] "
+                            f"lies across a threshold{more}. Point estimate: {cell.message}")
+        elif status != cell.status:
+            cell.message = (f"{status.upper()} by the whole 95 % CI [{iv.lo:.3g}, {iv.hi:.3g}] "
+                            f"(n = {iv.n}); point estimate: {cell.message}")
+        cell.status = status
 
 
 def higher_is_worse(value: float | None, t: dict[str, float | None]) -> str:

@@ -18,6 +18,7 @@ from ..result import CheckResult
 from . import check_names, get_check
 from ..maps import Batch, MapSource, Variant
 from .base import Check, Measurement
+from .calibrate import calibrate
 
 __all__ = ["CheckRunner", "oom_split", "is_oom", "control_expectation"]
 
@@ -93,6 +94,7 @@ class CheckRunner:
         self.sources: list[MapSource] = []
         self.oom_retries = 0
         self.timings: dict[str, float] = {}
+        self.calibration: dict[str, Any] = {}
 
     def add_source(self, source: MapSource) -> None:
         if source not in self.sources:
@@ -176,12 +178,13 @@ class CheckRunner:
                             cells.append(self._plain(check, v, "error", _error_text(err)))
         for cell in cells:
             cell.control = control_expectation(cell, self._by_name[cell.check])
+        self.calibration = calibrate(cells, self._by_name)
         return cells
 
     @staticmethod
     def _plain(check: Check, v: Variant, status: str, message: str) -> CheckResult:
         return CheckResult(check.name, v.method, v.psi, status, None, check.metric, dict(check.t),
-                           message, post=v.post, params={k: (x if isinstance(x, (int, float, str, bool, type(None), list)) else str(x)) for k, x in check.p.items()})
+                           message, post=v.post, signed=v.signed, params={k: (x if isinstance(x, (int, float, str, bool, type(None), list)) else str(x)) for k, x in check.p.items()})
 
     def info(self) -> dict[str, dict[str, Any]]:
         """Title, summary, reference, metric, thresholds and params of each selected check."""

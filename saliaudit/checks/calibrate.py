@@ -1,0 +1,89 @@
+"""Calibration against the controls: a method must beat them before it can PASS.
+
+A check is trusted only where its must-fail controls (``random``, ``edge``, ...) fail it. For
+every judged cell of a real method, each must-fail control of that check that was measured
+on the same images is compared with it image by image (one-sided Wilcoxon signed-rank test,
+:func:`saliaudit.stats.paired_better`), in the direction the check calls better. The
+p-values of the whole audit are adjusted together (Benjamini–Hochberg); a PASS whose method is
+not significantly better than every control becomes WARN, with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import stats
+from ..result import CheckResult
+
+__all__ = ["calibrate", "control_partner"]
+
+
+def control_partner(cell: CheckResult, controls: list[CheckResult]) -> CheckResult | None:
+    """The control cell to compare ``cell`` with: the same post-processing, or for a ψ
+    variant the control's ``signed``/``abs`` map that keeps the same sign handling."""
+    if not controls:
+        return None
+    want = cell.post
+    if want is None and cell.psi is not None:
+        want = "signed" if cell.signed else "abs"
+    for c in controls:
+        if c.post == want:
+            return c
+    return controls[0]
+
+
+def _values(cell: CheckResult) -> dict[str, float]:
+    out = {}
+    for p in cell.per_image:
+        v = p.get("value")
+        if isinstance(v, (int, float)):
+            out[str(p.get("image"))] = float(v)
+    return out
+
+
+def calibrate(cells: list[CheckResult], checks: dict[str, Any], *,
+              alpha: float = stats.ALPHA) -> dict[str, Any]:
+    """Test every judged method cell against its check's must-fail controls; adjust all
+    p-values (Benjamini–Hochberg); downgrade PASS cells that do not beat every control.
+    Fills ``cell.controls``; returns what the results record about the procedure."""
+    tests: list[tuple[CheckResult, str, int, float]] = []
+    for cell in cells:
+        check = checks.get(cell.check)
+        if check is None or cell.control is not None or cell.status not in ("pass", "warn", "fail"):
+            continue
+        mine = _values(cell)
+        for name in sorted(getattr(check, "controls_must_fail", ())):
+            pool = [c for c in cells if c.check == cell.check and c.method == name
+                    and c.status in ("pass", "warn", "fail")]
+            partner = control_partner(cell, pool)
+            if partner is None:
+                continue
+            theirs = _values(partner)
+            shared = sorted(set(mine) & set(theirs))
+            n, p = stats.paired_better([mine[i] for i in shared], [theirs[i] for i in shared],
+                                       higher_is_better=bool(getattr(check, "higher_is_better",
+                                                                     False)))
+            if p is None:
+                cell.controls[name] = {"n": n, "p": None, "p_adjusted": None, "better": False,
+                                       "partner": partner.variant}
+                continue
+            tests.append((cell, name, n, p))
+            cell.controls[name] = {"n": n, "p": p, "p_adjusted": None, "better": False,
+                                   "partner": partner.variant}
+    adjusted = stats.adjust([t[3] for t in tests])
+    for (cell, name, _n, _p), q in zip(tests, adjusted):
+        cell.controls[name].update(p_adjusted=q, better=bool(q < alpha))
+    for cell in cells:
+        if cell.status != "pass" or not cell.controls:
+            continue
+        losing = [k for k, v in cell.controls.items() if not v["better"]]
+        if losing:
+            why = ", ".join(
+                f"{k} (n = {cell.controls[k]['n']}, adjusted p = "
+                + (f"{cell.controls[k]['p_adjusted']:.2g})" if cell.controls[k]["p_adjusted"]
+                   is not None else "not testable)") for k in losing)
+            cell.status = "warn"
+            cell.message = (f"not significantly better than the must-fail control(s) {why} on "
+                            f"the same images, so it cannot PASS. {cell.message}")
+    return {"test": stats.TEST_METHOD, "adjustment": stats.ADJUST_METHOD, "alpha": alpha,
+            "tests": len(tests)}
