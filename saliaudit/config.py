@@ -25,7 +25,8 @@ FORMATS = ("html", "pdf", "json", "junit")  # renderers of report/ (render.FILES
 FAIL_ON = ("fail", "warn", "never")
 #: Methods audited by default: FullGrad, the comparison methods auditors know, the controls.
 DEFAULT_METHODS = ("fullgrad", "gradient", "grad_x_input", "integrated_gradients", "smoothgrad",
-                   "gradcam", "gradcam_pp", "guided_backprop", "deeplift", "random", "edge")
+                   "gradcam", "gradcam_pp", "guided_backprop", "deeplift", "random", "edge",
+                   "edge_signed")
 #: Command-line spellings that differ from the setting name.
 _FLAG_NAMES = {"thresholds": "--threshold", "check_params": "--check-param",
                "plugins": "--plugin"}

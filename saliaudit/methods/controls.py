@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from . import register
-from .common import as_targets
+from .common import as_targets, forward_fn
 
-__all__ = ["content_seed", "edge", "random", "sobel_magnitude"]
+__all__ = ["content_seed", "edge", "edge_signed", "random", "sobel_magnitude"]
 
 
 def content_seed(image: torch.Tensor) -> int:
@@ -79,3 +79,28 @@ def edge(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """
     as_targets(targets, x)
     return sobel_magnitude(x).sum(1, keepdim=True)
+
+
+@register("edge_signed", family="control",
+          reference="control for sign flips (Khakzar et al. 2021; edge baseline of Adebayo et al. 2018)",
+          summary="control: the edge map, negated for every class but the top-1 (evidence "
+                  "in the same place for every class, only its sign changes)")
+def edge_signed(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Signed edge control: the edge map for the model's top-1 class, its negation otherwise.
+
+    Definition: ``A = s · E`` with ``E`` the :func:`edge` map and ``s = +1`` when the target
+    is the model's top-1 class for the image, ``−1`` otherwise. Its evidence lies on the same
+    pixels for every class; only the sign flips. A class-sensitivity measure that scores it
+    as class-sensitive (e.g. a signed Spearman of −1) measures the sign, not where the
+    evidence lies: a check must FAIL this control.
+
+    Parameters: none.
+    Returns: ``(B, 1, H, W)`` on ``x``'s device.
+    Reference: the sign-flip trap of class sensitivity for signed maps (Khakzar, Baselizadeh
+    & Navab 2021), built on the edge baseline of Adebayo et al. 2018.
+    """
+    t = as_targets(targets, x)
+    with torch.no_grad():
+        top1 = forward_fn(model)(x).argmax(1).to(x.device)
+    sign = torch.where(t.to(x.device) == top1, 1.0, -1.0).to(x.dtype)
+    return sobel_magnitude(x).sum(1, keepdim=True) * sign.view(-1, 1, 1, 1)
