@@ -5,16 +5,14 @@ them. Kinds:
 
 - ``abs_discards``: the share of FullGrad's bias-gradient mass whose sign ``abs`` throws away
   (the negative part of each layer's term, Σ max(−t, 0) / Σ |t|), per layer.
-- ``psi_changes_verdict``: a check whose FullGrad verdict differs between ψ presets.
-- ``signed_vs_paper``: FullGrad ``signed`` against ``paper`` on class sensitivity (the paper's
-  ψ is less class-sensitive on many models; the report says which way it goes here).
-- ``resembles_edge``: a method whose maps resemble the model-independent edge control more
-  than they resemble its own maps on the fully randomized model.
-- ``survives_top_randomization``: a method whose maps stay alike the original (similarity at
-  or above the FAIL threshold) while at least the top third of the cascade is randomized: the
-  maps do not reflect the top layers (Adebayo et al. 2018, guided backprop in Fig. 2).
-- ``choose_psi_by_metric``: which ψ each check favours here; the FullGrad authors note that ψ
+- ``psi_changes_verdict``: a check whose verdict for a method with ψ variants (FullGrad)
+  differs between ψ presets.
+- ``choose_psi_by_metric``: which ψ each check favours here (in the check's direction,
+  :attr:`~saliaudit.checks.base.Check.higher_is_better`); the FullGrad authors note that ψ
   must be chosen by the metric that matters (Srinivas & Fleuret 2019, §6).
+- whatever a check's own :meth:`~saliaudit.checks.base.Check.caveats` finds in its cells
+  (class_sensitivity: ``signed_vs_paper``; randomization: ``survives_top_randomization``,
+  ``resembles_edge``).
 - ``control_passes``: a control (``random``, ``edge``) that PASSES a check it must fail: on
   this model that check cannot tell a map from noise or image edges, so its other verdicts
   are not evidence (design.md §3).
@@ -28,9 +26,6 @@ from .result import CheckResult
 
 __all__ = ["AbsDiscards", "compute_caveats"]
 
-#: For these checks a higher value is better; for the others (similarities) lower is better.
-_HIGHER_IS_BETTER = {"perturbation", "sensitivity_n", "sign_flip", "pointing_game",
-                     "restricted_pointing_game", "bn_folding"}
 _RANK = {"pass": 0, "warn": 1, "fail": 2}
 
 
@@ -65,34 +60,12 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3g}"
 
 
-def _survivors(checks: list[CheckResult]) -> list[dict[str, Any]]:
-    """Maps that stay alike the original while the top third of the cascade is randomized."""
-    out = []
-    for c in checks:
-        if c.check != "randomization" or c.status not in _RANK or c.method in ("random", "edge"):
-            continue
-        metric = c.series.get("verdict_metric", "spearman_abs")
-        curve = c.series.get(f"cascading_{metric}") or {}
-        mean, steps = curve.get("mean") or [], curve.get("x") or []
-        fail = c.thresholds.get("fail")
-        if not mean or fail is None or len(mean) < 3:
-            continue
-        kept = 0
-        for v in mean:
-            if v is None or v < fail:
-                break
-            kept += 1
-        if kept >= -(-len(mean) // 3) and kept < len(mean):
-            out.append({"kind": "survives_top_randomization", "variant": c.variant,
-                        "numbers": {"steps_kept": kept, "steps": len(mean),
-                                    "curve": dict(zip(map(str, steps), mean))},
-                        "message": (
-                            f"{c.variant} maps stay alike the original (similarity ≥ {fail:g}) "
-                            f"until {steps[kept]} is randomized ({kept} of {len(mean)} cascade "
-                            f"steps, values {', '.join(f'{v:.2f}' for v in mean[:kept + 1])}): "
-                            "they do not reflect the top layers of the model "
-                            "(Adebayo et al. 2018).")})
-    return out
+def _check_class(name: str) -> Any:
+    """The registered check class of ``name`` (``None`` for a check nobody registered)."""
+    from .checks import CHECKS, check_names
+
+    check_names()  # discovers the check modules once
+    return CHECKS.get(name)
 
 
 def compute_caveats(checks: list[CheckResult], discards: AbsDiscards | None,
@@ -109,11 +82,11 @@ def compute_caveats(checks: list[CheckResult], discards: AbsDiscards | None,
                         "FullGrad's gradient mass on this model: that share is negative evidence "
                         "that the abs map shows as positive. Largest shares: "
                         + ", ".join(f"{n} {v:.0%}" for n, v in worst) + ".")})
-    fg = [c for c in checks if c.method == "fullgrad" and c.psi and c.status in _RANK]
-    by_check: dict[str, list[CheckResult]] = {}
-    for c in fg:
-        by_check.setdefault(c.check, []).append(c)
-    for check, cells in by_check.items():
+    psi_cells = [c for c in checks if c.psi and c.status in _RANK]
+    by_check: dict[tuple[str, str], list[CheckResult]] = {}
+    for c in psi_cells:
+        by_check.setdefault((c.check, c.method), []).append(c)
+    for (check, _method), cells in by_check.items():
         statuses = {c.status for c in cells}
         if len(statuses) > 1:
             best = min(cells, key=lambda c: _RANK[c.status])
@@ -127,7 +100,8 @@ def compute_caveats(checks: list[CheckResult], discards: AbsDiscards | None,
                             "model, decides this verdict.")})
         valued = [c for c in cells if c.value is not None]
         if len(valued) > 1:
-            hib = check in _HIGHER_IS_BETTER
+            cls = _check_class(check)
+            hib = bool(cls.higher_is_better) if cls is not None else False
             best = max(valued, key=lambda c: c.value if hib else -c.value)
             out.append({"kind": "choose_psi_by_metric", "check": check,
                         "numbers": {c.psi: c.value for c in valued},
@@ -136,17 +110,12 @@ def compute_caveats(checks: list[CheckResult], discards: AbsDiscards | None,
                             + ", ".join(f"{c.psi} {_fmt(c.value)}" for c in valued if c is not best)
                             + "). Choose ψ by the metric that matters for your use "
                             "(Srinivas & Fleuret 2019, §6).")})
-    cs = {c.psi: c for c in by_check.get("class_sensitivity", [])}
-    if "signed" in cs and "paper" in cs and cs["signed"].value is not None \
-            and cs["paper"].value is not None:
-        s, p = cs["signed"].value, cs["paper"].value
-        more = "more" if s < p else "not more"
-        out.append({"kind": "signed_vs_paper", "numbers": {"signed": s, "paper": p},
-                    "message": (
-                        f"FullGrad signed maps are {more} class-sensitive than the paper's ψ here "
-                        f"(similarity of top-1 and lowest-class maps {s:.3g} signed vs {p:.3g} "
-                        "paper; lower means the map changes more with the class).")})
-    out += _survivors(checks)
+    names = list(dict.fromkeys(c.check for c in checks))
+    context = {"edge_similarity": dict(edge_similarity)}
+    for name in names:
+        cls = _check_class(name)
+        if cls is not None:
+            out += cls.caveats([c for c in checks if c.check == name], context)
     for c in checks:
         if c.control == "unexpected":
             out.append({"kind": "control_passes", "check": c.check, "variant": c.variant,
@@ -157,17 +126,4 @@ def compute_caveats(checks: list[CheckResult], discards: AbsDiscards | None,
                             f"check cannot tell an explanation from {'noise' if c.method == 'random' else 'image edges'}, "
                             f"so its verdicts for the other methods are not evidence. "
                             "Change its parameters or thresholds (saliaudit checks).")})
-    rand = {c.variant: c.value for c in checks
-            if c.check == "randomization" and c.value is not None}
-    for variant, sim_edge in sorted(edge_similarity.items()):
-        if variant.startswith("edge/") or variant not in rand:
-            continue
-        if sim_edge > rand[variant] and sim_edge >= 0.3:
-            out.append({"kind": "resembles_edge", "variant": variant,
-                        "numbers": {"edge_similarity": sim_edge, "randomized_similarity": rand[variant]},
-                        "message": (
-                            f"{variant} maps resemble the model-independent edge control "
-                            f"(Spearman {sim_edge:.2f}) more than their own maps on the fully "
-                            f"randomized model ({rand[variant]:.2f}): they may show image "
-                            "structure rather than what the model uses (Adebayo et al. 2018).")})
     return out

@@ -311,22 +311,32 @@ def checks_command(
     plugin: Optional[list[str]] = typer.Option(None, "--plugin", help="Module or .py file that registers methods or checks (repeatable; runs its code)."),
 ) -> None:
     """List the sanity checks: what each measures, its thresholds and parameters."""
+    from rich.text import Text
+
     from .checks import check_names, get_check
 
     _load_plugins(plugin)
 
     console = Console()
     for name in check_names():
-        c = get_check(name)
-        scope = f" · needs a method that provides {', '.join(sorted(c.requires))}" if c.requires else ""
-        scope += " · needs --masks" if c.needs_masks else ""
-        thresholds = ", ".join(f"{k}={v!r}" for k, v in c.thresholds.items()) or "none"
-        params = ", ".join(f"{k}={v!r}" for k, v in c.params.items()) or "none"
-        controls = ", ".join(sorted(c.controls_must_fail))
+        info = get_check(name).describe()
+        scope = (f" · needs a method that provides {', '.join(info['requires'])}"
+                 if info["requires"] else "")
+        scope += " · needs --masks" if info["needs_masks"] else ""
+        direction = "higher is better" if info["higher_is_better"] else "lower is better"
+        thresholds = ", ".join(f"{k}={v!r}" for k, v in info["thresholds"].items()) or "none"
+        thresholds += " (informational unless set)" if info["informational"] else ""
+        params = ", ".join(f"{k}={v!r}" for k, v in info["params"].items()) or "none"
+        controls = ", ".join(info["controls_must_fail"])
         controls = f"    controls it must not pass: {controls}\n" if controls else ""
-        console.print(f"[bold]{name}[/]  [dim]({c.metric}{scope})[/]\n    {c.summary}\n"
-                      f"    thresholds: {thresholds}\n    parameters: {params}\n{controls}"
-                      f"    [dim]{c.reference}[/]", soft_wrap=True, markup=True, highlight=False)
+        curves = ", ".join(info["curves"])
+        curves = f"    curves: {curves}\n" if curves else ""
+        console.print(Text.assemble((name, "bold"), f" ({info['short']})  ",
+                                    (f"{info['title']}", ""), "\n",
+                                    (f"    {info['metric']}, {direction}{scope}", "dim"),
+                                    f"\n    {info['summary']}\n    thresholds: {thresholds}\n"
+                                    f"    parameters: {params}\n{controls}{curves}",
+                                    (f"    {info['reference']}", "dim")), soft_wrap=True)
     console.print("\nA control (random, edge) ignores the model: its FAIL on a check it must not "
                   "pass shows the check working and never fails the gate; a control that passes "
                   "counts as a WARN and the report says that check is unreliable on the model.",

@@ -77,15 +77,23 @@ class ExampleFigures:
                                       "target": target, "data": small_map(data)})
 
     def ranking(self, checks: list[Any]) -> list[str]:
-        """Example images, most telling first: the highest class-sensitivity similarity
-        (maps that ignore the class) of any cell, then the least confident prediction."""
+        """Example images, most telling first: the worst per-image value, in the check's
+        direction, of any cell of a check that ranks examples
+        (:attr:`~saliaudit.checks.base.Check.ranks_examples`: class sensitivity, where a high
+        similarity means maps that ignore the class), then the least confident prediction."""
+        from .checks import CHECKS, check_names
+
+        check_names()
         worst: dict[str, float] = {}
         for c in checks:
-            if c.check != "class_sensitivity":
+            cls = CHECKS.get(c.check)
+            if cls is None or not cls.ranks_examples:
                 continue
+            sign = -1.0 if cls.higher_is_better else 1.0
             for p in c.per_image:
                 if p.get("value") is not None and p["image"] in self.images:
-                    worst[p["image"]] = max(worst.get(p["image"], -1.0), float(p["value"]))
+                    bad = sign * float(p["value"])
+                    worst[p["image"]] = max(worst.get(p["image"], -float("inf")), bad)
         return sorted(self.images, key=lambda n: (-worst.get(n, -1.0),
                                                   self.images[n]["score"], n))
 

@@ -1,34 +1,39 @@
 """Sanity checks (design.md §4). Each check is a class with ``measure`` (numbers) and
-``judge`` (a verdict against configurable thresholds), registered by name; one file each."""
+``judge`` (a verdict against configurable thresholds), registered by name; one file each.
+
+Every module of this package is imported once (each check module registers its class; the
+helper modules register nothing); an import error inside one is a bug and raises. A check
+registered from elsewhere with :func:`register` is listed the same way.
+"""
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
-from .base import CHECKS, Batch, Check, MapSource, Measurement, Variant, register
+from .base import CHECKS, Batch, Check, Curve, MapSource, Measurement, Variant, register
 
-__all__ = ["CHECKS", "Check", "Batch", "MapSource", "Measurement", "Variant", "register",
+__all__ = ["CHECKS", "Check", "Curve", "Batch", "MapSource", "Measurement", "Variant", "register",
            "check_names", "get_check"]
 
-#: Check modules, in report order (each registers its class when imported).
-_MODULES = ("completeness", "class_sensitivity", "randomization", "perturbation",
-            "sensitivity_n", "sign_flip", "bn_folding", "pointing_game")
+_loaded = False
 
 
 def _load() -> None:
-    for module in _MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{module}")
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{module}":
-                raise
+    """Import every non-underscore module of this package once."""
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def check_names() -> list[str]:
-    """All registered checks, in report order."""
+    """All registered checks, in report order: by :attr:`Check.order`, then name."""
     _load()
-    order = {name: i for i, name in enumerate(_MODULES)}
-    return sorted(CHECKS, key=lambda n: order.get(n, len(order)))
+    return sorted(CHECKS, key=lambda n: (CHECKS[n].order, n))
 
 
 def get_check(name: str) -> type[Check]:

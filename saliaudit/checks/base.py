@@ -26,8 +26,8 @@ import torch
 from ..maps import Batch, MapSource, Variant, small_map
 from ..result import CheckResult
 
-__all__ = ["CHECKS", "Check", "register", "Variant", "Batch", "Measurement", "MapSource",
-           "nan_safe", "small_map", "higher_is_worse"]
+__all__ = ["CHECKS", "Check", "Curve", "register", "Variant", "Batch", "Measurement", "MapSource",
+           "nan_safe", "small_map", "higher_is_worse", "generic_info"]
 
 CHECKS: dict[str, type["Check"]] = {}
 
@@ -36,6 +36,30 @@ def register(cls: type["Check"]) -> type["Check"]:
     """Class decorator: make a check available by its ``name`` (``--checks``)."""
     CHECKS[cls.name] = cls
     return cls
+
+
+@dataclass(frozen=True)
+class Curve:
+    """How the report draws one curve a check puts in its cells' ``series``.
+
+    Attributes:
+        title: heading of the curve group.
+        xlabel, ylabel: axis labels.
+        primary: shown in the PDF (which has room for few curve groups per check).
+        baseline: the curve drawn dashed as this one's reference (e.g. a random order);
+            a curve named as another's baseline gets no group of its own.
+    """
+
+    title: str
+    xlabel: str = ""
+    ylabel: str = ""
+    primary: bool = False
+    baseline: str | None = None
+
+    def info(self) -> dict[str, Any]:
+        """JSON-ready form (``check_info[check]["curves"][name]``)."""
+        return {"title": self.title, "xlabel": self.xlabel, "ylabel": self.ylabel,
+                "primary": self.primary, "baseline": self.baseline}
 
 
 @dataclass
@@ -117,14 +141,23 @@ def nan_safe(v: Any) -> float | None:
 class Check:
     """A sanity check. ``measure`` returns numbers; ``judge`` turns them into a verdict.
 
+    The class attributes are everything the rest of saliaudit knows about a check: the
+    registry, the CLI, the caveats and every report read them (through
+    :meth:`info`, written into the results as ``check_info``), never a list of their own.
+
     Class attributes:
         name: registry name (``--checks``).
         title: heading in the report.
+        short: column label in the terminal verdict table (at most 6 characters).
         summary: what it tests, in two sentences, with the paper.
         reference: the paper(s).
         metric: what ``value`` is (e.g. "Spearman of HOG features").
+        higher_is_better: direction of ``value`` (a similarity to what the map must not
+            resemble: lower is better; a hit rate or an advantage: higher is better).
+        order: position in reports and listings (ascending; ties by name).
         thresholds: default thresholds (``fail``, ``warn``), overridable by configuration.
         params: default parameters, overridable by configuration.
+        curves: curve name -> :class:`Curve`, for the curves ``measure`` puts in ``series``.
         requires: capabilities a method's map source must provide for the check to apply
             (:attr:`MapSource.provides`; e.g. ``{"decomposition"}`` for completeness and
             bn_folding, which FullGrad provides); other methods get no cell.
@@ -132,18 +165,32 @@ class Check:
         controls_must_fail: the controls (``random``, ``edge``) that must not PASS this
             check: one that does shows the check cannot tell a map that explains the model
             from one that does not (design.md §3), and is reported as such.
+        ranks_examples: its per-image values rank the report's example images (worst first).
+        shows_class_maps: its report section shows the top-1 and lowest-class maps of the
+            example images (else the report shows them in a gallery of their own).
+        informational: without thresholds set, its cells report a number, not a verdict.
+        records: the top-level results key of per-image records this check judges
+            (``completeness``), shown as a table in the report; ``None``: none.
     """
 
     name: ClassVar[str]
     title: ClassVar[str] = ""
+    short: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     reference: ClassVar[str] = ""
     metric: ClassVar[str] = ""
+    higher_is_better: ClassVar[bool] = False
+    order: ClassVar[float] = 1000
     thresholds: ClassVar[dict[str, float | None]] = {}
     params: ClassVar[dict[str, Any]] = {}
+    curves: ClassVar[dict[str, Curve]] = {}
     requires: ClassVar[frozenset[str]] = frozenset()
     needs_masks: ClassVar[bool] = False
     controls_must_fail: ClassVar[frozenset[str]] = frozenset()
+    ranks_examples: ClassVar[bool] = False
+    shows_class_maps: ClassVar[bool] = False
+    informational: ClassVar[bool] = False
+    records: ClassVar[str | None] = None
 
     #: How ``value`` aggregates the images: ``mean`` (a 95 % bootstrap interval is recorded)
     #: or ``worst`` (the worst image decides; no interval).
@@ -160,6 +207,38 @@ class Check:
         self.p: dict[str, Any] = {**self.params, **(params or {})}
         self.t: dict[str, float | None] = {**self.thresholds, **(thresholds or {})}
         self.seen = 0  # images measured so far (for max_images)
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        """The class's declared knowledge as a JSON-ready dict (default thresholds/params)."""
+        return {"name": cls.name, "title": cls.title or generic_info(cls.name)["title"],
+                "short": (cls.short or cls.name)[:6], "summary": cls.summary,
+                "reference": cls.reference, "metric": cls.metric,
+                "higher_is_better": bool(cls.higher_is_better), "order": cls.order,
+                "thresholds": dict(cls.thresholds), "params": _jsonable(cls.params),
+                "curves": {k: c.info() for k, c in cls.curves.items()},
+                "controls_must_fail": sorted(cls.controls_must_fail),
+                "requires": sorted(cls.requires), "needs_masks": bool(cls.needs_masks),
+                "ranks_examples": bool(cls.ranks_examples),
+                "shows_class_maps": bool(cls.shows_class_maps),
+                "informational": bool(cls.informational), "records": cls.records,
+                "aggregate": cls.aggregate, "interval_verdict": bool(cls.interval_verdict),
+                "value_range": list(cls.value_range) if cls.value_range else None,
+                "origin": getattr(cls, "origin", "builtin")}
+
+    def info(self) -> dict[str, Any]:
+        """:meth:`describe` with this instance's metric, thresholds and parameters (as
+        configured): the check's entry of ``check_info`` in the results."""
+        return {**self.describe(), "metric": self.metric, "thresholds": dict(self.t),
+                "params": _jsonable(self.p)}
+
+    @classmethod
+    def caveats(cls, cells: list[CheckResult], context: dict[str, Any]) -> list[dict[str, Any]]:
+        """Caveats only this check's numbers support (:mod:`saliaudit.caveats`): each a dict
+        with ``kind``, ``message`` and ``numbers``. ``cells`` are this check's cells;
+        ``context`` holds ``edge_similarity`` (variant label -> mean Spearman with the edge
+        control's maps). Default: none."""
+        return []
 
     def skip_reason(self, source: MapSource, model: Any, has_masks: bool) -> str | None:
         """Why this check cannot apply to ``source`` on ``model`` (``None``: it applies)."""
@@ -259,6 +338,16 @@ def higher_is_worse(value: float | None, t: dict[str, float | None]) -> str:
     if t.get("warn") is not None and value >= t["warn"]:
         return "warn"
     return "pass"
+
+
+def generic_info(name: str) -> dict[str, Any]:
+    """``check_info`` of a check nothing is known about (results of an unregistered check)."""
+    return {"name": name, "title": name.replace("_", " ").capitalize(), "short": name[:6],
+            "summary": "", "reference": "", "metric": "", "higher_is_better": False,
+            "order": 1000, "thresholds": {}, "params": {}, "curves": {},
+            "controls_must_fail": [], "requires": [], "needs_masks": False,
+            "ranks_examples": False, "shows_class_maps": False, "informational": False,
+            "records": None}
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:

@@ -218,6 +218,9 @@ class BNFolding(Check):
     thresholds = {"fail": None, "warn": 0.9}
     params = {"tolerance": 1e-3}  # completeness residual the folded decomposition must stay under
     requires = frozenset({"decomposition"})
+    short = "bn"
+    higher_is_better = True  # a similarity the maps must keep
+    order = 70
 
     def __init__(self, params: dict[str, Any] | None = None,
                  thresholds: dict[str, float | None] | None = None):

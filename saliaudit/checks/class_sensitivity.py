@@ -60,6 +60,11 @@ class ClassSensitivity(Check):
     metric = "Spearman of HOG features, top-1 vs lowest class"
     thresholds = {"fail": 0.7, "warn": 0.4}
     controls_must_fail = frozenset({"random", "edge"})
+    short = "class"
+    higher_is_better = False  # a similarity of maps that should differ
+    order = 20
+    ranks_examples = True  # images whose maps ignore the class are shown first
+    shows_class_maps = True
     params = {
         "metric": "hog",  # verdict metric of magnitude maps: hog, spearman_abs, spearman or ssim
         # verdict metric of signed maps: HOG and SSIM of min-max normalized maps cannot see a
@@ -145,6 +150,28 @@ class ClassSensitivity(Check):
     def _metric_text(self, metric: str) -> str:
         name = "Spearman of HOG features" if metric == "hog" else METRIC_NAMES[metric]
         return f"{name}, top-1 vs lowest class"
+
+    @classmethod
+    def caveats(cls, cells: list[CheckResult], context: dict[str, Any]) -> list[dict[str, Any]]:
+        """``signed_vs_paper``: ψ ``signed`` against ``paper`` of a method with ψ variants
+        (FullGrad); the paper's ψ is less class-sensitive on many models (Khakzar et al.)."""
+        out = []
+        by_method: dict[str, dict[str, CheckResult]] = {}
+        for c in cells:
+            if c.psi and c.status in ("pass", "warn", "fail"):
+                by_method.setdefault(c.method, {})[c.psi] = c
+        for method, cs in by_method.items():
+            if "signed" not in cs or "paper" not in cs or cs["signed"].value is None \
+                    or cs["paper"].value is None:
+                continue
+            s, p = cs["signed"].value, cs["paper"].value
+            more = "more" if s < p else "not more"
+            out.append({"kind": "signed_vs_paper", "numbers": {"signed": s, "paper": p},
+                        "message": (
+                            f"{method} signed maps are {more} class-sensitive than the paper's ψ "
+                            f"here (similarity of top-1 and lowest-class maps {s:.3g} signed vs "
+                            f"{p:.3g} paper; lower means the map changes more with the class).")})
+        return out
 
     def judge(self, variant: Variant, m: Measurement) -> CheckResult:
         cell = self._judge(variant, m)

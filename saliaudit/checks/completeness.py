@@ -24,6 +24,10 @@ class Completeness(Check):
     reference = "Srinivas & Fleuret, Full-Gradient Representation for Neural Network Visualization, NeurIPS 2019"
     metric = "max relative residual"
     thresholds = {"fail": 1e-3}
+    short = "compl"
+    higher_is_better = False  # the residual
+    order = 10
+    records = "completeness"  # results["completeness"]: the per-image residuals
     requires = frozenset({"decomposition"})
 
     def measure(self, batch: Batch, source: MapSource,

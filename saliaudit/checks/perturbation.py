@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from ..result import CheckResult
-from .base import Batch, Check, MapSource, Measurement, Variant, register
+from .base import Batch, Check, Curve, MapSource, Measurement, Variant, register
 from .removal import (Job, better_than_random, check_baseline, check_choice, check_fractions,
                       check_int, flag_notes, fraction_counts, image_keys, nonfinite_count,
                       power_note, prefix_masks, random_ranks, removal_baseline, run_removals,
@@ -80,6 +80,21 @@ class Perturbation(Check):
     metric = "mean advantage over a random order (LeRF and MoRF averaged, in units of |f(x)|)"
     thresholds = {"min_advantage": 0.0, "alpha": 0.05}
     controls_must_fail = frozenset({"random"})
+    short = "pert"
+    higher_is_better = True  # an advantage over a random order
+    order = 40
+    curves = {
+        "lerf": Curve("LeRF: least salient removed first (lower is better)",
+                      "fraction of pixels removed", "|fractional change| of the output",
+                      primary=True, baseline="lerf_random"),
+        "morf": Curve("MoRF: most salient removed first (higher is better)",
+                      "fraction of pixels removed", "drop of the output", primary=True,
+                      baseline="morf_random"),
+        "lerf_random": Curve("LeRF, random order", "fraction of pixels removed",
+                             "|fractional change| of the output"),
+        "morf_random": Curve("MoRF, random order", "fraction of pixels removed",
+                             "drop of the output"),
+    }
     params = {
         "fractions": [0.01, 0.02, 0.05, 0.1, 0.2],  # share of the pixels removed
         "output": "logit",  # or "probability" (softmax of the top class)

@@ -105,6 +105,8 @@ class _Game(Check):
     metric = "hit rate"
     thresholds = {"fail": None, "warn": None}
     needs_masks = True
+    higher_is_better = True  # a hit rate
+    informational = True  # no default thresholds: a number, not a verdict
 
     def __init__(self, params: dict[str, Any] | None = None,
                  thresholds: dict[str, float | None] | None = None):
@@ -146,6 +148,8 @@ class _Game(Check):
 @register
 class PointingGame(_Game):
     name = "pointing_game"
+    short = "point"
+    order = 80
     title = "Pointing game"
     summary = ("Does the maximum of the map for the predicted class lie on that class's object "
                "(given masks, with a small tolerance)? The hit rate is compared with the chance "
@@ -216,6 +220,8 @@ class PointingGame(_Game):
 @register
 class RestrictedPointingGame(_Game):
     name = "restricted_pointing_game"
+    short = "rpoint"
+    order = 81
     title = "Restricted pointing game"
     summary = ("On images with objects of two or more classes, does the map for each class put "
                "its maximum on that class's object rather than on the other one? A map that "

@@ -34,7 +34,7 @@ import torch
 
 from ..errors import UsageError
 from ..result import CheckResult
-from .base import Batch, Check, MapSource, Measurement, Variant, higher_is_worse, register, small_map
+from .base import Batch, Check, Curve, MapSource, Measurement, Variant, higher_is_worse, register, small_map
 from .reinit import (GRANULARITIES, REINIT_TEXT, REINITS, RandomizedModels, group_parameters,
                      module_seed, reinit_values)
 from .similarity import METRIC_NAMES, METRICS, Maps, similarity
@@ -60,6 +60,17 @@ class Randomization(Check):
     metric = "Spearman rank correlation of |map| (ABS), original vs fully randomized model"
     thresholds = {"fail": 0.7, "warn": 0.4}
     controls_must_fail = frozenset({"random", "edge"})
+    short = "rand"
+    higher_is_better = False  # a similarity to the maps of the trained model
+    order = 30
+    curves = {f"{mode}_{m}": Curve(
+        f"{mode.capitalize()} randomization" + (" (signed)" if m == "spearman" else ""),
+        "re-initialized up to layer (from the output)" if mode == "cascading"
+        else "the one layer re-initialized",
+        {"spearman_abs": "Spearman of |map| with the original",
+         "spearman": "signed Spearman with the original", "ssim": "SSIM with the original",
+         "hog": "Spearman of HOG features"}[m], primary=m == "spearman_abs")
+        for mode in ("cascading", "independent") for m in METRICS}
     params = {
         "metric": "spearman_abs",  # verdict metric: spearman_abs, spearman, ssim or hog
         # final: the fully randomized model (Adebayo et al.'s headline comparison); mean: the
@@ -170,6 +181,28 @@ class Randomization(Check):
                                     curves=dict(c), axes={k: list(steps) for k in c}, extra=extra)
         return result
 
+    @classmethod
+    def caveats(cls, cells: list[CheckResult], context: dict[str, Any]) -> list[dict[str, Any]]:
+        """``survives_top_randomization`` (maps alike the original while at least the top
+        third of the cascade is randomized: they do not reflect the top layers, Adebayo et al.
+        2018, guided backprop in Fig. 2) and ``resembles_edge`` (maps more alike the
+        model-independent edge control than their own maps on the fully randomized model)."""
+        out = [c for c in (_survivor(c) for c in cells) if c is not None]
+        rand = {c.variant: c.value for c in cells if c.value is not None}
+        for variant, sim_edge in sorted(context.get("edge_similarity", {}).items()):
+            if variant.startswith("edge/") or variant not in rand:
+                continue
+            if sim_edge > rand[variant] and sim_edge >= 0.3:
+                out.append({"kind": "resembles_edge", "variant": variant,
+                            "numbers": {"edge_similarity": sim_edge,
+                                        "randomized_similarity": rand[variant]},
+                            "message": (
+                                f"{variant} maps resemble the model-independent edge control "
+                                f"(Spearman {sim_edge:.2f}) more than their own maps on the fully "
+                                f"randomized model ({rand[variant]:.2f}): they may show image "
+                                "structure rather than what the model uses (Adebayo et al. 2018).")})
+        return out
+
     def judge(self, variant: Variant, m: Measurement) -> CheckResult:
         self.release()  # judging starts after the last batch: the copies are no longer needed
         metric = self.p["metric"]
@@ -228,3 +261,36 @@ class Randomization(Check):
         if notes:
             msg += "; " + "; ".join(notes)
         return self.result(variant, m, status, value, msg, **series)
+
+
+def _is_control(method: str) -> bool:
+    from ..methods import METHODS, method_names
+
+    return method in method_names() and METHODS[method].family == "control"
+
+
+def _survivor(c: CheckResult) -> dict[str, Any] | None:
+    """The ``survives_top_randomization`` caveat of one cell, if its cascade supports it."""
+    if c.status not in ("pass", "warn", "fail") or c.control is not None or _is_control(c.method):
+        return None
+    metric = c.series.get("verdict_metric", "spearman_abs")
+    curve = c.series.get(f"cascading_{metric}") or {}
+    mean, steps = curve.get("mean") or [], curve.get("x") or []
+    fail = c.thresholds.get("fail")
+    if not mean or fail is None or len(mean) < 3:
+        return None
+    kept = 0
+    for v in mean:
+        if v is None or v < fail:
+            break
+        kept += 1
+    if not (kept >= -(-len(mean) // 3) and kept < len(mean)):
+        return None
+    return {"kind": "survives_top_randomization", "variant": c.variant,
+            "numbers": {"steps_kept": kept, "steps": len(mean),
+                        "curve": dict(zip(map(str, steps), mean))},
+            "message": (
+                f"{c.variant} maps stay alike the original (similarity ≥ {fail:g}) "
+                f"until {steps[kept]} is randomized ({kept} of {len(mean)} cascade "
+                f"steps, values {', '.join(f'{v:.2f}' for v in mean[:kept + 1])}): "
+                "they do not reflect the top layers of the model (Adebayo et al. 2018).")}

@@ -17,7 +17,7 @@ from ..errors import SaliauditError
 from ..result import CheckResult
 from . import check_names, get_check
 from ..maps import Batch, MapSource, Variant
-from .base import Check, Measurement
+from .base import Check, Measurement, _jsonable
 from .calibrate import calibrate
 
 __all__ = ["CheckRunner", "oom_split", "is_oom", "control_expectation"]
@@ -184,13 +184,10 @@ class CheckRunner:
     @staticmethod
     def _plain(check: Check, v: Variant, status: str, message: str) -> CheckResult:
         return CheckResult(check.name, v.method, v.psi, status, None, check.metric, dict(check.t),
-                           message, post=v.post, signed=v.signed, params={k: (x if isinstance(x, (int, float, str, bool, type(None), list)) else str(x)) for k, x in check.p.items()})
+                           message, post=v.post, signed=v.signed, params=_jsonable(check.p))
 
     def info(self) -> dict[str, dict[str, Any]]:
-        """Title, summary, reference, metric, thresholds and params of each selected check."""
-        return {c.name: {"title": c.title or c.name, "summary": c.summary, "reference": c.reference,
-                         "metric": c.metric, "thresholds": dict(c.t),
-                         "params": {k: (x if isinstance(x, (int, float, str, bool, type(None), list)) else str(x))
-                                    for k, x in c.p.items()},
-                         "requires": sorted(c.requires), "needs_masks": c.needs_masks}
-                for c in self.checks}
+        """``check_info`` of the results: :meth:`Check.info` of each selected check, in
+        report order (title, short, metric, direction, curves, effective thresholds and
+        parameters, ...)."""
+        return {c.name: c.info() for c in sorted(self.checks, key=lambda c: (c.order, c.name))}

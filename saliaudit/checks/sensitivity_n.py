@@ -39,7 +39,7 @@ import torch
 
 from ..errors import UsageError
 from ..result import CheckResult
-from .base import Batch, Check, MapSource, Measurement, Variant, register
+from .base import Batch, Check, Curve, MapSource, Measurement, Variant, register
 from .removal import (Job, check_baseline, check_choice, check_int, flag_notes, image_generator,
                       image_keys, nonfinite_count, removal_baseline, run_removals)
 
@@ -58,6 +58,12 @@ class SensitivityN(Check):
     metric = "max over n of the mean Pearson correlation (attribution sum vs output change)"
     thresholds = {"warn": 0.1, "fail": None}
     controls_must_fail = frozenset({"random"})
+    short = "sens-n"
+    higher_is_better = True  # a correlation the map should have
+    order = 50
+    curves = {"correlation": Curve("Sensitivity-n (higher is better)",
+                                   "n (pixels removed, log scale)", "Pearson correlation",
+                                   primary=True)}
     params = {
         "features": "patches",  # or "pixels"
         "patch": None,  # patch side in pixels (None: input size / 16)

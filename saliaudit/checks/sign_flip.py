@@ -40,7 +40,7 @@ import torch
 
 from ..errors import UsageError
 from ..result import CheckResult
-from .base import Batch, Check, MapSource, Measurement, Variant, register
+from .base import Batch, Check, Curve, MapSource, Measurement, Variant, register
 from .removal import (Job, better_than_random, check_baseline, check_fractions, check_int,
                       flag_notes, fraction_counts, image_keys, nonfinite_count, power_note,
                       prefix_masks, random_ranks, removal_baseline, run_removals, saliency_ranks,
@@ -61,6 +61,16 @@ class SignFlip(Check):
     metric = "mean advantage over a random order of the log-odds change towards c′ (logits)"
     thresholds = {"min_advantage": 0.0, "alpha": 0.05, "warn_win_rate": 0.75}
     controls_must_fail = frozenset({"random", "edge"})
+    short = "sign"
+    higher_is_better = True  # an advantage over a random order
+    order = 60
+    curves = {
+        "flip": Curve("Sign flip: log-odds change towards the contrast class (higher is better)",
+                      "fraction of pixels removed", "change in log-odds", primary=True,
+                      baseline="flip_random"),
+        "flip_random": Curve("Sign flip, random order", "fraction of pixels removed",
+                             "change in log-odds"),
+    }
     params = {
         "pairs": None,  # None: runner-up; or [[c, c′], ...] / "8:3,cat:dog" (indices or names)
         "fractions": [0.01, 0.02, 0.05, 0.1, 0.2],  # share of the pixels removed

@@ -2,7 +2,9 @@
 
 Everything here takes the ``results.json`` dictionary (``AuditResult.to_dict()``), never the
 model, and tolerates documents that lack optional parts (results written before the checks
-existed, or by an older saliaudit): missing keys read as empty.
+existed, or by an older saliaudit): missing keys read as empty. What the renderers know about a
+check comes from :func:`check_info`: the results' ``check_info`` entry, completed by the
+registered check's class attributes, else by generic defaults.
 """
 
 from __future__ import annotations
@@ -10,17 +12,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["STATUSES", "STATUS_TEXT", "STATUS_SYMBOL", "KNOWN_CHECKS", "variant_of",
-           "variant_label", "is_signed", "check_order", "method_order", "verdict_rows",
+__all__ = ["STATUSES", "STATUS_TEXT", "STATUS_SYMBOL", "variant_of", "variant_label",
+           "is_signed", "check_order", "check_info", "method_order", "psi_methods", "verdict_rows",
            "fmt", "cell_key", "as_list", "as_dict", "gate_status_of", "control_text", "cell_text"]
 
 STATUSES = ("pass", "warn", "fail", "error", "skipped")
 STATUS_TEXT = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "error": "ERROR",
                "skipped": "SKIPPED"}
 STATUS_SYMBOL = {"pass": "✓", "warn": "!", "fail": "✗", "error": "⚠", "skipped": "–"}
-#: Report order of the checks (design.md §4) when the results do not give one.
-KNOWN_CHECKS = ("completeness", "class_sensitivity", "randomization", "perturbation",
-                "sensitivity_n", "sign_flip", "bn_folding", "pointing_game")
 
 
 def as_list(v: Any) -> list:
@@ -90,27 +89,64 @@ def is_signed(entry: dict[str, Any]) -> bool:
     return entry.get("psi") == "signed" or entry.get("post") == "signed"
 
 
+def _registered_info(name: str) -> dict[str, Any] | None:
+    """:meth:`Check.describe` of a registered check (``None`` if nobody registered it)."""
+    from ..checks import CHECKS, check_names
+
+    check_names()  # discovers the check modules once
+    cls = CHECKS.get(name)
+    return cls.describe() if cls is not None else None
+
+
+def check_info(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    """Everything known about check ``name`` for this document: its ``check_info`` entry in
+    the results, with the fields an older results file lacks taken from the registered check
+    (:meth:`~saliaudit.checks.base.Check.describe`) or, for a check nobody registered, from
+    generic defaults. The metric, thresholds and parameters are those of the run: empty when
+    the entry lacks them (the cells carry them)."""
+    from ..checks.base import generic_info
+
+    entry = as_dict(as_dict(doc.get("check_info")).get(name))
+    base = _registered_info(name) or generic_info(name)
+    info = {**base, **{k: v for k, v in entry.items() if v is not None or k == "records"}}
+    for key, empty in (("metric", ""), ("thresholds", {}), ("params", {})):
+        if key not in entry:  # per run: the cells carry what the audit used
+            info[key] = empty
+    info["curves"] = {**as_dict(base.get("curves")), **as_dict(entry.get("curves"))}
+    if not isinstance(info.get("order"), (int, float)) or isinstance(info.get("order"), bool):
+        info["order"] = base["order"]
+    info["short"] = str(info.get("short") or name)[:6]
+    return info
+
+
 def check_order(doc: dict[str, Any]) -> list[str]:
-    """Checks in report order: ``check_info`` order, then the known order, then the rest."""
-    present = []
+    """Checks in report order: by their ``order`` (results, else the registered check), then
+    as ``check_info`` and the cells list them."""
+    names = [str(k) for k in as_dict(doc.get("check_info"))]
     for c in as_list(doc.get("checks")):
-        if isinstance(c, dict) and c.get("check") and str(c["check"]) not in present:
-            present.append(str(c["check"]))
-    info = [str(k) for k in as_dict(doc.get("check_info"))]
-    rank = {n: i for i, n in enumerate(info)}
-    known = {n: len(info) + i for i, n in enumerate(KNOWN_CHECKS)}
-    names = list(dict.fromkeys(info + present))
-    return sorted(names, key=lambda n: (rank.get(n, known.get(n, 10_000)), names.index(n)))
+        if isinstance(c, dict) and c.get("check"):
+            names.append(str(c["check"]))
+    names = list(dict.fromkeys(names))
+    return sorted(names, key=lambda n: (check_info(doc, n)["order"], names.index(n)))
 
 
 def method_order(doc: dict[str, Any]) -> list[str]:
-    """Methods in the order of ``methods`` (FullGrad first), then as the cells name them."""
+    """Methods in the order of ``methods`` (the configured order), then as the cells name them."""
     names = [str(m.get("method")) for m in as_list(doc.get("methods"))
              if isinstance(m, dict) and m.get("method")]
     names += [str(c.get("method")) for c in as_list(doc.get("checks"))
               if isinstance(c, dict) and c.get("method")]
-    names = list(dict.fromkeys(names))
-    return sorted(names, key=lambda n: (n != "fullgrad", names.index(n)))
+    return list(dict.fromkeys(names))
+
+
+def psi_methods(doc: dict[str, Any]) -> list[str]:
+    """Methods whose variants are ψ presets (FullGrad): ``option`` ``psi`` in ``methods``, or,
+    in results without it, a method with a cell that has a ``psi``."""
+    names = {str(m.get("method")) for m in as_list(doc.get("methods"))
+             if isinstance(m, dict) and m.get("option") == "psi"}
+    names |= {str(c.get("method")) for c in as_list(doc.get("checks"))
+              if isinstance(c, dict) and c.get("psi")}
+    return [m for m in method_order(doc) if m in names]
 
 
 def _variant_rank(doc: dict[str, Any]) -> dict[str, int]:
@@ -122,7 +158,7 @@ def _variant_rank(doc: dict[str, Any]) -> dict[str, int]:
 def verdict_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per (method, variant): ``{method, variant, label, cells{check: cell}}``.
 
-    A bare ``fullgrad`` row (the decomposition: completeness) comes before the ψ rows.
+    A method's bare row (FullGrad's decomposition: completeness) comes before its variants.
     """
     rows: dict[tuple[str, str | None], dict[str, Any]] = {}
     for c in as_list(doc.get("checks")):

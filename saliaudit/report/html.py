@@ -20,8 +20,9 @@ import jinja2
 from markupsafe import Markup, escape
 
 from . import plots
-from .context import (STATUS_SYMBOL, STATUS_TEXT, STATUSES, as_dict, as_list, check_order, fmt,
-                      method_order, status_of, variant_label, variant_of, verdict_rows)
+from .context import (STATUS_SYMBOL, STATUS_TEXT, STATUSES, as_dict, as_list, check_info,
+                      check_order, fmt, method_order, psi_methods, status_of, variant_label,
+                      variant_of, verdict_rows)
 from .figures import FigureMaker
 from .gallery import example_figures, figure_cells_from_maps
 from .sections import (caveats_view, check_title, completeness_view, configuration_view, cover_view,
@@ -31,30 +32,6 @@ __all__ = ["render_html", "build_context", "template_text", "PAGE_SIZES"]
 
 PAGE_SIZES = {"a4": "A4", "letter": "letter"}
 PDF_CURVE_GROUPS = 2  # curve groups per check in the PDF (the HTML shows all)
-PRIMARY_CURVES = ("cascading_spearman_abs", "independent_spearman_abs", "lerf", "morf",
-                  "correlation", "flip")
-CURVE_TEXT = {
-    "cascading_spearman_abs": ("Cascading randomization", "Spearman of |map| with the original",
-                               "re-initialized up to layer (from the output)"),
-    "cascading_spearman": ("Cascading randomization (signed)", "signed Spearman with the original",
-                           "re-initialized up to layer (from the output)"),
-    "cascading_ssim": ("Cascading randomization", "SSIM with the original",
-                       "re-initialized up to layer (from the output)"),
-    "cascading_hog": ("Cascading randomization", "Spearman of HOG features",
-                      "re-initialized up to layer (from the output)"),
-    "independent_spearman_abs": ("Independent randomization", "Spearman of |map| with the original",
-                                 "the one layer re-initialized"),
-    "independent_ssim": ("Independent randomization", "SSIM with the original",
-                         "the one layer re-initialized"),
-    "lerf": ("LeRF: least salient removed first (lower is better)",
-             "|fractional change| of the output", "fraction of pixels removed"),
-    "morf": ("MoRF: most salient removed first (higher is better)", "drop of the output",
-             "fraction of pixels removed"),
-    "correlation": ("Sensitivity-n (higher is better)", "Pearson correlation",
-                    "n (pixels removed, log scale)"),
-    "flip": ("Sign flip: log-odds change towards the contrast class (higher is better)",
-             "change in log-odds", "fraction of pixels removed"),
-}
 _FONTS = (("DejaVu Sans", "normal", "DejaVuSans.ttf"), ("DejaVu Sans", "bold", "DejaVuSans-Bold.ttf"),
           ("DejaVu Sans Mono", "normal", "DejaVuSansMono.ttf"))
 
@@ -130,42 +107,58 @@ def _series_curves(cells: list[dict[str, Any]]) -> list[str]:
     return names
 
 
-def _panel_of(cell: dict[str, Any]) -> tuple[int, str]:
-    """Small-multiple panel of a cell: FullGrad by ψ, the other methods by post-processing."""
-    if cell.get("method") == "fullgrad":
-        return 0, "FullGrad, by ψ"
+def _panel_of(cell: dict[str, Any], by_psi: list[str]) -> tuple[int, str]:
+    """Small-multiple panel of a cell: a method with ψ variants (FullGrad) by ψ, the other
+    methods by post-processing."""
+    method = str(cell.get("method"))
+    if method in by_psi:
+        return by_psi.index(method), f"{method}, by ψ"
     post = cell.get("post")
     if post:
-        return (1 if post == "signed" else 2), f"other methods, {post} maps"
-    return 3, "other methods"
+        return len(by_psi) + (0 if post == "signed" else 1), f"other methods, {post} maps"
+    return len(by_psi) + 2, "other methods"
 
 
-def _charts(name: str, cells: list[dict[str, Any]], methods: list[str],
-            target: str) -> tuple[list[dict[str, Any]], list[str]]:
+def _curve_bases(curves: list[str], specs: dict[str, Any]) -> list[str]:
+    """The curves that get a group of their own: not another curve's baseline (declared, or
+    for an undeclared curve ``<name>_random``); primary curves first."""
+    baselines = {str(as_dict(v).get("baseline")) for v in specs.values() if as_dict(v).get("baseline")}
+    bases = [n for n in curves if n not in baselines and not (
+        n not in specs and n.endswith("_random") and n[: -len("_random")] in curves)]
+    return sorted(bases, key=lambda n: (not as_dict(specs.get(n)).get("primary"), curves.index(n)))
+
+
+def _charts(name: str, cells: list[dict[str, Any]], methods: list[str], by_psi: list[str],
+            info: dict[str, Any], target: str) -> tuple[list[dict[str, Any]], list[str]]:
     """Curve groups (small multiples) of a check, and the curves left to the HTML report."""
     curves = _series_curves(cells)
-    bases = [n for n in curves if not (n.endswith("_random") and n[: -len("_random")] in curves)]
-    bases = sorted(bases, key=lambda n: (n not in PRIMARY_CURVES, curves.index(n)))
+    specs = as_dict(info.get("curves"))
+    bases = _curve_bases(curves, specs)
     omitted = bases[PDF_CURVE_GROUPS:] if target == "pdf" else []
     bases = bases[:PDF_CURVE_GROUPS] if target == "pdf" else bases
     morder = {m: i for i, m in enumerate(methods)}
     groups = []
     for base in bases:
-        title, ylabel, xlabel = CURVE_TEXT.get(base, (base.replace("_", " "), "", ""))
+        spec = as_dict(specs.get(base))
+        title = str(spec.get("title") or base.replace("_", " "))
+        xlabel, ylabel = str(spec.get("xlabel") or ""), str(spec.get("ylabel") or "")
+        baseline = str(spec.get("baseline") or base + "_random")
         with_curve = [c for c in cells if isinstance(as_dict(c.get("series")).get(base), dict)]
         panels = {}
-        for c in sorted(with_curve, key=lambda c: (_panel_of(c), morder.get(str(c.get("method")), 10_000))):
-            panels.setdefault(_panel_of(c), []).append(c)
+        for c in sorted(with_curve, key=lambda c: (_panel_of(c, by_psi),
+                                                   morder.get(str(c.get("method")), 10_000))):
+            panels.setdefault(_panel_of(c, by_psi), []).append(c)
         out = []
         for (_, ptitle), pcells in sorted(panels.items()):
             series = []
             for c in pcells:
                 s = as_dict(c["series"])[base]
-                label = (variant_of(c) or "fullgrad") if c.get("method") == "fullgrad" else str(c.get("method"))
+                method = str(c.get("method"))
+                label = (variant_of(c) or method) if method in by_psi else method
                 series.append({"label": label, "x": as_list(s.get("x")), "mean": as_list(s.get("mean")),
                                "std": as_list(s.get("std"))})
-            rnd = next((as_dict(c["series"]).get(base + "_random") for c in pcells
-                        if isinstance(as_dict(c["series"]).get(base + "_random"), dict)), None)
+            rnd = next((as_dict(c["series"]).get(baseline) for c in pcells
+                        if isinstance(as_dict(c["series"]).get(baseline), dict)), None)
             if rnd:
                 series.append({"label": "random order", "x": as_list(rnd.get("x")),
                                "mean": as_list(rnd.get("mean")), "baseline": True})
@@ -207,7 +200,8 @@ def _scalar_columns(cells: list[dict[str, Any]]) -> tuple[list[str], list[tuple[
 
 
 def _section(doc: dict[str, Any], fm: FigureMaker, name: str, info: dict[str, Any],
-             target: str, examples: int, examples_html: int, methods: list[str]) -> dict[str, Any]:
+             target: str, examples: int, examples_html: int, methods: list[str],
+             by_psi: list[str]) -> dict[str, Any]:
     rank = {(r["method"], r["variant"]): i for i, r in enumerate(verdict_rows(doc))}
     cells = sorted([c for c in as_list(doc.get("checks")) if isinstance(c, dict) and c.get("check") == name],
                    key=lambda c: rank.get((str(c.get("method")), variant_of(c)), 10_000))
@@ -224,15 +218,18 @@ def _section(doc: dict[str, Any], fm: FigureMaker, name: str, info: dict[str, An
     thresholds = as_dict(info.get("thresholds")) or (as_dict(cells[0].get("thresholds")) if cells else {})
     params = as_dict(info.get("params")) or (as_dict(cells[0].get("params")) if cells else {})
     fig_cells = cells
-    if name == "class_sensitivity" and not any(as_dict(as_dict(c.get("series")).get("figures")) for c in cells):
+    if info.get("shows_class_maps") and not any(as_dict(as_dict(c.get("series")).get("figures"))
+                                                for c in cells):
         fig_cells = figure_cells_from_maps(doc)
     figs = (example_figures(doc, fm, fig_cells, target, examples, examples_html, name) if not all_skipped
             else {"strips": [], "pairs": [], "colorbars": [], "count": 0})
     skip_reasons = sorted({str(c.get("message") or "") for c in cells if status_of(c) == "skipped"})
-    charts, omitted = _charts(name, cells, methods, target) if not all_skipped else ([], [])
+    charts, omitted = (_charts(name, cells, methods, by_psi, info, target) if not all_skipped
+                       else ([], []))
     return {
         "name": name, "anchor": "check-" + "".join(ch if ch.isalnum() else "-" for ch in name),
-        "title": check_title(name, info), "summary": str(info.get("summary") or ""),
+        "title": check_title(name, info), "short": str(info.get("short") or ""),
+        "summary": str(info.get("summary") or ""),
         "reference": str(info.get("reference") or ""),
         "metric": str(info.get("metric") or (cells[0].get("metric") if cells else "") or ""),
         "thresholds": [(str(k), text_of(v)) for k, v in thresholds.items()],
@@ -257,15 +254,17 @@ def build_context(doc: dict[str, Any], *, target: str = "html", examples: int = 
         raise ValueError(f"page_size must be a4 or letter, got {page_size!r}")
     fm = figure_maker or FigureMaker(doc)
     checks = check_order(doc)
-    info = as_dict(doc.get("check_info"))
+    info = {c: check_info(doc, c) for c in checks}
     methods = method_order(doc)
+    by_psi = psi_methods(doc)
     model = as_dict(doc.get("model"))
     model_name = Path(str(model.get("path") or "model")).name
     tool = as_dict(doc.get("tool"))
-    sections = [_section(doc, fm, c, as_dict(info.get(c)), target, max(0, examples),
-                         max(0, examples_html), methods) for c in checks]
+    sections = [_section(doc, fm, c, info[c], target, max(0, examples),
+                         max(0, examples_html), methods, by_psi) for c in checks]
     gallery = None
-    if "class_sensitivity" not in checks and as_list(as_dict(doc.get("figures")).get("maps")):
+    if not any(i.get("shows_class_maps") for i in info.values()) \
+            and as_list(as_dict(doc.get("figures")).get("maps")):
         gallery = example_figures(doc, fm, figure_cells_from_maps(doc), target, examples, examples_html, "gallery")
     metadata = {"title": f"saliaudit report: {model_name}",
                 "author": f"{tool.get('name') or 'saliaudit'} {tool.get('version') or ''}".strip(),
@@ -278,8 +277,8 @@ def build_context(doc: dict[str, Any], *, target: str = "html", examples: int = 
         "target": target, "page_size": page, "meta": metadata,
         "fonts_css": fonts_css() if target == "pdf" else Markup(""),
         "css": _css(), "cover": cover_view(doc),
-        "verdict": verdict_view(doc, checks, info), "caveats": caveats_view(doc, checks),
-        "gallery": gallery, "sections": sections, "completeness": completeness_view(doc, target),
+        "verdict": verdict_view(doc, checks, info), "caveats": caveats_view(doc, checks, info),
+        "gallery": gallery, "sections": sections, "completeness": completeness_view(doc, target, info),
         "problems": problems_view(doc, target), "configuration": configuration_view(doc),
         "statuses": [{"status": s, "text": STATUS_TEXT[s], "symbol": STATUS_SYMBOL[s]} for s in STATUSES],
         "examples": examples, "examples_html": examples_html,

@@ -5,7 +5,8 @@ map (``fullgrad/paper``, ``gradient/abs``, ``fullgrad``). FAIL becomes ``<failur
 ``<error>``, SKIPPED ``<skipped>``; WARN passes and carries a ``status=warn`` property. A
 control's cell (``random``, ``edge``) is judged as the gate judges it: its expected FAIL passes
 (the check works) with a ``control=expected`` property, and a control that PASSES a check it
-must fail passes with ``control=unexpected`` like a WARN. Every
+must fail passes with ``control=unexpected`` like a WARN. Each test case carries the check's
+title and the direction of its value (``higher_is_better``) from ``check_info``. Every
 string is stripped of the characters XML 1.0 forbids, so hostile file names or labels still
 give well-formed XML.
 """
@@ -16,7 +17,8 @@ import re
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from .context import as_dict, as_list, control_text, fmt, gate_status_of, status_of, variant_label
+from .context import (as_dict, as_list, check_info, control_text, fmt, gate_status_of, status_of,
+                      variant_label)
 
 __all__ = ["render_junit", "xml_text"]
 
@@ -61,7 +63,10 @@ def render_junit(doc: dict[str, Any]) -> str:
                         ("images", as_dict(doc.get("inputs")).get("loaded"))):
         if value is not None:
             _el(props, "property", {"name": name, "value": value})
+    infos: dict[str, dict[str, Any]] = {}
     for c in cells:
+        name = str(c.get("check", "?"))
+        info = infos.setdefault(name, check_info(doc, name))
         status = gate_status_of(c)  # a control's expected FAIL is a passing test of the check
         case = _el(suite, "testcase", {"classname": c.get("check", "?"), "name": variant_label(c),
                                        "time": "0"})
@@ -75,6 +80,9 @@ def render_junit(doc: dict[str, Any]) -> str:
                   + (f"\n{message}" if message else ""))
         cprops = _el(case, "properties")
         _el(cprops, "property", {"name": "status", "value": status_of(c)})
+        _el(cprops, "property", {"name": "check_title", "value": info["title"]})
+        _el(cprops, "property", {"name": "higher_is_better",
+                                 "value": str(bool(info["higher_is_better"])).lower()})
         if c.get("control"):
             _el(cprops, "property", {"name": "control", "value": c["control"]})
         if value is not None:

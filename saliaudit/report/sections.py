@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .context import (STATUS_TEXT, STATUSES, as_dict, as_list, check_order, control_text, fmt,
-                      method_order, status_of, variant_label, verdict_rows)
+from .context import (STATUS_TEXT, STATUSES, as_dict, as_list, check_info, check_order,
+                      control_text, fmt, method_order, psi_methods, status_of, variant_label,
+                      verdict_rows)
 
 __all__ = ["cover_view", "verdict_view", "caveats_view", "completeness_view", "problems_view",
            "configuration_view", "cell_view", "text_of", "check_title", "numbers_text", "REFERENCES"]
@@ -113,18 +114,27 @@ def cell_view(cell: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def verdict_view(doc: dict[str, Any], checks: list[str], info: dict[str, Any]) -> dict[str, Any]:
+    """The methods × checks table; ``info``: check name -> :func:`check_info`."""
     rows = []
     for r in verdict_rows(doc):
         rows.append({"method": r["method"], "variant": r["variant"] or "",
                      "cells": [cell_view(r["cells"].get(c)) for c in checks]})
     for i, r in enumerate(rows):
         r["first"] = i == 0 or rows[i - 1]["method"] != r["method"]
-    return {"checks": [{"name": c, "title": check_title(c, as_dict(info.get(c)))} for c in checks],
-            "rows": rows}
+    heads = []
+    for c in checks:
+        ci = as_dict(info.get(c)) or check_info(doc, c)
+        heads.append({"name": c, "title": check_title(c, ci), "short": str(ci.get("short") or c)})
+    return {"checks": heads, "rows": rows}
 
 
-def caveats_view(doc: dict[str, Any], checks: list[str]) -> dict[str, Any]:
-    cells = [c for c in as_list(doc.get("checks")) if isinstance(c, dict) and c.get("method") == "fullgrad"]
+def caveats_view(doc: dict[str, Any], checks: list[str],
+                 info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ψ matrix (every cell with a ``psi``: the methods whose variants are ψ presets),
+    the decomposition cells of those methods, and the computed caveats."""
+    by_psi = psi_methods(doc)
+    cells = [c for c in as_list(doc.get("checks")) if isinstance(c, dict)
+             and str(c.get("method")) in by_psi]
     psis = []
     for p in [*as_list(as_dict(as_dict(doc.get("config")).get("values")).get("psi")),
               *[c.get("psi") for c in cells]]:
@@ -133,12 +143,15 @@ def caveats_view(doc: dict[str, Any], checks: list[str]) -> dict[str, Any]:
     cols = [c for c in checks if any(x.get("check") == c and x.get("psi") for x in cells)]
     matrix = None
     if psis and cols:
-        lookup = {(str(c.get("psi")), str(c.get("check"))): c for c in cells if c.get("psi")}
+        first = by_psi[0]  # the ψ matrix shows one method: the first with ψ variants
+        lookup = {(str(c.get("psi")), str(c.get("check"))): c for c in cells
+                  if c.get("psi") and str(c.get("method")) == first}
         changes = []
         for col in cols:
             statuses = {status_of(lookup[(p, col)]) for p in psis if (p, col) in lookup}
             changes.append(len(statuses - {"skipped"}) > 1)
-        matrix = {"checks": [{"name": c, "changes": ch} for c, ch in zip(cols, changes)],
+        matrix = {"method": first,
+                  "checks": [{"name": c, "changes": ch} for c, ch in zip(cols, changes)],
                   "rows": [{"psi": p, "cells": [cell_view(lookup.get((p, c))) for c in cols]}
                            for p in psis]}
     decomposition = [cell_view(c) | {"check": str(c.get("check"))} for c in cells if not c.get("psi")]
@@ -152,10 +165,16 @@ def caveats_view(doc: dict[str, Any], checks: list[str]) -> dict[str, Any]:
     return {"matrix": matrix, "findings": items, "decomposition": decomposition}
 
 
-def completeness_view(doc: dict[str, Any], target: str) -> dict[str, Any]:
+def completeness_view(doc: dict[str, Any], target: str,
+                      info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The per-image records of ``results["completeness"]`` and the cell of the check that
+    judges them (the check whose ``records`` is ``completeness``)."""
     recs = [r for r in as_list(doc.get("completeness")) if isinstance(r, dict)]
+    names = list(info or {}) or check_order(doc)
+    judge = [n for n in names if (as_dict((info or {}).get(n)) or check_info(doc, n)).get("records")
+             == "completeness"]
     cell = next((c for c in as_list(doc.get("checks")) if isinstance(c, dict)
-                 and c.get("check") == "completeness"), None)
+                 and c.get("check") in judge), None)
     tol = as_dict(cell.get("thresholds")).get("fail") if cell else None
     if not isinstance(tol, (int, float)):
         tol = as_dict(as_dict(doc.get("config")).get("values")).get("completeness_tolerance")

@@ -13,7 +13,8 @@ from rich.table import Table
 from rich.text import Text
 
 from ..result import AuditResult
-from .context import STATUS_TEXT, check_order, fmt, gate_status_of, status_of, variant_label, verdict_rows
+from .context import (STATUS_TEXT, check_info, check_order, fmt, gate_status_of, status_of,
+                      variant_label, verdict_rows)
 from .render import FILES
 
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "red", "error": "magenta", "skipped": "dim"}
@@ -38,10 +39,6 @@ def progress_bar(console: Console, quiet: bool) -> Iterator:
         yield update
 
 
-#: Short column heads for narrow terminals (the legend under the table spells them out).
-_SHORT = {"completeness": "compl", "class_sensitivity": "class", "randomization": "rand",
-          "perturbation": "pert", "sensitivity_n": "sens-n", "sign_flip": "sign",
-          "bn_folding": "bn", "pointing_game": "point", "restricted_pointing_game": "r-point"}
 _CODE = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "error": "ERR", "skipped": "skip"}
 
 
@@ -70,12 +67,13 @@ def verdict_table(doc: dict, width: int) -> tuple[Table, str] | None:
     if not rows or not checks:
         return None
     label_w = max(len(r["label"]) for r in rows)
+    short = {c: check_info(doc, c)["short"] for c in checks}  # column heads of narrow tables
     cells = {(i, c): r["cells"].get(c) for i, r in enumerate(rows) for c in checks}
     forms = (("full", True, False), ("short", True, False), ("status", False, False),
              ("letters", False, True))
     for form, with_value, letters in forms:
         heads = ([c for c in checks] if form == "full" else
-                 [str(k + 1) for k in range(len(checks))] if letters else [_SHORT.get(c, c) for c in checks])
+                 [str(k + 1) for k in range(len(checks))] if letters else [short[c] for c in checks])
         widths = [max(len(h), *(len(_cell(cells[(i, c)], with_value, letters).plain) for i in range(len(rows))))
                   for h, c in zip(heads, checks)]
         if label_w + 3 + sum(w + 3 for w in widths) + 1 <= width:
@@ -105,7 +103,7 @@ def print_summary(console: Console, result: AuditResult | dict, out: Path,
         console.print(table)
         lines = []
         if form in ("short", "status"):
-            lines.append(", ".join(f"{_SHORT[c]} = {c}" for c in check_order(doc) if c in _SHORT))
+            lines.append(", ".join(f"{check_info(doc, c)['short']} = {c}" for c in check_order(doc)))
         elif form == "letters":
             lines.append(", ".join(f"{k + 1} = {c}" for k, c in enumerate(check_order(doc)))
                          + " · P pass, W warn, F fail, E error, s skipped")
