@@ -77,11 +77,11 @@ def render(results: AuditResult | dict[str, Any] | str | Path, output: str | Pat
     the files written. The folder is created; an existing folder that saliaudit did not
     write is refused unless ``force``."""
     from .report.output import OutputFolder
-    from .report.render import load_results
+    from .report.render import load_results, write_outputs
 
     if isinstance(results, (str, Path)):
         results = load_results(Path(results))
     doc = results.to_dict() if isinstance(results, AuditResult) else dict(results)
     out = OutputFolder(Path(output), force=force)
     out.prepare()
-    return out.write_results(doc, list(formats))
+    return write_outputs(doc, out.path, list(formats))

@@ -1,3 +1,6 @@
+"""``python -m saliaudit``: the same command line as ``saliaudit``."""
+
 from .cli import main
 
-main()
+if __name__ == "__main__":
+    main()

@@ -12,7 +12,7 @@ import sys
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
@@ -20,6 +20,11 @@ from rich.console import Console
 from . import __version__
 from .errors import (EXIT_CANNOT_RUN, EXIT_GATE, EXIT_INTERRUPTED, EXIT_OK, SaliauditError,
                      UsageError)
+
+if TYPE_CHECKING:
+    from .report.output import OutputFolder
+    from .report.pdf import PdfUnavailableError
+    from .result import AuditResult
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Audit whether the saliency maps of a PyTorch image classifier can be trusted.")
@@ -122,7 +127,6 @@ def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
     from .engine import new_result, run_audit
     from .model import resolve_device
     from .report.output import OutputFolder
-    from .report.pdf import PdfUnavailableError
     from .report.terminal import print_summary, progress_bar
 
     out = OutputFolder(Path(cfg.output), force=cfg.force)
@@ -139,11 +143,7 @@ def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
         with progress_bar(err_console, quiet) as progress:
             run_audit(model, images, cfg, out.path, progress=progress, result=result)
         doc = result.to_dict()
-        try:
-            out.write_results(doc, cfg.format)
-            pdf_error = None
-        except PdfUnavailableError as err:  # HTML/JSON/JUnit are written; the PDF is not
-            pdf_error = err
+        _, pdf_error = write_results(out, doc, cfg.format)  # on pdf_error, the rest is written
         _ci_outputs(doc, cfg.annotations)
         if not quiet:
             print_summary(err_console, doc, out.path, cfg.format)
@@ -156,14 +156,14 @@ def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
         if result is not None:
             result.inputs["loaded"] = len(result.images)
             result.summarize(cfg.fail_on, status="error", reason=reason)
-            out.write_results(result, ["json"])
+            write_results(out, result, ["json"])
         err_console.print(f"saliaudit: {reason}; partial results in {out.path / 'results.json'}",
                           markup=False)
         return EXIT_INTERRUPTED
     except SaliauditError as err:
         if result is not None and out.prepared:
             result.summarize(cfg.fail_on, status="error", reason=str(err))
-            out.write_results(result, ["json"])
+            write_results(out, result, ["json"])
         _fail(err, err.exit_code)
     except typer.Exit:
         raise
@@ -172,6 +172,29 @@ def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return EXIT_CANNOT_RUN
+
+
+def write_results(out: OutputFolder, results: AuditResult | dict[str, Any], formats: list[str],
+                  **settings: Any) -> tuple[list[Path], PdfUnavailableError | None]:
+    """The CLI's one write path, used by ``report``, ``render`` and the partial results of an
+    interrupted or failed audit: the requested ``formats`` of ``results`` (an
+    :class:`~saliaudit.result.AuditResult` or its ``results.json`` dictionary) into the
+    prepared output folder ``out``, with :func:`saliaudit.report.render.write_outputs` (each
+    file atomically, the PDF last). ``settings`` override the report settings recorded in the
+    results (examples, examples_html, page_size).
+
+    Returns the paths written and, when WeasyPrint or Pango is missing, the
+    :class:`~saliaudit.report.pdf.PdfUnavailableError` (every other format is written by then)
+    for the caller to report; any other error is raised."""
+    from .report.output import FILES
+    from .report.pdf import PdfUnavailableError
+    from .report.render import ORDER, write_outputs
+
+    doc = results if isinstance(results, dict) else results.to_dict()
+    try:
+        return write_outputs(doc, out.path, formats, **settings), None
+    except PdfUnavailableError as err:
+        return [out.path / FILES[f] for f in ORDER if f in formats and f != "pdf"], err
 
 
 def _ci_outputs(doc: dict[str, Any], annotations: bool) -> None:
@@ -204,8 +227,7 @@ def render(
     """Rebuild the HTML/PDF (and JSON/JUnit) report from a results.json, without the model."""
     from .config import SETTINGS
     from .report.output import OutputFolder
-    from .report.pdf import PdfUnavailableError
-    from .report.render import load_results, write_outputs
+    from .report.render import load_results
 
     try:
         formats = _parse_option("--format", format, SETTINGS["format"].parse)
@@ -215,24 +237,18 @@ def render(
         doc = load_results(results)
         out = OutputFolder(Path(output) if output else results.parent, force=force)
         out.prepare()
-        try:
-            written = write_outputs(doc, out.path, formats, examples=n_pdf, examples_html=n_html,
-                                    page_size=size)
-        except PdfUnavailableError as err:
-            done = [out.path / n for f, n in (("json", "results.json"), ("junit", "junit.xml"),
-                                              ("html", "report.html")) if f in formats]
-            for p in done if not quiet else []:
-                err_console.print(f"wrote {p}", markup=False)
-            _fail(err, err.exit_code)
+        written, pdf_error = write_results(out, doc, formats, examples=n_pdf,
+                                           examples_html=n_html, page_size=size)
+        for p in written if not quiet else []:
+            err_console.print(f"wrote {p}", markup=False)
+        if pdf_error is not None:  # the other formats are written: exit 3 with its message
+            raise pdf_error
     except SaliauditError as err:
         _fail(err, err.exit_code)
     except typer.Exit:
         raise
     except Exception as err:  # an unexpected bug: one line, the traceback with --debug
         _bug(err)
-    if not quiet:
-        for p in written:
-            err_console.print(f"wrote {p}", markup=False)
     raise typer.Exit(EXIT_OK)
 
 

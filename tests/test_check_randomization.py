@@ -85,12 +85,32 @@ def test_controls_fail(results):
                 assert np.allclose(r.series[key]["mean"], 1.0), key
 
 
-@pytest.mark.parametrize("label", ["gradient/signed", "gradient/abs", "gradcam/signed", "gradcam/abs"])
-def test_gradient_and_gradcam_pass(results, label):
+@pytest.mark.parametrize("label", ["gradcam/signed", "gradcam/abs"])
+def test_gradcam_passes_over_the_whole_cascade(results, label):
     r = results["cells"][label]
     assert r.status == "pass", r.message
-    assert r.value < 0.4
-    assert r.check == "randomization" and "Spearman" in r.metric and "fully randomized" in r.metric
+    assert r.ci[1] < 0.4 and r.n == 8
+    assert r.check == "randomization" and "Spearman" in r.metric and "mean over the cascade" in r.metric
+
+
+@pytest.mark.parametrize("label", ["gradient/signed", "gradient/abs"])
+def test_gradient_changes_once_the_model_is_randomized(results, label):
+    """Adebayo et al.: gradients pass on the fully randomized model; over the whole cascade
+    they are judged on the mean, which the top layers' steps raise, and must not FAIL."""
+    r = results["cells"][label]
+    assert r.status in ("pass", "warn"), r.message
+    assert r.series["final"]["spearman_abs"] < 0.4
+    assert f"fully randomized {r.series['final']['spearman_abs']:.2f}" in r.message
+
+
+def test_guided_backprop_does_not_pass_the_cascade(results):
+    """Adebayo et al. Fig. 2: guided backprop survives the randomization of the top layers;
+    judged over the whole cascade it cannot PASS."""
+    for post in ("signed", "abs"):
+        r = results["cells"][f"guided_backprop/{post}"]
+        assert r.status != "pass", r.message
+        steps = r.series["cascading_spearman_abs"]["mean"]
+        assert r.value == pytest.approx(float(np.mean(steps)), abs=1e-9)
 
 
 def test_results_record_steps_scheme_curves_and_figures(results, shapes):
@@ -105,9 +125,10 @@ def test_results_record_steps_scheme_curves_and_figures(results, shapes):
         for metric in ("spearman_abs", "spearman", "ssim", "hog"):
             curve = r.series[f"{mode}_{metric}"]
             assert curve["x"] == steps and len(curve["mean"]) == len(steps)
-    # the verdict is the last cascading step of the verdict metric
-    assert r.value == pytest.approx(r.series["cascading_spearman_abs"]["mean"][-1])
-    assert r.series["final"]["spearman_abs"] == pytest.approx(r.value)
+    # the verdict is the mean over the cascade; the fully randomized model is the last step
+    assert r.value == pytest.approx(float(np.mean(r.series["cascading_spearman_abs"]["mean"])))
+    assert r.series["final"]["spearman_abs"] == pytest.approx(
+        r.series["cascading_spearman_abs"]["mean"][-1])
     assert len(r.per_image) == len(shapes)
     # cascading similarity falls as more layers are randomized
     casc = r.series["cascading_spearman_abs"]["mean"]
@@ -243,7 +264,7 @@ def test_eager_model_unchanged_and_no_hooks(shapes):
     lm = wrap_module(model, input_size=(64, 64), mean=(0.5,) * 3, std=(0.5,) * 3)
     batch = dataclasses.replace(shapes.select([0, 1]), model=lm)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    check = Randomization(params={"independent": False})
+    check = Randomization(params={"independent": False, "verdict": "final"})
     for name in ("gradient", "gradcam"):
         _, _, out = _run(check, batch, name)
         for v, m in out.items():

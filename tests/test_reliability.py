@@ -629,11 +629,11 @@ def test_audit_decomposes_each_batch_once_for_its_top1_classes(tmp_path, monkeyp
 
     from saliaudit.engine import run_audit
     from saliaudit.config import resolve_config
-    from saliaudit.methods import fullgrad as sources
+    from saliaudit.methods import fullgrad
 
     calls: Counter = Counter()
     seen = set()
-    real = sources.full_gradients
+    real = fullgrad.full_gradients
 
     def oom_once_per_batch(model, x, targets):
         key = (tuple(x.shape), round(float(x.double().sum()), 6), tuple(targets.tolist()))
@@ -643,7 +643,7 @@ def test_audit_decomposes_each_batch_once_for_its_top1_classes(tmp_path, monkeyp
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(model, x, targets)
 
-    monkeypatch.setattr(sources, "full_gradients", oom_once_per_batch)
+    monkeypatch.setattr(fullgrad, "full_gradients", oom_once_per_batch)
     root = Path(__file__).resolve().parents[1] / "sample_models"
     cfg = resolve_config({"methods": "fullgrad", "checks": "completeness", "overlays": False,
                           "batch_size": 4, "max_images": 8, "format": "json"}, cwd=tmp_path, environ={})

@@ -11,7 +11,8 @@ Grad-CAM 0.03, gradients 0.44, FullGrad 0.48 and guided backprop 0.99 on VGG-16)
 also reports the raw Spearman correlation with and without absolute values and SSIM
 (:mod:`saliaudit.checks.similarity`), and the same four measures for the top-1 class against
 the runner-up (the class the model nearly chose). Verdict on the mean over images of the
-``metric`` parameter (default ``hog``): FAIL ≥ 0.7, WARN ≥ 0.4.
+``metric`` parameter (default ``hog``), for signed and unsigned maps alike, judged through its
+95 % interval: FAIL when the whole interval is ≥ 0.7, PASS when it is below 0.4, else WARN.
 
 Model- and class-independent maps (the ``random`` and ``edge`` controls) give identical maps
 for both classes, similarity 1 and FAIL. A constant map (an all-zero Grad-CAM for a class with
@@ -22,8 +23,12 @@ Results: ``value`` and ``per_image`` are the verdict metric (top-1 vs lowest); `
 holds ``lowest`` and ``runner_up`` (mean of every metric), ``verdict_metric``,
 ``degenerate_pairs`` and, for the first ``figure_images`` example images by name,
 ``figures[image] = {"top1", "top1_class", "lowest", "lowest_class"}`` (maps at ≤ 48 px).
-Note: HOG uses unsigned orientations on min–max normalized maps, so a map and its negation
-have the same HOG features — for signed maps compare the signed Spearman in ``series``.
+HOG uses unsigned orientations on min–max normalized maps, so a map and its negation have the
+same HOG features: the verdict asks *where* the evidence lies. A signed map whose lowest-class
+map is merely the negation of its top-1 map puts its evidence on the same pixels for both
+classes and is not class-sensitive; the signed Spearman is reported beside the verdict (a value
+near −1 says the class flips the sign, not the place) and the ``edge_signed`` control, built to
+score −1 there, must FAIL.
 """
 
 from __future__ import annotations
@@ -59,18 +64,18 @@ class ClassSensitivity(Check):
                  "Adebayo et al., Sanity Checks for Saliency Maps, NeurIPS 2018")
     metric = "Spearman of HOG features, top-1 vs lowest class"
     thresholds = {"fail": 0.7, "warn": 0.4}
-    controls_must_fail = frozenset({"random", "edge"})
+    controls_must_fail = frozenset({"random", "edge", "edge_signed"})
+    interval_verdict = True
+    value_range = (-1.0, 1.0)
     short = "class"
     higher_is_better = False  # a similarity of maps that should differ
     order = 20
     ranks_examples = True  # images whose maps ignore the class are shown first
     shows_class_maps = True
     params = {
-        "metric": "hog",  # verdict metric of magnitude maps: hog, spearman_abs, spearman or ssim
-        # verdict metric of signed maps: HOG and SSIM of min-max normalized maps cannot see a
-        # sign flip (a map and its negation score 1), so signed maps are judged by the signed
-        # Spearman correlation, which can
-        "signed_metric": "spearman",
+        # verdict metric for every map: hog (Khakzar et al.), spearman_abs, spearman or ssim;
+        # where the evidence lies (hog, spearman_abs) rather than its sign is the default
+        "metric": "hog",
         "max_images": None,  # all images
         "figure_images": 3,  # example images (first by name) whose two maps are stored
     }
@@ -78,7 +83,7 @@ class ClassSensitivity(Check):
     def __init__(self, params: dict[str, Any] | None = None,
                  thresholds: dict[str, float | None] | None = None):
         super().__init__(params, thresholds)
-        for key in ("metric", "signed_metric"):
+        for key in ("metric",):
             if self.p[key] not in METRICS:
                 raise UsageError(f"class_sensitivity: {key}={self.p[key]!r} is not one of "
                                  f"{', '.join(METRICS)}", hint=f"set {key} to " + " or ".join(METRICS))
@@ -144,34 +149,12 @@ class ClassSensitivity(Check):
         return out
 
     def _metric(self, v: Variant) -> str:
-        """The verdict metric of variant ``v`` (signed maps: ``signed_metric``)."""
-        return self.p["signed_metric"] if v.signed else self.p["metric"]
+        """The verdict metric, the same for signed and unsigned maps."""
+        return self.p["metric"]
 
     def _metric_text(self, metric: str) -> str:
         name = "Spearman of HOG features" if metric == "hog" else METRIC_NAMES[metric]
         return f"{name}, top-1 vs lowest class"
-
-    @classmethod
-    def caveats(cls, cells: list[CheckResult], context: dict[str, Any]) -> list[dict[str, Any]]:
-        """``signed_vs_paper``: ψ ``signed`` against ``paper`` of a method with ψ variants
-        (FullGrad); the paper's ψ is less class-sensitive on many models (Khakzar et al.)."""
-        out = []
-        by_method: dict[str, dict[str, CheckResult]] = {}
-        for c in cells:
-            if c.psi and c.status in ("pass", "warn", "fail"):
-                by_method.setdefault(c.method, {})[c.psi] = c
-        for method, cs in by_method.items():
-            if "signed" not in cs or "paper" not in cs or cs["signed"].value is None \
-                    or cs["paper"].value is None:
-                continue
-            s, p = cs["signed"].value, cs["paper"].value
-            more = "more" if s < p else "not more"
-            out.append({"kind": "signed_vs_paper", "numbers": {"signed": s, "paper": p},
-                        "message": (
-                            f"{method} signed maps are {more} class-sensitive than the paper's ψ "
-                            f"here (similarity of top-1 and lowest-class maps {s:.3g} signed vs "
-                            f"{p:.3g} paper; lower means the map changes more with the class).")})
-        return out
 
     def judge(self, variant: Variant, m: Measurement) -> CheckResult:
         cell = self._judge(variant, m)
@@ -226,12 +209,12 @@ class ClassSensitivity(Check):
                    + (f" < {bound:g}" if bound is not None else "") + "): the map depends on the class")
         else:
             msg = "no finite similarity was measured (every class scores the same on every image)"
-        mag = series["lowest"].get("spearman_abs")
-        if variant.signed and metric == "spearman" and status == "pass" and mag is not None \
-                and fail is not None and mag >= fail:
-            notes.append(f"the lowest-class map is close to the negation of the top-1 map "
-                         f"(|map| Spearman {mag:.2f}): the class flips the sign of the evidence, "
-                         "not where it lies")
+        signed_rho = series["lowest"].get("spearman")
+        if variant.signed and signed_rho is not None and metric != "spearman":
+            msg += f"; signed Spearman {signed_rho:.2f}"
+            if signed_rho <= -0.4 and status != "pass":
+                notes.append("the lowest-class map is close to the negation of the top-1 map: "
+                             "the class flips the sign of the evidence, not where it lies")
         ru = series["runner_up"].get(metric)
         if ru is not None and status != "error":
             msg += f"; top-1 vs runner-up {ru:.2f}"

@@ -107,6 +107,8 @@ class _Game(Check):
     needs_masks = True
     higher_is_better = True  # a hit rate
     informational = True  # no default thresholds: a number, not a verdict
+    interval_verdict = True  # with thresholds set, judged through the interval of the rate
+    value_range = (0.0, 1.0)
 
     def __init__(self, params: dict[str, Any] | None = None,
                  thresholds: dict[str, float | None] | None = None):

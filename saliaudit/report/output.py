@@ -4,6 +4,10 @@ A folder is reused only when it is empty or a previous saliaudit output (it hold
 ``.saliaudit-output`` marker); anything else needs ``--force``. Files are written under a
 temporary name and renamed into place, so a reader never sees a half-written file, and
 saliaudit never deletes a file it did not create.
+
+This module is a leaf of ``report/``: it imports no renderer and nothing else of the package
+but the errors, so the renderers (``report.render``, ``report.overlay``) and the CLI can all
+write through :func:`atomic_write` without an import cycle.
 """
 
 from __future__ import annotations
@@ -13,9 +17,13 @@ import tempfile
 from pathlib import Path
 
 from ..errors import OutputError
-from ..result import AuditResult
+
+__all__ = ["FILES", "FILE_MODE", "MARKER", "OutputFolder", "atomic_write"]
 
 MARKER = ".saliaudit-output"
+
+#: The file of each output format in the folder.
+FILES = {"json": "results.json", "html": "report.html", "pdf": "report.pdf", "junit": "junit.xml"}
 
 
 def _umask() -> int:
@@ -79,13 +87,3 @@ class OutputFolder:
             raise OutputError(f"cannot create the output folder ({err.strerror})", path=p,
                               hint="check the permissions or choose another -o") from None
         self.prepared = True
-
-    def write_results(self, result: AuditResult | dict, formats: list[str], **settings: object) -> list[Path]:
-        """Write the requested formats of ``result`` (or of its ``to_dict()``) with
-        ``report.render.write_outputs``: each file atomically, the PDF last. Returns the paths
-        written; ``settings`` override the report settings recorded in the results
-        (examples, examples_html, page_size)."""
-        from .render import write_outputs
-
-        doc = result if isinstance(result, dict) else result.to_dict()
-        return write_outputs(doc, self.path, formats, **settings)  # type: ignore[arg-type]

@@ -13,9 +13,7 @@ Colour map anchors and their sources:
 from __future__ import annotations
 
 import io
-import os
 import re
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..result import MapRecord
+from .output import atomic_write
 
 __all__ = ["colormap", "display_image", "map_filename", "map_to_png_bytes", "normalize_map",
            "render_overlay", "save_overlay", "write_overlays"]
@@ -215,22 +214,12 @@ def render_overlay(image: Image.Image, saliency: np.ndarray, *, signed: bool, al
 
 def save_overlay(path: Path, image: Image.Image, saliency: np.ndarray, *, signed: bool,
                  **kwargs: object) -> Path:
-    """Render an overlay and write it as PNG atomically (temp file + ``os.replace``)."""
-    path = Path(path)
+    """Render an overlay and write it as PNG with :func:`~saliaudit.report.output.atomic_write`
+    (temp file + ``os.replace``, the folder created, the user's file mode)."""
     rendered = render_overlay(image, saliency, signed=signed, **kwargs)  # type: ignore[arg-type]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            rendered.save(fh, format="PNG", compress_level=1)  # 10x faster to encode, ~1.5x larger
-        from .output import FILE_MODE
-
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    buf = io.BytesIO()
+    rendered.save(buf, format="PNG", compress_level=1)  # 10x faster to encode, ~1.5x larger
+    return atomic_write(Path(path), buf.getvalue())
 
 
 def map_to_png_bytes(saliency: np.ndarray, *, signed: bool,

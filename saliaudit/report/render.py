@@ -15,12 +15,13 @@ from typing import Any
 from ..errors import UsageError
 from .context import STATUSES, as_dict
 from .figures import FigureMaker
-from .output import atomic_write
+from .output import FILES, atomic_write
 
-__all__ = ["write_outputs", "load_results", "results_json", "FILES", "report_settings"]
+__all__ = ["write_outputs", "load_results", "results_json", "FILES", "ORDER", "report_settings"]
 
-FILES = {"json": "results.json", "html": "report.html", "pdf": "report.pdf", "junit": "junit.xml"}
-_ORDER = ("json", "junit", "html", "pdf")
+#: The order formats are written in: the PDF last, so that a missing PDF backend leaves the
+#: other formats on disk.
+ORDER = ("json", "junit", "html", "pdf")
 DEFAULTS = {"examples": 6, "examples_html": 24, "page_size": "a4"}
 
 
@@ -78,7 +79,7 @@ def write_outputs(doc: dict[str, Any], out_dir: Path, formats: list[str], *,
     settings = report_settings(doc, examples=examples, examples_html=examples_html, page_size=page_size)
     written: list[Path] = []
     figures = FigureMaker(doc) if ("html" in formats or "pdf" in formats) else None
-    for fmt_name in _ORDER:
+    for fmt_name in ORDER:
         if fmt_name not in formats:
             continue
         path = out_dir / FILES[fmt_name]

@@ -15,7 +15,7 @@ from rich.text import Text
 from ..result import AuditResult
 from .context import (STATUS_TEXT, check_info, check_order, fmt, gate_status_of, status_of,
                       variant_label, verdict_rows)
-from .render import FILES
+from .output import FILES
 
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "red", "error": "magenta", "skipped": "dim"}
 
