@@ -252,8 +252,18 @@ class Audit:
                                    batch, {}, lambda a, b: type(a).cat(a, b), retry)
                     source.prime(batch.model, batch.x, batch.targets, fg)
                     self._record_decomposition(batch, fg, complete)
-                return oom_split(lambda b, _m: source.maps(b.model, b.x, b.targets), batch, {},
-                                 _cat_maps, retry)
+                collect = get_method(source.method).reference_input is not None
+                if collect:
+                    source.collect = True  # type: ignore[attr-defined]
+                try:
+                    maps = oom_split(lambda b, _m: source.maps(b.model, b.x, b.targets), batch,
+                                     {}, _cat_maps, retry)
+                finally:
+                    if collect:
+                        source.collect = False  # type: ignore[attr-defined]
+            if collect:
+                self._record_delta(source, batch, source.pop_totals())
+            return maps
         except Exception as err:  # one method failing must not stop the audit
             reason = (str(err) if isinstance(err, SaliauditError)
                       else f"{type(err).__name__}: {first_line(err)}")
@@ -262,6 +272,38 @@ class Audit:
             entry.update(status="error", reason=reason)
             self.runner.fail_source(source, f"the method failed: {reason}")
             return None
+
+    def _record_delta(self, source: MapSource, batch: Batch, totals: torch.Tensor | None) -> None:
+        """Summation-to-delta of a method with a reference input, per image (informational):
+        ``Σ A`` against ``f(x) − mean_k f(x̄_k)``."""
+        from .methods.common import forward_fn, picked
+
+        method = get_method(source.method)
+        if totals is None or len(totals) != len(batch):
+            return
+        try:
+            with torch.no_grad():
+                bases = method.reference_input(batch.model, batch.x,
+                                               **getattr(source, "params", {}))
+                k = bases.shape[0]
+                flat = bases.reshape(k * len(batch), *batch.x.shape[1:])
+                f_ref = picked(forward_fn(batch.model)(flat), batch.targets.repeat(k))
+                f_ref = f_ref.view(k, len(batch)).double().mean(0)
+        except Exception as err:  # informational: a failure is recorded, never fatal
+            self.result.attribution_completeness.append(
+                {"method": source.method, "image": None, "error": first_line(err)})
+            return
+        fx = batch.logits.gather(1, batch.targets.view(-1, 1))[:, 0].double()
+        expected = fx - f_ref.to(fx.device)
+        delta = totals.double().to(fx.device) - expected
+        rel = delta.abs() / expected.abs().clamp_min(1e-6)
+        params = getattr(source, "params", {})
+        reference = params.get("baseline", "zero")
+        for i, name in enumerate(batch.images):
+            self.result.attribution_completeness.append(
+                {"method": source.method, "image": name, "reference": str(reference),
+                 "total": float(totals[i]), "expected": float(expected[i]),
+                 "delta": float(delta[i]), "relative_delta": float(rel[i])})
 
     def _record_decomposition(self, batch: Batch, fg: Any,
                               complete: list[CompletenessRecord]) -> None:

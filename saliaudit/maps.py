@@ -103,6 +103,11 @@ class MapSource:
     def forget(self) -> None:
         """Drop whatever was cached for the last batch (called after each batch)."""
 
+    def pop_totals(self) -> torch.Tensor | None:
+        """``Σ attribution`` per image of the maps computed while collecting (sources of
+        methods with a completeness reference); ``None`` for others."""
+        return None
+
 
 def small_map(t: torch.Tensor | np.ndarray, size: int = 48) -> list[list[float]]:
     """A 2-D map downsampled (area average) to at most ``size`` px on its long side, as nested

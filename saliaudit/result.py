@@ -118,6 +118,9 @@ class AuditResult:
     check_info: dict[str, Any] = field(default_factory=dict)
     caveats: list[dict[str, Any]] = field(default_factory=list)
     figures: dict[str, Any] = field(default_factory=dict)
+    #: Summation-to-delta of the methods with a reference input (integrated gradients,
+    #: DeepLIFT, ε-LRP, gradient × input), per image: informational, never gated.
+    attribution_completeness: list[dict[str, Any]] = field(default_factory=list)
 
     def summarize(self, fail_on: str, status: str | None = None, reason: str | None = None) -> None:
         """Fill ``summary``: counts per status (controls apart) and the overall status of the

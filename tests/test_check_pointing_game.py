@@ -112,12 +112,19 @@ def test_exclusions_thresholds_and_skips():
     assert [v for v in m.values if not np.isnan(v)] == [1.0] and sum(np.isnan(m.values)) == 3
     assert "no masks for the image: 1 image(s)" in cell.message
     assert "no mask for the predicted class: 2 image(s)" in cell.message
-    # thresholds set by the user: lower is worse
-    miss = FakeSource({(0, 0): peak(30, 30)})
+    # thresholds set by the user: lower is worse, judged through the interval of the rate
+    n = 12
+    miss = FakeSource({(i, 0): peak(30, 30) for i in range(n)})
+    hit = FakeSource({(i, 0): peak(10, 10) for i in range(n)})
+    many = batch_of([{0: mask}] * n, [0] * n)
+    assert run(PointingGame(thresholds={"fail": 0.5}), many, miss)[1].status == "fail"
+    assert run(PointingGame(thresholds={"warn": 0.5}), many, miss)[1].status == "warn"
+    judged = run(PointingGame(thresholds={"fail": 0.5, "warn": 0.9}), many, hit)[1]
+    assert judged.status == "pass" and judged.n == n and judged.ci == [1.0, 1.0]
+    # one image cannot decide: inconclusive, the interval is the whole range of a rate
     one = batch_of([{0: mask}], [0])
-    assert run(PointingGame(thresholds={"fail": 0.5}), one, miss)[1].status == "fail"
-    assert run(PointingGame(thresholds={"warn": 0.5}), one, miss)[1].status == "warn"
-    assert run(PointingGame(thresholds={"fail": 0.5, "warn": 0.9}), one, src)[1].status == "pass"
+    single = run(PointingGame(thresholds={"fail": 0.5}), one, miss)[1]
+    assert single.status == "warn" and single.inconclusive and single.ci == [0.0, 1.0]
     _, cell = run(PointingGame(), batch_of([{}, {1: mask}], [0, 0]), src)
     assert cell.status == "skipped" and cell.value is None and "no image qualifies" in cell.message
     assert PointingGame().skip_reason(src, None, False) == "needs object masks (--masks DIR)"

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from ..errors import UsageError
+from ..maps import MapSource, Variant
 
 __all__ = ["Method", "METHODS", "register", "get_method", "method_names", "explain",
-           "postprocess", "POSTPROCESS", "build_source", "FAMILIES"]
+           "postprocess", "POSTPROCESS", "build_source", "FAMILIES", "MethodSource"]
 
 #: Method families in listing order; a plugin's own family sorts after them.
 FAMILIES = ("fullgrad", "gradient", "cam", "propagation", "perturbation", "control")
@@ -46,7 +47,11 @@ class Method:
             ``abs``) or, for FullGrad, ``psi`` (``--psi``: its ψ presets).
         choices: the variant names ``option`` may take.
         source: the :class:`~saliaudit.maps.MapSource` class built by :func:`build_source`,
-            ``source(method, params, variants)``; ``None``: the generic one.
+            ``source(method, params, variants)``; ``None``: the generic one
+            (:class:`MethodSource`).
+        reference_input: for methods whose attributions should sum to ``f(x) − f(x̄)``
+            (summation-to-delta), ``fn(model, x, **params) -> (K, B, C, H, W)``: the reference
+            inputs ``x̄`` (averaged over K); the audit reports the completeness delta.
         origin: ``builtin`` or where a plugin came from.
     """
 
@@ -61,6 +66,7 @@ class Method:
     choices: tuple[str, ...] = ("signed", "abs")
     source: Any = None
     origin: str = "builtin"
+    reference_input: Any = None
 
     def __call__(self, model: Any, x: torch.Tensor, targets: torch.Tensor, **params: Any) -> torch.Tensor:
         unknown = sorted(set(params) - set(self.params))
@@ -77,7 +83,7 @@ _loaded = False
 
 def register(name: str, *, family: str, needs_internals: bool = False, reference: str = "",
              summary: str = "", option: str = "post", choices: tuple[str, ...] | None = None,
-             source: Any = None, origin: str = "builtin",
+             source: Any = None, origin: str = "builtin", reference_input: Any = None,
              ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Decorator: register ``fn(model, x, targets, *, param=default, ...)`` under ``name``.
 
@@ -94,7 +100,7 @@ def register(name: str, *, family: str, needs_internals: bool = False, reference
         doc = (fn.__doc__ or "").strip().splitlines()
         METHODS[name] = Method(name, fn, family, params, needs_internals, reference,
                                summary or (doc[0] if doc else ""), option,
-                               tuple(choices or POSTPROCESS), source, origin)
+                               tuple(choices or POSTPROCESS), source, origin, reference_input)
         return fn
 
     return wrap
@@ -141,8 +147,6 @@ def build_source(name: str, *, psi: list[str] | None = None, post: list[str] | N
     variants (``psi`` for a method whose :attr:`Method.option` is ``psi``, else ``post``;
     ``None``: all of its choices), with ``params`` over its defaults. The one way sources are
     built, by the audit and by the tests."""
-    from .sources import MethodSource
-
     method = get_method(name)
     chosen = psi if method.option == "psi" else post
     variants = list(method.choices if chosen is None else chosen)
@@ -179,3 +183,38 @@ def postprocess(attribution: torch.Tensor, mode: str = "signed") -> torch.Tensor
     if mode == "abs":
         return attribution.abs().sum(1)
     raise UsageError(f"unknown post-processing {mode!r}", hint="choose signed or abs")
+
+
+class MethodSource(MapSource):
+    """A registered comparison method under the ``signed`` and/or ``abs`` post-processing."""
+
+    def __init__(self, method: Method, params: dict[str, Any], posts: list[str]):
+        """``method`` with ``params`` (complete: its defaults included) under ``posts``."""
+        self.impl, self.params = method, dict(params)
+        self.method = method.name
+        self.needs_internals = method.needs_internals
+        self.model_independent = method.family == "control"
+        self.variants = [Variant(method.name, post=p, signed=p == "signed") for p in posts]
+        self.last_attribution: torch.Tensor | None = None
+        self.collect = False  # keep Σ attribution per image (for completeness deltas)
+        self._totals: list[torch.Tensor] = []
+
+    def attribution(self, model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.impl(model, x, targets, **self.params).detach()
+
+    def maps(self, model: Any, x: torch.Tensor, targets: torch.Tensor) -> dict[Variant, torch.Tensor]:
+        a = self.attribution(model, x, targets)
+        self.last_attribution = a
+        if self.collect:
+            self._totals.append(a.reshape(a.shape[0], -1).sum(1))
+        return {v: postprocess(a, v.post) for v in self.variants}
+
+    def pop_totals(self) -> torch.Tensor | None:
+        """``Σ attribution`` per image of the calls made while :attr:`collect` was on."""
+        out = torch.cat(self._totals) if self._totals else None
+        self._totals = []
+        return out
+
+    def forget(self) -> None:
+        self._totals = []
+        self.last_attribution = None

@@ -6,9 +6,12 @@ copies of the images are sent through the model in chunks of ``internal_batch`` 
 weighted gradients are accumulated on the device (no numpy round trip). The model is never
 modified: gradients are taken with :func:`torch.autograd.grad` with respect to the input only.
 
-Baselines come from :mod:`saliaudit.methods.baselines` (re-exported here);
-:func:`integrated_gradients_delta` is public: the checks and the tests use it to report integrated
-gradients' completeness error.
+Baselines come from :mod:`saliaudit.methods.baselines` (re-exported here). Integrated
+gradients sums to ``f(x) − f(x')`` only up to its quadrature error (on the sample shapes model
+with 32 steps: median 2 % of the delta, up to 5 %); gradient × input sums to ``f(x) − f(0)`` only
+for bias-free piecewise-linear networks. The audit measures this summation-to-delta for every
+method with a ``reference_input`` and reports it per image (``attribution_completeness``,
+informational); :func:`integrated_gradients_delta` computes it for one attribution.
 """
 
 from __future__ import annotations
@@ -123,8 +126,21 @@ def gradient(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return grad
 
 
+def zero_reference(model: Any, x: torch.Tensor, **_: Any) -> torch.Tensor:
+    """The all-zero input in model space, ``(1, B, C, H, W)``: the reference of
+    gradient × input and ε-LRP (whose attributions sum to ``f(x) − f(0)`` only for
+    bias-free piecewise-linear networks: the delta measures what the biases hold)."""
+    return torch.zeros_like(x).unsqueeze(0)
+
+
+def ig_reference(model: Any, x: torch.Tensor, *, baseline: str = "black", n_baselines: int = 1,
+                 blur_sigma: float = 5.0, seed: int = 0, **_: Any) -> torch.Tensor:
+    """The baselines integrated gradients integrates from, ``(K, B, C, H, W)``."""
+    return make_baselines(model, x, baseline, n=n_baselines, blur_sigma=blur_sigma, seed=seed)
+
+
 @register("grad_x_input", family="gradient", reference="Shrikumar et al. 2016, arXiv:1605.01713",
-          summary="gradient × input (equals ε-LRP on ReLU nets)")
+          summary="gradient × input (equals ε-LRP on ReLU nets)", reference_input=zero_reference)
 def grad_x_input(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Gradient × input, signed.
 
@@ -175,7 +191,8 @@ def _ig(model: Any, x: torch.Tensor, targets: torch.Tensor, bases: torch.Tensor,
 
 
 @register("integrated_gradients", family="gradient", reference="Sundararajan, Taly & Yan 2017, ICML",
-          summary="integrated gradients from a baseline (black/mean/blur/uniform-noise), optionally averaged")
+          summary="integrated gradients from a baseline (black/mean/blur/uniform-noise), optionally averaged",
+          reference_input=ig_reference)
 def integrated_gradients(model: Any, x: torch.Tensor, targets: torch.Tensor, *, steps: int = 32,
                          baseline: str = "black", n_baselines: int = 1, integration: str = "riemann_trapezoid",
                          blur_sigma: float = 5.0, seed: int = 0, internal_batch: int = 64) -> torch.Tensor:

@@ -202,7 +202,26 @@ def completeness_view(doc: dict[str, Any], target: str,
                  "tol": fmt(tol) if isinstance(tol, (int, float)) else "–", "above": above}
     return {"rows": rows, "stats": stats, "note": note,
             "status": status_of(cell) if cell else None,
-            "message": str(cell.get("message") or "") if cell else ""}
+            "message": str(cell.get("message") or "") if cell else "",
+            "others": _delta_rows(doc)}
+
+
+def _delta_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """Summation-to-delta of the other methods, one row per (method, reference): n, median
+    and largest relative delta (informational)."""
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in as_list(doc.get("attribution_completeness")):
+        if not isinstance(r, dict) or not isinstance(r.get("relative_delta"), (int, float)):
+            continue
+        key = (str(r.get("method")), str(r.get("reference", "")))
+        groups.setdefault(key, []).append(float(r["relative_delta"]))
+    rows = []
+    for (method, ref), vals in groups.items():
+        vals.sort()
+        rows.append({"method": method, "reference": ref, "n": len(vals),
+                     "median": f"{100 * vals[len(vals) // 2]:.3g}%",
+                     "max": f"{100 * vals[-1]:.3g}%"})
+    return rows
 
 
 def problems_view(doc: dict[str, Any], target: str) -> dict[str, Any]:
