@@ -5,13 +5,16 @@ them. Kinds:
 
 - ``abs_discards``: the share of FullGrad's bias-gradient mass whose sign ``abs`` throws away
   (the negative part of each layer's term, Σ max(−t, 0) / Σ |t|), per layer.
-- ``psi_changes_verdict``: a check whose verdict for a method with ψ variants (FullGrad)
-  differs between ψ presets.
-- ``choose_psi_by_metric``: which ψ each check favours here (in the check's direction,
-  :attr:`~saliaudit.checks.base.Check.higher_is_better`); the FullGrad authors note that ψ
-  must be chosen by the metric that matters (Srinivas & Fleuret 2019, §6).
+- ``psi_changes_verdict``: a check whose decisive verdicts for a method with ψ variants
+  (FullGrad) differ between ψ presets, with a paired difference over the same images whose
+  95 % interval excludes 0.
+- ``choose_psi_by_metric``: the ψ a check favours here (in the check's direction,
+  :attr:`~saliaudit.checks.base.Check.higher_is_better`), named only when its paired
+  difference with the next best ψ has a 95 % interval that excludes 0; otherwise
+  ``no_better_psi`` says that no ψ is distinguishably better on these images. The FullGrad
+  authors note that ψ must be chosen by the metric that matters (Srinivas & Fleuret 2019, §6).
 - whatever a check's own :meth:`~saliaudit.checks.base.Check.caveats` finds in its cells
-  (class_sensitivity: ``signed_vs_paper``; randomization: ``survives_top_randomization``,
+  (randomization: ``survives_top_randomization``,
   ``resembles_edge``).
 - ``control_passes``: a control (``random``, ``edge``) that PASSES a check it must fail: on
   this model that check cannot tell a map from noise or image edges, so its other verdicts
@@ -20,9 +23,11 @@ them. Kinds:
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 from .result import CheckResult
+from .stats import Interval, mean_interval
 
 __all__ = ["AbsDiscards", "compute_caveats"]
 
@@ -60,6 +65,72 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3g}"
 
 
+def paired_difference(a: CheckResult, b: CheckResult) -> Interval | None:
+    """Mean of ``a − b`` over the images both cells measured, with its 95 % interval."""
+    va = {p.get("image"): p.get("value") for p in a.per_image}
+    vb = {p.get("image"): p.get("value") for p in b.per_image}
+    diffs = [float(va[k]) - float(vb[k]) for k in va
+             if isinstance(va[k], (int, float)) and isinstance(vb.get(k), (int, float))]
+    seed = zlib.crc32(f"{a.check}/{a.variant}/{b.variant}".encode())
+    return mean_interval(diffs, seed=seed)
+
+
+def _psi_caveats(check: str, method: str, cells: list[CheckResult],
+                 hib: bool) -> list[dict[str, Any]]:
+    """ψ comparisons of one (check, method), claimed only where a paired difference over
+    the same images has a 95 % interval that excludes 0 (FullGrad §6: choose ψ by the metric
+    that matters; the choice must be evidence, not noise)."""
+    out: list[dict[str, Any]] = []
+    valued = [c for c in cells if c.value is not None]
+    if len(valued) < 2:
+        return out
+    ranked = sorted(valued, key=lambda c: -c.value if hib else c.value)  # best first
+    best, runner = ranked[0], ranked[1]
+    iv = paired_difference(best, runner)
+
+    def shown(d: Interval) -> str:
+        return f"{d.mean:+.3g}, 95 % CI [{d.lo:+.3g}, {d.hi:+.3g}], n = {d.n}"
+
+    decisive = iv is not None and iv.n >= 2 and (iv.lo > 0 or iv.hi < 0)
+    numbers = {c.psi: c.value for c in valued}
+    if decisive:
+        out.append({"kind": "choose_psi_by_metric", "check": check, "method": method,
+                    "numbers": {**numbers, "difference": iv.mean, "ci": [iv.lo, iv.hi],
+                                "n": iv.n, "best": best.psi, "next": runner.psi},
+                    "message": (
+                        f"{check}: {method} with ψ={best.psi} does better than the next best "
+                        f"ψ={runner.psi} on the same images (paired difference {shown(iv)}). "
+                        "Choose ψ by the metric that matters for your use (Srinivas & Fleuret "
+                        "2019, §6).")})
+    else:
+        n = iv.n if iv is not None else 0
+        out.append({"kind": "no_better_psi", "check": check, "method": method,
+                    "numbers": {**numbers, **({"difference": iv.mean, "ci": [iv.lo, iv.hi]}
+                                             if iv is not None else {}), "n": n},
+                    "message": (
+                        f"{check}: no ψ of {method} is distinguishably better on these {n} "
+                        f"images (best {best.psi} vs {runner.psi}: "
+                        + (shown(iv) if iv is not None else "no shared image") + ").")})
+    statuses = {c.status for c in cells}
+    if len(statuses) > 1:
+        good = min(cells, key=lambda c: _RANK[c.status])
+        bad = max(cells, key=lambda c: _RANK[c.status])
+        d = paired_difference(good, bad)
+        if d is not None and d.n >= 2 and (d.lo > 0 or d.hi < 0) \
+                and not good.inconclusive and not bad.inconclusive:
+            out.append({"kind": "psi_changes_verdict", "check": check, "method": method,
+                        "numbers": {**{c.psi: {"status": c.status, "value": c.value}
+                                       for c in cells},
+                                    "difference": d.mean, "ci": [d.lo, d.hi], "n": d.n},
+                        "message": (
+                            f"{check}: the verdict of {method} depends on ψ — "
+                            f"{good.status.upper()} under {good.psi} ({_fmt(good.value)}) but "
+                            f"{bad.status.upper()} under {bad.psi} ({_fmt(bad.value)}); paired "
+                            f"difference {shown(d)}. The post-processing, not the model, "
+                            "decides this verdict.")})
+    return out
+
+
 def _check_class(name: str) -> Any:
     """The registered check class of ``name`` (``None`` for a check nobody registered)."""
     from .checks import CHECKS, check_names
@@ -85,31 +156,13 @@ def compute_caveats(checks: list[CheckResult], discards: AbsDiscards | None,
     psi_cells = [c for c in checks if c.psi and c.status in _RANK]
     by_check: dict[tuple[str, str], list[CheckResult]] = {}
     for c in psi_cells:
-        by_check.setdefault((c.check, c.method), []).append(c)
-    for (check, _method), cells in by_check.items():
-        statuses = {c.status for c in cells}
-        if len(statuses) > 1:
-            best = min(cells, key=lambda c: _RANK[c.status])
-            worst_c = max(cells, key=lambda c: _RANK[c.status])
-            out.append({"kind": "psi_changes_verdict", "check": check,
-                        "numbers": {c.psi: {"status": c.status, "value": c.value} for c in cells},
-                        "message": (
-                            f"{check}: the verdict depends on ψ — {best.status.upper()} under "
-                            f"{best.psi} ({_fmt(best.value)}) but {worst_c.status.upper()} under "
-                            f"{worst_c.psi} ({_fmt(worst_c.value)}). The post-processing, not the "
-                            "model, decides this verdict.")})
-        valued = [c for c in cells if c.value is not None]
-        if len(valued) > 1:
-            cls = _check_class(check)
-            hib = bool(cls.higher_is_better) if cls is not None else False
-            best = max(valued, key=lambda c: c.value if hib else -c.value)
-            out.append({"kind": "choose_psi_by_metric", "check": check,
-                        "numbers": {c.psi: c.value for c in valued},
-                        "message": (
-                            f"{check} favours ψ={best.psi} on this model ({_fmt(best.value)}; "
-                            + ", ".join(f"{c.psi} {_fmt(c.value)}" for c in valued if c is not best)
-                            + "). Choose ψ by the metric that matters for your use "
-                            "(Srinivas & Fleuret 2019, §6).")})
+        cls = _check_class(c.check)
+        if cls is None or getattr(cls, "compares_psi", True):
+            by_check.setdefault((c.check, c.method), []).append(c)
+    for (check, method), cells in by_check.items():
+        cls = _check_class(check)
+        hib = bool(cls.higher_is_better) if cls is not None else False
+        out += _psi_caveats(check, method, cells, hib)
     names = list(dict.fromkeys(c.check for c in checks))
     context = {"edge_similarity": dict(edge_similarity)}
     for name in names:

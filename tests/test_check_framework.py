@@ -182,22 +182,44 @@ def test_checks_command_lists_every_check():
             assert f"{key}=" in result.output
 
 
-def _cell(check, psi, status, value, method="fullgrad"):
-    return CheckResult(check, method, psi, status, value, "m", {}, "")
+def _cell(check, psi, status, value, method="fullgrad", per_image=None):
+    cell = CheckResult(check, method, psi, status, value, "m", {}, "")
+    if per_image is not None:
+        cell.per_image = [{"image": f"i{k}", "value": v} for k, v in enumerate(per_image)]
+    return cell
 
 
-def test_caveat_when_psi_changes_the_verdict():
-    cells = [_cell("class_sensitivity", "paper", "fail", 0.81),
-             _cell("class_sensitivity", "signed", "pass", 0.12)]
+def test_caveat_when_psi_changes_the_verdict_with_a_significant_difference():
+    rng = np.random.default_rng(0)
+    paper = 0.81 + rng.normal(0, 0.03, 12)
+    signed = 0.12 + rng.normal(0, 0.03, 12)
+    cells = [_cell("class_sensitivity", "paper", "fail", float(paper.mean()), per_image=paper),
+             _cell("class_sensitivity", "signed", "pass", float(signed.mean()), per_image=signed)]
     kinds = {c["kind"]: c for c in compute_caveats(cells, None, {})}
-    assert "psi_changes_verdict" in kinds
     msg = kinds["psi_changes_verdict"]["message"]
-    assert "PASS under signed (0.12)" in msg and "FAIL under paper (0.81)" in msg
-    assert kinds["signed_vs_paper"]["numbers"] == {"signed": 0.12, "paper": 0.81}
-    assert "more class-sensitive" in kinds["signed_vs_paper"]["message"]
-    same = [_cell("class_sensitivity", "paper", "pass", 0.2),
-            _cell("class_sensitivity", "signed", "pass", 0.1)]
+    assert "PASS under signed (0.1" in msg and "FAIL under paper (0.8" in msg
+    assert "95 % CI" in msg and kinds["psi_changes_verdict"]["numbers"]["n"] == 12
+    best = kinds["choose_psi_by_metric"]
+    assert best["numbers"]["best"] == "signed" and best["numbers"]["ci"][1] < 0
+    same = [_cell("class_sensitivity", "paper", "pass", 0.2, per_image=[0.2] * 4),
+            _cell("class_sensitivity", "signed", "pass", 0.1, per_image=[0.1] * 4)]
     assert "psi_changes_verdict" not in {c["kind"] for c in compute_caveats(same, None, {})}
+
+
+def test_no_psi_named_better_from_noise():
+    """Differences such as −0.065 vs 0.003 on a few noisy images name no winner."""
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0.0, 0.3, 6), rng.normal(0.0, 0.3, 6)
+    cells = [_cell("class_sensitivity", "paper", "pass", float(a.mean()), per_image=a),
+             _cell("class_sensitivity", "signed", "warn", float(b.mean()), per_image=b)]
+    kinds = {c["kind"]: c for c in compute_caveats(cells, None, {})}
+    assert "choose_psi_by_metric" not in kinds and "psi_changes_verdict" not in kinds
+    assert "no ψ of fullgrad is distinguishably better on these 6 images" in \
+        kinds["no_better_psi"]["message"]
+    # bn_folding (signed is 1.0 by construction) is never compared across ψ
+    fold = [_cell("bn_folding", "signed", "pass", 1.0, per_image=[1.0] * 6),
+            _cell("bn_folding", "paper", "pass", 0.9, per_image=[0.9] * 6)]
+    assert not [c for c in compute_caveats(fold, None, {}) if "psi" in c["kind"]]
 
 
 def test_caveat_resembles_edge_only_when_measured_so():

@@ -192,6 +192,9 @@ class Check:
     informational: ClassVar[bool] = False
     records: ClassVar[str | None] = None
 
+    #: ψ presets of one method may be compared on this check's numbers (False where a ψ
+    #: wins by construction, e.g. bn_folding's signed maps, which folding cannot change).
+    compares_psi: ClassVar[bool] = True
     #: How ``value`` aggregates the images: ``mean`` (a 95 % bootstrap interval is recorded)
     #: or ``worst`` (the worst image decides; no interval).
     aggregate: ClassVar[str] = "mean"
@@ -222,7 +225,7 @@ class Check:
                 "ranks_examples": bool(cls.ranks_examples),
                 "shows_class_maps": bool(cls.shows_class_maps),
                 "informational": bool(cls.informational), "records": cls.records,
-                "aggregate": cls.aggregate, "interval_verdict": bool(cls.interval_verdict),
+                "aggregate": cls.aggregate, "compares_psi": bool(cls.compares_psi), "interval_verdict": bool(cls.interval_verdict),
                 "value_range": list(cls.value_range) if cls.value_range else None,
                 "origin": getattr(cls, "origin", "builtin")}
 

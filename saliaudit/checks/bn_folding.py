@@ -218,6 +218,7 @@ class BNFolding(Check):
     thresholds = {"fail": None, "warn": 0.9}
     params = {"tolerance": 1e-3}  # completeness residual the folded decomposition must stay under
     requires = frozenset({"decomposition"})
+    compares_psi = False
     short = "bn"
     higher_is_better = True  # a similarity the maps must keep
     order = 70

@@ -29,6 +29,7 @@ class Completeness(Check):
     order = 10
     records = "completeness"  # results["completeness"]: the per-image residuals
     requires = frozenset({"decomposition"})
+    compares_psi = False
     aggregate = "worst"  # every image must add up: the worst residual decides
 
     def measure(self, batch: Batch, source: MapSource,
