@@ -65,13 +65,37 @@ def test_baseline_matters_on_the_linear_model():
     assert m.curves["correlation"].mean() < 0.9
 
 
-def test_random_control_warns():
+def test_random_control_is_noise_and_fails_as_the_reference():
+    from saliaudit.checks.calibrate import calibrate
+
     batch = linear_batch(n=6, seed=1)
-    cells = measure(SensitivityN({"subsets": 200}), batch, "random")
+    check = SensitivityN({"subsets": 200})
+    cells = measure(check, batch, "random")
     for label, (m, r) in cells.items():
         print(f"{label}: {r.value:+.3f} {np.round(np.mean(m.curves['correlation'], 0), 3)}")
-        assert r.status == "warn", r.message
         assert abs(r.value) < 0.1
+    judged = [r for _, r in cells.values()]
+    calibrate(judged, {"sensitivity_n": check})
+    assert all(r.status == "fail" for r in judged), [r.message for r in judged]
+
+
+def test_a_method_passes_only_when_significantly_above_the_random_control():
+    """grad × input on a linear model tracks the output exactly; the random control does
+    not: a PASS. Judged without a control on the same images, no PASS."""
+    from saliaudit.checks.calibrate import calibrate
+
+    batch = linear_batch(n=8, seed=2)
+    check = SensitivityN({"subsets": 30})
+    gxi = measure(check, batch, "grad_x_input", ["signed"])["grad_x_input/signed"][1]
+    rnd = measure(check, batch, "random", ["signed"])["random/signed"][1]
+    info = calibrate([gxi, rnd], {"sensitivity_n": check})
+    assert info["tests"] == 1
+    assert gxi.status == "pass" and gxi.controls["random"]["better"], gxi.message
+    assert gxi.controls["random"]["n"] == 8 and gxi.controls["random"]["p_adjusted"] < 0.05
+    assert len(gxi.series["per_image_curve"]) == 8
+    alone = measure(check, batch, "grad_x_input", ["signed"])["grad_x_input/signed"][1]
+    calibrate([alone], {"sensitivity_n": check})
+    assert alone.status == "warn" and "no must-fail control" in alone.message
 
 
 class ConstantSource(MapSource):
@@ -97,7 +121,12 @@ def test_constant_map_correlation_is_zero_with_a_note(value):
     # a constant map gives equal sums for equal-size subsets: undefined -> 0, never NaN
     assert np.all(m.curves["correlation"] == 0.0) and m.values == [0.0, 0.0]
     assert any("constant" in n for n in m.notes)
-    assert r.status == "warn" and r.value == 0.0 and "constant" in r.message
+    assert r.value == 0.0 and "constant" in r.message
+    from saliaudit.checks.calibrate import calibrate
+
+    rnd = measure(check, batch, "random", ["signed"])["random/signed"][1]
+    calibrate([r, rnd], {"sensitivity_n": check})
+    assert r.status == "warn", r.message  # not above the random control
 
 
 def test_pearson_edge_cases():

@@ -192,6 +192,9 @@ class Check:
     informational: ClassVar[bool] = False
     records: ClassVar[str | None] = None
 
+    #: The verdict needs the controls: without a must-fail control measured on the same
+    #: images, a cell cannot PASS (its number alone has no scale).
+    verdict_from_controls: ClassVar[bool] = False
     #: ψ presets of one method may be compared on this check's numbers (False where a ψ
     #: wins by construction, e.g. bn_folding's signed maps, which folding cannot change).
     compares_psi: ClassVar[bool] = True
@@ -234,6 +237,19 @@ class Check:
         configured): the check's entry of ``check_info`` in the results."""
         return {**self.describe(), "metric": self.metric, "thresholds": dict(self.t),
                 "params": _jsonable(self.p)}
+
+    def control_test(self, cell: CheckResult, control: CheckResult) -> tuple[int, float | None]:
+        """``(n, p)``: a one-sided paired test, over the images both cells measured, that
+        ``cell``'s method does better than the ``control`` (default: Wilcoxon signed-rank on
+        the per-image values, in the check's direction); ``p`` is ``None`` when untestable."""
+        from .. import stats
+
+        mine = {p.get("image"): p.get("value") for p in cell.per_image}
+        theirs = {p.get("image"): p.get("value") for p in control.per_image}
+        shared = [k for k in mine if isinstance(mine[k], (int, float))
+                  and isinstance(theirs.get(k), (int, float))]
+        return stats.paired_better([mine[k] for k in shared], [theirs[k] for k in shared],
+                                   higher_is_better=bool(self.higher_is_better))
 
     @classmethod
     def caveats(cls, cells: list[CheckResult], context: dict[str, Any]) -> list[dict[str, Any]]:

@@ -32,15 +32,6 @@ def control_partner(cell: CheckResult, controls: list[CheckResult]) -> CheckResu
     return controls[0]
 
 
-def _values(cell: CheckResult) -> dict[str, float]:
-    out = {}
-    for p in cell.per_image:
-        v = p.get("value")
-        if isinstance(v, (int, float)):
-            out[str(p.get("image"))] = float(v)
-    return out
-
-
 def calibrate(cells: list[CheckResult], checks: dict[str, Any], *,
               alpha: float = stats.ALPHA) -> dict[str, Any]:
     """Test every judged method cell against its check's must-fail controls; adjust all
@@ -49,20 +40,21 @@ def calibrate(cells: list[CheckResult], checks: dict[str, Any], *,
     tests: list[tuple[CheckResult, str, int, float]] = []
     for cell in cells:
         check = checks.get(cell.check)
-        if check is None or cell.control is not None or cell.status not in ("pass", "warn", "fail"):
+        if check is None or cell.status not in ("pass", "warn", "fail"):
             continue
-        mine = _values(cell)
+        if cell.method in getattr(check, "controls_must_fail", ()):
+            if getattr(check, "verdict_from_controls", False) and cell.status == "pass":
+                cell.status = "fail"  # the reference of the test cannot beat itself
+                cell.message = ("the control this check tests every method against: by "
+                                f"definition not above itself. {cell.message}")
+            continue
         for name in sorted(getattr(check, "controls_must_fail", ())):
             pool = [c for c in cells if c.check == cell.check and c.method == name
                     and c.status in ("pass", "warn", "fail")]
             partner = control_partner(cell, pool)
             if partner is None:
                 continue
-            theirs = _values(partner)
-            shared = sorted(set(mine) & set(theirs))
-            n, p = stats.paired_better([mine[i] for i in shared], [theirs[i] for i in shared],
-                                       higher_is_better=bool(getattr(check, "higher_is_better",
-                                                                     False)))
+            n, p = check.control_test(cell, partner)
             if p is None:
                 cell.controls[name] = {"n": n, "p": None, "p_adjusted": None, "better": False,
                                        "partner": partner.variant}
@@ -74,6 +66,16 @@ def calibrate(cells: list[CheckResult], checks: dict[str, Any], *,
     for (cell, name, _n, _p), q in zip(tests, adjusted):
         cell.controls[name].update(p_adjusted=q, better=bool(q < alpha))
     for cell in cells:
+        check = checks.get(cell.check)
+        if cell.status == "pass" and not cell.controls \
+                and cell.method not in getattr(check, "controls_must_fail", ()) \
+                and getattr(check, "verdict_from_controls", False):
+            need = ", ".join(sorted(getattr(check, "controls_must_fail", ())))
+            cell.status = "warn"
+            cell.message = (f"no must-fail control ({need}) was measured on these images, and "
+                            f"this check is judged against it, so it cannot PASS (add it to "
+                            f"--methods). {cell.message}")
+            continue
         if cell.status != "pass" or not cell.controls:
             continue
         losing = [k for k, v in cell.controls.items() if not v["better"]]

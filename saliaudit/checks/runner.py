@@ -176,9 +176,9 @@ class CheckRunner:
                             cells.append(check.judge(v, self.acc[(check.name, v)]))
                         except Exception as err:
                             cells.append(self._plain(check, v, "error", _error_text(err)))
+        self.calibration = calibrate(cells, self._by_name)
         for cell in cells:
             cell.control = control_expectation(cell, self._by_name[cell.check])
-        self.calibration = calibrate(cells, self._by_name)
         return cells
 
     @staticmethod

@@ -24,9 +24,13 @@ this is why the default ``max_images`` is 16 (1,600 subsets per n).
 
 A constant map (e.g. all-zero) makes every subset's attribution sum equal: the correlation is
 undefined and is reported as 0 with a note (never NaN); likewise when the output does not
-change across subsets. Verdict: the curve's maximum (over n) of the mean correlation over
-images; WARN below ``warn`` (0.1: no n at which the map tracks the model's output changes),
-FAIL below ``fail`` when it is set (default unset: no FAIL).
+change across subsets. Verdict by a test, not a fixed bar: at each n the method's per-image
+correlations are compared with the ``random`` control's on the same images and subsets
+(one-sided Wilcoxon signed-rank), corrected over the n values (Bonferroni-Holm) and over the
+audit (Benjamini–Hochberg); the method PASSES only when it is significantly above the control
+at some n, else WARN. The value reported is the curve's maximum (over n) of the mean
+correlation, with its 95 % interval over images at that n; ``warn``/``fail`` thresholds can
+be set on it as well.
 """
 
 from __future__ import annotations
@@ -56,8 +60,10 @@ class SensitivityN(Check):
     reference = ("Ancona, Ceolini, Öztireli & Gross, Towards better understanding of gradient-based "
                  "attribution methods for Deep Neural Networks, ICLR 2018")
     metric = "max over n of the mean Pearson correlation (attribution sum vs output change)"
-    thresholds = {"warn": 0.1, "fail": None}
+    thresholds = {"warn": None, "fail": None}  # judged against the controls, not a fixed bar
     controls_must_fail = frozenset({"random"})
+    verdict_from_controls = True  # PASS only when significantly above the controls
+    value_range = (-1.0, 1.0)
     short = "sens-n"
     higher_is_better = True  # a correlation the map should have
     order = 50
@@ -185,13 +191,19 @@ class SensitivityN(Check):
 
     # ----------------------------------------------------------------------------------------
     def judge(self, variant: Variant, m: Measurement) -> CheckResult:
+        """Provisional verdict of one cell: PASS when the curve is finite (and above
+        ``warn``/``fail`` when set); the audit then tests it against the controls
+        (:meth:`control_test`) and keeps the PASS only when the correlation is significantly
+        above theirs at some n."""
         flag_notes(m)
         if not m.values or "correlation" not in m.curves:
             return self.result(variant, m, "skipped", None, "no image was measured")
-        curve = np.nanmean(np.asarray(m.curves["correlation"], dtype=np.float64), 0)
+        per = np.asarray(m.curves["correlation"], dtype=np.float64)  # (images, n values)
+        curve = np.nanmean(per, 0)
         ns = list(m.axes.get("correlation", []))
         best = int(np.nanargmax(curve))
         value = float(curve[best])
+        m.values = [float(v) for v in per[:, best]]  # per image: the correlation at that n
         warn, fail = self.t.get("warn"), self.t.get("fail")
         if fail is not None and value < float(fail):
             status = "fail"
@@ -201,16 +213,44 @@ class SensitivityN(Check):
             status = "pass"
         feats = f"{m.extra.get('n_features')} {m.extra.get('features')}"
         shape = ", ".join(f"n={n}: {c:.2f}" for n, c in zip(ns, curve))
-        verdict = ("the attribution sums track the output changes at some subset size"
-                   if status == "pass" else
-                   f"the attribution sums do not track the output changes at any n (all below "
-                   f"{float(fail if status == 'fail' else warn):g})")
-        msg = (f"{verdict}: mean Pearson correlation peaks at {value:.2f} for n={ns[best]} of {feats} "
-               f"({len(m.values)} images, {m.extra.get('subsets')} subsets per n, "
-               f"{m.extra.get('baseline')} baseline; {shape})")
+        msg = (f"mean Pearson correlation of attribution sums with output changes peaks at "
+               f"{value:.2f} for n={ns[best]} of {feats} ({len(m.values)} images, "
+               f"{m.extra.get('subsets')} subsets per n, {m.extra.get('baseline')} baseline; "
+               f"{shape})")
+        if status != "pass":
+            msg = f"below the threshold at every n: {msg}"
         if m.notes:
             msg += "; " + "; ".join(m.notes)
-        return self.result(variant, m, status, value, msg)
+        rows = [[float(v) for v in row] for row in per]
+        return self.result(variant, m, status, value, msg, per_image_curve=rows, n_values=ns)
+
+    def control_test(self, cell: CheckResult, control: CheckResult) -> tuple[int, float | None]:
+        """At each n, a one-sided Wilcoxon signed-rank test over the shared images that the
+        method's correlation is above the control's (the same subsets: they are seeded by the
+        image and n); the smallest p-value, Bonferroni-corrected over the n values (= Holm's
+        smallest adjusted p), is the cell's p-value against that control."""
+        from .. import stats
+
+        mine = _by_image(cell)
+        theirs = _by_image(control)
+        shared = [k for k in mine if k in theirs]
+        if not shared:
+            return 0, None
+        a = np.array([mine[k] for k in shared])
+        b = np.array([theirs[k] for k in shared])
+        if a.shape != b.shape or a.ndim != 2:
+            return len(shared), None
+        ps = [stats.paired_better(a[:, q], b[:, q], higher_is_better=True)[1]
+              for q in range(a.shape[1])]
+        ps = [p for p in ps if p is not None]
+        if not ps:
+            return len(shared), None
+        return len(shared), min(1.0, len(ps) * min(ps))
+
+
+def _by_image(cell: CheckResult) -> dict[str, list[float]]:
+    rows = cell.series.get("per_image_curve") or []
+    return {str(p.get("image")): row for p, row in zip(cell.per_image, rows)}
 
 
 def _pearson(a: np.ndarray, d: np.ndarray) -> tuple[float, bool, bool]:
