@@ -25,10 +25,14 @@ WARN when better but the map beats fewer than ``warn_win_rate`` (75 %) of the ra
 (better on average, inconsistent across images); PASS otherwise. A model-independent control
 has ``D = 0`` (a constant map ranked by the seeded tie-break, i.e. a random order) and fails.
 
-Removed pixels take each image's mean colour by default, as in
-:mod:`~saliaudit.checks.perturbation` (black disrupts models trained on textured images: on the
-sample shapes model random black pixels move the log-odds by 8–10 logits). DeepLIFT erased
-MNIST pixels to the black background; ``baseline=black`` reproduces that on digit-like data.
+As DeepLIFT defines it, only pixels where ``D > 0`` are removed (up to each fraction's
+budget; the random orders remove as many pixels), so a map with no evidence for ``c`` over
+``c′`` removes nothing. Removed pixels take the method's own reference where it has one that
+removal supports (black for DeepLIFT and for integrated gradients from a black baseline, the
+model input's zero for gradient × input and ε-LRP: DeepLIFT erased MNIST pixels to its black
+reference) and each image's mean colour otherwise (black disrupts models trained on textured
+images). The other value (black for mean, mean otherwise) is measured too: the cell reports
+its verdict, and a ``baseline_dependent`` caveat names the cells whose verdict changes with it.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ import torch
 from ..errors import UsageError
 from ..result import CheckResult
 from .base import Batch, Check, Curve, MapSource, Measurement, Variant, register
-from .removal import (Job, better_than_random, check_baseline, check_fractions, check_int,
+from .removal import (REMOVAL_BASELINES, Job, better_than_random, check_baseline, check_fractions, check_int,
                       flag_notes, fraction_counts, image_keys, nonfinite_count, power_note,
                       prefix_masks, random_ranks, removal_baseline, run_removals, saliency_ranks,
                       tie_breaks, win_rates)
@@ -74,7 +78,10 @@ class SignFlip(Check):
     params = {
         "pairs": None,  # None: runner-up; or [[c, c′], ...] / "8:3,cat:dog" (indices or names)
         "fractions": [0.01, 0.02, 0.05, 0.1, 0.2],  # share of the pixels removed
-        "baseline": "mean",  # per-image mean colour; or black (DeepLIFT's MNIST erasure), zero, blur
+        # auto: the method's own reference (black for DeepLIFT and IG from black, zero for
+        # gradient × input and ε-LRP), else the per-image mean colour; or black, zero, mean, blur
+        "baseline": "auto",
+        "other_baseline": "auto",  # measured too (black for mean, mean otherwise); none: skip
         "blur_sigma": 5.0,
         "random_orders": 3,
         "chunk": 64,
@@ -85,7 +92,10 @@ class SignFlip(Check):
                  thresholds: dict[str, float | None] | None = None):
         super().__init__(params, thresholds)
         self.fractions = check_fractions(self.p["fractions"])
-        check_baseline(self.p)
+        for key in ("baseline", "other_baseline"):
+            value = self.p[key]
+            if value not in ("auto", None, "none"):
+                check_baseline({"baseline": value, "blur_sigma": self.p["blur_sigma"]})
         check_int("random_orders", self.p["random_orders"])
         check_int("chunk", self.p["chunk"])
         self.raw_pairs = _parse_pairs(self.p["pairs"])
@@ -128,23 +138,45 @@ class SignFlip(Check):
                 names.append(batch.images[i] if len(matching) == 1 else f"{batch.images[i]} [{c}→{cp}]")
         return idx, cs, cps, names
 
-    def _random_delta(self, batch: Batch, base: torch.Tensor, counts: list[int], idx: list[int],
-                      cs: list[int], cps: list[int]) -> np.ndarray:
-        """``(rows, R, K)`` log-odds changes under the random orders (cached per image and pair)."""
+    def baselines(self, source: MapSource) -> tuple[str, str | None]:
+        """``(primary, other)`` removal values for ``source``'s method. ``auto``: the method's
+        own reference where it has one that removal supports (black for DeepLIFT and
+        integrated gradients from a black baseline, zero for gradient × input and ε-LRP), the
+        image mean otherwise (DeepLIFT's digit flipping erased pixels to its reference);
+        the other baseline is black for mean and mean for any other."""
+        primary = self.p["baseline"]
+        if primary == "auto":
+            primary = "mean"
+            from ..methods import METHODS
+
+            method = METHODS.get(source.method)
+            if method is not None and method.reference_input is not None:
+                ref = str(getattr(source, "params", {}).get("baseline", "zero"))
+                primary = ref if ref in REMOVAL_BASELINES else "mean"
+        other = self.p["other_baseline"]
+        if other == "auto":
+            other = "black" if primary == "mean" else "mean"
+        return primary, (None if other in (None, "none", primary) else other)
+
+    def _random_delta(self, batch: Batch, base: torch.Tensor, counts: np.ndarray, idx: list[int],
+                      cs: list[int], cps: list[int], kind: str) -> np.ndarray:
+        """``(rows, R, K)`` log-odds changes when as many pixels as the map removes (per row
+        and fraction: ``counts``) are removed in the seeded random orders (cached)."""
         hw = batch.x.shape[2] * batch.x.shape[3]
         draws = int(self.p["random_orders"])
         keys = image_keys(batch.model, batch.x, batch.images)
-        rkeys = [(keys[i], c, cp) for i, c, cp in zip(idx, cs, cps)]
+        rkeys = [(keys[i], c, cp, kind, tuple(int(v) for v in counts[r]))
+                 for r, (i, c, cp) in enumerate(zip(idx, cs, cps))]
         todo = [r for r, k in enumerate(rkeys) if k not in self._random]
-        jobs = [Job(idx[r], (lambda r=r: torch.cat([prefix_masks(rk, counts) for rk in
-                                                    random_ranks(batch.seed, batch.images[idx[r]], hw, draws)])),
+        jobs = [Job(idx[r], (lambda r=r: torch.cat([prefix_masks(rk, [int(v) for v in counts[r]])
+                                                    for rk in random_ranks(batch.seed, batch.images[idx[r]], hw, draws)])),
                     [cs[r], cps[r]]) for r in todo]
         outs = run_removals(batch.model, batch.x, base, jobs, chunk=int(self.p["chunk"]))
         for r, out in zip(todo, outs):
             d0 = float(batch.logits[idx[r], cps[r]].double() - batch.logits[idx[r], cs[r]].double())
             o = out.to(torch.float64).cpu().numpy()
-            self._random[rkeys[r]] = ((o[:, 1] - o[:, 0]) - d0).reshape(draws, len(counts))
-        return np.stack([self._random[k] for k in rkeys]) if rkeys else np.zeros((0, draws, len(counts)))
+            self._random[rkeys[r]] = ((o[:, 1] - o[:, 0]) - d0).reshape(draws, counts.shape[1])
+        return np.stack([self._random[k] for k in rkeys]) if rkeys else np.zeros((0, draws, counts.shape[1]))
 
     def measure(self, batch: Batch, source: MapSource,
                 maps: dict[Variant, torch.Tensor]) -> dict[Variant, Measurement]:
@@ -156,52 +188,59 @@ class SignFlip(Check):
                      tuple({"from": a, "to": b, "from_name": _name(class_names, a),
                             "to_name": _name(class_names, b)} for a, b in pairs))
         skipped = [n for i, n in enumerate(batch.images) if i not in set(idx)]
-        base_extra = {"pairs": pair_info, "baseline": self.p["baseline"], "skipped": skipped}
+        primary, other = self.baselines(source)
+        base_extra = {"pairs": pair_info, "baseline": primary, "other_baseline": other,
+                      "skipped": skipped}
         if not idx:
             return {v: Measurement(extra=dict(base_extra), notes=list(self._pair_notes)) for v in maps}
         x = batch.x
-        _, _, h, w = x.shape
-        hw = h * w
-        counts = fraction_counts(self.fractions, hw)
-        base = removal_baseline(batch.model, x, self.p["baseline"], sigma=self.p["blur_sigma"])
-        rand = self._random_delta(batch, base, counts, idx, cs, cps)  # (rows, R, K)
-
+        hw = x.shape[2] * x.shape[3]
+        budget = np.asarray(fraction_counts(self.fractions, hw))
         dev = x.device
         rows = torch.as_tensor(idx, dtype=torch.long, device=dev)
         contrast_maps = source.maps(batch.model, x[rows], torch.as_tensor(cps, dtype=torch.long, device=dev))
         ties = tie_breaks(batch.seed, [batch.images[i] for i in idx], hw, dev)
-        variants = list(maps)
-        jobs = []
-        for v in variants:
-            diff = maps[v][rows].to(dev) - contrast_maps[v].to(dev)
-            ranks = saliency_ranks(diff, ties)
-            for r in range(len(idx)):
-                jobs.append(Job(idx[r], (lambda rk=ranks[r]: prefix_masks(rk, counts)), [cs[r], cps[r]]))
-        outs = run_removals(batch.model, x, base, jobs, chunk=int(self.p["chunk"]))
         lg = batch.logits.to(torch.float64)
         cols_c, cols_cp = (torch.as_tensor(v, device=lg.device) for v in (cs, cps))
         d0 = (lg[rows, cols_cp] - lg[rows, cols_c]).cpu().numpy()  # log-odds of c′ vs c on x
-
-        result: dict[Variant, Measurement] = {}
         n = len(idx)
-        rand_mean = rand.mean(1)  # (rows, K)
-        for vi, v in enumerate(variants):
-            o = torch.stack(outs[vi * n:(vi + 1) * n]).to(torch.float64).cpu().numpy()  # (rows, K, 2)
-            delta = (o[:, :, 1] - o[:, :, 0]) - d0[:, None]
-            with np.errstate(all="ignore"):
-                adv = (delta - rand_mean).mean(1)
-                adv = np.where(np.isfinite(adv), adv, np.nan)
-                wins = win_rates(delta.mean(1), rand.mean(2))
+        result: dict[Variant, Measurement] = {}
+        for v in maps:
+            diff = maps[v][rows].to(dev) - contrast_maps[v].to(dev)
+            ranks = saliency_ranks(diff, ties)
+            # DeepLIFT: only pixels with a positive difference are evidence for c over c′
+            positive = (torch.nan_to_num(diff, nan=0.0) > 0).reshape(n, -1).sum(1).cpu().numpy()
+            counts = np.minimum(budget[None, :], positive[:, None])  # (rows, K)
+            per_base: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+            for kind in [primary] + ([other] if other else []):
+                base = removal_baseline(batch.model, x, kind, sigma=self.p["blur_sigma"])
+                rand = self._random_delta(batch, base, counts, idx, cs, cps, kind)  # (rows, R, K)
+                jobs = [Job(idx[r], (lambda rk=ranks[r], cnt=counts[r]: prefix_masks(rk, [int(c) for c in cnt])),
+                            [cs[r], cps[r]]) for r in range(n)]
+                outs = run_removals(batch.model, x, base, jobs, chunk=int(self.p["chunk"]))
+                o = torch.stack(outs).to(torch.float64).cpu().numpy()  # (rows, K, 2)
+                delta = (o[:, :, 1] - o[:, :, 0]) - d0[:, None]
+                rand_mean = rand.mean(1)
+                with np.errstate(all="ignore"):
+                    adv = (delta - rand_mean).mean(1)
+                    adv = np.where(np.isfinite(adv), adv, np.nan)
+                    wins = win_rates(delta.mean(1), rand.mean(2))
+                per_base[kind] = (delta, rand_mean, adv, wins)
+            delta, rand_mean, adv, wins = per_base[primary]
             flags = (["nonfinite_map"] * nonfinite_count(maps[v][rows])
                      + ["nonfinite_output"] * int((~np.isfinite(adv)).sum()))
+            extra = {**base_extra, "flip_advantage": [float(a) for a in adv],
+                     "flip_win_rate": [float(a) for a in wins],
+                     "removed_share": [float(c) / hw for c in counts[:, -1]],
+                     "classes": [[c, cp] for c, cp in zip(cs, cps)], "flags": flags}
+            if other:
+                extra["other_advantage"] = [float(a) for a in per_base[other][2]]
+                extra["other_win_rate"] = [float(a) for a in per_base[other][3]]
             result[v] = Measurement(
                 values=[float(a) for a in adv], images=list(names),
                 curves={"flip": delta, "flip_random": rand_mean},
                 axes={"flip": list(self.fractions), "flip_random": list(self.fractions)},
-                extra={**base_extra, "flip_advantage": [float(a) for a in adv],
-                       "flip_win_rate": [float(a) for a in wins],
-                       "classes": [[c, cp] for c, cp in zip(cs, cps)], "flags": flags},
-                notes=list(self._pair_notes))
+                extra=extra, notes=list(self._pair_notes))
         return result
 
     # ----------------------------------------------------------------------------------------
@@ -232,20 +271,53 @@ class SignFlip(Check):
                                "was not finite after removing pixels" + _notes(m))
         flip = float(np.nanmean(m.curves["flip"]))
         rnd = float(np.nanmean(m.curves["flip_random"]))
+        status, verdict = self._status(test, kw)
+        primary, other = m.extra.get("baseline"), m.extra.get("other_baseline")
+        sig = f"beats {100 * test['win_rate']:.0f}% of random orders, p={test['p_value']:.2g}"
+        msg = (f"{verdict} ({test['n']} images, {what}, {primary} removal of the pixels where "
+               f"map_c − map_c′ > 0): removing them moves the log-odds towards c′ by {flip:+.3g} "
+               f"on average vs {rnd:+.3g} for random pixels (advantage {test['mean']:+.3g}, {sig})")
+        series: dict[str, Any] = {}
+        if other and m.extra.get("other_advantage"):
+            alt = better_than_random(m.extra.pop("other_advantage"), m.extra.pop("other_win_rate"), **kw)
+            alt_status, _ = self._status(alt, kw)
+            series["other"] = {"baseline": other, "status": alt_status, "test": alt}
+            series["baseline_dependent"] = alt_status != status
+            msg += (f"; with {other} removal: {alt_status.upper()} (advantage "
+                    f"{alt['mean']:+.3g})" if alt["mean"] is not None else
+                    f"; with {other} removal: no finite measurement")
+            if alt_status != status:
+                msg += " — the verdict depends on the removal value"
+        return self.result(variant, m, status, m.mean(), msg + _notes(m), **series)
+
+    def _status(self, test: dict[str, Any], kw: dict[str, Any]) -> tuple[str, str]:
         consistent = self.t.get("warn_win_rate")
         if not test["better"]:
-            status, verdict = "fail", ("no better than a random order" if not test["mean"] > kw["min_advantage"]
-                                       else "not significantly better than a random order")
-        elif consistent is not None and test["win_rate"] < float(consistent):
-            status, verdict = "warn", (f"better than a random order, but it beats fewer than "
-                                       f"{100 * float(consistent):.0f}% of the random orders")
-        else:
-            status, verdict = "pass", "better than a random order"
-        sig = f"beats {100 * test['win_rate']:.0f}% of random orders, p={test['p_value']:.2g}"
-        msg = (f"{verdict} ({test['n']} images, {what}, {self.p['baseline']} removal): removing the top "
-               f"pixels of map_c − map_c′ moves the log-odds towards c′ by {flip:+.3g} on average vs "
-               f"{rnd:+.3g} for random pixels (advantage {test['mean']:+.3g}, {sig})" + _notes(m))
-        return self.result(variant, m, status, m.mean(), msg)
+            return "fail", ("no better than a random order" if not (test["mean"] or 0) > kw["min_advantage"]
+                            else "not significantly better than a random order")
+        if consistent is not None and test["win_rate"] < float(consistent):
+            return "warn", (f"better than a random order, but it beats fewer than "
+                            f"{100 * float(consistent):.0f}% of the random orders")
+        return "pass", "better than a random order"
+
+    @classmethod
+    def caveats(cls, cells: list[CheckResult], context: dict[str, Any]) -> list[dict[str, Any]]:
+        """``baseline_dependent``: a cell whose verdict changes with the removal value."""
+        out = []
+        for c in cells:
+            other = c.series.get("other") or {}
+            if c.series.get("baseline_dependent") and c.status in ("pass", "warn", "fail"):
+                out.append({"kind": "baseline_dependent", "check": c.check, "variant": c.variant,
+                            "numbers": {"baseline": c.series.get("baseline"), "status": c.status,
+                                        "other_baseline": other.get("baseline"),
+                                        "other_status": other.get("status")},
+                            "message": (
+                                f"{c.check} of {c.variant}: {c.status.upper()} with "
+                                f"{c.series.get('baseline')} removal but "
+                                f"{str(other.get('status')).upper()} with {other.get('baseline')} "
+                                "removal. The removal value, not the map alone, decides this "
+                                "verdict (out-of-distribution pixels).")})
+        return out
 
 
 def _notes(m: Measurement) -> str:
