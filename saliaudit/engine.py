@@ -33,6 +33,7 @@ from .methods import build_source, get_method, postprocess
 from .model import LoadedModel, load_model, resolve_device
 from .report.overlay import write_overlays
 from .result import AuditResult, CompletenessRecord
+from .sampling import stratified_sample
 
 __all__ = ["Audit", "Progress", "run_audit", "new_result", "environment_versions"]
 
@@ -135,11 +136,61 @@ class Audit:
         self.runner = CheckRunner(cfg.checks, _thresholds(cfg), _check_params(cfg),
                                   self.masks_dir is not None)
         self.result.check_info = self.runner.info()
+        with self.timer.stage("sample"):
+            self._draw_samples()
         self.sources = self._plan_sources()
         self.figures = ExampleFigures(choose_examples([e.rel for e in self.listing.entries],
                                                       int(cfg.examples_html), cfg.seed))
         decomposes = any("decomposition" in s.provides for s in self.sources)
         self.discards = AbsDiscards() if decomposes else None
+
+    def _draw_samples(self) -> None:
+        """Capped checks measure a seeded class-stratified sample of the images (the folder's
+        label where it gives one, else the predicted class: one extra forward pass per
+        image), the same images for every method; recorded in ``check_info``."""
+        caps = self.runner.caps()
+        entries = self.listing.entries
+        if not caps or all(cap >= len(entries) for cap in caps.values()):
+            return
+        if all(e.label is not None for e in entries):
+            names = [e.rel for e in entries]
+            folders = self.listing.class_names or []
+            classes: list[object] = [folders[e.label] if e.label < len(folders) else e.label
+                                     for e in entries]
+            how = "folder label"
+        else:
+            names, classes = self._predicted_classes()
+            how = "predicted class"
+        for check, cap in caps.items():
+            if cap >= len(names):
+                continue
+            pick = stratified_sample(names, classes, cap, self.cfg.seed)
+            self.runner.assign_sample(check, pick)
+            counts: dict[str, int] = {}
+            for name, cls in zip(names, classes):
+                if name in set(pick):
+                    counts[str(cls)] = counts.get(str(cls), 0) + 1
+            self.result.check_info.setdefault(check, {})["sample"] = {
+                "images": pick, "of": len(names), "stratified_by": how, "seed": self.cfg.seed,
+                "per_class": counts}
+
+    def _predicted_classes(self) -> tuple[list[str], list[object]]:
+        """The top-1 class of every decodable image (no gradients; images that fail to decode
+        or give non-finite logits are left out, as the audit will skip them)."""
+        names: list[str] = []
+        classes: list[object] = []
+        decoded = iter_decoded(self.listing, max_pixels=self.cfg.max_pixels)
+        while True:
+            items = next_batch(decoded, self.cfg.batch_size, [])
+            if not items:
+                break
+            with torch.no_grad():
+                logits = self.lm.logits(self.lm.preprocess([d.image for d in items]))
+            for d, row in zip(items, logits):
+                if bool(torch.isfinite(row).all()):
+                    names.append(d.entry.rel)
+                    classes.append(int(row.argmax()))
+        return names, classes
 
     def _plan_sources(self) -> list[MapSource]:
         """The map sources of the selected methods; those that cannot run recorded as skipped."""

@@ -213,6 +213,8 @@ class Check:
         self.p: dict[str, Any] = {**self.params, **(params or {})}
         self.t: dict[str, float | None] = {**self.thresholds, **(thresholds or {})}
         self.seen = 0  # images measured so far (for max_images)
+        #: The images to measure, when the audit drew a sample for ``max_images``.
+        self.sample: set[str] | None = None
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
@@ -277,15 +279,20 @@ class Check:
         """The cells this check produces for ``source`` (default: one per map variant)."""
         return list(source.variants)
 
-    def take(self, batch: Batch) -> Batch | None:
-        """The part of ``batch`` still to measure under ``params["max_images"]`` (or None)."""
+    def take(self, batch: Batch) -> list[int] | None:
+        """Positions of ``batch`` to measure: those in the check's :attr:`sample` when the
+        audit assigned one (a class-stratified sample under ``params["max_images"]``), else
+        the batch up to ``max_images`` images in all; ``None`` when there is none."""
+        if self.sample is not None:
+            idx = [i for i, name in enumerate(batch.images) if name in self.sample]
+            return idx or None
         limit = self.p.get("max_images")
         if limit is None:
-            return batch
+            return list(range(len(batch)))
         room = int(limit) - self.seen
         if room <= 0:
             return None
-        return batch if len(batch) <= room else batch.select(list(range(room)))
+        return list(range(min(len(batch), room)))
 
     def measure(self, batch: Batch, source: MapSource,
                 maps: dict[Variant, torch.Tensor]) -> dict[Variant, Measurement]:

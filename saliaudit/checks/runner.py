@@ -121,11 +121,15 @@ class CheckRunner:
             if reason:
                 self.skips[key] = reason
                 continue
-            sub = check.take(batch)
-            if sub is None:
+            idx = check.take(batch)
+            if idx is None:
                 continue
-            n = len(sub)
-            sub_maps = {v: m[:n] for v, m in maps.items()}
+            if len(idx) == len(batch):
+                sub, sub_maps = batch, maps
+            else:
+                sub = batch.select(idx)
+                pos = torch.as_tensor(idx, dtype=torch.long)
+                sub_maps = {v: m[pos.to(m.device)] for v, m in maps.items()}
             t0 = time.perf_counter()
             try:
                 out = oom_split(lambda b, mp, c=check: c.measure(b, source, mp), sub, sub_maps,
@@ -143,6 +147,15 @@ class CheckRunner:
                     self.acc[(check.name, v)].extend(m)
                 else:
                     self.acc[(check.name, v)] = m
+
+    def caps(self) -> dict[str, int]:
+        """``max_images`` of each check that has one."""
+        return {c.name: int(c.p["max_images"]) for c in self.checks
+                if c.p.get("max_images") is not None}
+
+    def assign_sample(self, name: str, images: list[str]) -> None:
+        """Measure check ``name`` on these images only (its drawn sample)."""
+        self._by_name[name].sample = set(images)
 
     def end_batch(self, batch: Batch) -> None:
         """Count the batch's images against each check's ``max_images``."""
