@@ -18,7 +18,7 @@ STATUSES = ("pass", "warn", "fail", "error", "skipped")
 STATUS_TEXT = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "error": "ERROR",
                "skipped": "SKIPPED"}
 STATUS_SYMBOL = {"pass": "✓", "warn": "!", "fail": "✗", "error": "⚠", "skipped": "–"}
-#: Report order of the checks (design.md §4) when the results do not give one.
+#: Report order of the checks (docs/checks.md) when the results do not give one.
 KNOWN_CHECKS = ("completeness", "class_sensitivity", "randomization", "perturbation",
                 "sensitivity_n", "sign_flip", "bn_folding", "pointing_game")
 
