@@ -1,4 +1,4 @@
-"""Caveats about post-processing, computed from this audit's measurements (design.md §4).
+"""Caveats about post-processing, computed from this audit's measurements (see docs/report.md).
 
 Never boilerplate: each caveat is produced only when its numbers support it and it carries
 them. Kinds:
@@ -18,7 +18,7 @@ them. Kinds:
   ``resembles_edge``).
 - ``control_passes``: a control (``random``, ``edge``) that PASSES a check it must fail: on
   this model that check cannot tell a map from noise or image edges, so its other verdicts
-  are not evidence (design.md §3).
+  are not evidence (docs/methods.md, "Controls").
 """
 
 from __future__ import annotations

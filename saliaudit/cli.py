@@ -1,6 +1,6 @@
 """The ``saliaudit`` command line: options → config → audit → render.
 
-This is the only place that catches errors and maps them to exit codes (design.md §2):
+This is the only place that catches errors and maps them to exit codes (docs/report.md, "Exit codes"):
 0 no check reached ``--fail-on`` · 1 the gate failed · 2 usage error · 3 the audit could not
 run · 4 no usable images · 130 interrupted (Ctrl-C or SIGTERM; a partial results.json is kept).
 """

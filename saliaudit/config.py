@@ -1,4 +1,4 @@
-"""Validated audit settings, each with the source it came from (design.md §2 Configuration).
+"""Validated audit settings, each with the source it came from (see docs/usage.md, "Configuration").
 
 Precedence: command-line flags > ``SALIAUDIT_*`` environment variables > ``--config FILE``
 or the nearest ``saliaudit.toml`` / ``[tool.saliaudit]`` in ``pyproject.toml`` (searched from

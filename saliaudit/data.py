@@ -1,4 +1,4 @@
-"""Finding and decoding the images to audit (design.md §2 "Images").
+"""Finding and decoding the images to audit (see docs/usage.md, "Images").
 
 ``find_images`` lists a folder (recursively) or a list file; ``decode_image`` turns one file
 into an 8-bit RGB ``PIL.Image`` or raises ``ImageError`` with a one-line reason;

@@ -1,7 +1,7 @@
 """Errors raised by saliaudit.
 
 Every error carries a one-line message that names the file involved and says what to do,
-and the exit code the CLI maps it to (design.md §2): 2 usage, 3 the audit could not run,
+and the exit code the CLI maps it to (docs/report.md, "Exit codes"): 2 usage, 3 the audit could not run,
 4 no usable images. ``cli.py`` is the only place that catches them.
 """
 

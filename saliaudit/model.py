@@ -1,4 +1,4 @@
-"""Loading the classifier to audit (design.md §2, "Models").
+"""Loading the classifier to audit (see docs/usage.md, "Models").
 
 Formats: ``.pt2`` (torch.export), a state_dict (``.pt``/``.pth``/``.safetensors``) plus
 ``--arch``, TorchScript, and a pickled ``nn.Module`` (only with ``--trust-model``).

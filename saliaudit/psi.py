@@ -1,4 +1,4 @@
-"""Post-processing functions ψ for FullGrad (design.md §3).
+"""Post-processing functions ψ for FullGrad (see docs/methods.md).
 
 A preset is sign handling × rescale × bilinear upsampling to the input size; the processed
 terms are summed over channels and layers. FullGrad (Srinivas & Fleuret, NeurIPS 2019) uses

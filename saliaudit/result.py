@@ -1,6 +1,6 @@
 """The audit results: plain data that renderers take (no tensors, no HTML).
 
-``AuditResult.to_dict()`` is the ``results.json`` document of design.md §5; every float is
+``AuditResult.to_dict()`` is the ``results.json`` document of docs/results-schema.md; every float is
 finite (NaN and Inf never reach the file: they become ``null`` and the cell says why).
 """
 
@@ -101,7 +101,7 @@ class MapRecord:
 
 @dataclass
 class AuditResult:
-    """Everything an audit produced; see design.md §5 for the field meanings."""
+    """Everything an audit produced; see docs/results-schema.md for the field meanings."""
 
     tool: dict[str, Any]
     run: dict[str, Any]

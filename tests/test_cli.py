@@ -1,4 +1,4 @@
-"""End-to-end tests of the ``saliaudit`` command line (design.md §2 and §5).
+"""End-to-end tests of the ``saliaudit`` command line (docs/usage.md and docs/report.md).
 
 The CLI runs in-process through ``typer.testing.CliRunner`` on small models exported on the fly
 and small PNG files; one test runs ``python -m saliaudit`` in a subprocess for the real entry path.

@@ -1,5 +1,5 @@
 """Controls in the verdicts: a control's expected FAIL shows the check working and never gates;
-a control that PASSES a check it must fail is a warning about that check (design.md §3)."""
+a control that PASSES a check it must fail is a warning about that check (docs/methods.md, "Controls")."""
 
 from __future__ import annotations
 

@@ -385,7 +385,7 @@ def _jpeg_bytes(img: Image.Image, **kw) -> bytes:
 
 
 def image_corpus(folder: Path) -> dict[str, tuple[str, str]]:
-    """Every bad image kind of design.md §2, next to two good images.
+    """Every bad image kind of docs/usage.md ("Images"), next to two good images.
 
     Returns ``{file: ("skipped", words of the reason) | ("note", words of a note) | ("ok", "")}``.
     """

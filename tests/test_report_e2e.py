@@ -1,5 +1,5 @@
 """End to end: the sample audit of ``sample_models/shapes_vgg.pt2`` as a user runs it, all four
-formats, and the PDF's sections in order (design.md §5).
+formats, and the PDF's sections in order (docs/report.md).
 
 Skipped until the checks fill ``check_info`` in the results (the check content lands
 separately); remove the skip marker's condition then.

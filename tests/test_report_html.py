@@ -1,4 +1,4 @@
-"""The HTML report and results.json from a results document alone (design.md §5).
+"""The HTML report and results.json from a results document alone (docs/report.md).
 
 Built on the synthetic fixture of ``tests/report_fixture.py`` (every check with series and
 figures, hostile file name and class label), so it does not depend on the checks.

@@ -1,4 +1,4 @@
-"""report.pdf: WeasyPrint output of the report templates (design.md §5).
+"""report.pdf: WeasyPrint output of the report templates (docs/report.md).
 
 One A4 PDF of the synthetic sample audit is rendered per module and inspected with poppler's
 ``pdftotext``/``pdfinfo`` (pypdf as a fallback for the text): sections in order, hostile names

@@ -1,4 +1,4 @@
-"""Sanity checks (design.md §4). Each check is a class with ``measure`` (numbers) and
+"""Sanity checks (see docs/checks.md). Each check is a class with ``measure`` (numbers) and
 ``judge`` (a verdict against configurable thresholds), registered by name; one file each.
 
 Every module of this package is imported once (each check module registers its class; the

@@ -1,4 +1,4 @@
-"""The check protocol, the registry, and the data a check sees (design.md §4).
+"""The check protocol, the registry, and the data a check sees (see docs/checks.md).
 
 A check is a small class. The audit keeps one instance for the whole run and, for every
 batch of images and every selected method, calls :meth:`Check.measure` with the batch
@@ -164,7 +164,7 @@ class Check:
         needs_masks: SKIPPED unless ``--masks`` is given.
         controls_must_fail: the controls (``random``, ``edge``) that must not PASS this
             check: one that does shows the check cannot tell a map that explains the model
-            from one that does not (design.md §3), and is reported as such.
+            from one that does not (docs/methods.md, "Controls"), and is reported as such.
         ranks_examples: its per-image values rank the report's example images (worst first).
         shows_class_maps: its report section shows the top-1 and lowest-class maps of the
             example images (else the report shows them in a gallery of their own).

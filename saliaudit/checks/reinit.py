@@ -7,7 +7,7 @@ or a TorchScript/eager module that cannot be exported, and wraps the copy as
 ``dataclasses.replace(model, module=copy, exported=None)``. Gradient methods run ``module``,
 graph methods find the copy itself as their graph (an ATen ``GraphModule`` is its own graph),
 so every method really runs the randomized weights. The copy is randomized *in place* step by
-step (design.md §6) and restored afterwards; the randomized values are drawn once per audit
+step (docs/checks.md) and restored afterwards; the randomized values are drawn once per audit
 (lazily, kept on the check) so every method and every batch meets the same randomized models,
 and a fresh wrapper object per step keeps per-model caches (FullGrad's decomposition) from
 returning stale results.

@@ -1,4 +1,4 @@
-"""CAM methods: Grad-CAM, Grad-CAM++ and Khakzar's diagnostics (design.md §3).
+"""CAM methods: Grad-CAM, Grad-CAM++ and Khakzar's diagnostics (see docs/methods.md).
 
 Every method here reads the activation ``A`` (B, K, h, w) of one spatial layer and the gradient
 ``∂f_c/∂A`` of the target logit. Both come from the model's ATen graph

@@ -1,4 +1,4 @@
-"""Control "methods" that must fail every faithfulness check (design.md §3).
+"""Control "methods" that must fail every faithfulness check (see docs/methods.md, "Controls").
 
 Neither looks at the model or the target class: a check that passes a control is a broken
 check. Both are model-independent, batched and computed on ``x``'s device.
@@ -26,7 +26,7 @@ def content_seed(image: torch.Tensor) -> int:
     return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
 
 
-@register("random", family="control", reference="control (design.md §3)",
+@register("random", family="control", reference="model-independent random-noise control (cf. Adebayo et al., NeurIPS 2018)",
           summary="control: standard-normal noise seeded by the image content (ignores model and class)")
 def random(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Random control: standard-normal noise seeded by the image's content alone.
@@ -38,7 +38,7 @@ def random(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
     Parameters: none.
     Returns: ``(B, C, H, W)`` on ``x``'s device, in ``x``'s dtype.
-    Reference: a control of design.md §3 (cf. Adebayo et al. 2018, "Sanity Checks for Saliency Maps").
+    Reference: a model-independent control, see docs/methods.md (cf. Adebayo et al. 2018, "Sanity Checks for Saliency Maps").
     """
     as_targets(targets, x)
     out = []
@@ -63,7 +63,7 @@ def sobel_magnitude(x: torch.Tensor) -> torch.Tensor:
     return g.pow(2).sum(2).sqrt()
 
 
-@register("edge", family="control", reference="control (design.md §3)",
+@register("edge", family="control", reference="model-independent edge-detector control (Adebayo et al., NeurIPS 2018)",
           summary="control: Sobel gradient magnitude of the image (ignores model and class)")
 def edge(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Edge control: the Sobel gradient magnitude of the image, model-independent.
@@ -75,7 +75,7 @@ def edge(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
     Parameters: none.
     Returns: ``(B, 1, H, W)`` on ``x``'s device.
-    Reference: a control of design.md §3 (cf. Adebayo et al. 2018, "Sanity Checks for Saliency Maps").
+    Reference: a model-independent control, see docs/methods.md (cf. Adebayo et al. 2018, "Sanity Checks for Saliency Maps").
     """
     as_targets(targets, x)
     return sobel_magnitude(x).sum(1, keepdim=True)

@@ -1,4 +1,4 @@
-"""Layers of a model's graph that CAM methods read (design.md §3), and their capture.
+"""Layers of a model's graph that CAM methods read (see docs/methods.md), and their capture.
 
 A :class:`LayerIndex` lists the spatial, input-dependent nodes of the model's ATen graph
 (:func:`saliaudit.graph.get_graph`, the same for eager modules and ``.pt2`` files) by

@@ -1,4 +1,4 @@
-"""The audit report as HTML, from the results document alone (design.md §5).
+"""The audit report as HTML, from the results document alone (see docs/report.md).
 
 :func:`render_html` fills the Jinja2 templates of ``saliaudit.templates`` (autoescaped) with a
 context built by :func:`build_context` from the ``results.json`` dictionary: never from the
