@@ -55,6 +55,14 @@ def control_text(cell: dict[str, Any]) -> str:
     return CONTROL_TEXT.get(str(cell.get("control")), "") if cell.get("control") else ""
 
 
+def ci_text(cell: dict[str, Any], digits: int = 3) -> str:
+    """``"n = 12, 95 % CI [0.31, 0.52]"`` for a judged cell (``""`` when not recorded)."""
+    ci, n = cell.get("ci"), cell.get("n")
+    if not isinstance(ci, list) or len(ci) != 2 or not all(isinstance(v, (int, float)) for v in ci):
+        return f"n = {n}" if isinstance(n, int) else ""
+    return f"n = {n}, 95 % CI [{fmt(ci[0], digits)}, {fmt(ci[1], digits)}]"
+
+
 def cell_text(cell: dict[str, Any]) -> str:
     """``FAIL`` or, for a control, ``FAIL (expected of a control)``."""
     note = control_text(cell)

@@ -21,7 +21,7 @@ from markupsafe import Markup, escape
 
 from . import plots
 from .context import (STATUS_SYMBOL, STATUS_TEXT, STATUSES, as_dict, as_list, check_info,
-                      check_order, fmt, method_order, psi_methods, status_of, variant_label,
+                      check_order, control_text, fmt, method_order, psi_methods, status_of, variant_label,
                       variant_of, verdict_rows)
 from .figures import FigureMaker
 from .gallery import example_figures, figure_cells_from_maps
@@ -168,10 +168,41 @@ def _charts(name: str, cells: list[dict[str, Any]], methods: list[str], by_psi: 
     return groups, omitted
 
 
+def _control_counts(cells: list[dict[str, Any]]) -> str:
+    """``"4 failed as they must"`` for the controls' cells, never counted as verdicts."""
+    ctl = [c for c in cells if c.get("control")]
+    if not ctl:
+        return ""
+    expected = sum(1 for c in ctl if c.get("control") == "expected")
+    unexpected = sum(1 for c in ctl if c.get("control") == "unexpected")
+    reference = len(ctl) - expected - unexpected
+    parts = [f"{expected} did not pass, as they must"] if expected else []
+    parts += [f"{unexpected} PASSED (the check is unreliable here)"] if unexpected else []
+    parts += [f"{reference} for reference"] if reference else []
+    return ", ".join(parts)
+
+
+def _sample_text(info: dict[str, Any]) -> str:
+    sample = as_dict(info.get("sample"))
+    if not sample:
+        return ""
+    per = as_dict(sample.get("per_class"))
+    classes = ", ".join(f"{k} {v}" for k, v in per.items())
+    return (f"a seeded sample of {len(as_list(sample.get('images')))} of {sample.get('of')} "
+            f"images, stratified by {sample.get('stratified_by')} (seed {sample.get('seed')}"
+            + (f"; {classes}" if classes else "") + "): "
+            + ", ".join(str(i) for i in as_list(sample.get("images"))[:12])
+            + (" …" if len(as_list(sample.get("images"))) > 12 else ""))
+
+
 def _bars(name: str, cells: list[dict[str, Any]], info: dict[str, Any]) -> Markup | None:
     if len(cells) < 2 or not any(isinstance(c.get("value"), (int, float)) for c in cells):
         return None
-    rows = [{"label": variant_label(c), "value": c.get("value"), "status": status_of(c)}
+    rows = [{"label": variant_label(c), "value": c.get("value"),
+             "status": "control" if c.get("control") else status_of(c),
+             "status_text": ("control" if c.get("control") else status_of(c))
+             + (" ?" if c.get("inconclusive") else ""),
+             "ci": c.get("ci") if isinstance(c.get("ci"), list) else None}
             for c in cells if status_of(c) != "skipped"]
     thresholds = {k: v for k, v in as_dict(info.get("thresholds") or cells[0].get("thresholds")).items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -209,8 +240,13 @@ def _section(doc: dict[str, Any], fm: FigureMaker, name: str, info: dict[str, An
     rows = []
     for c in cells:
         series = as_dict(c.get("series"))
+        ci = c.get("ci") if isinstance(c.get("ci"), list) else None
         rows.append({"label": variant_label(c), "status": status_of(c),
                      "value": fmt(c.get("value")), "spread": fmt(c.get("spread")),
+                     "n": text_of(c.get("n")),
+                     "ci": f"[{fmt(ci[0], 2)}, {fmt(ci[1], 2)}]" if ci else "–",
+                     "control": bool(c.get("control")),
+                     "note": control_text(c) or ("inconclusive" if c.get("inconclusive") else ""),
                      "extra": [fmt(series.get(k)) for k in scalar_cols],
                      "message": str(c.get("message") or "")})
     statuses = {status_of(c) for c in cells}
@@ -234,7 +270,11 @@ def _section(doc: dict[str, Any], fm: FigureMaker, name: str, info: dict[str, An
         "metric": str(info.get("metric") or (cells[0].get("metric") if cells else "") or ""),
         "thresholds": [(str(k), text_of(v)) for k, v in thresholds.items()],
         "params": [(str(k), text_of(v)) for k, v in params.items()], "constants": constants,
-        "counts": {s: sum(1 for c in cells if status_of(c) == s) for s in STATUSES},
+        "counts": {s: sum(1 for c in cells if status_of(c) == s and not c.get("control"))
+                   for s in STATUSES},
+        "inconclusive": sum(1 for c in cells if c.get("inconclusive") and not c.get("control")),
+        "control_counts": _control_counts(cells),
+        "sample": _sample_text(info),
         "rows": rows, "scalar_cols": [k.replace("_", " ") for k in scalar_cols],
         "all_skipped": all_skipped, "skip_reasons": skip_reasons,
         "bars": None if all_skipped else _bars(name, cells, info),

@@ -252,7 +252,8 @@ def line_chart(series: Sequence[dict[str, Any]], *, title: str = "", xlabel: str
 def bar_chart(rows: Sequence[dict[str, Any]], *, title: str = "", xlabel: str = "",
               thresholds: dict[str, float] | None = None, x_min: float | None = None,
               x_max: float | None = None, width: int = 640, bar_h: int = 12) -> Markup:
-    """Horizontal bars ``{"label", "value", "status"}``, one per row, with status text.
+    """Horizontal bars ``{"label", "value", "status"}``, one per row, with status text, and
+    the row's 95 % interval (``"ci": [lo, hi]``) as an error bar when given.
 
     Bars are coloured by status and also carry the status word, so colour is never the only
     cue; ``thresholds`` draws labelled vertical lines (e.g. warn/fail).
@@ -262,8 +263,11 @@ def bar_chart(rows: Sequence[dict[str, Any]], *, title: str = "", xlabel: str = 
     h = top + len(rows) * (bar_h + 4) + 26
     pw = width - label_w - status_w - right - gap
     vals = [_num(r.get("value")) for r in rows]
+    cis = [r.get("ci") if isinstance(r.get("ci"), (list, tuple)) and len(r["ci"]) == 2
+           and all(_num(c) is not None for c in r["ci"]) else None for r in rows]
     finite = [v for v in vals if v is not None] + [v for v in (thresholds or {}).values()
                                                    if _num(v) is not None]
+    finite += [float(c) for ci in cis if ci for c in ci]
     lo = x_min if x_min is not None else min([0.0, *finite])
     hi = x_max if x_max is not None else max([1.0 if not finite else max(finite), 0.0])
     if hi <= lo:
@@ -294,13 +298,23 @@ def bar_chart(rows: Sequence[dict[str, Any]], *, title: str = "", xlabel: str = 
         if v is not None:
             x0, x1 = sorted((zero, fx(v)))
             out.append(f'<rect x="{_n(x0)}" y="{y}" width="{_n(max(x1 - x0, 0.8))}" height="{bar_h}" '
-                       f'fill="{STATUS_FILL.get(status, "#607d8b")}" fill-opacity="0.8"/>')
+                       f'fill="{STATUS_FILL.get(status, "#9e9e9e")}" fill-opacity="0.8"/>')
+            ci = cis[i]
+            if ci:  # the 95 % interval as an error bar
+                a, b = fx(float(ci[0])), fx(float(ci[1]))
+                mid = y + bar_h / 2
+                out.append(f'<line x1="{_n(a)}" x2="{_n(b)}" y1="{_n(mid)}" y2="{_n(mid)}" '
+                           'stroke="#222222" stroke-width="1"/>')
+                for e in (a, b):
+                    out.append(f'<line x1="{_n(e)}" x2="{_n(e)}" y1="{_n(mid - 3)}" '
+                               f'y2="{_n(mid + 3)}" stroke="#222222" stroke-width="1"/>')
+                x1 = max(x1, a, b)
             out.append(f'<text x="{_n(x1 + 3)}" y="{_n(y + bar_h - 3)}">{escape(_tick(v))}</text>')
         else:
             out.append(f'<text x="{_n(zero + 3)}" y="{_n(y + bar_h - 3)}" fill="#666666">no value</text>')
         out.append(f'<text x="{_n(width - right - status_w + 6)}" y="{_n(y + bar_h - 3)}" '
-                   f'font-weight="bold" fill="{STATUS_FILL.get(status, "#333333")}">'
-                   f'{escape(status.upper())}</text>')
+                   f'font-weight="bold" fill="{STATUS_FILL.get(status, "#777777")}">'
+                   f'{escape(str(r.get("status_text") or status).upper())}</text>')
     out.append(f'<line x1="{_n(label_w)}" x2="{_n(label_w + pw)}" y1="{_n(axis_y)}" y2="{_n(axis_y)}" '
                'stroke="#999999" stroke-width="0.6"/>')
     for name, v in (thresholds or {}).items():

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .context import (STATUS_TEXT, STATUSES, as_dict, as_list, check_info, check_order,
+from .context import (ci_text, STATUS_TEXT, STATUSES, as_dict, as_list, check_info, check_order,
                       control_text, fmt, method_order, psi_methods, status_of, variant_label,
                       verdict_rows)
 
@@ -73,6 +73,12 @@ def cover_view(doc: dict[str, Any]) -> dict[str, Any]:
     gate = bool(summary.get("gate_failed"))
     parts = [f"{counts[s]} {STATUS_TEXT[s]}" for s in STATUSES if counts[s]]
     headline = (f"{total} verdicts: " + ", ".join(parts)) if total else "no check was run"
+    undecided = int(summary.get("inconclusive") or 0)
+    if undecided:
+        need = summary.get("images_to_decide")
+        headline += (f"; {undecided} of them inconclusive (their 95 % interval lies across a "
+                     "threshold)" + (f"; the closest call would need about {need} images"
+                                     if isinstance(need, int) else ""))
     controls = {k: int(as_dict(summary.get("controls")).get(k) or 0)
                 for k in ("expected", "unexpected", "reference")}
     if any(controls.values()):
@@ -98,8 +104,17 @@ def cover_view(doc: dict[str, Any]) -> dict[str, Any]:
         ("Tool", f"{text_of(tool.get('name'), 'saliaudit')} {text_of(tool.get('version'))}"),
         ("Device · seed", f"{text_of(run.get('device'))} · {text_of(run.get('seed'))}"),
     ]
+    stats = as_dict(run.get("statistics"))
+    how = ""
+    if stats:
+        how = (f"Each verdict rests on n images and a {stats.get('interval', '95 % interval')} of "
+               "its value: PASS or FAIL only when the whole interval lies on that side of the "
+               "threshold. A method must also beat the check's must-fail controls on the same "
+               f"images ({stats.get('test', 'paired test')}, {stats.get('adjustment', '')} "
+               f"adjusted over the audit's {stats.get('tests', 0)} tests) before it can PASS.")
     return {"rows": rows, "status": status, "headline": headline, "gate_text": gate_text,
-            "gate_failed": gate, "reason": summary.get("reason"), "counts": counts}
+            "gate_failed": gate, "reason": summary.get("reason"), "counts": counts,
+            "how": how}
 
 
 def cell_view(cell: dict[str, Any] | None) -> dict[str, Any]:
@@ -108,9 +123,11 @@ def cell_view(cell: dict[str, Any] | None) -> dict[str, Any]:
     s = status_of(cell)
     note = control_text(cell)
     message = str(cell.get("message") or "")
+    inconclusive = bool(cell.get("inconclusive"))
     return {"status": s, "text": STATUS_TEXT[s], "value": fmt(cell.get("value")) if cell.get("value") is not None else "",
             "message": f"{message} ({note})" if note else message, "control": cell.get("control"),
-            "note": note}
+            "note": note or ("inconclusive" if inconclusive else ""), "ci": ci_text(cell),
+            "inconclusive": inconclusive}
 
 
 def verdict_view(doc: dict[str, Any], checks: list[str], info: dict[str, Any]) -> dict[str, Any]:

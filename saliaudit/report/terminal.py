@@ -52,6 +52,7 @@ def _cell(cell: dict | None, with_value: bool, letters: bool = False) -> Text:
     control = cell.get("control")
     text = (_LETTER if letters else _CODE)[st]
     text += "*" if control in ("expected", "reference") else "!" if control == "unexpected" else ""
+    text += "?" if cell.get("inconclusive") and not control else ""
     if with_value and cell.get("value") is not None:
         text += f" {fmt(cell.get('value'), 2)}"
     style = "dim" if control in ("expected", "reference") else "bold yellow" if control == "unexpected" else _STYLE[st]
@@ -110,6 +111,11 @@ def print_summary(console: Console, result: AuditResult | dict, out: Path,
         if any(isinstance(c, dict) and c.get("control") for c in doc.get("checks") or []):
             lines.append("* a control (random, edge): a check must not pass it, so its FAIL shows "
                          "the check working · ! a control passed: that check is unreliable here")
+        if any(isinstance(c, dict) and c.get("inconclusive") for c in doc.get("checks") or []):
+            need = (doc.get("summary") or {}).get("images_to_decide")
+            lines.append("? inconclusive: the 95 % interval of the value lies across a threshold"
+                         + (f"; about {need} images would decide every such verdict"
+                            if isinstance(need, int) else ""))
         if lines:
             console.print(Text("\n".join(lines), style="dim"), soft_wrap=True)
     bad = [c for c in doc.get("checks") or [] if isinstance(c, dict) and gate_status_of(c) in ("fail", "error")]
