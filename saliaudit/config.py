@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import copy
 import os
-import tomllib
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (requires-python >= 3.10): the same parser, as a package
+    import tomli as tomllib
+
+from . import validate
 from .errors import UsageError
 from .psi import PSI_PRESETS
 
@@ -34,17 +40,28 @@ _FLAG_NAMES = {"thresholds": "--threshold", "check_params": "--check-param",
 FLAG_OR_ENV_ONLY = ("trust_model",)
 
 
+def _parsed(v: Any, convert: Callable[[str], Any]) -> Any:
+    """Text (flags, environment) converted with ``convert``; other values (TOML) as they are.
+    Text that does not convert is returned unchanged, for :mod:`.validate` to reject."""
+    if not isinstance(v, str):
+        return v
+    try:
+        return convert(v.strip())
+    except ValueError:
+        return v
+
+
+def _reworded(check: Callable[[Any], Any], v: Any) -> Any:
+    """``check(v)`` with an :class:`~.validate.InvalidValue` turned into the ``ValueError``
+    that :func:`resolve_config` prefixes with the flag, variable or file entry."""
+    try:
+        return check(v)
+    except validate.InvalidValue as err:
+        raise ValueError(f"expected {err.expected}, got {v!r}") from None
+
+
 def _int(lo: int, hi: int | None = None) -> Callable[[Any], int]:
-    def parse(v: Any) -> int:
-        try:
-            n = int(str(v).strip()) if not isinstance(v, bool) else None
-        except ValueError:
-            n = None
-        if n is None or n < lo or (hi is not None and n > hi):
-            bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-            raise ValueError(f"expected an integer {bound}, got {v!r}")
-        return n
-    return parse
+    return lambda v: _reworded(lambda raw: validate.integer("value", _parsed(raw, int), min=lo, max=hi), v)
 
 
 def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -52,12 +69,7 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
-    def parse(v: Any) -> str:
-        s = str(v).strip().lower()
-        if s not in choices:
-            raise ValueError(f"expected one of {', '.join(choices)}, got {v!r}")
-        return s
-    return parse
+    return lambda v: _reworded(lambda raw: validate.choice("value", str(raw).strip().lower(), choices), v)
 
 
 def _list_of(*choices: str) -> Callable[[Any], list[str]]:
@@ -238,13 +250,7 @@ def _check_options(v: Any, kind: str) -> dict[str, dict[str, Any]]:
 
 
 def _positive_float(v: Any) -> float:
-    try:
-        f = float(v) if not isinstance(v, bool) else -1.0
-    except (TypeError, ValueError):
-        f = -1.0
-    if not f > 0 or f != f or f == float("inf"):
-        raise ValueError(f"expected a positive number, got {v!r}")
-    return f
+    return _reworded(lambda raw: validate.number("value", _parsed(raw, float), min=0, min_open=True), v)
 
 
 @dataclass

@@ -18,6 +18,7 @@ import operator
 import pickle
 import re
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -172,7 +173,12 @@ def read_torch_file(path: Path, fmt: str, trust_model: bool) -> tuple[Any, str]:
 
 def load_torchscript(path: Path, notes: list[str]) -> torch.nn.Module:
     """A TorchScript module on the CPU (the caller puts it in eval mode)."""
-    module = torch.jit.load(str(path), map_location="cpu")
+    with warnings.catch_warnings():
+        # PyTorch deprecates TorchScript (torch.jit.load warns FutureWarning on every call); the
+        # notice is for the model's author, not for the auditor, and saliaudit reports
+        # TorchScript's limitations itself
+        warnings.filterwarnings("ignore", r"`?torch\.jit\.\w+`? is deprecated", FutureWarning)
+        module = torch.jit.load(str(path), map_location="cpu")
     if module.training:
         notes.append("TorchScript module was saved in training mode; audited in eval mode (a traced module "
                      "keeps the mode it was traced in)")

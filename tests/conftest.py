@@ -53,3 +53,15 @@ def hook_counts(model: torch.nn.Module) -> int:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def lazy_importorskip(name: str):
+    """Module ``name``, imported when a test first uses one of its attributes: a test that
+    needs a missing optional package (Captum) is skipped, with pytest's reason, while the
+    other tests of its file still run (a module-level ``pytest.importorskip`` skips them all)."""
+
+    class _Lazy:
+        def __getattr__(self, attr: str):
+            return getattr(pytest.importorskip(name), attr)
+
+    return _Lazy()

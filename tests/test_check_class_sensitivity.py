@@ -13,7 +13,7 @@ from skimage.feature import hog
 from saliaudit.checks import get_check
 from saliaudit.checks.base import MapSource, Measurement, Variant
 from saliaudit.checks.class_sensitivity import ClassSensitivity
-from saliaudit.checks.similarity import hog_cell_size
+from saliaudit.checks.similarity import METRIC_NAMES, hog_cell_size
 from saliaudit.errors import UsageError
 from saliaudit.methods import get_method
 from saliaudit.methods import build_source

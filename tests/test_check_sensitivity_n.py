@@ -135,6 +135,7 @@ def test_pearson_edge_cases():
     assert _pearson(np.arange(5.0), np.full(5, 3.0)) == (0.0, False, True)
 
 
+@pytest.mark.slow  # 9 s
 def test_output_changes_are_shared_by_methods_and_batch_split_invariant():
     digits = make_batch(SAMPLES / "digits_cnn.pt2", SAMPLES / "images" / "digits", n=0).select([0, 9, 21])
     params = {"subsets": 12, "points": 4}

@@ -87,6 +87,7 @@ def test_pair_without_matching_images_is_skipped(digits, sources):
         assert r.status == "skipped" and "3→8" in r.message and r.value is None
 
 
+@pytest.mark.slow  # 4 s; test_check_perturbation.py keeps a batch-split test in the fast tier
 def test_same_numbers_for_any_batch_split(digits, sources):
     src, m = sources["gradient"]
     idx = [0, 13, 33]

@@ -700,6 +700,7 @@ def test_batch_size_does_not_change_numbers(runner, assets, tmp_path):
 
 # --------------------------------------------------------------------------- the real entry point
 
+@pytest.mark.slow  # 8.5 s: a new interpreter imports torch
 def test_python_dash_m_entry_point(assets, tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SALIAUDIT_")}
@@ -724,7 +725,7 @@ def test_python_dash_m_entry_point(assets, tmp_path):
         "saliaudit: error: invalid --fail-on: expected one of fail, warn, never, got 'maybe'"]
 
 
-@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("signame", ["SIGINT", pytest.param("SIGTERM", marks=pytest.mark.slow)])  # 5 s each
 def test_interrupted_run_keeps_partial_results_exit_130(assets, tmp_path, signame):
     import signal
     import time

@@ -113,6 +113,7 @@ def test_methods_model_missing_file_is_one_line_error(cli_runner, tmp_path):
     assert len(errors) == 1 and "nope.pt2" in errors[0]
 
 
+@pytest.mark.slow  # 60 s: every method through bench/methods.py
 def test_bench_methods_quick_lists_every_method_with_a_finite_ratio():
     # one thread: two OpenMP threads on a busy 2-core machine can be 100x slower (spin-waits)
     proc = subprocess.run([sys.executable, "bench/methods.py", "--quick", "--threads", "1"],

@@ -212,6 +212,7 @@ def test_unaccounted_op_is_named_not_hidden(images):
     assert fg.residual.max().item() > 1e-3  # the op's implicit bias is missing, and shown
 
 
+@pytest.mark.slow  # 5 s
 def test_torchscript_reports_residual(images, tmp_path):
     model = _tv("resnet18")
     path = tmp_path / "ts.pt"

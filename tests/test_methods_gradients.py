@@ -22,9 +22,9 @@ from saliaudit.methods.gradients import (
 )
 from saliaudit.model import wrap_module
 
-from .conftest import randomize_batchnorm, real_images
+from .conftest import lazy_importorskip, randomize_batchnorm, real_images
 
-captum_attr = pytest.importorskip("captum.attr")
+captum_attr = lazy_importorskip("captum.attr")  # only the tests that use Captum need it
 
 TOL = 1e-5
 MINE = ["gradient", "grad_x_input", "integrated_gradients", "smoothgrad", "smoothgrad_sq",
@@ -155,7 +155,8 @@ def test_integrated_gradients_averages_sampled_baselines(cnn, x):
 
 
 def test_quadrature_matches_captum():
-    from captum.attr._utils.approximation_methods import approximation_parameters
+    approximation_parameters = pytest.importorskip(
+        "captum.attr._utils.approximation_methods").approximation_parameters
 
     for method in ("riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle", "gausslegendre"):
         sizes_f, alphas_f = approximation_parameters(method)

@@ -15,9 +15,9 @@ import saliaudit
 from saliaudit.methods import explain, get_method
 from saliaudit.methods.propagation import NONLINEAR_OPS
 
-from .conftest import hook_counts, randomize_batchnorm, real_images
+from .conftest import hook_counts, lazy_importorskip, randomize_batchnorm, real_images
 
-captum_attr = pytest.importorskip("captum.attr")
+captum_attr = lazy_importorskip("captum.attr")  # only the tests that use Captum need it
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:

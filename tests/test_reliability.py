@@ -328,6 +328,7 @@ def test_training_mode_pt2_is_noted(runner, assets, prev_out, tmp_path):
     assert doc["inputs"]["loaded"] == 3
 
 
+@pytest.mark.slow  # 5 s
 def test_checkpoint_saved_on_gpu_loads_on_cpu(runner, assets, prev_out, tmp_path, monkeypatch):
     path = tmp_path / "gpu_ckpt.pth"
     model = squeezenet()

@@ -72,6 +72,7 @@ def test_masks_cover_every_shape_image():
                 assert set(np.unique(arr)) <= {0, 255} and arr.max() == 255
 
 
+@pytest.mark.slow  # 123 s: the README's audit (also run from a fresh install by test_fresh_install.py)
 def test_quick_start_audit_of_the_sample_model(tmp_path):
     """The README's quick start: audit the bundled shapes model on its sample folder."""
     from typer.testing import CliRunner

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import validate
 from ..errors import UsageError
 from ..result import CheckResult
 from .base import Batch, Check, MapSource, Measurement, Variant, higher_is_worse, register, small_map
@@ -83,18 +84,9 @@ class ClassSensitivity(Check):
     def __init__(self, params: dict[str, Any] | None = None,
                  thresholds: dict[str, float | None] | None = None):
         super().__init__(params, thresholds)
-        for key in ("metric",):
-            if self.p[key] not in METRICS:
-                raise UsageError(f"class_sensitivity: {key}={self.p[key]!r} is not one of "
-                                 f"{', '.join(METRICS)}", hint=f"set {key} to " + " or ".join(METRICS))
-        fi = self.p["figure_images"]
-        if isinstance(fi, bool) or not isinstance(fi, int) or fi < 0:
-            raise UsageError(f"class_sensitivity: figure_images={fi!r} is not an integer ≥ 0",
-                             hint="set figure_images to 0 (no figures) or more")
-        mi = self.p["max_images"]
-        if mi is not None and (isinstance(mi, bool) or not isinstance(mi, int) or mi < 1):
-            raise UsageError(f"class_sensitivity: max_images={mi!r} is not a positive integer",
-                             hint="set max_images to a positive integer or null (all images)")
+        validate.choice("class_sensitivity.metric", self.p["metric"], METRICS)
+        validate.integer("class_sensitivity.figure_images", self.p["figure_images"], min=0, hint="0: no figures")
+        validate.integer("class_sensitivity.max_images", self.p["max_images"], min=1, allow_none=True, hint="null: all images")
         name = "Spearman of HOG features" if self.p["metric"] == "hog" else METRIC_NAMES[self.p["metric"]]
         self.metric = f"{name}, top-1 vs lowest class"
         self._figures: dict[Variant, dict[str, Any]] = {}

@@ -53,10 +53,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import validate
 from ..result import CheckResult
 from .base import Batch, Check, Curve, MapSource, Measurement, Variant, register
-from .removal import (Job, better_than_random, check_baseline, check_choice, check_fractions,
-                      check_int, flag_notes, fraction_counts, image_keys, nonfinite_count,
+from .removal import (Job, better_than_random, check_baseline,
+                      flag_notes, fraction_counts, image_keys, nonfinite_count,
                       power_note, prefix_masks, random_ranks, removal_baseline, run_removals,
                       saliency_ranks, target_output, tie_breaks, win_rates)
 
@@ -108,11 +109,11 @@ class Perturbation(Check):
     def __init__(self, params: dict[str, Any] | None = None,
                  thresholds: dict[str, float | None] | None = None):
         super().__init__(params, thresholds)
-        self.fractions = check_fractions(self.p["fractions"])
-        check_choice("output", self.p["output"], OUTPUTS)
+        self.fractions = validate.fractions("perturbation.fractions", self.p["fractions"])
+        validate.choice("perturbation.output", self.p["output"], OUTPUTS)
         check_baseline(self.p)
-        check_int("random_orders", self.p["random_orders"])
-        check_int("chunk", self.p["chunk"])
+        validate.integer("perturbation.random_orders", self.p["random_orders"], min=1)
+        validate.integer("perturbation.chunk", self.p["chunk"], min=1)
         self._random: dict[tuple[Any, ...], np.ndarray] = {}  # image key -> (R, K) outputs
 
     # ----------------------------------------------------------------------------------------

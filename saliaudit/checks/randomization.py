@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UsageError
+from .. import validate
 from ..result import CheckResult
 from .base import Batch, Check, Curve, MapSource, Measurement, Variant, higher_is_worse, register, small_map
 from .reinit import (GRANULARITIES, REINIT_TEXT, REINITS, RandomizedModels, group_parameters,
@@ -99,20 +99,10 @@ class Randomization(Check):
         super().__init__(params, thresholds)
         for key, choices in (("metric", METRICS), ("granularity", GRANULARITIES),
                              ("reinit", REINITS), ("verdict", ("mean", "final"))):
-            if self.p[key] not in choices:
-                raise UsageError(f"randomization: {key}={self.p[key]!r} is not one of "
-                                 f"{', '.join(choices)}", hint=f"set {key} to " + " or ".join(choices))
-        if not isinstance(self.p["independent"], bool):
-            raise UsageError(f"randomization: independent={self.p['independent']!r} is not true "
-                             "or false", hint="set independent to true or false")
-        fi = self.p["figure_images"]
-        if isinstance(fi, bool) or not isinstance(fi, int) or fi < 0:
-            raise UsageError(f"randomization: figure_images={fi!r} is not an integer ≥ 0",
-                             hint="set figure_images to 0 (no strips) or more")
-        mi = self.p["max_images"]
-        if mi is not None and (isinstance(mi, bool) or not isinstance(mi, int) or mi < 1):
-            raise UsageError(f"randomization: max_images={mi!r} is not a positive integer",
-                             hint="set max_images to a positive integer or null (all images)")
+            validate.choice(f"randomization.{key}", self.p[key], choices)
+        validate.boolean("randomization.independent", self.p["independent"])
+        validate.integer("randomization.figure_images", self.p["figure_images"], min=0, hint="0: no strips")
+        validate.integer("randomization.max_images", self.p["max_images"], min=1, allow_none=True, hint="null: all images")
         where = ("mean over the cascade steps" if self.p["verdict"] == "mean"
                  else "fully randomized model")
         self.metric = (f"{METRIC_NAMES[self.p['metric']]}, original vs randomized model, {where} "

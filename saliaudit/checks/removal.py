@@ -54,48 +54,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UsageError
+from .. import validate
 
 __all__ = ["REMOVAL_BASELINES", "FLAG_TEXT", "Job", "removal_baseline", "check_baseline",
-           "image_seed", "image_generator", "image_keys", "check_fractions", "fraction_counts",
+           "image_seed", "image_generator", "image_keys", "fraction_counts",
            "tie_breaks", "saliency_ranks", "random_ranks", "prefix_masks", "run_removals",
            "target_output", "win_rates", "rank_test", "better_than_random", "power_note",
-           "check_choice", "check_int", "nonfinite_count", "flag_notes"]
+           "nonfinite_count", "flag_notes"]
 
 #: Removal baselines (see the module docstring).
 REMOVAL_BASELINES = ("black", "zero", "mean", "blur")
 
 
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    """``value`` if it is one of ``choices``, else a :class:`UsageError` naming them."""
-    if value not in choices:
-        raise UsageError(f"{name}={value!r} is not one of {', '.join(choices)}",
-                         hint=f"set {name} to " + " or ".join(choices))
-    return str(value)
-
-
-def check_int(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` as an int ≥ ``minimum`` (a :class:`UsageError` otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value != int(value) or int(value) < minimum:
-        raise UsageError(f"{name}={value!r} is not an integer ≥ {minimum}",
-                         hint=f"set {name} to an integer ≥ {minimum}")
-    return int(value)
-
-
 def check_baseline(params: dict[str, Any]) -> None:
     """Validate ``params["baseline"]`` (and ``blur_sigma`` for ``blur``) when a check is built."""
-    check_choice("baseline", params.get("baseline"), REMOVAL_BASELINES)
+    validate.choice("baseline", params.get("baseline"), REMOVAL_BASELINES)
     if params.get("baseline") == "blur":
         _sigma(params.get("blur_sigma"))
 
 
 def _sigma(sigma: Any) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not sigma > 0 \
-            or not math.isfinite(sigma):
-        raise UsageError(f"blur_sigma={sigma!r} is not a positive number",
-                         hint="set blur_sigma to the blur's standard deviation in pixels, e.g. 5")
-    return float(sigma)
+    return validate.number("blur_sigma", sigma, min=0, min_open=True,
+                           hint="set blur_sigma to the blur's standard deviation in pixels, e.g. 5")
 
 
 def removal_baseline(model: Any, x: torch.Tensor, kind: str = "black", *,
@@ -110,7 +90,7 @@ def removal_baseline(model: Any, x: torch.Tensor, kind: str = "black", *,
     """
     from ..methods.baselines import black_value, gaussian_blur
 
-    check_choice("baseline", kind, REMOVAL_BASELINES)
+    validate.choice("baseline", kind, REMOVAL_BASELINES)
     x = x.detach()
     if kind == "black":
         return black_value(model, x).expand_as(x).clone()
@@ -131,20 +111,6 @@ def image_seed(seed: int, name: str, *salt: Any) -> int:
 def image_generator(seed: int, name: str, *salt: Any) -> torch.Generator:
     """A CPU generator seeded by :func:`image_seed`."""
     return torch.Generator().manual_seed(image_seed(seed, name, *salt))
-
-
-def check_fractions(fractions: Any, name: str = "fractions") -> list[float]:
-    """Sorted distinct fractions in (0, 1]; a :class:`UsageError` otherwise."""
-    if isinstance(fractions, (int, float)) and not isinstance(fractions, bool):
-        fractions = [fractions]
-    try:
-        values = sorted({float(f) for f in fractions})
-    except (TypeError, ValueError):
-        values = []
-    if not values or not all(0 < f <= 1 and math.isfinite(f) for f in values):
-        raise UsageError(f"{name}={fractions!r} must be a list of fractions in (0, 1]",
-                         hint=f"e.g. {name}=[0.01 0.05 0.1]")
-    return values
 
 
 def fraction_counts(fractions: Sequence[float], total: int) -> list[int]:
@@ -217,7 +183,7 @@ def run_removals(model: Any, x: torch.Tensor, baseline: torch.Tensor, jobs: Iter
     ``model.logits`` (no gradients) on the model's device; a chunk may hold rows of several
     jobs. Outputs stay on the model's device.
     """
-    chunk = check_int("chunk", chunk)
+    chunk = validate.integer("chunk", chunk, min=1)
     device = x.device
     _, c, h, w = x.shape
     jobs = list(jobs)

@@ -41,10 +41,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UsageError
+from .. import validate
 from ..result import CheckResult
 from .base import Batch, Check, Curve, MapSource, Measurement, Variant, register
-from .removal import (Job, check_baseline, check_choice, check_int, flag_notes, image_generator,
+from .removal import (Job, check_baseline, flag_notes, image_generator,
                       image_keys, nonfinite_count, removal_baseline, run_removals)
 
 FEATURES = ("patches", "pixels")
@@ -85,16 +85,14 @@ class SensitivityN(Check):
     def __init__(self, params: dict[str, Any] | None = None,
                  thresholds: dict[str, float | None] | None = None):
         super().__init__(params, thresholds)
-        check_choice("features", self.p["features"], FEATURES)
+        validate.choice("sensitivity_n.features", self.p["features"], FEATURES)
         check_baseline(self.p)
-        check_int("points", self.p["points"])
-        check_int("subsets", self.p["subsets"], 3)
-        check_int("chunk", self.p["chunk"])
+        validate.integer("sensitivity_n.points", self.p["points"], min=1)
+        validate.integer("sensitivity_n.subsets", self.p["subsets"], min=3)
+        validate.integer("sensitivity_n.chunk", self.p["chunk"], min=1)
         if self.p["patch"] is not None:
-            check_int("patch", self.p["patch"])
-        mf = self.p["max_fraction"]
-        if isinstance(mf, bool) or not isinstance(mf, (int, float)) or not 0 < mf <= 1:
-            raise UsageError(f"max_fraction={mf!r} is not in (0, 1]", hint="e.g. max_fraction=0.8")
+            validate.integer("sensitivity_n.patch", self.p["patch"], min=1)
+        validate.fraction("sensitivity_n.max_fraction", self.p["max_fraction"], hint="e.g. max_fraction=0.8")
         self._changes: dict[tuple[Any, ...], np.ndarray] = {}  # image key -> (points, subsets)
 
     # ----------------------------------------------------------------------------------------

@@ -42,10 +42,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import validate
 from ..errors import UsageError
 from ..result import CheckResult
 from .base import Batch, Check, Curve, MapSource, Measurement, Variant, register
-from .removal import (REMOVAL_BASELINES, Job, better_than_random, check_baseline, check_fractions, check_int,
+from .removal import (REMOVAL_BASELINES, Job, better_than_random, check_baseline,
                       flag_notes, fraction_counts, image_keys, nonfinite_count, power_note,
                       prefix_masks, random_ranks, removal_baseline, run_removals, saliency_ranks,
                       tie_breaks, win_rates)
@@ -91,13 +92,13 @@ class SignFlip(Check):
     def __init__(self, params: dict[str, Any] | None = None,
                  thresholds: dict[str, float | None] | None = None):
         super().__init__(params, thresholds)
-        self.fractions = check_fractions(self.p["fractions"])
+        self.fractions = validate.fractions("sign_flip.fractions", self.p["fractions"])
         for key in ("baseline", "other_baseline"):
             value = self.p[key]
             if value not in ("auto", None, "none"):
                 check_baseline({"baseline": value, "blur_sigma": self.p["blur_sigma"]})
-        check_int("random_orders", self.p["random_orders"])
-        check_int("chunk", self.p["chunk"])
+        validate.integer("sign_flip.random_orders", self.p["random_orders"], min=1)
+        validate.integer("sign_flip.chunk", self.p["chunk"], min=1)
         self.raw_pairs = _parse_pairs(self.p["pairs"])
         self._pairs: list[tuple[int, int]] | None = None
         self._pair_notes: list[str] = []

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
+from .. import validate
 from ..errors import UsageError
-from .common import positive_float, positive_int
 
 __all__ = ["BASELINES", "black_value", "gaussian_blur", "generator", "make_baselines"]
 
@@ -87,7 +87,7 @@ def make_baselines(model: Any, x: torch.Tensor, baseline: str = "black", *, n: i
     """
     if baseline not in BASELINES:
         raise UsageError(f"unknown baseline {baseline!r}", hint="choose from " + ", ".join(BASELINES))
-    n = positive_int("n_baselines", n)
+    n = validate.integer("n_baselines", n, min=1)
     b, c, h, w = x.shape
     x = x.detach()
     if baseline == "black":
@@ -96,7 +96,7 @@ def make_baselines(model: Any, x: torch.Tensor, baseline: str = "black", *, n: i
         return x.mean(dim=(2, 3), keepdim=True).expand(b, c, h, w).unsqueeze(0).expand(n, b, c, h, w).clone()
     gen = generator(x.device, seed)
     if baseline == "blur":
-        sigma = positive_float("blur_sigma", blur_sigma, allow_zero=True)
+        sigma = validate.number("blur_sigma", blur_sigma, min=0)
         if n == 1:
             return gaussian_blur(x, sigma).unsqueeze(0)
         sigmas = torch.rand(n, generator=gen, device=x.device, dtype=torch.float64) * sigma

@@ -1,8 +1,8 @@
-"""Shared helpers of the saliency methods: argument checks, a differentiable forward, input gradients."""
+"""Shared helpers of the saliency methods: targets, a differentiable forward, input gradients
+(parameter checks: :mod:`saliaudit.validate`)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +10,7 @@ import torch
 
 from ..errors import UsageError
 
-__all__ = ["as_targets", "forward_fn", "input_gradient", "picked", "positive_float", "positive_int"]
+__all__ = ["as_targets", "forward_fn", "input_gradient", "picked"]
 
 
 def as_targets(targets: Any, x: torch.Tensor) -> torch.Tensor:
@@ -21,24 +21,6 @@ def as_targets(targets: Any, x: torch.Tensor) -> torch.Tensor:
         raise UsageError(f"x must be (B, C, H, W) with B targets; got x {tuple(x.shape)} and "
                          f"{t.numel()} targets")
     return t
-
-
-def positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` when it is an int ``>= minimum`` (not a bool), else :class:`UsageError`."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise UsageError(f"{name} must be an integer >= {minimum}; got {value!r}")
-    return value
-
-
-def positive_float(name: str, value: Any, *, allow_zero: bool = False) -> float:
-    """``value`` as a finite float ``> 0`` (``>= 0`` with ``allow_zero``), else :class:`UsageError`."""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{name} must be a number; got {value!r}") from None
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        raise UsageError(f"{name} must be {'>= 0' if allow_zero else '> 0'}; got {value!r}")
-    return v
 
 
 def forward_fn(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:

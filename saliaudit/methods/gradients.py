@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
+from .. import validate
 from ..errors import UsageError
 from . import register
 from .baselines import BASELINES, black_value, gaussian_blur, generator, make_baselines
-from .common import as_targets, forward_fn, input_gradient, picked, positive_float, positive_int
+from .common import as_targets, forward_fn, input_gradient, picked
 
 __all__ = [
     "BASELINES",
@@ -65,7 +66,7 @@ def quadrature(steps: int, method: str = "riemann_trapezoid") -> tuple[list[floa
     """
     if method not in IG_METHODS:
         raise UsageError(f"unknown integration method {method!r}", hint="choose from " + ", ".join(IG_METHODS))
-    n = positive_int("steps", steps, 1 if method == "gausslegendre" else 2)
+    n = validate.integer("steps", steps, min=1 if method == "gausslegendre" else 2)
     if method == "gausslegendre":
         k = torch.arange(1, n, dtype=torch.float64)
         off = k / torch.sqrt(4 * k * k - 1)
@@ -162,7 +163,7 @@ def _ig(model: Any, x: torch.Tensor, targets: torch.Tensor, bases: torch.Tensor,
         method: str, internal_batch: int) -> torch.Tensor:
     """IG averaged over baselines ``bases`` (K, B, C, H, W)."""
     sizes, alphas = quadrature(steps, method)
-    internal_batch = positive_int("internal_batch", internal_batch)
+    internal_batch = validate.integer("internal_batch", internal_batch, min=1)
     forward = forward_fn(model)
     x = x.detach()
     k, b = bases.shape[0], x.shape[0]
@@ -268,8 +269,8 @@ def smoothgrad_noise(x: torch.Tensor, samples: int, noise: float, seed: int) -> 
     ``ε_s = σ_i · z_s`` with ``z = torch.randn((samples, C, H, W), generator=Generator(x.device)
     .manual_seed(seed))`` shared by the images of the batch and ``σ_i = noise · (max x_i − min x_i)``.
     """
-    samples = positive_int("samples", samples)
-    noise = positive_float("noise", noise, allow_zero=True)
+    samples = validate.integer("samples", samples, min=1)
+    noise = validate.number("noise", noise, min=0)
     gen = generator(x.device, seed)
     _, c, h, w = x.shape
     z = torch.randn((samples, 1, c, h, w), generator=gen, device=x.device, dtype=x.dtype)
@@ -281,7 +282,7 @@ def smoothgrad_noise(x: torch.Tensor, samples: int, noise: float, seed: int) -> 
 def _smooth(model: Any, x: torch.Tensor, targets: torch.Tensor, samples: int, noise: float, seed: int,
             internal_batch: int, square: bool) -> torch.Tensor:
     targets = as_targets(targets, x)
-    internal_batch = positive_int("internal_batch", internal_batch)
+    internal_batch = validate.integer("internal_batch", internal_batch, min=1)
     eps = smoothgrad_noise(x, samples, noise, seed)
     x = x.detach()
     b = x.shape[0]

@@ -11,11 +11,12 @@ from typing import Any
 
 import torch
 
+from .. import validate
 from ..errors import UsageError
 from . import register
 from .common import forward_fn, picked
 from .baselines import make_baselines
-from .common import as_targets, positive_int
+from .common import as_targets
 
 __all__ = ["occlusion", "occlusion_windows"]
 
@@ -61,9 +62,9 @@ def occlusion(model: Any, x: torch.Tensor, targets: torch.Tensor, *, patch: int 
     Paper: Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014.
     """
     targets = as_targets(targets, x)
-    patch = positive_int("patch", patch)
-    stride = positive_int("stride", stride)
-    internal_batch = positive_int("internal_batch", internal_batch)
+    patch = validate.integer("patch", patch, min=1)
+    stride = validate.integer("stride", stride, min=1)
+    internal_batch = validate.integer("internal_batch", internal_batch, min=1)
     b, c, h, w = x.shape
     if patch > min(h, w):
         raise UsageError(f"occlusion patch {patch} exceeds the image size {h}×{w}")

@@ -120,8 +120,7 @@ def _rescale(call, z, out, g, ref):
 _RULES = {"guided": _guided, "epsilon": _epsilon, "rescale": _rescale}
 
 
-def _nonlinear_input(node: torch.fx.Node, target: Any, args: tuple, kwargs: dict,
-                     dependent: set) -> bool:
+def _nonlinear_input(node: torch.fx.Node, target: Any, args: tuple, dependent: set) -> bool:
     """True when ``node`` is an element-wise activation of one input-dependent tensor."""
     if op_name(target) not in NONLINEAR_OPS or not args or not isinstance(args[0], torch.Tensor):
         return False
@@ -154,7 +153,7 @@ def _run(gm: torch.fx.GraphModule, x: torch.Tensor, targets: torch.Tensor, rule:
 
         def record(node, target, args, kwargs):
             out = target(*args, **kwargs)
-            if _nonlinear_input(node, target, args, kwargs, ref_runner.dependent):
+            if _nonlinear_input(node, target, args, ref_runner.dependent):
                 refs[node] = (args[0].detach(), out.detach())
             return out
 
@@ -165,7 +164,7 @@ def _run(gm: torch.fx.GraphModule, x: torch.Tensor, targets: torch.Tensor, rule:
     runner: GraphRunner
 
     def apply(node, target, args, kwargs):
-        if not _nonlinear_input(node, target, args, kwargs, runner.dependent):
+        if not _nonlinear_input(node, target, args, runner.dependent):
             return target(*args, **kwargs)
         extra = refs.get(node) if rule == "rescale" else param
         if rule == "rescale" and extra is None:  # not reached by the reference: keep f'
