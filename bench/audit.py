@@ -41,8 +41,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,22 +52,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "sample_models"))
 
-from saliaudit.engine import run_audit  # noqa: E402
 from saliaudit.config import resolve_config  # noqa: E402
 from saliaudit.data import find_images, iter_decoded  # noqa: E402
+from saliaudit.engine import run_audit  # noqa: E402
 from saliaudit.model import load_model  # noqa: E402
 
-MATCHING = (("randomization", "MPRT"), ("class_sensitivity", "RandomLogit"),
-            ("perturbation", "PixelFlipping"), ("sensitivity_n", "SensitivityN"))
+MATCHING = (
+    ("randomization", "MPRT"),
+    ("class_sensitivity", "RandomLogit"),
+    ("perturbation", "PixelFlipping"),
+    ("sensitivity_n", "SensitivityN"),
+)
 
 
 def _audit(model: Path, images: Path, flags: dict[str, Any], out: Path) -> dict[str, Any]:
-    cfg = resolve_config({"overlays": False, "format": "json", "force": True, **flags},
-                         cwd=out, environ={})
+    cfg = resolve_config({"overlays": False, "format": "json", "force": True, **flags}, cwd=out, environ={})
     t0 = time.perf_counter()
     result = run_audit(model, images, cfg, out)
-    return {"wall_s": time.perf_counter() - t0, "per_stage": dict(result.timings["per_stage"]),
-            "images": len(result.images), "checks": result.checks}
+    return {
+        "wall_s": time.perf_counter() - t0,
+        "per_stage": dict(result.timings["per_stage"]),
+        "images": len(result.images),
+        "checks": result.checks,
+    }
 
 
 def _images(model_path: Path, images: Path) -> tuple[Any, torch.Tensor]:
@@ -77,9 +85,10 @@ def _images(model_path: Path, images: Path) -> tuple[Any, torch.Tensor]:
 
 def _floor(lm: Any, x: torch.Tensor, batch: int, repeats: int) -> float:
     """Median time of one forward pass + input gradient of the top-1 logit over all images."""
+
     def once() -> None:
         for i in range(0, len(x), batch):
-            xi = x[i:i + batch].clone().requires_grad_(True)
+            xi = x[i : i + batch].clone().requires_grad_(True)
             out = lm.module(xi)
             t = out.argmax(1, keepdim=True)
             torch.autograd.grad(out.gather(1, t).sum(), [xi])
@@ -104,22 +113,50 @@ def _quantus(x: torch.Tensor, y: np.ndarray, state_dict: Path, batch: int) -> di
     xb = x.numpy().astype(np.float32)
     n, _, h, w = xb.shape
     layers = sum(1 for m in model.modules() if list(m.parameters(recurse=False)))
-    common = dict(model=model, x_batch=xb, y_batch=y, a_batch=None, explain_func=quantus.explain,
-                  explain_func_kwargs={"method": "Saliency"}, device="cpu", batch_size=batch)
+    common = dict(
+        model=model,
+        x_batch=xb,
+        y_batch=y,
+        a_batch=None,
+        explain_func=quantus.explain,
+        explain_func_kwargs={"method": "Saliency"},
+        device="cpu",
+        batch_size=batch,
+    )
     step = 64
     metrics: list[tuple[str, Callable[[], Any], str]] = [
-        ("MPRT", lambda: quantus.MPRT(layer_order="top_down", similarity_func=quantus.similarity_func.correlation_spearman,
-                                      disable_warnings=True)(**common),
-         f"{layers} layers × {n} images explanations"),
-        ("RandomLogit", lambda: quantus.RandomLogit(num_classes=4, disable_warnings=True)(**common),
-         f"2 × {n} explanations, SSIM"),
-        ("PixelFlipping", lambda: quantus.PixelFlipping(features_in_step=step, perturb_baseline="black",
-                                                        disable_warnings=True)(**common),
-         f"{h * w // step} steps of {step} px × {n} images forward passes"),
-        ("SensitivityN", lambda: quantus.SensitivityN(features_in_step=step, n_max_percentage=0.8,
-                                                      similarity_func=quantus.similarity_func.correlation_pearson,
-                                                      perturb_baseline="black", disable_warnings=True)(**common),
-         f"{int(h * w * 0.8) // step} n values, {step} px steps × {n} images"),
+        (
+            "MPRT",
+            lambda: quantus.MPRT(
+                layer_order="top_down",
+                similarity_func=quantus.similarity_func.correlation_spearman,
+                disable_warnings=True,
+            )(**common),
+            f"{layers} layers × {n} images explanations",
+        ),
+        (
+            "RandomLogit",
+            lambda: quantus.RandomLogit(num_classes=4, disable_warnings=True)(**common),
+            f"2 × {n} explanations, SSIM",
+        ),
+        (
+            "PixelFlipping",
+            lambda: quantus.PixelFlipping(
+                features_in_step=step, perturb_baseline="black", disable_warnings=True
+            )(**common),
+            f"{h * w // step} steps of {step} px × {n} images forward passes",
+        ),
+        (
+            "SensitivityN",
+            lambda: quantus.SensitivityN(
+                features_in_step=step,
+                n_max_percentage=0.8,
+                similarity_func=quantus.similarity_func.correlation_pearson,
+                perturb_baseline="black",
+                disable_warnings=True,
+            )(**common),
+            f"{int(h * w * 0.8) // step} n values, {step} px steps × {n} images",
+        ),
     ]
     out = {}
     for name, fn, work in metrics:
@@ -135,8 +172,12 @@ def _quantus(x: torch.Tensor, y: np.ndarray, state_dict: Path, batch: int) -> di
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=ROOT / "sample_models" / "shapes_vgg.pt2")
-    ap.add_argument("--state-dict", type=Path, default=ROOT / "sample_models" / "shapes_vgg.pt",
-                    help="the same weights as a ShapesVGG state_dict, for Quantus")
+    ap.add_argument(
+        "--state-dict",
+        type=Path,
+        default=ROOT / "sample_models" / "shapes_vgg.pt",
+        help="the same weights as a ShapesVGG state_dict, for Quantus",
+    )
     ap.add_argument("--images", type=Path, default=ROOT / "sample_models" / "images" / "shapes")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
@@ -146,22 +187,36 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     lm, x = _images(args.model, args.images)
     floor = _floor(lm, x, args.batch_size, args.repeats)
-    print(f"model {args.model.name}, {len(x)} images {tuple(x.shape[2:])}, batch {args.batch_size}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"model {args.model.name}, {len(x)} images {tuple(x.shape[2:])}, batch {args.batch_size}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     print(f"floor (forward + input gradient of every image, median of {args.repeats}): {floor:.3f} s\n")
 
     with tempfile.TemporaryDirectory() as tmp:
         full = _audit(args.model, args.images, {"batch_size": args.batch_size}, Path(tmp) / "full")
-        grad = _audit(args.model, args.images, {"batch_size": args.batch_size, "methods": "gradient",
-                                                "post": "abs", "checks": ",".join(c for c, _ in MATCHING)},
-                      Path(tmp) / "grad")
-    print(f"default audit: {full['images']} images, {len(full['checks'])} verdict cells, "
-          f"{full['wall_s']:.1f} s wall = {full['wall_s'] / floor:.0f}× the floor")
+        grad = _audit(
+            args.model,
+            args.images,
+            {
+                "batch_size": args.batch_size,
+                "methods": "gradient",
+                "post": "abs",
+                "checks": ",".join(c for c, _ in MATCHING),
+            },
+            Path(tmp) / "grad",
+        )
+    print(
+        f"default audit: {full['images']} images, {len(full['checks'])} verdict cells, "
+        f"{full['wall_s']:.1f} s wall = {full['wall_s'] / floor:.0f}× the floor"
+    )
     print(f"{'stage':<32}{'s':>9}{'× floor':>10}")
     for stage, sec in sorted(full["per_stage"].items(), key=lambda kv: -kv[1]):
         print(f"{stage:<32}{sec:>9.2f}{sec / floor:>10.1f}")
 
-    print("\nmatching checks on gradient maps (saliaudit --methods gradient --post abs) vs Quantus 'Saliency':")
+    print(
+        "\nmatching checks on gradient maps (saliaudit --methods gradient --post abs) vs Quantus 'Saliency':"
+    )
     q: dict[str, tuple[float, str]] = {}
     if not args.no_quantus:
         try:
@@ -169,13 +224,17 @@ def main() -> int:
             q = _quantus(x.detach(), y, args.state_dict, args.batch_size)
         except ImportError as err:
             print(f"  Quantus not importable ({err}); see this file's docstring to install it")
-    print(f"{'saliaudit check':<20}{'s':>8}{'× floor':>9}   {'Quantus':<15}{'s':>8}{'× floor':>9}  Quantus work")
+    print(
+        f"{'saliaudit check':<20}{'s':>8}{'× floor':>9}   {'Quantus':<15}{'s':>8}{'× floor':>9}  Quantus work"
+    )
     for check, metric in MATCHING:
         s = grad["per_stage"].get(f"check:{check}", float("nan"))
         qs, work = q.get(metric, (float("nan"), "not run"))
         print(f"{check:<20}{s:>8.2f}{s / floor:>9.1f}   {metric:<15}{qs:>8.2f}{qs / floor:>9.1f}  {work}")
-    print(f"\n(method gradient itself: {grad['per_stage'].get('method:gradient', float('nan')):.3f} s; "
-          f"the whole gradient-only audit: {grad['wall_s']:.1f} s)")
+    print(
+        f"\n(method gradient itself: {grad['per_stage'].get('method:gradient', float('nan')):.3f} s; "
+        f"the whole gradient-only audit: {grad['wall_s']:.1f} s)"
+    )
     return 0
 
 

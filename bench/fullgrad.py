@@ -50,8 +50,10 @@ def main() -> None:
         p.requires_grad_(False)
     x = torch.rand(args.batch, 3, args.size, args.size)
     targets = torch.arange(args.batch) % 1000
-    print(f"{args.arch}, batch {args.batch}, {args.size}x{args.size}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
+    print(
+        f"{args.arch}, batch {args.batch}, {args.size}x{args.size}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, median of {args.repeats}"
+    )
 
     def floor():
         xi = x.clone().requires_grad_(True)
@@ -72,12 +74,16 @@ def main() -> None:
     t_floor = timed(floor, args.repeats)
     t_ours = timed(ours, args.repeats)
     t_dec = timed(ours_decomposition_only, args.repeats)
-    rows = [("floor: forward + input gradient", t_floor),
-            ("saliaudit decomposition only", t_dec),
-            ("saliaudit decomposition + 6 psi", t_ours)]
+    rows = [
+        ("floor: forward + input gradient", t_floor),
+        ("saliaudit decomposition only", t_dec),
+        ("saliaudit decomposition + 6 psi", t_ours),
+    ]
     fg = full_gradients(model, x, targets)
-    print(f"one-off graph capture (torch.export): {export_s:.2f} s; "
-          f"max completeness residual {fg.residual.max().item():.2e}")
+    print(
+        f"one-off graph capture (torch.export): {export_s:.2f} s; "
+        f"max completeness residual {fg.residual.max().item():.2e}"
+    )
     del fg
 
     try:
@@ -89,8 +95,9 @@ def main() -> None:
             if isinstance(m, torch.nn.ReLU):
                 m.inplace = False
         official = OfficialFullGrad(ref_model)
-        rows.append(("official formulas (paper psi only)",
-                     timed(lambda: official.saliency(x, targets), args.repeats)))
+        rows.append(
+            ("official formulas (paper psi only)", timed(lambda: official.saliency(x, targets), args.repeats))
+        )
         official.remove()
     except ImportError as err:
         print(f"official formulas not importable: {err}")
@@ -104,8 +111,12 @@ def main() -> None:
                 m.inplace = False
         cam = FullGrad(model=cam_model, target_layers=[])
         cam_targets = [ClassifierOutputTarget(int(t)) for t in targets]
-        rows.append(("pytorch-grad-cam FullGrad (one psi)",
-                     timed(lambda: cam(input_tensor=x.clone(), targets=cam_targets), args.repeats)))
+        rows.append(
+            (
+                "pytorch-grad-cam FullGrad (one psi)",
+                timed(lambda: cam(input_tensor=x.clone(), targets=cam_targets), args.repeats),
+            )
+        )
     except ImportError as err:
         print(f"pytorch-grad-cam not importable: {err}")
 

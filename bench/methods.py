@@ -47,11 +47,20 @@ from saliaudit.methods import METHODS, explain, method_names  # noqa: E402
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: skimage.data photographs shipped with scikit-image (nothing is downloaded).
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins",
-          "immunohistochemistry", "hubble_deep_field")
+PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "camera",
+    "coins",
+    "immunohistochemistry",
+    "hubble_deep_field",
+)
 
 
 # --------------------------------------------------------------------------- inputs and timing
+
 
 def photos(batch: int, size: int) -> torch.Tensor:
     """``batch`` real photographs (skimage.data, cycled), resized to ``size``², ImageNet-normalized.
@@ -156,9 +165,16 @@ def unique_activations(model: torch.nn.Module) -> torch.nn.Module:
 
 # --------------------------------------------------------------------------- references
 
-def captum_reference(name: str, params: dict[str, Any], model: torch.nn.Module,
-                     hook_model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor,
-                     cam_module: torch.nn.Module | None) -> tuple[str, Callable[[], Any]] | None:
+
+def captum_reference(
+    name: str,
+    params: dict[str, Any],
+    model: torch.nn.Module,
+    hook_model: torch.nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    cam_module: torch.nn.Module | None,
+) -> tuple[str, Callable[[], Any]] | None:
     """``(what, fn)`` running Captum's counterpart of ``name`` with the same parameters, or None.
 
     Captum's gradient-only attributions run ``model``, the very module saliaudit runs (its
@@ -184,18 +200,33 @@ def captum_reference(name: str, params: dict[str, Any], model: torch.nn.Module,
         if params["baseline"] != "black" or params["n_baselines"] != 1:
             return None
         ig = ca.IntegratedGradients(model)
-        return (f"IntegratedGradients(n_steps={params['steps']}, {params['integration']})",
-                lambda: ig.attribute(x, baselines=0.0, target=tgt, n_steps=params["steps"],
-                                     method=params["integration"],
-                                     internal_batch_size=params["internal_batch"]))
+        return (
+            f"IntegratedGradients(n_steps={params['steps']}, {params['integration']})",
+            lambda: ig.attribute(
+                x,
+                baselines=0.0,
+                target=tgt,
+                n_steps=params["steps"],
+                method=params["integration"],
+                internal_batch_size=params["internal_batch"],
+            ),
+        )
     if name in ("smoothgrad", "smoothgrad_sq"):
         nt = ca.NoiseTunnel(ca.Saliency(model))
         # saliaudit: σ = noise·(max − min) per image; Captum takes one σ: the batch's range
         sigma = float(params["noise"]) * float(x.max() - x.min())
-        return (f"NoiseTunnel(Saliency, {name}, nt_samples={params['samples']})",
-                lambda: nt.attribute(x, nt_type=name, nt_samples=params["samples"],
-                                     nt_samples_batch_size=per_eval, stdevs=sigma,
-                                     target=tgt, abs=False))
+        return (
+            f"NoiseTunnel(Saliency, {name}, nt_samples={params['samples']})",
+            lambda: nt.attribute(
+                x,
+                nt_type=name,
+                nt_samples=params["samples"],
+                nt_samples_batch_size=per_eval,
+                stdevs=sigma,
+                target=tgt,
+                abs=False,
+            ),
+        )
     if name == "guided_backprop":
         gb = ca.GuidedBackprop(hook_model)
         return "GuidedBackprop", lambda: gb.attribute(x, target=tgt)
@@ -209,9 +240,17 @@ def captum_reference(name: str, params: dict[str, Any], model: torch.nn.Module,
             return None
         occ = ca.Occlusion(model)
         c, p, s = x.shape[1], int(params["patch"]), int(params["stride"])
-        return (f"Occlusion(window {p}, stride {s})",
-                lambda: occ.attribute(x, sliding_window_shapes=(c, p, p), strides=(c, s, s),
-                                      baselines=0.0, target=tgt, perturbations_per_eval=per_eval))
+        return (
+            f"Occlusion(window {p}, stride {s})",
+            lambda: occ.attribute(
+                x,
+                sliding_window_shapes=(c, p, p),
+                strides=(c, s, s),
+                baselines=0.0,
+                target=tgt,
+                perturbations_per_eval=per_eval,
+            ),
+        )
     if name == "gradcam" and cam_module is not None:
         lgc = ca.LayerGradCam(hook_model, cam_module)
 
@@ -223,8 +262,13 @@ def captum_reference(name: str, params: dict[str, Any], model: torch.nn.Module,
     return None
 
 
-def gradcam_reference(name: str, model: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor,
-                      cam_module: torch.nn.Module | None) -> tuple[str, Callable[[], Any], Any] | None:
+def gradcam_reference(
+    name: str,
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    cam_module: torch.nn.Module | None,
+) -> tuple[str, Callable[[], Any], Any] | None:
     """``(what, fn, cam)`` running pytorch-grad-cam's counterpart of ``name``, or None."""
     try:
         import pytorch_grad_cam as pgc
@@ -242,6 +286,7 @@ def gradcam_reference(name: str, model: torch.nn.Module, x: torch.Tensor, target
 
 
 # --------------------------------------------------------------------------- main
+
 
 def fmt_s(t: float | None) -> str:
     if t is None:
@@ -267,14 +312,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--methods", default=None,
-                    help="comma-separated subset [default: fullgrad and every registered method]")
-    ap.add_argument("--budget", type=float, default=120.0,
-                    help="a run longer than this (seconds) is measured once, not repeated")
+    ap.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated subset [default: fullgrad and every registered method]",
+    )
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=120.0,
+        help="a run longer than this (seconds) is measured once, not repeated",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-references", action="store_true", help="time saliaudit only")
-    ap.add_argument("--quick", action="store_true",
-                    help="resnet18, batch 2, 64x64, 1 repeat (a smoke run for the tests)")
+    ap.add_argument(
+        "--quick", action="store_true", help="resnet18, batch 2, 64x64, 1 repeat (a smoke run for the tests)"
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.arch, args.batch, args.size, args.repeats = "resnet18", 2, 64, 1
@@ -303,13 +356,16 @@ def main(argv: list[str] | None = None) -> None:
             versions.append(f"{mod} {getattr(m, '__version__', 'installed')}")
         except ImportError:
             versions.append(f"{mod} not importable")
-    print(f"python bench/methods.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(),
-          flush=True)
-    print(f"{datetime.date.today().isoformat()} · {args.arch}, random weights, batch {args.batch}, "
-          f"{args.size}x{args.size} skimage photos, top-1 targets · {', '.join(versions)} · "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()} · "
-          f"median of {args.repeats} after a warm-up; budget {args.budget:g} s · "
-          f"load average {os.getloadavg()[0]:.2f} at start")
+    print(
+        f"python bench/methods.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip(), flush=True
+    )
+    print(
+        f"{datetime.date.today().isoformat()} · {args.arch}, random weights, batch {args.batch}, "
+        f"{args.size}x{args.size} skimage photos, top-1 targets · {', '.join(versions)} · "
+        f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()} · "
+        f"median of {args.repeats} after a warm-up; budget {args.budget:g} s · "
+        f"load average {os.getloadavg()[0]:.2f} at start"
+    )
 
     def floor() -> torch.Tensor:
         xi = x.clone().requires_grad_(True)
@@ -327,8 +383,10 @@ def main(argv: list[str] | None = None) -> None:
         cam_module = model.get_submodule(cam_layer)
     except Exception:  # noqa: BLE001 - a layer that is no module path: CAM references left out
         cam_layer, cam_module = None, None
-    print(f"one-off graph capture (torch.export) {export_s:.2f} s, not in the times below; "
-          f"CAM layer {cam_layer}")
+    print(
+        f"one-off graph capture (torch.export) {export_s:.2f} s, not in the times below; "
+        f"CAM layer {cam_layer}"
+    )
 
     ref_model = no_inplace(model)
     cam_model = no_inplace(model)
@@ -372,15 +430,21 @@ def main(argv: list[str] | None = None) -> None:
     print("| method | runs | saliaudit s | ×floor | Captum s | ×floor | pytorch-grad-cam s | ×floor |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     floors = timer.floors
-    print(f"| floor: forward + input gradient | {len(floors)} | {statistics.median(floors):.3f} | 1.00"
-          " | | | | |")
+    print(
+        f"| floor: forward + input gradient | {len(floors)} | {statistics.median(floors):.3f} | 1.00"
+        " | | | | |"
+    )
     for name, cells in rows:
         print(row(name, cells))
     print()
-    print(f"floor runs: median {statistics.median(floors):.3f} s, min {min(floors):.3f} s, "
-          f"max {max(floors):.3f} s over {len(floors)} runs interleaved with the methods.")
-    print("seconds: median of the runs; ×floor: median of each run's time over the mean of the "
-          "floor runs just before and after it.")
+    print(
+        f"floor runs: median {statistics.median(floors):.3f} s, min {min(floors):.3f} s, "
+        f"max {max(floors):.3f} s over {len(floors)} runs interleaved with the methods."
+    )
+    print(
+        "seconds: median of the runs; ×floor: median of each run's time over the mean of the "
+        "floor runs just before and after it."
+    )
     print("runs: saliaudit/Captum/pytorch-grad-cam; 1* = one run longer than the budget, not repeated.")
     for note in notes:
         print(f"- {note}")

@@ -67,14 +67,13 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     doc, w, c = timed(lambda: make_results(args.images))
-    print(f"synthetic results: {args.images} images, {len(doc['checks'])} verdict cells "
-          f"({w:.1f} s to build)")
+    print(f"synthetic results: {args.images} images, {len(doc['checks'])} verdict cells ({w:.1f} s to build)")
     (out / "results.json").write_text(results_json(doc), encoding="utf-8")
     doc = load_results(out / "results.json")  # exactly what `saliaudit render` reads
     settings = dict(examples=args.examples, examples_html=args.examples_html, page_size=args.page_size)
     rows = []
     for fmt in ("json", "junit", "html", "pdf"):  # each alone: builds its own figures
-        _, w, c = timed(lambda: write_outputs(doc, out, [fmt], **settings))
+        _, w, c = timed(lambda fmt=fmt: write_outputs(doc, out, [fmt], **settings))
         rows.append((fmt, w, c, (out / FILES[fmt]).stat().st_size))
     _, w_all, c_all = timed(lambda: write_outputs(doc, out, ["html", "pdf"], **settings))
     pdf = (out / "report.pdf").read_bytes()
@@ -84,10 +83,22 @@ def main() -> int:
         print(f"{fmt:<14}{w:>8.1f}{c:>8.1f}{size / 1e6:>10.2f}")
     print(f"{'html+pdf':<14}{w_all:>8.1f}{c_all:>8.1f}{'':>10}  (together, as report/render write them)")
     size_mb = len(pdf) / 1e6
-    print(f"report.pdf: {pages} pages, {size_mb:.2f} MB (limit {LIMIT_MB:g} MB); "
-          f"html+pdf render {w_all:.1f} s wall, {c_all:.1f} s CPU (limit {LIMIT_S:g} s)")
-    print(json.dumps({"images": args.images, "examples": args.examples, "pdf_mb": round(size_mb, 2),
-                      "pdf_pages": pages, "render_wall_s": round(w_all, 1), "render_cpu_s": round(c_all, 1)}))
+    print(
+        f"report.pdf: {pages} pages, {size_mb:.2f} MB (limit {LIMIT_MB:g} MB); "
+        f"html+pdf render {w_all:.1f} s wall, {c_all:.1f} s CPU (limit {LIMIT_S:g} s)"
+    )
+    print(
+        json.dumps(
+            {
+                "images": args.images,
+                "examples": args.examples,
+                "pdf_mb": round(size_mb, 2),
+                "pdf_pages": pages,
+                "render_wall_s": round(w_all, 1),
+                "render_cpu_s": round(c_all, 1),
+            }
+        )
+    )
     print(f"outputs in {out}")
     return 0 if size_mb < LIMIT_MB else 1
 

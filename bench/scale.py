@@ -101,30 +101,56 @@ def baseline(work: Path, args: argparse.Namespace) -> float:
     return rss
 
 
-def run_set(name: str, extra: list[str], sizes: list[int], folders: dict[int, Path], work: Path,
-            args: argparse.Namespace, base: float) -> list[tuple[int, float, float]]:
+def run_set(
+    name: str,
+    extra: list[str],
+    sizes: list[int],
+    folders: dict[int, Path],
+    work: Path,
+    args: argparse.Namespace,
+    base: float,
+) -> list[tuple[int, float, float]]:
     env = child_env(args)
     rows = []
-    print(f"\n[{name}] {' '.join(extra) or '(default methods and checks)'} --no-overlays "
-          f"--batch-size {args.batch_size} --device {args.device}")
+    print(
+        f"\n[{name}] {' '.join(extra) or '(default methods and checks)'} --no-overlays "
+        f"--batch-size {args.batch_size} --device {args.device}"
+    )
     print(f"{'images':>7} {'wall s':>8} {'s/image':>8} {'peak RSS MB':>12} {'above imports MB':>17}  exit")
     for n in sizes:
         out = work / f"out_{name}_{n}"
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "saliaudit", "report", str(MODEL), str(folders[n]), "-o",
-               str(out), *extra, "--no-overlays", "--format", "json", "-q",
-               "--batch-size", str(args.batch_size), "--device", args.device]
+        cmd = [
+            sys.executable,
+            "-m",
+            "saliaudit",
+            "report",
+            str(MODEL),
+            str(folders[n]),
+            "-o",
+            str(out),
+            *extra,
+            "--no-overlays",
+            "--format",
+            "json",
+            "-q",
+            "--batch-size",
+            str(args.batch_size),
+            "--device",
+            args.device,
+        ]
         code, wall, rss, tail = measure(cmd, env, work)
-        print(f"{n:>7} {wall:>8.1f} {wall / n:>8.3f} {rss:>12.1f} {rss - base:>17.1f}  {code}",
-              flush=True)
+        print(f"{n:>7} {wall:>8.1f} {wall / n:>8.3f} {rss:>12.1f} {rss - base:>17.1f}  {code}", flush=True)
         if code not in (0, 1):
             print(tail, file=sys.stderr)
         rows.append((n, wall, rss))
     if len(rows) >= 2:
         (n0, _, r0), (n1, _, r1) = rows[0], rows[-1]
         verdict = "OK" if r1 / r0 <= 1.5 else "EXCEEDS 1.5"
-        print(f"peak RSS ratio {n1}/{n0}: {r1 / r0:.3f} ({verdict}); above the imports: "
-              f"{(r1 - base) / max(r0 - base, 1e-9):.3f} ({r1 - r0:+.1f} MB)")
+        print(
+            f"peak RSS ratio {n1}/{n0}: {r1 / r0:.3f} ({verdict}); above the imports: "
+            f"{(r1 - base) / max(r0 - base, 1e-9):.3f} ({r1 - r0:+.1f} MB)"
+        )
     return rows
 
 
@@ -142,8 +168,10 @@ def main() -> None:
     full_sizes = [int(s) for s in args.full_sizes.split(",")]
     work = args.keep or Path(tempfile.mkdtemp(prefix="saliaudit-scale-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"saliaudit scale benchmark · python {platform.python_version()} · "
-          f"{platform.platform()} · {os.cpu_count()} CPUs · work folder {work}")
+    print(
+        f"saliaudit scale benchmark · python {platform.python_version()} · "
+        f"{platform.platform()} · {os.cpu_count()} CPUs · work folder {work}"
+    )
     try:
         needed = sorted(set(sizes) | (set(full_sizes) if args.config_set != "fast" else set()))
         t0 = time.perf_counter()

@@ -27,13 +27,31 @@ from .model import LoadedModel, load_model  # noqa: E402
 from .plugins import register_check, register_method  # noqa: E402
 from .result import AuditResult  # noqa: E402
 
-__all__ = ["__version__", "SaliauditError", "FullGradients", "LoadedModel", "AuditResult",
-           "Check", "full_gradients", "load_model", "explain", "audit", "render",
-           "register_method", "register_check"]
+__all__ = [
+    "__version__",
+    "SaliauditError",
+    "FullGradients",
+    "LoadedModel",
+    "AuditResult",
+    "Check",
+    "full_gradients",
+    "load_model",
+    "explain",
+    "audit",
+    "render",
+    "register_method",
+    "register_check",
+]
 
 
-def audit(model: str | Path, images: str | Path, *, output: str | Path | None = None,
-          config: str | Path | None = None, **settings: Any) -> AuditResult:
+def audit(
+    model: str | Path,
+    images: str | Path,
+    *,
+    output: str | Path | None = None,
+    config: str | Path | None = None,
+    **settings: Any,
+) -> AuditResult:
     """Audit ``model`` on ``images`` as ``saliaudit report`` does; the results object.
 
     Args:
@@ -56,8 +74,8 @@ def audit(model: str | Path, images: str | Path, *, output: str | Path | None = 
     """
     import tempfile
 
-    from .engine import run_audit
     from .config import resolve_config
+    from .engine import run_audit
 
     flags = {k: v for k, v in settings.items() if v is not None}
     if output is None:
@@ -69,9 +87,13 @@ def audit(model: str | Path, images: str | Path, *, output: str | Path | None = 
         return run_audit(model, images, cfg, Path(tmp))
 
 
-def render(results: AuditResult | dict[str, Any] | str | Path, output: str | Path, *,
-           formats: tuple[str, ...] | list[str] = ("html", "pdf", "json"),
-           force: bool = False) -> list[Path]:
+def render(
+    results: AuditResult | dict[str, Any] | str | Path,
+    output: str | Path,
+    *,
+    formats: tuple[str, ...] | list[str] = ("html", "pdf", "json"),
+    force: bool = False,
+) -> list[Path]:
     """Write reports of ``results`` (an :class:`AuditResult`, its dict, or a ``results.json``
     path) to the folder ``output`` in ``formats`` (``html``, ``pdf``, ``json``, ``junit``);
     the files written. The folder is created; an existing folder that saliaudit did not

@@ -25,8 +25,10 @@ __all__ = ["Predicted", "predict_batch", "next_batch", "OOM_HINT", "first_line",
 
 OOM_HINT = "use --device cpu, a smaller --input-size, or free the device's memory"
 
-NONFINITE = ("the model output NaN/Inf for this image; check the model's weights and its "
-             "preprocessing (--mean, --std, --input-size)")
+NONFINITE = (
+    "the model output NaN/Inf for this image; check the model's weights and its "
+    "preprocessing (--mean, --std, --input-size)"
+)
 
 
 def is_oom(err: BaseException) -> bool:
@@ -55,8 +57,9 @@ class Predicted:
     items: list[DecodedImage] = field(default_factory=list)
 
 
-def next_batch(decoded: Iterator[DecodedImage | Skipped], size: int,
-               skipped: list[Skipped]) -> list[DecodedImage]:
+def next_batch(
+    decoded: Iterator[DecodedImage | Skipped], size: int, skipped: list[Skipped]
+) -> list[DecodedImage]:
     """Up to ``size`` decoded images from the shared iterator (skips go to ``skipped``)."""
     batch: list[DecodedImage] = []
     for item in decoded:
@@ -69,10 +72,17 @@ def next_batch(decoded: Iterator[DecodedImage | Skipped], size: int,
     return batch
 
 
-def predict_batch(lm: LoadedModel, items: list[DecodedImage], *, seed: int, offset: int,
-                  examples: set[str], masks_dir: Path | None = None,
-                  folders: list[str] | None = None,
-                  on_retry: Callable[[int], None] | None = None) -> Predicted:
+def predict_batch(
+    lm: LoadedModel,
+    items: list[DecodedImage],
+    *,
+    seed: int,
+    offset: int,
+    examples: set[str],
+    masks_dir: Path | None = None,
+    folders: list[str] | None = None,
+    on_retry: Callable[[int], None] | None = None,
+) -> Predicted:
     """Preprocess and predict ``items``; the :class:`Batch` of those with finite logits.
 
     ``offset`` is the index of the first image in the audit; ``examples`` the names of the
@@ -100,17 +110,15 @@ def predict_batch(lm: LoadedModel, items: list[DecodedImage], *, seed: int, offs
         labels.append(label)
         notes = list(d.notes)
         if masks is not None and masks_dir is not None:
-            masks.append(_load_masks(masks_dir, d.entry.rel, names, lm.input_size, notes,
-                                     d.image.size))
-        records.append(ImageRecord(d.entry.rel, d.sha256, label, t, names[t],
-                                   float(probs[i, t]), notes, folder))
-    batch = Batch(lm, x, [d.entry.rel for d in items], targets, logits, labels, masks, seed,
-                  offset, examples)
+            masks.append(_load_masks(masks_dir, d.entry.rel, names, lm.input_size, notes, d.image.size))
+        records.append(
+            ImageRecord(d.entry.rel, d.sha256, label, t, names[t], float(probs[i, t]), notes, folder)
+        )
+    batch = Batch(lm, x, [d.entry.rel for d in items], targets, logits, labels, masks, seed, offset, examples)
     return Predicted(batch, records, [d.image for d in items], probs, dropped, items)
 
 
-def _logits(lm: LoadedModel, x: torch.Tensor,
-            on_retry: Callable[[int], None] | None) -> torch.Tensor:
+def _logits(lm: LoadedModel, x: torch.Tensor, on_retry: Callable[[int], None] | None) -> torch.Tensor:
     """``lm.logits(x)``, run in halves on out-of-memory (down to one image)."""
     try:
         return lm.logits(x)
@@ -118,8 +126,11 @@ def _logits(lm: LoadedModel, x: torch.Tensor,
         if not is_oom(err):
             raise
         if len(x) <= 1:
-            raise SaliauditError(f"out of memory on {lm.device} even for one image "
-                                 f"({first_line(err)})", path=lm.path, hint=OOM_HINT) from err
+            raise SaliauditError(
+                f"out of memory on {lm.device} even for one image ({first_line(err)})",
+                path=lm.path,
+                hint=OOM_HINT,
+            ) from err
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     half = len(x) // 2
@@ -128,8 +139,14 @@ def _logits(lm: LoadedModel, x: torch.Tensor,
     return torch.cat([_logits(lm, x[:half], on_retry), _logits(lm, x[half:], on_retry)])
 
 
-def _load_masks(masks_dir: Path, rel: str, names: list[str], size: tuple[int, int],
-                notes: list[str], image_size: tuple[int, int]) -> dict[int, np.ndarray]:
+def _load_masks(
+    masks_dir: Path,
+    rel: str,
+    names: list[str],
+    size: tuple[int, int],
+    notes: list[str],
+    image_size: tuple[int, int],
+) -> dict[int, np.ndarray]:
     from .masks import load_masks, mask_skip_reason
 
     reason = mask_skip_reason(masks_dir, rel)
@@ -143,8 +160,9 @@ def _load_masks(masks_dir: Path, rel: str, names: list[str], size: tuple[int, in
         return {}
 
 
-def true_label(entry_label: int | None, folders: list[str] | None,
-               names: list[str]) -> tuple[int | None, str | None]:
+def true_label(
+    entry_label: int | None, folders: list[str] | None, names: list[str]
+) -> tuple[int | None, str | None]:
     """Ground truth from an ImageFolder layout, as the model's class index (matched by name).
 
     Folder indices follow the sorted folder names, which need not be the model's class

@@ -69,14 +69,16 @@ def paired_difference(a: CheckResult, b: CheckResult) -> Interval | None:
     """Mean of ``a − b`` over the images both cells measured, with its 95 % interval."""
     va = {p.get("image"): p.get("value") for p in a.per_image}
     vb = {p.get("image"): p.get("value") for p in b.per_image}
-    diffs = [float(va[k]) - float(vb[k]) for k in va
-             if isinstance(va[k], (int, float)) and isinstance(vb.get(k), (int, float))]
+    diffs = [
+        float(va[k]) - float(vb[k])
+        for k in va
+        if isinstance(va[k], (int, float)) and isinstance(vb.get(k), (int, float))
+    ]
     seed = zlib.crc32(f"{a.check}/{a.variant}/{b.variant}".encode())
     return mean_interval(diffs, seed=seed)
 
 
-def _psi_caveats(check: str, method: str, cells: list[CheckResult],
-                 hib: bool) -> list[dict[str, Any]]:
+def _psi_caveats(check: str, method: str, cells: list[CheckResult], hib: bool) -> list[dict[str, Any]]:
     """ψ comparisons of one (check, method), claimed only where a paired difference over
     the same images has a 95 % interval that excludes 0 (FullGrad §6: choose ψ by the metric
     that matters; the choice must be evidence, not noise)."""
@@ -94,40 +96,79 @@ def _psi_caveats(check: str, method: str, cells: list[CheckResult],
     decisive = iv is not None and iv.n >= 2 and (iv.lo > 0 or iv.hi < 0)
     numbers = {c.psi: c.value for c in valued}
     if decisive:
-        out.append({"kind": "choose_psi_by_metric", "check": check, "method": method,
-                    "numbers": {**numbers, "difference": iv.mean, "ci": [iv.lo, iv.hi],
-                                "n": iv.n, "best": best.psi, "next": runner.psi},
-                    "message": (
-                        f"{check}: {method} with ψ={best.psi} does better than the next best "
-                        f"ψ={runner.psi} on the same images (paired difference {shown(iv)}). "
-                        "Choose ψ by the metric that matters for your use (Srinivas & Fleuret "
-                        "2019, §6).")})
+        out.append(
+            {
+                "kind": "choose_psi_by_metric",
+                "check": check,
+                "method": method,
+                "numbers": {
+                    **numbers,
+                    "difference": iv.mean,
+                    "ci": [iv.lo, iv.hi],
+                    "n": iv.n,
+                    "best": best.psi,
+                    "next": runner.psi,
+                },
+                "message": (
+                    f"{check}: {method} with ψ={best.psi} does better than the next best "
+                    f"ψ={runner.psi} on the same images (paired difference {shown(iv)}). "
+                    "Choose ψ by the metric that matters for your use (Srinivas & Fleuret "
+                    "2019, §6)."
+                ),
+            }
+        )
     else:
         n = iv.n if iv is not None else 0
-        out.append({"kind": "no_better_psi", "check": check, "method": method,
-                    "numbers": {**numbers, **({"difference": iv.mean, "ci": [iv.lo, iv.hi]}
-                                             if iv is not None else {}), "n": n},
-                    "message": (
-                        f"{check}: no ψ of {method} is distinguishably better on these {n} "
-                        f"images (best {best.psi} vs {runner.psi}: "
-                        + (shown(iv) if iv is not None else "no shared image") + ").")})
+        out.append(
+            {
+                "kind": "no_better_psi",
+                "check": check,
+                "method": method,
+                "numbers": {
+                    **numbers,
+                    **({"difference": iv.mean, "ci": [iv.lo, iv.hi]} if iv is not None else {}),
+                    "n": n,
+                },
+                "message": (
+                    f"{check}: no ψ of {method} is distinguishably better on these {n} "
+                    f"images (best {best.psi} vs {runner.psi}: "
+                    + (shown(iv) if iv is not None else "no shared image")
+                    + ")."
+                ),
+            }
+        )
     statuses = {c.status for c in cells}
     if len(statuses) > 1:
         good = min(cells, key=lambda c: _RANK[c.status])
         bad = max(cells, key=lambda c: _RANK[c.status])
         d = paired_difference(good, bad)
-        if d is not None and d.n >= 2 and (d.lo > 0 or d.hi < 0) \
-                and not good.inconclusive and not bad.inconclusive:
-            out.append({"kind": "psi_changes_verdict", "check": check, "method": method,
-                        "numbers": {**{c.psi: {"status": c.status, "value": c.value}
-                                       for c in cells},
-                                    "difference": d.mean, "ci": [d.lo, d.hi], "n": d.n},
-                        "message": (
-                            f"{check}: the verdict of {method} depends on ψ — "
-                            f"{good.status.upper()} under {good.psi} ({_fmt(good.value)}) but "
-                            f"{bad.status.upper()} under {bad.psi} ({_fmt(bad.value)}); paired "
-                            f"difference {shown(d)}. The post-processing, not the model, "
-                            "decides this verdict.")})
+        if (
+            d is not None
+            and d.n >= 2
+            and (d.lo > 0 or d.hi < 0)
+            and not good.inconclusive
+            and not bad.inconclusive
+        ):
+            out.append(
+                {
+                    "kind": "psi_changes_verdict",
+                    "check": check,
+                    "method": method,
+                    "numbers": {
+                        **{c.psi: {"status": c.status, "value": c.value} for c in cells},
+                        "difference": d.mean,
+                        "ci": [d.lo, d.hi],
+                        "n": d.n,
+                    },
+                    "message": (
+                        f"{check}: the verdict of {method} depends on ψ — "
+                        f"{good.status.upper()} under {good.psi} ({_fmt(good.value)}) but "
+                        f"{bad.status.upper()} under {bad.psi} ({_fmt(bad.value)}); paired "
+                        f"difference {shown(d)}. The post-processing, not the model, "
+                        "decides this verdict."
+                    ),
+                }
+            )
     return out
 
 
@@ -139,20 +180,28 @@ def _check_class(name: str) -> Any:
     return CHECKS.get(name)
 
 
-def compute_caveats(checks: list[CheckResult], discards: AbsDiscards | None,
-                    edge_similarity: dict[str, float]) -> list[dict[str, Any]]:
+def compute_caveats(
+    checks: list[CheckResult], discards: AbsDiscards | None, edge_similarity: dict[str, float]
+) -> list[dict[str, Any]]:
     """The caveats supported by the measurements, each with a message and its numbers."""
     out: list[dict[str, Any]] = []
     if discards is not None and discards.total() is not None:
         per = discards.per_layer()
         total = discards.total()
         worst = sorted(per.items(), key=lambda kv: -kv[1])[:3]
-        out.append({"kind": "abs_discards", "numbers": {"total": total, "per_layer": per},
-                    "message": (
-                        f"abs (ψ paper, abs, per-channel) discards the sign of {total:.0%} of "
-                        "FullGrad's gradient mass on this model: that share is negative evidence "
-                        "that the abs map shows as positive. Largest shares: "
-                        + ", ".join(f"{n} {v:.0%}" for n, v in worst) + ".")})
+        out.append(
+            {
+                "kind": "abs_discards",
+                "numbers": {"total": total, "per_layer": per},
+                "message": (
+                    f"abs (ψ paper, abs, per-channel) discards the sign of {total:.0%} of "
+                    "FullGrad's gradient mass on this model: that share is negative evidence "
+                    "that the abs map shows as positive. Largest shares: "
+                    + ", ".join(f"{n} {v:.0%}" for n, v in worst)
+                    + "."
+                ),
+            }
+        )
     psi_cells = [c for c in checks if c.psi and c.status in _RANK]
     by_check: dict[tuple[str, str], list[CheckResult]] = {}
     for c in psi_cells:
@@ -171,12 +220,19 @@ def compute_caveats(checks: list[CheckResult], discards: AbsDiscards | None,
             out += cls.caveats([c for c in checks if c.check == name], context)
     for c in checks:
         if c.control == "unexpected":
-            out.append({"kind": "control_passes", "check": c.check, "variant": c.variant,
-                        "numbers": {"value": c.value, "thresholds": dict(c.thresholds)},
-                        "message": (
-                            f"{c.check} PASSES the {c.method} control ({c.variant}, "
-                            f"{_fmt(c.value)}), a map that ignores the model: on this model the "
-                            f"check cannot tell an explanation from {'noise' if c.method == 'random' else 'image edges'}, "
-                            f"so its verdicts for the other methods are not evidence. "
-                            "Change its parameters or thresholds (saliaudit checks).")})
+            out.append(
+                {
+                    "kind": "control_passes",
+                    "check": c.check,
+                    "variant": c.variant,
+                    "numbers": {"value": c.value, "thresholds": dict(c.thresholds)},
+                    "message": (
+                        f"{c.check} PASSES the {c.method} control ({c.variant}, "
+                        f"{_fmt(c.value)}), a map that ignores the model: on this model the "
+                        f"check cannot tell an explanation from {'noise' if c.method == 'random' else 'image edges'}, "
+                        f"so its verdicts for the other methods are not evidence. "
+                        "Change its parameters or thresholds (saliaudit checks)."
+                    ),
+                }
+            )
     return out

@@ -12,22 +12,24 @@ import sys
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import (EXIT_CANNOT_RUN, EXIT_GATE, EXIT_INTERRUPTED, EXIT_OK, SaliauditError,
-                     UsageError)
+from .errors import EXIT_CANNOT_RUN, EXIT_GATE, EXIT_INTERRUPTED, EXIT_OK, SaliauditError, UsageError
 
 if TYPE_CHECKING:
     from .report.output import OutputFolder
     from .report.pdf import PdfUnavailableError
     from .result import AuditResult
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Audit whether the saliency maps of a PyTorch image classifier can be trusted.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Audit whether the saliency maps of a PyTorch image classifier can be trusted.",
+)
 err_console = Console(stderr=True, highlight=False)
 _DEBUG = {"on": False}
 
@@ -45,8 +47,10 @@ def _fail(err: BaseException, code: int) -> None:
 
 def _bug(err: Exception) -> None:
     """An unexpected exception (a bug in saliaudit): one line and exit 3, the traceback with --debug."""
-    _fail(RuntimeError(f"unexpected {type(err).__name__}: {err} (rerun with --debug and report it)"),
-          EXIT_CANNOT_RUN)
+    _fail(
+        RuntimeError(f"unexpected {type(err).__name__}: {err} (rerun with --debug and report it)"),
+        EXIT_CANNOT_RUN,
+    )
 
 
 def _version(value: bool) -> None:
@@ -57,8 +61,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
 ) -> None:
     _DEBUG["on"] = debug
@@ -66,55 +71,141 @@ def main_options(
 
 @app.command()
 def report(
-    model: Path = typer.Argument(..., help="Model file: .pt2, state_dict (.pt/.pth/.safetensors with --arch), TorchScript, or a pickled module with --trust-model."),
-    images: Path = typer.Argument(..., help="Image folder (recursive; ImageFolder layout gives labels) or a list file."),
-    output: Optional[str] = typer.Option(None, "-o", "--output", help="Output folder [default: saliaudit-report]."),
-    format: Optional[str] = typer.Option(None, "--format", help="Comma-separated output formats: html, pdf, json, junit [default: html,pdf,json]."),
-    config: Optional[Path] = typer.Option(None, "--config", help="TOML configuration file."),
-    methods: Optional[str] = typer.Option(None, "--methods", help="Comma-separated methods: fullgrad and those of `saliaudit methods` [default: fullgrad, 8 comparison methods, random, edge]."),
-    psi: Optional[str] = typer.Option(None, "--psi", help="Comma-separated ψ presets [default: all]."),
-    post: Optional[str] = typer.Option(None, "--post", help="Post-processing of comparison methods: signed,abs [default: both]."),
-    cam_layer: Optional[str] = typer.Option(None, "--cam-layer", help="Layer of the CAM methods [default: automatic]."),
-    checks: Optional[str] = typer.Option(None, "--checks", help="Comma-separated checks of `saliaudit checks` [default: all]."),
-    threshold: Optional[list[str]] = typer.Option(None, "--threshold", help="Check threshold CHECK.NAME=VALUE, e.g. class_sensitivity.fail=0.8 (repeatable)."),
-    check_param: Optional[list[str]] = typer.Option(None, "--check-param", help="Check parameter CHECK.NAME=VALUE, e.g. randomization.granularity=layers (repeatable)."),
-    flip: Optional[str] = typer.Option(None, "--flip", help="sign_flip class pairs C:C', e.g. 8:3 [default: runner-up]."),
-    masks: Optional[str] = typer.Option(None, "--masks", help="Folder of object masks MASKS/<image path without extension>/<class>.png (pointing games)."),
-    max_images: Optional[int] = typer.Option(None, "--max-images", help="Audit at most N images."),
-    sample: Optional[int] = typer.Option(None, "--sample", help="Audit a reproducible random subset of N images."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per batch [default: 8]."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed [default: 0]."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps [default: auto]."),
-    fail_on: Optional[str] = typer.Option(None, "--fail-on", help="fail, warn or never [default: fail]."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="torchvision architecture of a state_dict."),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classes of a state_dict head."),
-    input_size: Optional[str] = typer.Option(None, "--input-size", help="Input size: 224 or H,W."),
-    mean: Optional[str] = typer.Option(None, "--mean", help="Normalization mean, e.g. 0.485,0.456,0.406."),
-    std: Optional[str] = typer.Option(None, "--std", help="Normalization std, e.g. 0.229,0.224,0.225."),
-    labels: Optional[str] = typer.Option(None, "--labels", help="Class names file, one per line."),
-    trust_model: Optional[bool] = typer.Option(None, "--trust-model", help="Allow unpickling a pickled model (runs code from the file)."),
-    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Refuse larger images [default: 64000000]."),
-    overlays: Optional[bool] = typer.Option(None, "--overlays/--no-overlays", help="Write PNG overlays [default: on]."),
-    force: Optional[bool] = typer.Option(None, "--force", help="Write into a non-empty folder that is not a saliaudit output."),
-    examples: Optional[int] = typer.Option(None, "--examples", help="Example images per check in the PDF, most telling first [default: 6]."),
-    examples_html: Optional[int] = typer.Option(None, "--examples-html", help="Example images per check in the HTML [default: 24]."),
-    page_size: Optional[str] = typer.Option(None, "--page-size", help="PDF page size: a4 or letter [default: a4]."),
-    annotations: Optional[bool] = typer.Option(None, "--annotations/--no-annotations", help="Print ::error::/::warning:: annotations for GitHub Actions on stdout [default: off]."),
-    plugin: Optional[list[str]] = typer.Option(None, "--plugin", help="Module or .py file that registers methods or checks (repeatable; runs its code)."),
+    model: Path = typer.Argument(
+        ...,
+        help="Model file: .pt2, state_dict (.pt/.pth/.safetensors with --arch), TorchScript, or a pickled module with --trust-model.",
+    ),
+    images: Path = typer.Argument(
+        ..., help="Image folder (recursive; ImageFolder layout gives labels) or a list file."
+    ),
+    output: str | None = typer.Option(
+        None, "-o", "--output", help="Output folder [default: saliaudit-report]."
+    ),
+    format: str | None = typer.Option(
+        None,
+        "--format",
+        help="Comma-separated output formats: html, pdf, json, junit [default: html,pdf,json].",
+    ),
+    config: Path | None = typer.Option(None, "--config", help="TOML configuration file."),
+    methods: str | None = typer.Option(
+        None,
+        "--methods",
+        help="Comma-separated methods: fullgrad and those of `saliaudit methods` [default: fullgrad, 8 comparison methods, random, edge].",
+    ),
+    psi: str | None = typer.Option(None, "--psi", help="Comma-separated ψ presets [default: all]."),
+    post: str | None = typer.Option(
+        None, "--post", help="Post-processing of comparison methods: signed,abs [default: both]."
+    ),
+    cam_layer: str | None = typer.Option(
+        None, "--cam-layer", help="Layer of the CAM methods [default: automatic]."
+    ),
+    checks: str | None = typer.Option(
+        None, "--checks", help="Comma-separated checks of `saliaudit checks` [default: all]."
+    ),
+    threshold: list[str] | None = typer.Option(
+        None,
+        "--threshold",
+        help="Check threshold CHECK.NAME=VALUE, e.g. class_sensitivity.fail=0.8 (repeatable).",
+    ),
+    check_param: list[str] | None = typer.Option(
+        None,
+        "--check-param",
+        help="Check parameter CHECK.NAME=VALUE, e.g. randomization.granularity=layers (repeatable).",
+    ),
+    flip: str | None = typer.Option(
+        None, "--flip", help="sign_flip class pairs C:C', e.g. 8:3 [default: runner-up]."
+    ),
+    masks: str | None = typer.Option(
+        None,
+        "--masks",
+        help="Folder of object masks MASKS/<image path without extension>/<class>.png (pointing games).",
+    ),
+    max_images: int | None = typer.Option(None, "--max-images", help="Audit at most N images."),
+    sample: int | None = typer.Option(
+        None, "--sample", help="Audit a reproducible random subset of N images."
+    ),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per batch [default: 8]."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed [default: 0]."),
+    device: str | None = typer.Option(
+        None, "--device", help="auto, cpu, cuda, cuda:N or mps [default: auto]."
+    ),
+    fail_on: str | None = typer.Option(None, "--fail-on", help="fail, warn or never [default: fail]."),
+    arch: str | None = typer.Option(None, "--arch", help="torchvision architecture of a state_dict."),
+    num_classes: int | None = typer.Option(None, "--num-classes", help="Classes of a state_dict head."),
+    input_size: str | None = typer.Option(None, "--input-size", help="Input size: 224 or H,W."),
+    mean: str | None = typer.Option(None, "--mean", help="Normalization mean, e.g. 0.485,0.456,0.406."),
+    std: str | None = typer.Option(None, "--std", help="Normalization std, e.g. 0.229,0.224,0.225."),
+    labels: str | None = typer.Option(None, "--labels", help="Class names file, one per line."),
+    trust_model: bool | None = typer.Option(
+        None, "--trust-model", help="Allow unpickling a pickled model (runs code from the file)."
+    ),
+    max_pixels: int | None = typer.Option(
+        None, "--max-pixels", help="Refuse larger images [default: 64000000]."
+    ),
+    overlays: bool | None = typer.Option(
+        None, "--overlays/--no-overlays", help="Write PNG overlays [default: on]."
+    ),
+    force: bool | None = typer.Option(
+        None, "--force", help="Write into a non-empty folder that is not a saliaudit output."
+    ),
+    examples: int | None = typer.Option(
+        None, "--examples", help="Example images per check in the PDF, most telling first [default: 6]."
+    ),
+    examples_html: int | None = typer.Option(
+        None, "--examples-html", help="Example images per check in the HTML [default: 24]."
+    ),
+    page_size: str | None = typer.Option(
+        None, "--page-size", help="PDF page size: a4 or letter [default: a4]."
+    ),
+    annotations: bool | None = typer.Option(
+        None,
+        "--annotations/--no-annotations",
+        help="Print ::error::/::warning:: annotations for GitHub Actions on stdout [default: off].",
+    ),
+    plugin: list[str] | None = typer.Option(
+        None,
+        "--plugin",
+        help="Module or .py file that registers methods or checks (repeatable; runs its code).",
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table on the terminal."),
 ) -> None:
     """Audit MODEL on IMAGES and write the results (and maps) to the output folder."""
     from .config import resolve_config
 
     flags: dict[str, Any] = dict(
-        output=output, format=format, psi=psi, methods=methods, post=post, cam_layer=cam_layer,
-        checks=checks, thresholds=threshold or None, check_params=check_param or None, flip=flip,
-        masks=masks, max_images=max_images, sample=sample,
-        batch_size=batch_size, seed=seed, device=device, fail_on=fail_on, arch=arch,
-        num_classes=num_classes, input_size=input_size, mean=mean, std=std, labels=labels,
-        trust_model=trust_model, max_pixels=max_pixels, overlays=overlays, force=force,
-        examples=examples, examples_html=examples_html, page_size=page_size,
-        annotations=annotations, plugins=plugin or None)
+        output=output,
+        format=format,
+        psi=psi,
+        methods=methods,
+        post=post,
+        cam_layer=cam_layer,
+        checks=checks,
+        thresholds=threshold or None,
+        check_params=check_param or None,
+        flip=flip,
+        masks=masks,
+        max_images=max_images,
+        sample=sample,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        fail_on=fail_on,
+        arch=arch,
+        num_classes=num_classes,
+        input_size=input_size,
+        mean=mean,
+        std=std,
+        labels=labels,
+        trust_model=trust_model,
+        max_pixels=max_pixels,
+        overlays=overlays,
+        force=force,
+        examples=examples,
+        examples_html=examples_html,
+        page_size=page_size,
+        annotations=annotations,
+        plugins=plugin or None,
+    )
     try:
         cfg = resolve_config(flags, config_file=config)
     except SaliauditError as err:
@@ -157,8 +248,9 @@ def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
             result.inputs["loaded"] = len(result.images)
             result.summarize(cfg.fail_on, status="error", reason=reason)
             write_results(out, result, ["json"])
-        err_console.print(f"saliaudit: {reason}; partial results in {out.path / 'results.json'}",
-                          markup=False)
+        err_console.print(
+            f"saliaudit: {reason}; partial results in {out.path / 'results.json'}", markup=False
+        )
         return EXIT_INTERRUPTED
     except SaliauditError as err:
         if result is not None and out.prepared:
@@ -174,8 +266,9 @@ def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
     return EXIT_CANNOT_RUN
 
 
-def write_results(out: OutputFolder, results: AuditResult | dict[str, Any], formats: list[str],
-                  **settings: Any) -> tuple[list[Path], PdfUnavailableError | None]:
+def write_results(
+    out: OutputFolder, results: AuditResult | dict[str, Any], formats: list[str], **settings: Any
+) -> tuple[list[Path], PdfUnavailableError | None]:
     """The CLI's one write path, used by ``report``, ``render`` and the partial results of an
     interrupted or failed audit: the requested ``formats`` of ``results`` (an
     :class:`~saliaudit.result.AuditResult` or its ``results.json`` dictionary) into the
@@ -207,8 +300,9 @@ def _ci_outputs(doc: dict[str, Any], annotations: bool) -> None:
         try:
             append_step_summary(doc)
         except OSError as err:
-            err_console.print(f"saliaudit: warning: cannot append to $GITHUB_STEP_SUMMARY "
-                              f"({err.strerror})", markup=False)
+            err_console.print(
+                f"saliaudit: warning: cannot append to $GITHUB_STEP_SUMMARY ({err.strerror})", markup=False
+            )
     if annotations:
         emit_annotations(doc, typer.echo)
 
@@ -216,12 +310,24 @@ def _ci_outputs(doc: dict[str, Any], annotations: bool) -> None:
 @app.command()
 def render(
     results: Path = typer.Argument(..., help="results.json written by saliaudit report."),
-    output: Optional[str] = typer.Option(None, "-o", "--output", help="Output folder [default: the folder of RESULTS]."),
-    format: str = typer.Option("html,pdf", "--format", help="Comma-separated: html, pdf, json, junit [default: html,pdf]."),
-    page_size: Optional[str] = typer.Option(None, "--page-size", help="PDF page size a4 or letter [default: as in the results, else a4]."),
-    examples: Optional[int] = typer.Option(None, "--examples", help="Example images in the PDF [default: as in the results, else 6]."),
-    examples_html: Optional[int] = typer.Option(None, "--examples-html", help="Example images in the HTML [default: as in the results, else 24]."),
-    force: bool = typer.Option(False, "--force", help="Write into a non-empty folder that is not a saliaudit output."),
+    output: str | None = typer.Option(
+        None, "-o", "--output", help="Output folder [default: the folder of RESULTS]."
+    ),
+    format: str = typer.Option(
+        "html,pdf", "--format", help="Comma-separated: html, pdf, json, junit [default: html,pdf]."
+    ),
+    page_size: str | None = typer.Option(
+        None, "--page-size", help="PDF page size a4 or letter [default: as in the results, else a4]."
+    ),
+    examples: int | None = typer.Option(
+        None, "--examples", help="Example images in the PDF [default: as in the results, else 6]."
+    ),
+    examples_html: int | None = typer.Option(
+        None, "--examples-html", help="Example images in the HTML [default: as in the results, else 24]."
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="Write into a non-empty folder that is not a saliaudit output."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not list the files written."),
 ) -> None:
     """Rebuild the HTML/PDF (and JSON/JUnit) report from a results.json, without the model."""
@@ -237,8 +343,9 @@ def render(
         doc = load_results(results)
         out = OutputFolder(Path(output) if output else results.parent, force=force)
         out.prepare()
-        written, pdf_error = write_results(out, doc, formats, examples=n_pdf,
-                                           examples_html=n_html, page_size=size)
+        written, pdf_error = write_results(
+            out, doc, formats, examples=n_pdf, examples_html=n_html, page_size=size
+        )
         for p in written if not quiet else []:
             err_console.print(f"wrote {p}", markup=False)
         if pdf_error is not None:  # the other formats are written: exit 3 with its message
@@ -263,10 +370,16 @@ def _parse_option(flag: str, value: Any, parse: Any) -> Any:
 
 @app.command("methods")
 def methods_command(
-    model: Optional[Path] = typer.Option(None, "--model", help="Also show the layers the CAM methods would use on this model."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="torchvision architecture of a state_dict model."),
-    input_size: Optional[str] = typer.Option(None, "--input-size", help="Model input size."),
-    plugin: Optional[list[str]] = typer.Option(None, "--plugin", help="Module or .py file that registers methods or checks (repeatable; runs its code)."),
+    model: Path | None = typer.Option(
+        None, "--model", help="Also show the layers the CAM methods would use on this model."
+    ),
+    arch: str | None = typer.Option(None, "--arch", help="torchvision architecture of a state_dict model."),
+    input_size: str | None = typer.Option(None, "--input-size", help="Model input size."),
+    plugin: list[str] | None = typer.Option(
+        None,
+        "--plugin",
+        help="Module or .py file that registers methods or checks (repeatable; runs its code).",
+    ),
 ) -> None:
     """List the saliency methods with their parameters (and, for a model, the CAM layers)."""
     from .methods import METHODS, method_names
@@ -281,9 +394,12 @@ def methods_command(
         needs = " · needs layer internals" if m.needs_internals else ""
         if m.option == "psi":
             params += "; ψ presets (--psi): " + ", ".join(
-                f"{p.name} ({p.description})" for p in PSI_PRESETS.values() if p.name in m.choices)
-        console.print(f"[bold]{m.name}[/]  [dim]({m.family}{needs}; {m.reference})[/]\n"
-                      f"    {m.summary}\n    {params}", soft_wrap=True)
+                f"{p.name} ({p.description})" for p in PSI_PRESETS.values() if p.name in m.choices
+            )
+        console.print(
+            f"[bold]{m.name}[/]  [dim]({m.family}{needs}; {m.reference})[/]\n    {m.summary}\n    {params}",
+            soft_wrap=True,
+        )
     if model is None:
         return
     try:
@@ -299,8 +415,12 @@ def methods_command(
     cam = [m.name for m in METHODS.values() if m.family == "cam"]
     internals = [m.name for m in METHODS.values() if m.needs_internals and m.family != "cam"]
     # as the audit plans them: on TorchScript, methods that need layer internals are SKIPPED
-    reason = ("a TorchScript model does not expose its layer activations; export the model "
-              "with torch.export and pass the .pt2" if lm.format == "torchscript" else None)
+    reason = (
+        "a TorchScript model does not expose its layer activations; export the model "
+        "with torch.export and pass the .pt2"
+        if lm.format == "torchscript"
+        else None
+    )
     if reason is None:
         try:
             example = torch.zeros(1, 3, *lm.input_size)
@@ -311,20 +431,34 @@ def methods_command(
             _fail(err, err.exit_code)
     if reason is not None:
         if lm.format == "torchscript":
-            tail = ("an audit reports the CAM methods, and the other methods that need layer "
-                    "internals, as skipped. Skipped: " + ", ".join(cam + internals) + ".")
+            tail = (
+                "an audit reports the CAM methods, and the other methods that need layer "
+                "internals, as skipped. Skipped: " + ", ".join(cam + internals) + "."
+            )
         else:
             tail = "the CAM methods cannot run on this model: " + ", ".join(cam) + "."
-        console.print(f"\nCAM layer for {model}: not available: {reason}; {tail}",
-                      soft_wrap=True, markup=False, highlight=False)
+        console.print(
+            f"\nCAM layer for {model}: not available: {reason}; {tail}",
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
+        )
         return
-    console.print(f"\nCAM layer for {model}: [bold]{layer}[/] (override with --cam-layer); "
-                  "spatial layers: " + ", ".join(layers), soft_wrap=True, highlight=False)
+    console.print(
+        f"\nCAM layer for {model}: [bold]{layer}[/] (override with --cam-layer); "
+        "spatial layers: " + ", ".join(layers),
+        soft_wrap=True,
+        highlight=False,
+    )
 
 
 @app.command("checks")
 def checks_command(
-    plugin: Optional[list[str]] = typer.Option(None, "--plugin", help="Module or .py file that registers methods or checks (repeatable; runs its code)."),
+    plugin: list[str] | None = typer.Option(
+        None,
+        "--plugin",
+        help="Module or .py file that registers methods or checks (repeatable; runs its code).",
+    ),
 ) -> None:
     """List the sanity checks: what each measures, its thresholds and parameters."""
     from rich.text import Text
@@ -336,8 +470,7 @@ def checks_command(
     console = Console()
     for name in check_names():
         info = get_check(name).describe()
-        scope = (f" · needs a method that provides {', '.join(info['requires'])}"
-                 if info["requires"] else "")
+        scope = f" · needs a method that provides {', '.join(info['requires'])}" if info["requires"] else ""
         scope += " · needs --masks" if info["needs_masks"] else ""
         direction = "higher is better" if info["higher_is_better"] else "lower is better"
         thresholds = ", ".join(f"{k}={v!r}" for k, v in info["thresholds"].items()) or "none"
@@ -347,19 +480,33 @@ def checks_command(
         controls = f"    controls it must not pass: {controls}\n" if controls else ""
         curves = ", ".join(info["curves"])
         curves = f"    curves: {curves}\n" if curves else ""
-        console.print(Text.assemble((name, "bold"), f" ({info['short']})  ",
-                                    (f"{info['title']}", ""), "\n",
-                                    (f"    {info['metric']}, {direction}{scope}", "dim"),
-                                    f"\n    {info['summary']}\n    thresholds: {thresholds}\n"
-                                    f"    parameters: {params}\n{controls}{curves}",
-                                    (f"    {info['reference']}", "dim")), soft_wrap=True)
-    console.print("\nA control (random, edge) ignores the model: its FAIL on a check it must not "
-                  "pass shows the check working and never fails the gate; a control that passes "
-                  "counts as a WARN and the report says that check is unreliable on the model.",
-                  soft_wrap=True, markup=False)
-    console.print("\nSet thresholds with --threshold CHECK.NAME=VALUE and parameters with "
-                  "--check-param CHECK.NAME=VALUE, or in the config file as [thresholds.CHECK] "
-                  "and [check_params.CHECK] tables.", soft_wrap=True, markup=False)
+        console.print(
+            Text.assemble(
+                (name, "bold"),
+                f" ({info['short']})  ",
+                (f"{info['title']}", ""),
+                "\n",
+                (f"    {info['metric']}, {direction}{scope}", "dim"),
+                f"\n    {info['summary']}\n    thresholds: {thresholds}\n"
+                f"    parameters: {params}\n{controls}{curves}",
+                (f"    {info['reference']}", "dim"),
+            ),
+            soft_wrap=True,
+        )
+    console.print(
+        "\nA control (random, edge) ignores the model: its FAIL on a check it must not "
+        "pass shows the check working and never fails the gate; a control that passes "
+        "counts as a WARN and the report says that check is unreliable on the model.",
+        soft_wrap=True,
+        markup=False,
+    )
+    console.print(
+        "\nSet thresholds with --threshold CHECK.NAME=VALUE and parameters with "
+        "--check-param CHECK.NAME=VALUE, or in the config file as [thresholds.CHECK] "
+        "and [check_params.CHECK] tables.",
+        soft_wrap=True,
+        markup=False,
+    )
 
 
 @app.command()
@@ -369,26 +516,42 @@ def explain(
     method: str = typer.Option("fullgrad", "--method", help="Method name (saliaudit methods)."),
     psi: str = typer.Option("paper", "--psi", help="ψ preset for fullgrad."),
     post: str = typer.Option("signed", "--post", help="signed or abs, for the other methods."),
-    target: Optional[int] = typer.Option(None, "--target", help="Class index [default: the top-1 class]."),
+    target: int | None = typer.Option(None, "--target", help="Class index [default: the top-1 class]."),
     output: Path = typer.Option(Path("map.png"), "-o", "--output", help="PNG file to write."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="torchvision architecture of a state_dict."),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classes of a state_dict head."),
-    input_size: Optional[str] = typer.Option(None, "--input-size", help="Input size: 224 or H,W."),
-    mean: Optional[str] = typer.Option(None, "--mean", help="Normalization mean."),
-    std: Optional[str] = typer.Option(None, "--std", help="Normalization std."),
-    cam_layer: Optional[str] = typer.Option(None, "--cam-layer", help="Layer of the CAM methods."),
+    arch: str | None = typer.Option(None, "--arch", help="torchvision architecture of a state_dict."),
+    num_classes: int | None = typer.Option(None, "--num-classes", help="Classes of a state_dict head."),
+    input_size: str | None = typer.Option(None, "--input-size", help="Input size: 224 or H,W."),
+    mean: str | None = typer.Option(None, "--mean", help="Normalization mean."),
+    std: str | None = typer.Option(None, "--std", help="Normalization std."),
+    cam_layer: str | None = typer.Option(None, "--cam-layer", help="Layer of the CAM methods."),
     trust_model: bool = typer.Option(False, "--trust-model", help="Allow unpickling a pickled model."),
-    plugin: Optional[list[str]] = typer.Option(None, "--plugin", help="Module or .py file that registers methods or checks (repeatable; runs its code)."),
+    plugin: list[str] | None = typer.Option(
+        None,
+        "--plugin",
+        help="Module or .py file that registers methods or checks (repeatable; runs its code).",
+    ),
 ) -> None:
     """Write one saliency map of IMAGE as a PNG overlay."""
     from .explain import explain_image
 
     _load_plugins(plugin)
     try:
-        text = explain_image(model, image, method=method, psi=psi, post=post, target=target,
-                             output=output, arch=arch, num_classes=num_classes,
-                             input_size=input_size, mean=mean, std=std, cam_layer=cam_layer,
-                             trust_model=trust_model)
+        text = explain_image(
+            model,
+            image,
+            method=method,
+            psi=psi,
+            post=post,
+            target=target,
+            output=output,
+            arch=arch,
+            num_classes=num_classes,
+            input_size=input_size,
+            mean=mean,
+            std=std,
+            cam_layer=cam_layer,
+            trust_model=trust_model,
+        )
     except SaliauditError as err:
         _fail(err, err.exit_code)
     except Exception as err:  # an unexpected bug: one line, the traceback with --debug

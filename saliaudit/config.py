@@ -30,12 +30,22 @@ __all__ = ["Setting", "SETTINGS", "AuditConfig", "resolve_config", "find_config_
 FORMATS = ("html", "pdf", "json", "junit")  # renderers of report/ (render.FILES)
 FAIL_ON = ("fail", "warn", "never")
 #: Methods audited by default: FullGrad, the comparison methods auditors know, the controls.
-DEFAULT_METHODS = ("fullgrad", "gradient", "grad_x_input", "integrated_gradients", "smoothgrad",
-                   "gradcam", "gradcam_pp", "guided_backprop", "deeplift", "random", "edge",
-                   "edge_signed")
+DEFAULT_METHODS = (
+    "fullgrad",
+    "gradient",
+    "grad_x_input",
+    "integrated_gradients",
+    "smoothgrad",
+    "gradcam",
+    "gradcam_pp",
+    "guided_backprop",
+    "deeplift",
+    "random",
+    "edge",
+    "edge_signed",
+)
 #: Command-line spellings that differ from the setting name.
-_FLAG_NAMES = {"thresholds": "--threshold", "check_params": "--check-param",
-               "plugins": "--plugin"}
+_FLAG_NAMES = {"thresholds": "--threshold", "check_params": "--check-param", "plugins": "--plugin"}
 #: Settings that only the user's own command line or environment may set (never a file).
 FLAG_OR_ENV_ONLY = ("trust_model",)
 
@@ -80,6 +90,7 @@ def _list_of(*choices: str) -> Callable[[Any], list[str]]:
         if bad or not out:
             raise ValueError(f"expected a comma-separated list of {', '.join(choices)}, got {v!r}")
         return list(dict.fromkeys(out))
+
     return parse
 
 
@@ -108,51 +119,84 @@ class Setting:
     help: str
 
 
-SETTINGS: dict[str, Setting] = {s.name: s for s in [
-    # first: plugins register the methods and checks that later settings may name
-    Setting("plugins", lambda v: _plugins(v), [],
-            "plugin modules or .py files that register methods and checks"),
-    Setting("output", _text, "saliaudit-report", "output folder"),
-    Setting("format", _list_of(*FORMATS), ["html", "pdf", "json"], "output formats"),
-    Setting("psi", _list_of(*PSI_PRESETS), list(PSI_PRESETS), "FullGrad post-processings ψ"),
-    Setting("methods", lambda v: _methods(v), list(DEFAULT_METHODS),
-            "saliency methods: fullgrad and the comparison methods (saliaudit methods)"),
-    Setting("post", _list_of("signed", "abs"), ["signed", "abs"],
-            "post-processings of the comparison methods"),
-    Setting("cam_layer", _optional(_text), None, "layer of the CAM methods (default: automatic)"),
-    Setting("max_images", _optional(_int(1)), None, "audit at most this many images"),
-    Setting("sample", _optional(_int(1)), None, "audit a reproducible random subset of N images"),
-    Setting("batch_size", _int(1, 4096), 8, "images per forward/backward batch"),
-    Setting("seed", _int(0, 2**64 - 1), 0, "seed for every random choice"),
-    Setting("device", _text, "auto", "auto, cpu, cuda, cuda:N or mps"),
-    Setting("fail_on", _choice(*FAIL_ON), "fail", "lowest verdict that makes the exit code 1"),
-    Setting("arch", _optional(_text), None, "torchvision architecture of a state_dict"),
-    Setting("num_classes", _optional(_int(1)), None, "number of classes of a state_dict head"),
-    Setting("input_size", _optional(_text), None, "model input size, H or H,W"),
-    Setting("mean", _optional(_text), None, "normalization mean, three comma-separated values"),
-    Setting("std", _optional(_text), None, "normalization std, three comma-separated values"),
-    Setting("labels", _optional(_text), None, "class names file, one per line"),
-    Setting("trust_model", _bool, False, "allow unpickling a pickled nn.Module (runs code)"),
-    Setting("max_pixels", _int(1), 64_000_000, "refuse images with more pixels (bombs)"),
-    Setting("completeness_tolerance", lambda v: _positive_float(v), 1e-3,
-            "FAIL completeness when a relative residual exceeds this"),
-    Setting("checks", _optional(lambda v: _checks(v)), None,
-            "sanity checks to run (saliaudit checks) [default: all]"),
-    Setting("thresholds", lambda v: _check_options(v, "thresholds"), {},
-            "check thresholds, CHECK.NAME=VALUE (e.g. class_sensitivity.fail=0.8)"),
-    Setting("check_params", lambda v: _check_options(v, "params"), {},
-            "check parameters, CHECK.NAME=VALUE (e.g. randomization.granularity=layers)"),
-    Setting("flip", _optional(lambda v: _flip(v)), None,
-            "sign_flip class pairs C:C' (indices or names), e.g. 8:3"),
-    Setting("masks", _optional(_text), None,
-            "folder of per-image, per-class object masks (pointing games)"),
-    Setting("overlays", _bool, True, "write a PNG overlay per image and ψ"),
-    Setting("force", _bool, False, "write into a non-empty folder that is not a saliaudit output"),
-    Setting("examples", _int(0, 1000), 6, "example images (most telling first) in the PDF report"),
-    Setting("examples_html", _int(0, 1000), 24, "example images in the HTML report"),
-    Setting("page_size", _choice("a4", "letter"), "a4", "PDF page size: a4 or letter"),
-    Setting("annotations", _bool, False, "print ::warning::/::error:: annotations for GitHub Actions"),
-]}
+SETTINGS: dict[str, Setting] = {
+    s.name: s
+    for s in [
+        # first: plugins register the methods and checks that later settings may name
+        Setting(
+            "plugins",
+            lambda v: _plugins(v),
+            [],
+            "plugin modules or .py files that register methods and checks",
+        ),
+        Setting("output", _text, "saliaudit-report", "output folder"),
+        Setting("format", _list_of(*FORMATS), ["html", "pdf", "json"], "output formats"),
+        Setting("psi", _list_of(*PSI_PRESETS), list(PSI_PRESETS), "FullGrad post-processings ψ"),
+        Setting(
+            "methods",
+            lambda v: _methods(v),
+            list(DEFAULT_METHODS),
+            "saliency methods: fullgrad and the comparison methods (saliaudit methods)",
+        ),
+        Setting(
+            "post", _list_of("signed", "abs"), ["signed", "abs"], "post-processings of the comparison methods"
+        ),
+        Setting("cam_layer", _optional(_text), None, "layer of the CAM methods (default: automatic)"),
+        Setting("max_images", _optional(_int(1)), None, "audit at most this many images"),
+        Setting("sample", _optional(_int(1)), None, "audit a reproducible random subset of N images"),
+        Setting("batch_size", _int(1, 4096), 8, "images per forward/backward batch"),
+        Setting("seed", _int(0, 2**64 - 1), 0, "seed for every random choice"),
+        Setting("device", _text, "auto", "auto, cpu, cuda, cuda:N or mps"),
+        Setting("fail_on", _choice(*FAIL_ON), "fail", "lowest verdict that makes the exit code 1"),
+        Setting("arch", _optional(_text), None, "torchvision architecture of a state_dict"),
+        Setting("num_classes", _optional(_int(1)), None, "number of classes of a state_dict head"),
+        Setting("input_size", _optional(_text), None, "model input size, H or H,W"),
+        Setting("mean", _optional(_text), None, "normalization mean, three comma-separated values"),
+        Setting("std", _optional(_text), None, "normalization std, three comma-separated values"),
+        Setting("labels", _optional(_text), None, "class names file, one per line"),
+        Setting("trust_model", _bool, False, "allow unpickling a pickled nn.Module (runs code)"),
+        Setting("max_pixels", _int(1), 64_000_000, "refuse images with more pixels (bombs)"),
+        Setting(
+            "completeness_tolerance",
+            lambda v: _positive_float(v),
+            1e-3,
+            "FAIL completeness when a relative residual exceeds this",
+        ),
+        Setting(
+            "checks",
+            _optional(lambda v: _checks(v)),
+            None,
+            "sanity checks to run (saliaudit checks) [default: all]",
+        ),
+        Setting(
+            "thresholds",
+            lambda v: _check_options(v, "thresholds"),
+            {},
+            "check thresholds, CHECK.NAME=VALUE (e.g. class_sensitivity.fail=0.8)",
+        ),
+        Setting(
+            "check_params",
+            lambda v: _check_options(v, "params"),
+            {},
+            "check parameters, CHECK.NAME=VALUE (e.g. randomization.granularity=layers)",
+        ),
+        Setting(
+            "flip",
+            _optional(lambda v: _flip(v)),
+            None,
+            "sign_flip class pairs C:C' (indices or names), e.g. 8:3",
+        ),
+        Setting(
+            "masks", _optional(_text), None, "folder of per-image, per-class object masks (pointing games)"
+        ),
+        Setting("overlays", _bool, True, "write a PNG overlay per image and ψ"),
+        Setting("force", _bool, False, "write into a non-empty folder that is not a saliaudit output"),
+        Setting("examples", _int(0, 1000), 6, "example images (most telling first) in the PDF report"),
+        Setting("examples_html", _int(0, 1000), 24, "example images in the HTML report"),
+        Setting("page_size", _choice("a4", "letter"), "a4", "PDF page size: a4 or letter"),
+        Setting("annotations", _bool, False, "print ::warning::/::error:: annotations for GitHub Actions"),
+    ]
+}
 
 
 def _plugins(v: Any) -> list[str]:
@@ -199,8 +243,15 @@ def _scalar(text: Any, default: Any) -> Any:
             return _bool(t)
         if isinstance(default, list) or t.startswith("["):
             t = t.strip("[]")
-            return [_scalar(p, default[0] if isinstance(default, list) and default else 0.0)
-                    for p in t.replace(";", " ").split() if p] if t else []
+            return (
+                [
+                    _scalar(p, default[0] if isinstance(default, list) and default else 0.0)
+                    for p in t.replace(";", " ").split()
+                    if p
+                ]
+                if t
+                else []
+            )
         try:
             value = float(t) if any(c in low for c in ".e") or not low.lstrip("-").isdigit() else int(t)
         except ValueError:
@@ -220,8 +271,11 @@ def _check_options(v: Any, kind: str) -> dict[str, dict[str, Any]]:
     from .checks import check_names, get_check
 
     if isinstance(v, dict):
-        items = [(f"{c}.{k}", val) for c, sub in v.items()
-                 for k, val in (sub.items() if isinstance(sub, dict) else [(None, sub)])]
+        items = [
+            (f"{c}.{k}", val)
+            for c, sub in v.items()
+            for k, val in (sub.items() if isinstance(sub, dict) else [(None, sub)])
+        ]
     else:
         raw = v if isinstance(v, (list, tuple)) else [v]
         items = []
@@ -236,12 +290,14 @@ def _check_options(v: Any, kind: str) -> dict[str, dict[str, Any]]:
     for key, val in items:
         check, dot, name = str(key).partition(".")
         if not dot or check not in check_names() or not name or name == "None":
-            raise ValueError(f"expected CHECK.NAME=VALUE with CHECK one of {', '.join(check_names())}, "
-                             f"got {key!r}")
+            raise ValueError(
+                f"expected CHECK.NAME=VALUE with CHECK one of {', '.join(check_names())}, got {key!r}"
+            )
         defaults = getattr(get_check(check), kind)
         if name not in defaults:
-            raise ValueError(f"check {check} has no {kind[:-1]} {name!r} (it has: "
-                             f"{', '.join(defaults) or 'none'})")
+            raise ValueError(
+                f"check {check} has no {kind[:-1]} {name!r} (it has: {', '.join(defaults) or 'none'})"
+            )
         default = defaults[name]
         if kind == "thresholds" and default is None:
             default = 0.0
@@ -287,8 +343,11 @@ def _read_toml(path: Path, table: tuple[str, ...] | None) -> dict[str, Any] | No
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise UsageError(f"cannot read the configuration: {err}", path=path,
-                         hint="fix the TOML syntax or pass another --config") from None
+        raise UsageError(
+            f"cannot read the configuration: {err}",
+            path=path,
+            hint="fix the TOML syntax or pass another --config",
+        ) from None
     if table is None:
         return data.get("saliaudit", data) if isinstance(data.get("saliaudit"), dict) else data
     for key in table:
@@ -302,9 +361,13 @@ def _normalize_key(key: str) -> str:
     return key.strip().lower().replace("-", "_")
 
 
-def resolve_config(flags: Mapping[str, Any], *, config_file: str | Path | None = None,
-                   environ: Mapping[str, str] | None = None,
-                   cwd: Path | None = None) -> AuditConfig:
+def resolve_config(
+    flags: Mapping[str, Any],
+    *,
+    config_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> AuditConfig:
     """Merge flags, environment, config file and defaults; validate every value.
 
     Args:
@@ -323,10 +386,10 @@ def resolve_config(flags: Mapping[str, Any], *, config_file: str | Path | None =
     if config_file is not None:
         file_path = Path(config_file)
         if not file_path.is_file():
-            raise UsageError("configuration file not found", path=file_path,
-                             hint="check the --config path")
-        table = _read_toml(file_path, table=("tool", "saliaudit")
-                           if file_path.name == "pyproject.toml" else None)
+            raise UsageError("configuration file not found", path=file_path, hint="check the --config path")
+        table = _read_toml(
+            file_path, table=("tool", "saliaudit") if file_path.name == "pyproject.toml" else None
+        )
         file_values = table or {}
     else:
         found = find_config_file(cwd)
@@ -334,23 +397,35 @@ def resolve_config(flags: Mapping[str, Any], *, config_file: str | Path | None =
             file_path, file_values = found
     layers: list[tuple[str, dict[str, Any]]] = [
         ("flag", {k: v for k, v in flags.items() if v is not None}),
-        ("environment", {_normalize_key(k[len("SALIAUDIT_"):]): v for k, v in environ.items()
-                         if k.startswith("SALIAUDIT_")}),
-        (f"config file {file_path}" if file_path else "config file",
-         {_normalize_key(k): v for k, v in file_values.items()}),
+        (
+            "environment",
+            {
+                _normalize_key(k[len("SALIAUDIT_") :]): v
+                for k, v in environ.items()
+                if k.startswith("SALIAUDIT_")
+            },
+        ),
+        (
+            f"config file {file_path}" if file_path else "config file",
+            {_normalize_key(k): v for k, v in file_values.items()},
+        ),
     ]
     for source, layer in layers[1:]:
         unknown = sorted(set(layer) - set(SETTINGS))
         if unknown:
-            what = (f"environment variable SALIAUDIT_{unknown[0].upper()}"
-                    if source == "environment" else f"setting {unknown[0]} in {source}")
+            what = (
+                f"environment variable SALIAUDIT_{unknown[0].upper()}"
+                if source == "environment"
+                else f"setting {unknown[0]} in {source}"
+            )
             raise UsageError(f"unknown {what}", hint="valid settings: " + ", ".join(SETTINGS))
         if source != "environment" and any(k in layer for k in FLAG_OR_ENV_ONLY):
             key = next(k for k in FLAG_OR_ENV_ONLY if k in layer)
             raise UsageError(
                 f"{key} is not accepted in {source}: a configuration file found in a parent "
                 "folder must not enable running code from a model file",
-                hint=f"pass --{key.replace('_', '-')} on the command line instead")
+                hint=f"pass --{key.replace('_', '-')} on the command line instead",
+            )
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for name, setting in SETTINGS.items():
@@ -362,8 +437,10 @@ def resolve_config(flags: Mapping[str, Any], *, config_file: str | Path | None =
         try:
             values[name] = setting.parse(raw) if source != "default" else copy.deepcopy(raw)
         except ValueError as err:
-            label = {"flag": _FLAG_NAMES.get(name, f"--{name.replace('_', '-')}"),
-                     "environment": f"SALIAUDIT_{name.upper()}"}.get(source, f"{name} in {source}")
+            label = {
+                "flag": _FLAG_NAMES.get(name, f"--{name.replace('_', '-')}"),
+                "environment": f"SALIAUDIT_{name.upper()}",
+            }.get(source, f"{name} in {source}")
             raise UsageError(f"invalid {label}: {err}") from None
         sources[name] = source
         if name == "plugins" and values[name]:

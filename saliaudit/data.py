@@ -28,8 +28,13 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(".png .jpg .jpeg .bmp .gif .tif .ti
 # external programs (EPS calls Ghostscript) or are rarely exercised.
 _FORMATS: tuple[str, ...] = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")  # JPEG covers MPO
 _FORMAT_EXTENSIONS: dict[str, tuple[str, ...]] = {
-    "PNG": (".png",), "JPEG": (".jpg", ".jpeg"), "BMP": (".bmp",), "GIF": (".gif",),
-    "TIFF": (".tif", ".tiff"), "WEBP": (".webp",), "PPM": (".ppm", ".pgm"),
+    "PNG": (".png",),
+    "JPEG": (".jpg", ".jpeg"),
+    "BMP": (".bmp",),
+    "GIF": (".gif",),
+    "TIFF": (".tif", ".tiff"),
+    "WEBP": (".webp",),
+    "PPM": (".ppm", ".pgm"),
 }
 _ORIENTATION_TAG = 0x0112
 _OUTPUT_MARKER = ".saliaudit-output"  # written by saliaudit.report.output into its folders
@@ -110,10 +115,18 @@ def require_images(listing: ImageListing) -> None:
     if listing.entries:
         return
     where = listing.source or listing.root
-    what, hint = ("no image files found", "put .png/.jpg files in it; also read: " + " ".join(
-        sorted(IMAGE_EXTENSIONS))) if where.is_dir() else ("the list file names no image", "one image path a line")
+    what, hint = (
+        (
+            "no image files found",
+            "put .png/.jpg files in it; also read: " + " ".join(sorted(IMAGE_EXTENSIONS)),
+        )
+        if where.is_dir()
+        else ("the list file names no image", "one image path a line")
+    )
     if listing.skipped:
-        what += f" ({len(listing.skipped)} skipped, e.g. {listing.skipped[0].path}: {listing.skipped[0].reason})"
+        what += (
+            f" ({len(listing.skipped)} skipped, e.g. {listing.skipped[0].path}: {listing.skipped[0].reason})"
+        )
     raise NoImagesError(what, path=where, hint=hint)
 
 
@@ -130,8 +143,11 @@ def _walk_folder(root: Path) -> ImageListing:
             with os.scandir(folder) as it:
                 children = sorted(it, key=lambda e: e.name)
         except OSError as exc:
-            why = ("permission denied: cannot list this folder; give read and execute permission (chmod +rx)"
-                   if isinstance(exc, PermissionError) else f"cannot list this folder ({exc.strerror or exc})")
+            why = (
+                "permission denied: cannot list this folder; give read and execute permission (chmod +rx)"
+                if isinstance(exc, PermissionError)
+                else f"cannot list this folder ({exc.strerror or exc})"
+            )
             skipped.append(Skipped("/".join(parts) or ".", f"{why} or remove it"))
             continue
         subdirs: list[tuple[Path, tuple[str, ...]]] = []
@@ -141,7 +157,9 @@ def _walk_folder(root: Path) -> ImageListing:
             cparts, rel = parts + (child.name,), "/".join(parts + (child.name,))
             if _safe(child.is_dir):
                 real = os.path.realpath(child.path)
-                if real in visited or _safe(lambda: os.path.exists(os.path.join(child.path, _OUTPUT_MARKER))):
+                if real in visited or _safe(
+                    lambda child=child: os.path.exists(os.path.join(child.path, _OUTPUT_MARKER))
+                ):
                     continue  # loops, and saliaudit's own output folders (their overlays)
                 visited.add(real)
                 if not parts:
@@ -152,8 +170,14 @@ def _walk_folder(root: Path) -> ImageListing:
                 continue
             if not _safe(child.is_file):
                 broken = child.is_symlink() and not os.path.exists(child.path)
-                skipped.append(Skipped(rel, "broken symbolic link; fix its target or remove it" if broken
-                                       else "not a regular file (pipe, socket or device); remove it"))
+                skipped.append(
+                    Skipped(
+                        rel,
+                        "broken symbolic link; fix its target or remove it"
+                        if broken
+                        else "not a regular file (pipe, socket or device); remove it",
+                    )
+                )
                 continue
             entries.append((cparts, ImageEntry(Path(child.path), rel)))
         stack.extend(reversed(subdirs))
@@ -174,13 +198,19 @@ def _read_list_file(list_file: Path) -> ImageListing:
     try:
         text = list_file.read_text(encoding="utf-8-sig")
     except OSError as exc:
-        raise UsageError(f"cannot read the list file ({exc.strerror or exc})", path=list_file,
-                         hint="give read permission or pass another source") from None
+        raise UsageError(
+            f"cannot read the list file ({exc.strerror or exc})",
+            path=list_file,
+            hint="give read permission or pass another source",
+        ) from None
     except UnicodeDecodeError:
         text = "\x00"
     if "\x00" in text:
-        raise UsageError("not a folder, an image or a UTF-8 text list of image paths", path=list_file,
-                         hint="pass a folder of images or a text file with one image path per line")
+        raise UsageError(
+            "not a folder, an image or a UTF-8 text list of image paths",
+            path=list_file,
+            hint="pass a folder of images or a text file with one image path per line",
+        )
     base = list_file.parent
     entries: list[ImageEntry] = []
     skipped: list[Skipped] = []
@@ -195,7 +225,9 @@ def _read_list_file(list_file: Path) -> ImageListing:
             rel = full.as_posix()
         where = f"listed in {list_file.name} line {lineno}"
         if full.is_dir():
-            skipped.append(Skipped(rel, f"is a folder, not an image file ({where}); list image files instead"))
+            skipped.append(
+                Skipped(rel, f"is a folder, not an image file ({where}); list image files instead")
+            )
         elif not full.exists():
             skipped.append(Skipped(rel, f"file not found ({where}); fix the path or remove the line"))
         else:
@@ -233,8 +265,9 @@ def decode_image(entry: ImageEntry, *, max_pixels: int = 64_000_000) -> DecodedI
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"image too large ({_describe(exc)}); downscale it", path=entry.rel) from None
     except Exception as exc:  # any plugin failure on untrusted bytes (OSError, SyntaxError, struct.error...)
-        raise ImageError(f"truncated or corrupt image ({_describe(exc)}); re-export or re-download it",
-                         path=entry.rel) from None
+        raise ImageError(
+            f"truncated or corrupt image ({_describe(exc)}); re-export or re-download it", path=entry.rel
+        ) from None
 
 
 def _decode(entry: ImageEntry, max_pixels: int) -> DecodedImage:
@@ -246,8 +279,10 @@ def _decode(entry: ImageEntry, max_pixels: int) -> DecodedImage:
     data = _read_file(entry, max_pixels)
     notes: list[str] = []
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # global owned by the user's environment: report, never change
-        notes.append("truncated images are not detected: PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set "
-                     "to True by another library")
+        notes.append(
+            "truncated images are not detected: PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set "
+            "to True by another library"
+        )
     pil_limit = Image.MAX_IMAGE_PIXELS
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -257,14 +292,20 @@ def _decode(entry: ImageEntry, max_pixels: int) -> DecodedImage:
         try:
             img = Image.open(io.BytesIO(data), formats=_FORMATS)
         except UnidentifiedImageError:
-            raise ImageError(f"not an image: {_sniff(data)}; remove it or fix the file", path=entry.rel) from None
+            raise ImageError(
+                f"not an image: {_sniff(data)}; remove it or fix the file", path=entry.rel
+            ) from None
         width, height = img.size
         if width <= 0 or height <= 0:
-            raise ImageError(f"image has a zero dimension ({width}×{height}); remove it or fix the file",
-                             path=entry.rel)
+            raise ImageError(
+                f"image has a zero dimension ({width}×{height}); remove it or fix the file", path=entry.rel
+            )
         if width * height > max_pixels:
-            raise ImageError(f"image too large ({width}×{height} = {width * height} pixels > limit "
-                             f"{max_pixels}); downscale it or raise --max-pixels", path=entry.rel)
+            raise ImageError(
+                f"image too large ({width}×{height} = {width * height} pixels > limit "
+                f"{max_pixels}); downscale it or raise --max-pixels",
+                path=entry.rel,
+            )
         fmt = "JPEG" if img.format == "MPO" else (img.format or "unknown")
         ext = path.suffix.lower()
         if ext in IMAGE_EXTENSIONS and ext not in _FORMAT_EXTENSIONS.get(fmt, ()):
@@ -277,8 +318,9 @@ def _decode(entry: ImageEntry, max_pixels: int) -> DecodedImage:
         try:
             img.load()
         except (OSError, ValueError, SyntaxError, EOFError, struct.error) as exc:
-            raise ImageError(f"truncated or corrupt image ({_describe(exc)}); re-export or re-download it",
-                             path=entry.rel) from None
+            raise ImageError(
+                f"truncated or corrupt image ({_describe(exc)}); re-export or re-download it", path=entry.rel
+            ) from None
         frame = _apply_orientation(img, notes)
         original_mode = frame.mode
         rgb = _to_rgb(frame, notes, entry)
@@ -293,14 +335,18 @@ def _read_file(entry: ImageEntry, max_pixels: int) -> bytes:
         size = entry.path.stat().st_size
         # Generous bound (16 bytes per allowed pixel + 16 MiB of metadata) on what we read.
         if size > max_pixels * 16 + (16 << 20):
-            raise ImageError(f"file too large ({size} bytes) for the pixel limit {max_pixels}; "
-                             "downscale it or raise --max-pixels", path=entry.rel)
+            raise ImageError(
+                f"file too large ({size} bytes) for the pixel limit {max_pixels}; "
+                "downscale it or raise --max-pixels",
+                path=entry.rel,
+            )
         data = _read_bytes(entry.path)
     except OSError as exc:
-        reason = {PermissionError: "permission denied; give read permission (chmod +r) or remove it",
-                  FileNotFoundError: "file not found (deleted or moved after listing); check the path",
-                  IsADirectoryError: "is a folder, not an image file; remove it from the image list",
-                  }.get(type(exc), f"cannot read file ({exc.strerror or exc}); check the disk or remove it")
+        reason = {
+            PermissionError: "permission denied; give read permission (chmod +r) or remove it",
+            FileNotFoundError: "file not found (deleted or moved after listing); check the path",
+            IsADirectoryError: "is a folder, not an image file; remove it from the image list",
+        }.get(type(exc), f"cannot read file ({exc.strerror or exc}); check the disk or remove it")
         raise ImageError(reason, path=entry.rel) from None
     if not data:
         raise ImageError("empty file (0 bytes); remove it or re-export the image", path=entry.rel)
@@ -338,8 +384,11 @@ def _to_rgb(img: Image.Image, notes: list[str], entry: ImageEntry) -> Image.Imag
         kind = "32-bit float" if mode == "F" else "32-bit integer"
         if lo >= 0 and hi <= full:  # the type's usual range: [0, 1] for float, 16 bits for integers
             arr8 = np.rint(arr * (255.0 / full)).astype(np.uint8)
-            notes.append(f"{kind} image scaled from [0, 1] to 8 bits" if mode == "F" else
-                         "16-bit image scaled to 8 bits")
+            notes.append(
+                f"{kind} image scaled from [0, 1] to 8 bits"
+                if mode == "F"
+                else "16-bit image scaled to 8 bits"
+            )
         else:
             scale = 255.0 / (hi - lo) if hi > lo else 0.0
             arr8 = np.rint((arr - lo) * scale).astype(np.uint8)
@@ -357,7 +406,9 @@ def _to_rgb(img: Image.Image, notes: list[str], entry: ImageEntry) -> Image.Imag
             return rgba.convert("RGB")
         return img if mode == "RGB" else img.convert("RGB")
     except ValueError as exc:
-        raise ImageError(f"unsupported color mode {mode} ({exc}); convert it to RGB", path=entry.rel) from None
+        raise ImageError(
+            f"unsupported color mode {mode} ({exc}); convert it to RGB", path=entry.rel
+        ) from None
 
 
 def _sniff(data: bytes) -> str:
@@ -376,7 +427,7 @@ def _describe(exc: BaseException) -> str:
 def _reason(err: ImageError) -> str:
     """The message of ``err`` without its ``path: `` prefix."""
     text, prefix = str(err), f"{err.path}: "
-    return text[len(prefix):] if err.path and text.startswith(prefix) else text
+    return text[len(prefix) :] if err.path and text.startswith(prefix) else text
 
 
 def iter_decoded(listing: ImageListing, *, max_pixels: int = 64_000_000) -> Iterator[DecodedImage | Skipped]:

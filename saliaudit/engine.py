@@ -61,34 +61,65 @@ def environment_versions() -> dict[str, str]:
     import PIL
     import torchvision
 
-    return {"saliaudit": __version__, "python": platform.python_version(),
-            "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__, "pillow": PIL.__version__,
-            "platform": platform.platform()}
+    return {
+        "saliaudit": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "platform": platform.platform(),
+    }
 
 
 def model_info(lm: LoadedModel) -> dict[str, Any]:
     """What the results record about the loaded model."""
-    return {"path": str(lm.path) if lm.path else None, "sha256": lm.sha256, "format": lm.format,
-            "arch": lm.arch, "num_classes": lm.num_classes, "input_size": list(lm.input_size),
-            "mean": list(lm.mean), "std": list(lm.std), "static_batch": lm.static_batch,
-            "class_names": list(lm.class_names), "sources": dict(lm.sources),
-            "limitations": list(lm.limitations), "notes": list(lm.notes)}
+    return {
+        "path": str(lm.path) if lm.path else None,
+        "sha256": lm.sha256,
+        "format": lm.format,
+        "arch": lm.arch,
+        "num_classes": lm.num_classes,
+        "input_size": list(lm.input_size),
+        "mean": list(lm.mean),
+        "std": list(lm.std),
+        "static_batch": lm.static_batch,
+        "class_names": list(lm.class_names),
+        "sources": dict(lm.sources),
+        "limitations": list(lm.limitations),
+        "notes": list(lm.notes),
+    }
 
 
 def new_result(cfg: AuditConfig, started: datetime, device: torch.device) -> AuditResult:
     """An empty result with the run and configuration recorded (filled as the audit runs)."""
     return AuditResult(
         tool={"name": "saliaudit", "version": __version__},
-        run={"started_at": started.isoformat(timespec="seconds"), "duration_s": None,
-             "seed": cfg.seed, "device": str(device), "versions": environment_versions()},
-        config={"values": dict(cfg.values), "sources": dict(cfg.sources),
-                "file": str(cfg.config_file) if cfg.config_file else None},
-        model={}, inputs={"source": None, "found": 0, "loaded": 0, "skipped": []})
+        run={
+            "started_at": started.isoformat(timespec="seconds"),
+            "duration_s": None,
+            "seed": cfg.seed,
+            "device": str(device),
+            "versions": environment_versions(),
+        },
+        config={
+            "values": dict(cfg.values),
+            "sources": dict(cfg.sources),
+            "file": str(cfg.config_file) if cfg.config_file else None,
+        },
+        model={},
+        inputs={"source": None, "found": 0, "loaded": 0, "skipped": []},
+    )
 
 
-def run_audit(model_path: str | Path, images: str | Path, cfg: AuditConfig, out_dir: Path,
-              progress: Progress | None = None, result: AuditResult | None = None) -> AuditResult:
+def run_audit(
+    model_path: str | Path,
+    images: str | Path,
+    cfg: AuditConfig,
+    out_dir: Path,
+    progress: Progress | None = None,
+    result: AuditResult | None = None,
+) -> AuditResult:
     """Audit ``model_path`` on ``images``: maps of every method and variant, the checks,
     caveats. ``result`` (from :func:`new_result`) is filled in place, so that a caller
     interrupted half-way still holds everything measured so far. Overlays go to
@@ -103,8 +134,14 @@ def run_audit(model_path: str | Path, images: str | Path, cfg: AuditConfig, out_
 class Audit:
     """One audit: :meth:`plan` what to compute, then :meth:`run` it batch by batch."""
 
-    def __init__(self, cfg: AuditConfig, out_dir: Path, *, progress: Progress | None = None,
-                 result: AuditResult | None = None):
+    def __init__(
+        self,
+        cfg: AuditConfig,
+        out_dir: Path,
+        *,
+        progress: Progress | None = None,
+        result: AuditResult | None = None,
+    ):
         self.cfg, self.out_dir, self.progress = cfg, Path(out_dir), progress
         self.timer = Timer()
         self.started = time.perf_counter()
@@ -119,28 +156,39 @@ class Audit:
         """Load the model, list the images, build the map sources and the checks."""
         cfg = self.cfg
         with self.timer.stage("load_model"):
-            self.lm = load_model(model_path, arch=cfg.arch, num_classes=cfg.num_classes,
-                                 input_size=cfg.input_size, mean=cfg.mean, std=cfg.std,
-                                 labels=cfg.labels, trust_model=cfg.trust_model,
-                                 device=self.device)
+            self.lm = load_model(
+                model_path,
+                arch=cfg.arch,
+                num_classes=cfg.num_classes,
+                input_size=cfg.input_size,
+                mean=cfg.mean,
+                std=cfg.std,
+                labels=cfg.labels,
+                trust_model=cfg.trust_model,
+                device=self.device,
+            )
         self.result.model = model_info(self.lm)
         with self.timer.stage("find_images"):
-            self.listing: ImageListing = find_images(images, max_images=cfg.max_images,
-                                                     sample=cfg.sample, seed=cfg.seed)
+            self.listing: ImageListing = find_images(
+                images, max_images=cfg.max_images, sample=cfg.sample, seed=cfg.seed
+            )
         self.images = images
         self.skipped = list(self.listing.skipped)
-        self.result.inputs.update(source=str(images), found=self.listing.found,
-                                  class_names_from_folders=self.listing.class_names)
+        self.result.inputs.update(
+            source=str(images), found=self.listing.found, class_names_from_folders=self.listing.class_names
+        )
         require_images(self.listing)
         self.masks_dir = _masks_dir(cfg)
-        self.runner = CheckRunner(cfg.checks, _thresholds(cfg), _check_params(cfg),
-                                  self.masks_dir is not None)
+        self.runner = CheckRunner(
+            cfg.checks, _thresholds(cfg), _check_params(cfg), self.masks_dir is not None
+        )
         self.result.check_info = self.runner.info()
         with self.timer.stage("sample"):
             self._draw_samples()
         self.sources = self._plan_sources()
-        self.figures = ExampleFigures(choose_examples([e.rel for e in self.listing.entries],
-                                                      int(cfg.examples_html), cfg.seed))
+        self.figures = ExampleFigures(
+            choose_examples([e.rel for e in self.listing.entries], int(cfg.examples_html), cfg.seed)
+        )
         decomposes = any("decomposition" in s.provides for s in self.sources)
         self.discards = AbsDiscards() if decomposes else None
 
@@ -155,8 +203,7 @@ class Audit:
         if all(e.label is not None for e in entries):
             names = [e.rel for e in entries]
             folders = self.listing.class_names or []
-            classes: list[object] = [folders[e.label] if e.label < len(folders) else e.label
-                                     for e in entries]
+            classes: list[object] = [folders[e.label] if e.label < len(folders) else e.label for e in entries]
             how = "folder label"
         else:
             names, classes = self._predicted_classes()
@@ -171,8 +218,12 @@ class Audit:
                 if name in set(pick):
                     counts[str(cls)] = counts.get(str(cls), 0) + 1
             self.result.check_info.setdefault(check, {})["sample"] = {
-                "images": pick, "of": len(names), "stratified_by": how, "seed": self.cfg.seed,
-                "per_class": counts}
+                "images": pick,
+                "of": len(names),
+                "stratified_by": how,
+                "seed": self.cfg.seed,
+                "per_class": counts,
+            }
 
     def _predicted_classes(self) -> tuple[list[str], list[object]]:
         """The top-1 class of every decodable image (no gradients; images that fail to decode
@@ -201,17 +252,26 @@ class Audit:
             if "layer" in params and cfg.cam_layer:
                 params["layer"] = cfg.cam_layer
             source = build_source(name, psi=list(cfg.psi), post=list(cfg.post), params=params)
-            entry = {"method": name, "family": method.family, "params": _jsonable(params),
-                     "reference": method.reference, "status": "ok", "reason": None,
-                     "option": method.option, "origin": method.origin,
-                     "variants": [v.psi or v.post for v in source.variants]}
+            entry = {
+                "method": name,
+                "family": method.family,
+                "params": _jsonable(params),
+                "reference": method.reference,
+                "status": "ok",
+                "reason": None,
+                "option": method.option,
+                "origin": method.origin,
+                "variants": [v.psi or v.post for v in source.variants],
+            }
             if method.option == "psi":
                 entry["params"]["psi"] = list(cfg.psi)
             if method.needs_internals and self.lm.format == "torchscript":
-                entry.update(status="skipped", reason="needs layer internals, which a TorchScript "
-                             "model does not expose; export the model with torch.export (.pt2)")
-                self.runner.fail_source(source, f"{name} was skipped: {entry['reason']}",
-                                        skipped=True)
+                entry.update(
+                    status="skipped",
+                    reason="needs layer internals, which a TorchScript "
+                    "model does not expose; export the model with torch.export (.pt2)",
+                )
+                self.runner.fail_source(source, f"{name} was skipped: {entry['reason']}", skipped=True)
             else:
                 planned.append(source)
             self.result.methods.append(entry)
@@ -236,8 +296,10 @@ class Audit:
         if not result.images:
             first = self.skipped[0] if self.skipped else None
             raise NoImagesError(
-                f"none of the {self.listing.found} image files could be used", path=self.images,
-                hint=f"first problem: {first.path}: {first.reason}" if first else None)
+                f"none of the {self.listing.found} image files could be used",
+                path=self.images,
+                hint=f"first problem: {first.path}: {first.reason}" if first else None,
+            )
         with self.timer.stage("judge"):
             result.checks = self.runner.results()
             sims = {k: float(np.mean(v)) for k, v in self.edge_sim.items() if v}
@@ -247,8 +309,10 @@ class Audit:
         result.run["statistics"] = {"interval": stats.INTERVAL_METHOD, **self.runner.calibration}
         result.summarize(self.cfg.fail_on)
         per_stage = {**self.timer.per_stage, **self.runner.timings}
-        result.timings = {"total_s": time.perf_counter() - self.started,
-                          "per_stage": {k: round(v, 4) for k, v in per_stage.items()}}
+        result.timings = {
+            "total_s": time.perf_counter() - self.started,
+            "per_stage": {k: round(v, 4) for k, v in per_stage.items()},
+        }
         result.run["duration_s"] = result.timings["total_s"]
         return result
 
@@ -258,16 +322,21 @@ class Audit:
 
     def _record_inputs(self) -> None:
         self.result.inputs["loaded"] = len(self.result.images)
-        self.result.inputs["skipped"] = [{"path": s.path, "reason": s.reason}
-                                         for s in self.skipped]
+        self.result.inputs["skipped"] = [{"path": s.path, "reason": s.reason} for s in self.skipped]
 
     def _run_batch(self, items: list) -> None:
         """Predict one batch, run every source and check on it; the batch lands whole."""
         with self.timer.stage("predict"):
-            pred = predict_batch(self.lm, items, seed=self.cfg.seed,
-                                 offset=len(self.result.images), examples=self.figures.names,
-                                 masks_dir=self.masks_dir, folders=self.listing.class_names,
-                                 on_retry=self.runner.count_retry)
+            pred = predict_batch(
+                self.lm,
+                items,
+                seed=self.cfg.seed,
+                offset=len(self.result.images),
+                examples=self.figures.names,
+                masks_dir=self.masks_dir,
+                folders=self.listing.class_names,
+                on_retry=self.runner.count_retry,
+            )
         self.skipped.extend(pred.dropped)
         if pred.batch is None:  # every image of the batch gave NaN/Inf logits
             return
@@ -288,8 +357,9 @@ class Audit:
     def _entry(self, source: MapSource) -> dict[str, Any]:
         return next(e for e in self.result.methods if e["method"] == source.method)
 
-    def _maps(self, source: MapSource, batch: Batch,
-              complete: list[CompletenessRecord]) -> dict[Variant, torch.Tensor] | None:
+    def _maps(
+        self, source: MapSource, batch: Batch, complete: list[CompletenessRecord]
+    ) -> dict[Variant, torch.Tensor] | None:
         """``source``'s top-1 maps for the batch (halved on out-of-memory); ``None`` when the
         method failed (recorded: every check of it gets ERROR)."""
         entry = self._entry(source)
@@ -299,16 +369,22 @@ class Audit:
         try:
             with self.timer.stage(f"method:{source.method}"):
                 if "decomposition" in source.provides:  # once (halved on OOM), then reused
-                    fg = oom_split(lambda b, _m: source.decompose(b.model, b.x, b.targets),
-                                   batch, {}, lambda a, b: type(a).cat(a, b), retry)
+                    fg = oom_split(
+                        lambda b, _m: source.decompose(b.model, b.x, b.targets),
+                        batch,
+                        {},
+                        lambda a, b: type(a).cat(a, b),
+                        retry,
+                    )
                     source.prime(batch.model, batch.x, batch.targets, fg)
                     self._record_decomposition(batch, fg, complete)
                 collect = get_method(source.method).reference_input is not None
                 if collect:
                     source.collect = True  # type: ignore[attr-defined]
                 try:
-                    maps = oom_split(lambda b, _m: source.maps(b.model, b.x, b.targets), batch,
-                                     {}, _cat_maps, retry)
+                    maps = oom_split(
+                        lambda b, _m: source.maps(b.model, b.x, b.targets), batch, {}, _cat_maps, retry
+                    )
                 finally:
                     if collect:
                         source.collect = False  # type: ignore[attr-defined]
@@ -316,8 +392,9 @@ class Audit:
                 self._record_delta(source, batch, source.pop_totals())
             return maps
         except Exception as err:  # one method failing must not stop the audit
-            reason = (str(err) if isinstance(err, SaliauditError)
-                      else f"{type(err).__name__}: {first_line(err)}")
+            reason = (
+                str(err) if isinstance(err, SaliauditError) else f"{type(err).__name__}: {first_line(err)}"
+            )
             if is_oom(err):
                 reason += f" (out of memory even for one image: {OOM_HINT})"
             entry.update(status="error", reason=reason)
@@ -334,15 +411,15 @@ class Audit:
             return
         try:
             with torch.no_grad():
-                bases = method.reference_input(batch.model, batch.x,
-                                               **getattr(source, "params", {}))
+                bases = method.reference_input(batch.model, batch.x, **getattr(source, "params", {}))
                 k = bases.shape[0]
                 flat = bases.reshape(k * len(batch), *batch.x.shape[1:])
                 f_ref = picked(forward_fn(batch.model)(flat), batch.targets.repeat(k))
                 f_ref = f_ref.view(k, len(batch)).double().mean(0)
         except Exception as err:  # informational: a failure is recorded, never fatal
             self.result.attribution_completeness.append(
-                {"method": source.method, "image": None, "error": first_line(err)})
+                {"method": source.method, "image": None, "error": first_line(err)}
+            )
             return
         fx = batch.logits.gather(1, batch.targets.view(-1, 1))[:, 0].double()
         expected = fx - f_ref.to(fx.device)
@@ -352,22 +429,42 @@ class Audit:
         reference = params.get("baseline", "zero")
         for i, name in enumerate(batch.images):
             self.result.attribution_completeness.append(
-                {"method": source.method, "image": name, "reference": str(reference),
-                 "total": float(totals[i]), "expected": float(expected[i]),
-                 "delta": float(delta[i]), "relative_delta": float(rel[i])})
+                {
+                    "method": source.method,
+                    "image": name,
+                    "reference": str(reference),
+                    "total": float(totals[i]),
+                    "expected": float(expected[i]),
+                    "delta": float(delta[i]),
+                    "relative_delta": float(rel[i]),
+                }
+            )
 
-    def _record_decomposition(self, batch: Batch, fg: Any,
-                              complete: list[CompletenessRecord]) -> None:
+    def _record_decomposition(self, batch: Batch, fg: Any, complete: list[CompletenessRecord]) -> None:
         for i, name in enumerate(batch.images):
             t = int(batch.targets[i])
-            complete.append(CompletenessRecord(
-                name, t, batch.model.class_names[t], float(fg.logits[i]),
-                float(fg.reconstructed[i]), float(fg.residual[i]), list(fg.unaccounted)))
+            complete.append(
+                CompletenessRecord(
+                    name,
+                    t,
+                    batch.model.class_names[t],
+                    float(fg.logits[i]),
+                    float(fg.reconstructed[i]),
+                    float(fg.residual[i]),
+                    list(fg.unaccounted),
+                )
+            )
         if self.discards is not None:
             self.discards.add(fg)
 
-    def _use_maps(self, source: MapSource, batch: Batch, pred: Predicted,
-                  maps: dict[Variant, torch.Tensor], edges: torch.Tensor | None) -> None:
+    def _use_maps(
+        self,
+        source: MapSource,
+        batch: Batch,
+        pred: Predicted,
+        maps: dict[Variant, torch.Tensor],
+        edges: torch.Tensor | None,
+    ) -> None:
         """Edge similarity, example figures, overlays and every check of one method's maps."""
         if edges is not None:
             from .checks.similarity import spearman
@@ -378,8 +475,13 @@ class Audit:
                     self.edge_sim.setdefault(v.label, []).extend(float(s) for s in values)
         with self.timer.stage("figures"):
             try:  # halved on out-of-memory like the maps; the example figures are optional
-                oom_split(lambda b, m: self.figures.add_maps(b, source, m), batch, maps,
-                          lambda a, b: None, self.runner.count_retry)
+                oom_split(
+                    lambda b, m: self.figures.add_maps(b, source, m),
+                    batch,
+                    maps,
+                    lambda a, b: None,
+                    self.runner.count_retry,
+                )
             except Exception as err:
                 if not is_oom(err):
                     raise
@@ -401,8 +503,9 @@ def _cat_maps(a: dict, b: dict) -> dict:
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v if isinstance(v, (int, float, str, bool, type(None), list)) else str(v))
-            for k, v in d.items()}
+    return {
+        k: (v if isinstance(v, (int, float, str, bool, type(None), list)) else str(v)) for k, v in d.items()
+    }
 
 
 def _masks_dir(cfg: AuditConfig) -> Path | None:
@@ -410,8 +513,11 @@ def _masks_dir(cfg: AuditConfig) -> Path | None:
         return None
     path = Path(cfg.masks)
     if not path.is_dir():
-        raise UsageError("the masks folder does not exist", path=path,
-                         hint="pass --masks DIR with MASKS/<image path without extension>/<class>.png")
+        raise UsageError(
+            "the masks folder does not exist",
+            path=path,
+            hint="pass --masks DIR with MASKS/<image path without extension>/<class>.png",
+        )
     return path
 
 

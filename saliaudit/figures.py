@@ -35,8 +35,9 @@ def thumbnail_uri(image: Image.Image, size: int = 128) -> str:
     img = image.convert("RGB")
     scale = size / max(img.size)
     if scale < 1:
-        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
-                         Image.BILINEAR)
+        img = img.resize(
+            (max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.BILINEAR
+        )
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -50,15 +51,21 @@ class ExampleFigures:
         self.images: dict[str, dict[str, Any]] = {}
         self.maps: list[dict[str, Any]] = []
 
-    def add_images(self, batch: Batch, pil_images: list[Image.Image], class_names: list[str],
-                   probs: torch.Tensor) -> None:
+    def add_images(
+        self, batch: Batch, pil_images: list[Image.Image], class_names: list[str], probs: torch.Tensor
+    ) -> None:
         for i, name in enumerate(batch.images):
             if name not in self.names:
                 continue
             t, low = int(batch.targets[i]), int(batch.logits[i].argmin())
-            self.images[name] = {"thumbnail": thumbnail_uri(pil_images[i]), "predicted": t,
-                                 "predicted_name": class_names[t], "lowest": low,
-                                 "lowest_name": class_names[low], "score": float(probs[i, t])}
+            self.images[name] = {
+                "thumbnail": thumbnail_uri(pil_images[i]),
+                "predicted": t,
+                "predicted_name": class_names[t],
+                "lowest": low,
+                "lowest_name": class_names[low],
+                "score": float(probs[i, t]),
+            }
 
     def add_maps(self, batch: Batch, source: MapSource, maps: dict[Any, torch.Tensor]) -> None:
         """Top-1 maps (given) and lowest-class maps (computed for the example images only)."""
@@ -70,11 +77,22 @@ class ExampleFigures:
         low_maps = source.maps(sub.model, sub.x, lowest)
         for j, i in enumerate(idx):
             for v, m in maps.items():
-                for kind, target, data in (("top1", int(batch.targets[i]), m[i]),
-                                           ("lowest", int(lowest[j]), low_maps[v][j])):
-                    self.maps.append({"image": batch.images[i], "method": v.method, "psi": v.psi,
-                                      "post": v.post, "signed": v.signed, "kind": kind,
-                                      "target": target, "data": small_map(data)})
+                for kind, target, data in (
+                    ("top1", int(batch.targets[i]), m[i]),
+                    ("lowest", int(lowest[j]), low_maps[v][j]),
+                ):
+                    self.maps.append(
+                        {
+                            "image": batch.images[i],
+                            "method": v.method,
+                            "psi": v.psi,
+                            "post": v.post,
+                            "signed": v.signed,
+                            "kind": kind,
+                            "target": target,
+                            "data": small_map(data),
+                        }
+                    )
 
     def ranking(self, checks: list[Any]) -> list[str]:
         """Example images, most telling first: the worst per-image value, in the check's
@@ -94,8 +112,7 @@ class ExampleFigures:
                 if p.get("value") is not None and p["image"] in self.images:
                     bad = sign * float(p["value"])
                     worst[p["image"]] = max(worst.get(p["image"], -float("inf")), bad)
-        return sorted(self.images, key=lambda n: (-worst.get(n, -1.0),
-                                                  self.images[n]["score"], n))
+        return sorted(self.images, key=lambda n: (-worst.get(n, -1.0), self.images[n]["score"], n))
 
     def to_dict(self, checks: list[Any]) -> dict[str, Any]:
         return {"images": self.images, "maps": self.maps, "ranking": self.ranking(checks)}

@@ -33,11 +33,22 @@ from .errors import DecompositionError
 __all__ = ["GraphRunner", "get_graph", "module_path", "op_name"]
 
 #: Ops whose 4-D output is laid out NCHW whatever their input was.
-_NCHW_OPS = frozenset({
-    "conv2d", "convolution", "_convolution", "conv_transpose2d", "max_pool2d",
-    "max_pool2d_with_indices", "avg_pool2d", "adaptive_avg_pool2d", "adaptive_max_pool2d",
-    "upsample_bilinear2d", "upsample_nearest2d", "_adaptive_avg_pool2d",
-})
+_NCHW_OPS = frozenset(
+    {
+        "conv2d",
+        "convolution",
+        "_convolution",
+        "conv_transpose2d",
+        "max_pool2d",
+        "max_pool2d_with_indices",
+        "avg_pool2d",
+        "adaptive_avg_pool2d",
+        "adaptive_max_pool2d",
+        "upsample_bilinear2d",
+        "upsample_nearest2d",
+        "_adaptive_avg_pool2d",
+    }
+)
 #: Ops that rename dimensions: the layout follows the permutation.
 _SHAPE_OPS = frozenset({"view", "reshape", "_unsafe_view", "expand", "flatten", "unflatten"})
 
@@ -163,9 +174,12 @@ class GraphRunner(torch.fx.Interpreter):
             (used by modified-gradient methods); receives ``(node, target, args, kwargs)``.
     """
 
-    def __init__(self, gm: torch.fx.GraphModule,
-                 on_op: Callable[..., None] | None = None,
-                 run_op: Callable[..., Any] | None = None):
+    def __init__(
+        self,
+        gm: torch.fx.GraphModule,
+        on_op: Callable[..., None] | None = None,
+        run_op: Callable[..., Any] | None = None,
+    ):
         super().__init__(gm, garbage_collect_values=True)
         self.on_op = on_op
         self.run_op = run_op
@@ -257,8 +271,9 @@ def dependent_leaves(args: tuple, kwargs: dict, dep_mask: list[bool]) -> tuple[l
     return leaves, spec, positions
 
 
-def call_with(target: Any, leaves: list, spec: Any, positions: list[int],
-              values: tuple[torch.Tensor, ...]) -> Any:
+def call_with(
+    target: Any, leaves: list, spec: Any, positions: list[int], values: tuple[torch.Tensor, ...]
+) -> Any:
     """Call ``target`` with the dependent leaves at ``positions`` replaced by ``values``."""
     leaves = list(leaves)
     for i, v in zip(positions, values):

@@ -71,13 +71,21 @@ class Batch:
     def __len__(self) -> int:
         return len(self.images)
 
-    def select(self, index: list[int]) -> "Batch":
+    def select(self, index: list[int]) -> Batch:
         """The sub-batch of the given positions."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.x.device)
-        return Batch(self.model, self.x[idx], [self.images[i] for i in index], self.targets[idx],
-                     self.logits[idx], [self.labels[i] for i in index] if self.labels else [],
-                     [self.masks[i] for i in index] if self.masks else None, self.seed,
-                     self.offset + (index[0] if index else 0), self.examples)
+        return Batch(
+            self.model,
+            self.x[idx],
+            [self.images[i] for i in index],
+            self.targets[idx],
+            self.logits[idx],
+            [self.labels[i] for i in index] if self.labels else [],
+            [self.masks[i] for i in index] if self.masks else None,
+            self.seed,
+            self.offset + (index[0] if index else 0),
+            self.examples,
+        )
 
 
 class MapSource:
@@ -118,8 +126,8 @@ def small_map(t: torch.Tensor | np.ndarray, size: int = 48) -> list[list[float]]
     h, w = a.shape
     scale = size / max(h, w)
     if scale < 1:
-        a = torch.nn.functional.interpolate(a[None, None], size=(max(1, round(h * scale)),
-                                                                 max(1, round(w * scale))),
-                                            mode="area")[0, 0]
+        a = torch.nn.functional.interpolate(
+            a[None, None], size=(max(1, round(h * scale)), max(1, round(w * scale))), mode="area"
+        )[0, 0]
     a = torch.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
     return [[float(f"{v:.4g}") for v in row] for row in a.tolist()]

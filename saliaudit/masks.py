@@ -40,8 +40,11 @@ def mask_folder(masks_dir: Path, image_rel: str) -> Path:
 
 
 def _mask_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if not p.name.startswith(".") and p.suffix.lower() in MASK_SUFFIXES and p.is_file())
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if not p.name.startswith(".") and p.suffix.lower() in MASK_SUFFIXES and p.is_file()
+    )
 
 
 def mask_skip_reason(masks_dir: Path, image_rel: str) -> str | None:
@@ -73,9 +76,11 @@ def _class_index(stem: str, class_names: list[str], path: Path) -> int:
     if stem.isdigit() and int(stem) < len(class_names):
         return int(stem)
     shown = ", ".join(class_names[:8]) + (", ..." if len(class_names) > 8 else "")
-    raise ImageError(f"mask for unknown class {stem!r}", path=path,
-                     hint=f"name the file after a model class ({shown}) or a class index "
-                          f"0-{len(class_names) - 1}")
+    raise ImageError(
+        f"mask for unknown class {stem!r}",
+        path=path,
+        hint=f"name the file after a model class ({shown}) or a class index 0-{len(class_names) - 1}",
+    )
 
 
 def _read_binary(path: Path) -> np.ndarray:
@@ -89,13 +94,17 @@ def _read_binary(path: Path) -> np.ndarray:
                 img = img.convert("RGBA" if "transparency" in img.info else "RGB")
             a = np.asarray(img)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageError(f"mask cannot be read ({type(err).__name__})", path=path,
-                         hint="save it as a binary 0/255 PNG") from None
+        raise ImageError(
+            f"mask cannot be read ({type(err).__name__})", path=path, hint="save it as a binary 0/255 PNG"
+        ) from None
     if a.ndim == 3:
         a = a[..., :3] if a.shape[2] >= 3 else a[..., :1]
         if not (a == a[..., :1]).all():
-            raise ImageError("mask is coloured, not binary", path=path,
-                             hint="save it as a one-channel PNG with 0 (background) and 255 (object)")
+            raise ImageError(
+                "mask is coloured, not binary",
+                path=path,
+                hint="save it as a one-channel PNG with 0 (background) and 255 (object)",
+            )
         a = a[..., 0]
     if a.dtype == bool:
         out = a
@@ -104,12 +113,18 @@ def _read_binary(path: Path) -> np.ndarray:
         top = levels.max() if levels.size else 0
         if levels.size > 2 or (levels.size == 2 and levels[0] != 0) or top not in (0, 1, 255, 65535):
             shown = ", ".join(str(v) for v in levels[:4]) + (", ..." if levels.size > 4 else "")
-            raise ImageError(f"mask is not binary ({levels.size} grey levels: {shown})", path=path,
-                             hint="save it with 0 and 255 only (no antialiasing, not JPEG)")
+            raise ImageError(
+                f"mask is not binary ({levels.size} grey levels: {shown})",
+                path=path,
+                hint="save it with 0 and 255 only (no antialiasing, not JPEG)",
+            )
         out = a > 0
     if not out.any():
-        raise ImageError("mask is empty (no object pixel)", path=path,
-                         hint="delete it if the class is not in the image, or redraw it")
+        raise ImageError(
+            "mask is empty (no object pixel)",
+            path=path,
+            hint="delete it if the class is not in the image, or redraw it",
+        )
     return out
 
 
@@ -128,9 +143,13 @@ def _resize(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return out.numpy()
 
 
-def load_masks(masks_dir: Path, image_rel: str, class_names: list[str],
-               size: tuple[int, int], image_size: tuple[int, int] | None = None
-               ) -> dict[int, np.ndarray]:
+def load_masks(
+    masks_dir: Path,
+    image_rel: str,
+    class_names: list[str],
+    size: tuple[int, int],
+    image_size: tuple[int, int] | None = None,
+) -> dict[int, np.ndarray]:
     """The object masks of one image: ``{class index: bool (H, W)}`` at the input size.
 
     Args:
@@ -149,33 +168,44 @@ def load_masks(masks_dir: Path, image_rel: str, class_names: list[str],
     folder = mask_folder(masks_dir, image_rel)
     if not folder.is_dir():
         if folder.exists():
-            raise ImageError("expected a folder of masks, found a file", path=folder,
-                             hint=f"use the layout {_LAYOUT}")
+            raise ImageError(
+                "expected a folder of masks, found a file", path=folder, hint=f"use the layout {_LAYOUT}"
+            )
         return {}
     try:
         files = _mask_files(folder)
     except OSError as err:
-        raise ImageError(f"cannot list the mask folder ({err.strerror or err})", path=folder,
-                         hint="check its permissions") from None
+        raise ImageError(
+            f"cannot list the mask folder ({err.strerror or err})", path=folder, hint="check its permissions"
+        ) from None
     out: dict[int, np.ndarray] = {}
     source: dict[int, Path] = {}
     first: tuple[Path, tuple[int, int]] | None = None
     for path in files:
         k = _class_index(path.stem, list(class_names), path)
         if k in out:
-            raise ImageError(f"second mask for class {class_names[k]!r} (also {source[k].name})",
-                             path=path, hint="keep one mask file per class")
+            raise ImageError(
+                f"second mask for class {class_names[k]!r} (also {source[k].name})",
+                path=path,
+                hint="keep one mask file per class",
+            )
         m = _read_binary(path)
         h, w = m.shape
         if image_size is not None:
             iw, ih = image_size
             if abs((w / h) / (iw / ih) - 1) > 0.01:
-                raise ImageError(f"mask is {w}x{h} but the image is {iw}x{ih} (different aspect "
-                                 "ratio)", path=path, hint="save masks at the image's size")
+                raise ImageError(
+                    f"mask is {w}x{h} but the image is {iw}x{ih} (different aspect ratio)",
+                    path=path,
+                    hint="save masks at the image's size",
+                )
         if first is None:
             first = (path, (w, h))
         elif first[1] != (w, h):
-            raise ImageError(f"mask is {w}x{h} but {first[0].name} is {first[1][0]}x{first[1][1]}",
-                             path=path, hint="save every mask of an image at the image's size")
+            raise ImageError(
+                f"mask is {w}x{h} but {first[0].name} is {first[1][0]}x{first[1][1]}",
+                path=path,
+                hint="save every mask of an image at the image's size",
+            )
         out[k], source[k] = _resize(m, size), path
     return out

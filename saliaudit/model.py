@@ -16,9 +16,10 @@ import copy
 import dataclasses
 import operator
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,8 +38,18 @@ from saliaudit.model_formats import (
 if TYPE_CHECKING:  # pragma: no cover
     import PIL.Image
 
-__all__ = ["DEFAULT_INPUT_SIZE", "IMAGENET_MEAN", "IMAGENET_STD", "TORCHSCRIPT_LIMITATION", "LoadedModel",
-           "load_model", "parse_size", "parse_triple", "resolve_device", "wrap_module"]
+__all__ = [
+    "DEFAULT_INPUT_SIZE",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "TORCHSCRIPT_LIMITATION",
+    "LoadedModel",
+    "load_model",
+    "parse_size",
+    "parse_triple",
+    "resolve_device",
+    "wrap_module",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -59,7 +70,7 @@ class LoadedModel:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     class_names: list[str]
-    exported: "torch.export.ExportedProgram | None" = None
+    exported: torch.export.ExportedProgram | None = None
     static_batch: int | None = None
     arch: str | None = None
     sources: dict[str, str] = field(default_factory=dict)
@@ -69,7 +80,7 @@ class LoadedModel:
     max_batch: int | None = None  # upper bound of a dynamic .pt2 batch dimension
     min_batch: int = 1  # lower bound of a dynamic .pt2 batch dimension
 
-    def preprocess(self, images: Sequence["PIL.Image.Image"]) -> torch.Tensor:
+    def preprocess(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
         """RGB PIL images -> normalized float32 (B, 3, H, W) at ``input_size`` on ``self.device``."""
         from torchvision.transforms.v2 import functional as F
 
@@ -97,7 +108,7 @@ class LoadedModel:
         outs = []
         with torch.no_grad():
             for start in range(0, x.shape[0], size):
-                chunk = x[start:start + size]
+                chunk = x[start : start + size]
                 n = chunk.shape[0]
                 if n < pad_to:
                     chunk = torch.cat([chunk, chunk[-1:].expand(pad_to - n, *chunk.shape[1:])])
@@ -106,7 +117,7 @@ class LoadedModel:
             return torch.empty((0, self.num_classes), device=self.device)
         return torch.cat(outs)
 
-    def to(self, device: str | torch.device) -> "LoadedModel":
+    def to(self, device: str | torch.device) -> LoadedModel:
         """A LoadedModel on ``device`` (the user's own module is copied, never moved)."""
         device = _as_device(device)
         if device == self.device:
@@ -138,8 +149,10 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     if ok and m.group(2) and int(m.group(2)) >= torch.cuda.device_count():
         ok = False
     if not ok:
-        raise UsageError(f"--device {name} requested but it is not available (torch {torch.__version__})",
-                         hint="use --device cpu or auto")
+        raise UsageError(
+            f"--device {name} requested but it is not available (torch {torch.__version__})",
+            hint="use --device cpu or auto",
+        )
     return torch.device(name)
 
 
@@ -150,8 +163,11 @@ def _read_labels(labels: str | Path | Sequence[str]) -> list[str]:
         try:
             text = lp.read_text(encoding="utf-8-sig")
         except (OSError, UnicodeDecodeError) as e:
-            raise UsageError(f"cannot read labels file: {one_line(e)}", path=lp,
-                             hint="pass a UTF-8 text file with one class name per line") from None
+            raise UsageError(
+                f"cannot read labels file: {one_line(e)}",
+                path=lp,
+                hint="pass a UTF-8 text file with one class name per line",
+            ) from None
         return [ln.strip() for ln in text.splitlines() if ln.strip()]
     return [str(x) for x in labels]
 
@@ -167,31 +183,54 @@ def _validate(lm: LoadedModel, num_classes: int | None, where: str) -> int:
             out = lm.module(torch.zeros(shape, device=lm.device))
     except Exception as e:
         oom = isinstance(e, getattr(torch, "OutOfMemoryError", ())) or (
-            isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
-        hint = ("out of memory on the device: use --device cpu, a smaller --input-size, or free the device's memory"
-                if oom else "check --input-size and that the file holds an image classifier")
-        raise ModelLoadError(f"running the model on a blank {shape} batch failed: {one_line(e)}", path=where,
-                             hint=hint) from None
+            isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
+        )
+        hint = (
+            "out of memory on the device: use --device cpu, a smaller --input-size, or free the device's memory"
+            if oom
+            else "check --input-size and that the file holds an image classifier"
+        )
+        raise ModelLoadError(
+            f"running the model on a blank {shape} batch failed: {one_line(e)}", path=where, hint=hint
+        ) from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != b:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelLoadError(f"output shape {got} is not (batch, classes); saliaudit audits classifiers "
-                             "that return one logits tensor", path=where,
-                             hint="wrap the model so that forward returns a (batch, classes) tensor")
+        raise ModelLoadError(
+            f"output shape {got} is not (batch, classes); saliaudit audits classifiers "
+            "that return one logits tensor",
+            path=where,
+            hint="wrap the model so that forward returns a (batch, classes) tensor",
+        )
     if not out.is_floating_point():
-        raise ModelLoadError(f"output dtype {out.dtype} is not floating point logits", path=where,
-                             hint="return float logits from forward")
+        raise ModelLoadError(
+            f"output dtype {out.dtype} is not floating point logits",
+            path=where,
+            hint="return float logits from forward",
+        )
     if not torch.isfinite(out).all():
-        raise ModelLoadError("the model outputs NaN/Inf on a blank input", path=where,
-                             hint="check the weights (a corrupted or diverged checkpoint?) and --input-size")
+        raise ModelLoadError(
+            "the model outputs NaN/Inf on a blank input",
+            path=where,
+            hint="check the weights (a corrupted or diverged checkpoint?) and --input-size",
+        )
     k = int(out.shape[1])
     if num_classes is not None and num_classes != k:
-        raise UsageError(f"--num-classes {num_classes} but the model outputs {k} classes", path=where,
-                         hint=f"omit --num-classes or pass --num-classes {k}")
+        raise UsageError(
+            f"--num-classes {num_classes} but the model outputs {k} classes",
+            path=where,
+            hint=f"omit --num-classes or pass --num-classes {k}",
+        )
     return k
 
 
-def _finish(lm: LoadedModel, *, num_classes: int | None, labels: Any, meta_names: list[str] | None,
-            device: str | torch.device) -> LoadedModel:
+def _finish(
+    lm: LoadedModel,
+    *,
+    num_classes: int | None,
+    labels: Any,
+    meta_names: list[str] | None,
+    device: str | torch.device,
+) -> LoadedModel:
     """Move to the device, validate, and settle num_classes and class names."""
     where = str(lm.path) if lm.path else "model"
     lm = lm.to(device)
@@ -202,9 +241,11 @@ def _finish(lm: LoadedModel, *, num_classes: int | None, labels: Any, meta_names
     if labels is not None:
         names = _read_labels(labels)
         if len(names) != k:
-            raise UsageError(f"--labels gives {len(names)} class names but the model outputs {k} classes",
-                             path=labels if isinstance(labels, (str, Path)) else where,
-                             hint=f"pass a labels file with exactly {k} non-empty lines")
+            raise UsageError(
+                f"--labels gives {len(names)} class names but the model outputs {k} classes",
+                path=labels if isinstance(labels, (str, Path)) else where,
+                hint=f"pass a labels file with exactly {k} non-empty lines",
+            )
         lm.class_names, lm.sources["class_names"] = names, "labels file"
     elif meta_names and len(meta_names) == k:
         lm.class_names = list(meta_names)
@@ -217,11 +258,19 @@ def _finish(lm: LoadedModel, *, num_classes: int | None, labels: Any, meta_names
 
 
 def _flags(input_size: Any, mean: Any, std: Any) -> dict[str, Any]:
-    return {"input_size": parse_size(input_size), "mean": parse_triple(mean, "mean"), "std": parse_triple(std, "std")}
+    return {
+        "input_size": parse_size(input_size),
+        "mean": parse_triple(mean, "mean"),
+        "std": parse_triple(std, "std"),
+    }
 
 
-def _resolve(lm_kw: dict[str, Any], sources: dict[str, str], flags: dict[str, Any],
-             found: dict[str, list[tuple[Any, str]]]) -> None:
+def _resolve(
+    lm_kw: dict[str, Any],
+    sources: dict[str, str],
+    flags: dict[str, Any],
+    found: dict[str, list[tuple[Any, str]]],
+) -> None:
     """input_size/mean/std: the flag, else the first value found in the file, else the default."""
     defaults = {"input_size": DEFAULT_INPUT_SIZE, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
     for key, flag in flags.items():
@@ -229,10 +278,18 @@ def _resolve(lm_kw: dict[str, Any], sources: dict[str, str], flags: dict[str, An
         lm_kw[key], sources[key] = next((v, s) for v, s in options if v is not None)
 
 
-def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | None = None,
-               input_size: Any = None, mean: Any = None, std: Any = None,
-               labels: str | Path | Sequence[str] | None = None, trust_model: bool = False,
-               device: str | torch.device = "cpu") -> LoadedModel:
+def load_model(
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    input_size: Any = None,
+    mean: Any = None,
+    std: Any = None,
+    labels: str | Path | Sequence[str] | None = None,
+    trust_model: bool = False,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
     """Load, validate and describe the classifier in ``path`` (see module docstring)."""
     path = Path(path)
     flags = _flags(input_size, mean, std)
@@ -250,12 +307,24 @@ def load_model(path: str | Path, *, arch: str | None = None, num_classes: int | 
     except (ModelLoadError, UsageError):
         raise
     except Exception as e:  # anything torch raises for a bad file
-        raise ModelLoadError(f"cannot load {fmt} model: {type(e).__name__}: {one_line(e)}", path=path,
-                             hint="check that the file is complete and was saved by a compatible torch") from None
+        raise ModelLoadError(
+            f"cannot load {fmt} model: {type(e).__name__}: {one_line(e)}",
+            path=path,
+            hint="check that the file is complete and was saved by a compatible torch",
+        ) from None
 
 
-def _load(path: Path, fmt: str, sha: str, arch: str | None, num_classes: int | None, flags: dict[str, Any],
-          labels: Any, trust_model: bool, device: torch.device) -> LoadedModel:
+def _load(
+    path: Path,
+    fmt: str,
+    sha: str,
+    arch: str | None,
+    num_classes: int | None,
+    flags: dict[str, Any],
+    labels: Any,
+    trust_model: bool,
+    device: torch.device,
+) -> LoadedModel:
     sources: dict[str, str] = {}
     notes: list[str] = []
     limitations: list[str] = []
@@ -283,34 +352,65 @@ def _load(path: Path, fmt: str, sha: str, arch: str | None, num_classes: int | N
     if fmt != "pt2":
         kw["module"].eval()
     _resolve(kw, sources, flags, found)
-    lm = LoadedModel(format=fmt, path=path, sha256=sha, num_classes=num_classes or 0, class_names=[], arch=arch,
-                     sources=sources, limitations=limitations, notes=notes, **kw)
+    lm = LoadedModel(
+        format=fmt,
+        path=path,
+        sha256=sha,
+        num_classes=num_classes or 0,
+        class_names=[],
+        arch=arch,
+        sources=sources,
+        limitations=limitations,
+        notes=notes,
+        **kw,
+    )
     return _finish(lm, num_classes=num_classes, labels=labels, meta_names=meta_names, device=device)
 
 
-def wrap_module(module: torch.nn.Module, *, input_size: Any = None, mean: Any = None, std: Any = None,
-                labels: str | Path | Sequence[str] | None = None, num_classes: int | None = None) -> LoadedModel:
+def wrap_module(
+    module: torch.nn.Module,
+    *,
+    input_size: Any = None,
+    mean: Any = None,
+    std: Any = None,
+    labels: str | Path | Sequence[str] | None = None,
+    num_classes: int | None = None,
+) -> LoadedModel:
     """Wrap an in-memory classifier (Python API). The user's module is never mutated: a module in
     training mode is deep-copied before eval(); no hooks, no requires_grad changes."""
     if not isinstance(module, torch.nn.Module):
-        raise UsageError(f"expected a torch.nn.Module, got {type(module).__name__}",
-                         hint="pass the model object (for a .pt2 file use load_model)")
+        raise UsageError(
+            f"expected a torch.nn.Module, got {type(module).__name__}",
+            hint="pass the model object (for a .pt2 file use load_model)",
+        )
     flags = _flags(input_size, mean, std)
     notes = []
     if any(m.training for m in module.modules()):
         try:
             module = copy.deepcopy(module)
         except Exception as e:
-            raise UsageError(f"the model is in training mode and cannot be copied: {one_line(e)}",
-                             hint="call model.eval() before passing it") from None
+            raise UsageError(
+                f"the model is in training mode and cannot be copied: {one_line(e)}",
+                hint="call model.eval() before passing it",
+            ) from None
         module.eval()
         notes.append("model was in training mode; audited in eval mode (a copy)")
     p = next(iter(module.parameters()), None)
     kw: dict[str, Any] = {}
     sources: dict[str, str] = {}
     _resolve(kw, sources, flags, {})
-    lm = LoadedModel(module=module, format="module", path=None, sha256=None, num_classes=0, class_names=[],
-                     notes=notes, sources=sources, device=p.device if p is not None else torch.device("cpu"), **kw)
+    lm = LoadedModel(
+        module=module,
+        format="module",
+        path=None,
+        sha256=None,
+        num_classes=0,
+        class_names=[],
+        notes=notes,
+        sources=sources,
+        device=p.device if p is not None else torch.device("cpu"),
+        **kw,
+    )
     if isinstance(module, torch.jit.ScriptModule):
         lm.limitations.append(TORCHSCRIPT_LIMITATION)
     return _finish(lm, num_classes=num_classes, labels=labels, meta_names=None, device=lm.device)

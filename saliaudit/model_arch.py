@@ -27,8 +27,12 @@ def _tv_weights_meta(arch: str) -> dict[str, Any] | None:
     try:
         w = next(iter(torchvision.models.get_model_weights(arch)))
         t = w.transforms()
-        return {"input_size": parse_size(list(t.crop_size)), "mean": parse_triple(list(t.mean), "mean"),
-                "std": parse_triple(list(t.std), "std"), "categories": list(w.meta.get("categories") or [])}
+        return {
+            "input_size": parse_size(list(t.crop_size)),
+            "mean": parse_triple(list(t.mean), "mean"),
+            "std": parse_triple(list(t.std), "std"),
+            "categories": list(w.meta.get("categories") or []),
+        }
     except Exception:
         return None
 
@@ -44,12 +48,15 @@ def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         what = type(obj).__name__ if not isinstance(obj, dict) else "a dict that is not a state_dict"
         keys = list(obj)[:5] if isinstance(obj, dict) else []
-        raise ModelLoadError(f"holds {what}{f' (keys {keys})' if keys else ''}, not a model or a state_dict",
-                             path=path, hint="save model.state_dict() (pass --arch) or export with torch.export.save")
+        raise ModelLoadError(
+            f"holds {what}{f' (keys {keys})' if keys else ''}, not a model or a state_dict",
+            path=path,
+            hint="save model.state_dict() (pass --arch) or export with torch.export.save",
+        )
     sd = {str(k): v for k, v in obj.items()}
     for prefix in _PREFIXES:
         if all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
     return sd
 
 
@@ -63,12 +70,16 @@ def _check_arch(arch: str, path: Path) -> str:
         return arch.lower()
     close = difflib.get_close_matches(arch.lower(), names, n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
-    raise UsageError(f"unknown --arch {arch!r}: not a torchvision classification model", path=path,
-                     hint=f"{hint} (torchvision classification models only)")
+    raise UsageError(
+        f"unknown --arch {arch!r}: not a torchvision classification model",
+        path=path,
+        hint=f"{hint} (torchvision classification models only)",
+    )
 
 
-def _build_from_state_dict(sd: dict[str, torch.Tensor], arch: str, num_classes: int | None,
-                           path: Path) -> tuple[torch.nn.Module, int, str]:
+def _build_from_state_dict(
+    sd: dict[str, torch.Tensor], arch: str, num_classes: int | None, path: Path
+) -> tuple[torch.nn.Module, int, str]:
     """torchvision model with the head size from the flag or the state_dict, loaded strictly."""
     import torchvision
 
@@ -84,8 +95,14 @@ def _build_from_state_dict(sd: dict[str, torch.Tensor], arch: str, num_classes: 
             ref = torchvision.models.get_model(arch, weights=None, **extra)
         for k, t in ref.state_dict().items():
             s = sd.get(k)
-            if s is not None and t.ndim >= 1 and t.shape[0] == 1000 and s.ndim == t.ndim \
-                    and s.shape[1:] == t.shape[1:] and s.shape[0] != 1000:
+            if (
+                s is not None
+                and t.ndim >= 1
+                and t.shape[0] == 1000
+                and s.ndim == t.ndim
+                and s.shape[1:] == t.shape[1:]
+                and s.shape[0] != 1000
+            ):
                 inferred = int(s.shape[0])
     except Exception:
         pass
@@ -94,44 +111,70 @@ def _build_from_state_dict(sd: dict[str, torch.Tensor], arch: str, num_classes: 
     try:
         model = torchvision.models.get_model(arch, weights=None, num_classes=k_cls, **extra)
     except Exception as e:
-        raise ModelLoadError(f"cannot build --arch {arch} with {k_cls} classes: {one_line(e)}", path=path,
-                             hint="check --arch and --num-classes") from None
+        raise ModelLoadError(
+            f"cannot build --arch {arch} with {k_cls} classes: {one_line(e)}",
+            path=path,
+            hint="check --arch and --num-classes",
+        ) from None
     msd = model.state_dict()
     for k in msd:
         if k.endswith("num_batches_tracked") and k not in sd:
             sd[k] = msd[k].clone()
     missing = [k for k in msd if k not in sd]
     unexpected = [k for k in sd if k not in msd]
-    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(msd[k].shape)}"
-              for k in msd if k in sd and sd[k].shape != msd[k].shape]
+    shapes = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(msd[k].shape)}"
+        for k in msd
+        if k in sd and sd[k].shape != msd[k].shape
+    ]
     if missing or unexpected or shapes:
-        parts = [f"{len(lst)} {what} ({', '.join(lst[:3])}{', ...' if len(lst) > 3 else ''})"
-                 for what, lst in (("missing keys", missing), ("unexpected keys", unexpected),
-                                   ("shape mismatches", shapes)) if lst]
+        parts = [
+            f"{len(lst)} {what} ({', '.join(lst[:3])}{', ...' if len(lst) > 3 else ''})"
+            for what, lst in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", shapes),
+            )
+            if lst
+        ]
         hint = "check --arch (the architecture the weights were trained with)"
         if inferred and num_classes and inferred != num_classes:
             hint += f" and --num-classes (the file's head has {inferred} classes)"
         else:
             hint += " and --num-classes"
-        raise ModelLoadError(f"state_dict does not match --arch {arch} with {k_cls} classes: {'; '.join(parts)}",
-                             path=path, hint=hint)
+        raise ModelLoadError(
+            f"state_dict does not match --arch {arch} with {k_cls} classes: {'; '.join(parts)}",
+            path=path,
+            hint=hint,
+        )
     try:
         model.load_state_dict(sd, strict=True)
     except Exception as e:
-        raise ModelLoadError(f"state_dict does not load into --arch {arch}: {one_line(e)}", path=path,
-                             hint="check --arch and --num-classes") from None
+        raise ModelLoadError(
+            f"state_dict does not load into --arch {arch}: {one_line(e)}",
+            path=path,
+            hint="check --arch and --num-classes",
+        ) from None
     return model.eval(), k_cls, source
 
 
-def load_state_dict_model(obj: Any, arch: str | None, num_classes: int | None, path: Path, found: dict[str, list],
-                          sources: dict[str, str]) -> tuple[torch.nn.Module, str, list[str] | None]:
+def load_state_dict_model(
+    obj: Any,
+    arch: str | None,
+    num_classes: int | None,
+    path: Path,
+    found: dict[str, list],
+    sources: dict[str, str],
+) -> tuple[torch.nn.Module, str, list[str] | None]:
     """(module, resolved arch, class names or None) for a state_dict plus ``--arch``; ``found`` and
     ``sources`` get the torchvision weights metadata and where ``num_classes`` came from."""
     sd = _unwrap_state_dict(obj, path)
     if arch is None:
-        raise UsageError("is a state_dict (weights only, no architecture); pass --arch NAME (a torchvision "
-                         "model name)", path=path,
-                         hint="e.g. --arch resnet18, or export the model with torch.export.save to .pt2")
+        raise UsageError(
+            "is a state_dict (weights only, no architecture); pass --arch NAME (a torchvision model name)",
+            path=path,
+            hint="e.g. --arch resnet18, or export the model with torch.export.save to .pt2",
+        )
     arch = _check_arch(arch, path)
     module, k_cls, sources["num_classes"] = _build_from_state_dict(sd, arch, num_classes, path)
     tv = _tv_weights_meta(arch) or {}

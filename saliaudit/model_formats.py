@@ -20,8 +20,9 @@ import re
 import struct
 import warnings
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -33,7 +34,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 def _numbers(value: Any, cast: Any, n: int, what: str, hint: str) -> list:
     """1 or ``n`` numbers from ``"a,b"``, a number or a sequence (one value is repeated)."""
     try:
-        if isinstance(value, bool) or (isinstance(value, Sequence) and any(isinstance(v, bool) for v in value)):
+        if isinstance(value, bool) or (
+            isinstance(value, Sequence) and any(isinstance(v, bool) for v in value)
+        ):
             raise TypeError
         if isinstance(value, str):
             vals = [cast(p) for p in re.split(r"[,x×\s]+", value.strip().lower()) if p]
@@ -65,8 +68,10 @@ def parse_triple(value: str | float | Sequence[float] | None, name: str) -> tupl
     hint = f"use --{name} 0.485,0.456,0.406 (one value per RGB channel) or a single value"
     a, b, c = _numbers(value, float, 3, f"--{name}", hint)
     if not all(math.isfinite(v) and (v > 0 or name != "std") for v in (a, b, c)):
-        raise UsageError(f"invalid --{name} {value!r}: values must be finite{' and > 0' if name == 'std' else ''}",
-                         hint=hint)
+        raise UsageError(
+            f"invalid --{name} {value!r}: values must be finite{' and > 0' if name == 'std' else ''}",
+            hint=hint,
+        )
     return a, b, c
 
 
@@ -97,26 +102,41 @@ def _detect_format(path: Path) -> str:
             return "torchscript"
         if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
             return "torch"
-        raise ModelLoadError("is a zip archive but not a PyTorch model", path=path,
-                             hint="pass a .pt2 (torch.export.save), a state_dict .pt/.pth/.safetensors, or TorchScript")
+        raise ModelLoadError(
+            "is a zip archive but not a PyTorch model",
+            path=path,
+            hint="pass a .pt2 (torch.export.save), a state_dict .pt/.pth/.safetensors, or TorchScript",
+        )
     with open(path, "rb") as f:
         head = f.read(9)
     if head.startswith(b"PK\x03\x04"):
-        raise ModelLoadError("is a truncated or corrupt zip archive (its end is missing)", path=path,
-                             hint="re-save or re-download the model file")
+        raise ModelLoadError(
+            "is a truncated or corrupt zip archive (its end is missing)",
+            path=path,
+            hint="re-save or re-download the model file",
+        )
     if len(head) == 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] < path.stat().st_size:
         return "safetensors"
     ext = path.suffix.lower()
     if ext == ".pt2":
-        raise ModelLoadError("is not a torch.export archive (not a zip file: truncated or wrong format)",
-                             path=path, hint="re-export it with torch.export.save(ep, 'model.pt2')")
+        raise ModelLoadError(
+            "is not a torch.export archive (not a zip file: truncated or wrong format)",
+            path=path,
+            hint="re-export it with torch.export.save(ep, 'model.pt2')",
+        )
     if ext == ".safetensors":
-        raise ModelLoadError("is not a valid safetensors file (truncated or wrong format)", path=path,
-                             hint="re-save it with safetensors.torch.save_file")
+        raise ModelLoadError(
+            "is not a valid safetensors file (truncated or wrong format)",
+            path=path,
+            hint="re-save it with safetensors.torch.save_file",
+        )
     if ext in (".pt", ".pth", ".bin", ".ckpt", ".pkl", ".tar"):
         return "torch"  # legacy (non-zip) torch.save format
-    raise ModelLoadError(f"unsupported model file type {ext or '(no extension)'!r}", path=path,
-                         hint="pass a .pt2 (torch.export), a .pt/.pth/.safetensors state_dict with --arch, or TorchScript")
+    raise ModelLoadError(
+        f"unsupported model file type {ext or '(no extension)'!r}",
+        path=path,
+        hint="pass a .pt2 (torch.export), a .pt/.pth/.safetensors state_dict with --arch, or TorchScript",
+    )
 
 
 def inspect_file(path: Path) -> tuple[str, str]:
@@ -130,9 +150,13 @@ def inspect_file(path: Path) -> tuple[str, str]:
             raise ModelLoadError("model file is empty", path=path, hint="re-save or re-download the model")
         return _sha256(path), _detect_format(path)
     except OSError as e:
-        raise ModelLoadError(f"cannot read model file: {one_line(e)}", path=path, hint="check permissions") from None
+        raise ModelLoadError(
+            f"cannot read model file: {one_line(e)}", path=path, hint="check permissions"
+        ) from None
     except zipfile.BadZipFile as e:
-        raise ModelLoadError(f"corrupt zip archive: {one_line(e)}", path=path, hint="re-save the model") from None
+        raise ModelLoadError(
+            f"corrupt zip archive: {one_line(e)}", path=path, hint="re-save the model"
+        ) from None
 
 
 def _load_weights(path: Path, fmt: str, trust_model: bool) -> Any:
@@ -146,21 +170,28 @@ def _load_weights(path: Path, fmt: str, trust_model: bool) -> Any:
     except pickle.UnpicklingError as e:
         text = _ANSI.sub("", str(e))
         if "truncated" in text.lower() or "Weights only load failed" not in text:
-            raise ModelLoadError(f"corrupt or truncated model file: {one_line(e)}", path=path,
-                                 hint="re-save or re-download the model") from None
+            raise ModelLoadError(
+                f"corrupt or truncated model file: {one_line(e)}",
+                path=path,
+                hint="re-save or re-download the model",
+            ) from None
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
         what = f" ({found.group(1)})" if found else ""
         if not trust_model:
             raise UntrustedPickleError(
                 f"holds a pickled Python object{what}; unpickling runs code from the file, so it was not loaded",
-                path=path, hint="pass --trust-model if you trust the file's source, or export the model with "
-                "torch.export.save to .pt2, or save model.state_dict() and pass --arch") from None
+                path=path,
+                hint="pass --trust-model if you trust the file's source, or export the model with "
+                "torch.export.save to .pt2, or save model.state_dict() and pass --arch",
+            ) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        raise ModelLoadError(f"cannot unpickle the model (--trust-model): {type(e).__name__}: {one_line(e)}",
-                             path=path, hint="the model's class must be importable; or export to .pt2 "
-                             "with torch.export.save") from None
+        raise ModelLoadError(
+            f"cannot unpickle the model (--trust-model): {type(e).__name__}: {one_line(e)}",
+            path=path,
+            hint="the model's class must be importable; or export to .pt2 with torch.export.save",
+        ) from None
 
 
 def read_torch_file(path: Path, fmt: str, trust_model: bool) -> tuple[Any, str]:
@@ -180,22 +211,36 @@ def load_torchscript(path: Path, notes: list[str]) -> torch.nn.Module:
         warnings.filterwarnings("ignore", r"`?torch\.jit\.\w+`? is deprecated", FutureWarning)
         module = torch.jit.load(str(path), map_location="cpu")
     if module.training:
-        notes.append("TorchScript module was saved in training mode; audited in eval mode (a traced module "
-                     "keeps the mode it was traced in)")
+        notes.append(
+            "TorchScript module was saved in training mode; audited in eval mode (a traced module "
+            "keeps the mode it was traced in)"
+        )
     return module
 
 
-def _pt2_info(ep: "torch.export.ExportedProgram", path: Path | None) -> dict[str, Any]:
+def _pt2_info(ep: torch.export.ExportedProgram, path: Path | None) -> dict[str, Any]:
     """Static batch / spatial size, batch range and training-mode batch_norm from the graph."""
-    users = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in set(ep.graph_signature.user_inputs)]
-    if len(users) != 1 or not isinstance(users[0].meta.get("val"), torch.Tensor) or users[0].meta["val"].ndim != 4:
-        raise ModelLoadError("the exported graph does not take one (batch, 3, H, W) image tensor", path=path,
-                             hint="export the classifier with a single image batch input")
+    users = [
+        n for n in ep.graph.nodes if n.op == "placeholder" and n.name in set(ep.graph_signature.user_inputs)
+    ]
+    if (
+        len(users) != 1
+        or not isinstance(users[0].meta.get("val"), torch.Tensor)
+        or users[0].meta["val"].ndim != 4
+    ):
+        raise ModelLoadError(
+            "the exported graph does not take one (batch, 3, H, W) image tensor",
+            path=path,
+            hint="export the classifier with a single image batch input",
+        )
     shape = list(users[0].meta["val"].shape)
     info: dict[str, Any] = {"static_batch": None, "size": None, "min_batch": 1, "max_batch": None}
     if isinstance(shape[1], int) and shape[1] != 3:
-        raise ModelLoadError(f"the exported graph takes {shape[1]} channels, not 3", path=path,
-                             hint="saliaudit audits RGB image classifiers")
+        raise ModelLoadError(
+            f"the exported graph takes {shape[1]} channels, not 3",
+            path=path,
+            hint="saliaudit audits RGB image classifiers",
+        )
     if isinstance(shape[0], int):
         info["static_batch"] = shape[0]
     else:
@@ -207,13 +252,21 @@ def _pt2_info(ep: "torch.export.ExportedProgram", path: Path | None) -> dict[str
             pass
     if isinstance(shape[2], int) and isinstance(shape[3], int):
         info["size"] = (shape[2], shape[3])
-    info["train_bn"] = any(n.op == "call_function" and "batch_norm" in str(n.target) and len(n.args) > 5
-                           and n.args[5] is True for n in ep.graph.nodes)
+    info["train_bn"] = any(
+        n.op == "call_function" and "batch_norm" in str(n.target) and len(n.args) > 5 and n.args[5] is True
+        for n in ep.graph.nodes
+    )
     return info
 
 
-def load_pt2(path: Path, size_flag: tuple[int, int] | None, kw: dict[str, Any], found: dict[str, list],
-             sources: dict[str, str], notes: list[str]) -> list[str] | None:
+def load_pt2(
+    path: Path,
+    size_flag: tuple[int, int] | None,
+    kw: dict[str, Any],
+    found: dict[str, list],
+    sources: dict[str, str],
+    notes: list[str],
+) -> list[str] | None:
     """torch.export archive: metadata defaults, static batch/size from the graph; returns class names."""
     extra = {"saliaudit.json": ""}
     ep = torch.export.load(str(path), extra_files=extra)
@@ -226,9 +279,12 @@ def load_pt2(path: Path, size_flag: tuple[int, int] | None, kw: dict[str, Any], 
     info = _pt2_info(ep, path)
     if info["size"] is not None:
         if size_flag is not None and size_flag != info["size"]:
-            raise ModelLoadError(f"--input-size {size_flag[0]},{size_flag[1]} conflicts with the static input "
-                                 f"size {info['size'][0]},{info['size'][1]} of the exported graph", path=path,
-                                 hint="omit --input-size or re-export with dynamic shapes for H and W")
+            raise ModelLoadError(
+                f"--input-size {size_flag[0]},{size_flag[1]} conflicts with the static input "
+                f"size {info['size'][0]},{info['size'][1]} of the exported graph",
+                path=path,
+                hint="omit --input-size or re-export with dynamic shapes for H and W",
+            )
         found["input_size"] = [(info["size"], "graph")]
     for key, parse in (("input_size", parse_size), ("mean", parse_triple), ("std", parse_triple)):
         try:
@@ -237,14 +293,21 @@ def load_pt2(path: Path, size_flag: tuple[int, int] | None, kw: dict[str, Any], 
         except UsageError:
             notes.append(f"invalid {key} in the .pt2 metadata ignored")
     if info["train_bn"]:
-        notes.append("the graph was exported in training mode (batch_norm uses batch statistics, so logits "
-                     "depend on the batch); re-export after model.eval()")
+        notes.append(
+            "the graph was exported in training mode (batch_norm uses batch statistics, so logits "
+            "depend on the batch); re-export after model.eval()"
+        )
     if any(t.device.type != "cpu" for t in ep.state_dict.values()):
         from torch.export.passes import move_to_device_pass
 
         ep = move_to_device_pass(ep, "cpu")
-    kw.update(module=ep.module(), exported=ep, static_batch=info["static_batch"],
-              max_batch=info["max_batch"], min_batch=info["min_batch"])
+    kw.update(
+        module=ep.module(),
+        exported=ep,
+        static_batch=info["static_batch"],
+        max_batch=info["max_batch"],
+        min_batch=info["min_batch"],
+    )
     if isinstance(meta.get("class_names"), list):
         sources["class_names"] = "pt2 metadata"
         return [str(x) for x in meta["class_names"]]

@@ -26,8 +26,14 @@ import torch
 
 from .errors import UsageError
 
-__all__ = ["register_method", "register_check", "load_plugins", "load_entry_points",
-           "loaded_plugins", "ENTRY_POINT_GROUPS"]
+__all__ = [
+    "register_method",
+    "register_check",
+    "load_plugins",
+    "load_entry_points",
+    "loaded_plugins",
+    "ENTRY_POINT_GROUPS",
+]
 
 #: Entry-point groups scanned for installed plugins.
 ENTRY_POINT_GROUPS = ("saliaudit.methods", "saliaudit.checks")
@@ -37,9 +43,14 @@ _loaded: dict[str, str] = {}  # spec -> module name
 _entry_points_loaded: set[str] = set()
 
 
-def register_method(name: str, *, family: str = "plugin", reference: str = "",
-                    needs_internals: bool = False, summary: str = "",
-                    ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+def register_method(
+    name: str,
+    *,
+    family: str = "plugin",
+    reference: str = "",
+    needs_internals: bool = False,
+    summary: str = "",
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Decorator: register ``fn(model, x, targets, **params) -> (B, C, H, W)`` as a method.
 
     Args:
@@ -58,8 +69,14 @@ def register_method(name: str, *, family: str = "plugin", reference: str = "",
     """
     from .methods import register
 
-    return register(name, family=family, needs_internals=needs_internals, reference=reference,
-                    summary=summary, origin=_origin.get() or _caller_module())
+    return register(
+        name,
+        family=family,
+        needs_internals=needs_internals,
+        reference=reference,
+        summary=summary,
+        origin=_origin.get() or _caller_module(),
+    )
 
 
 def register_check(cls: type) -> type:
@@ -119,14 +136,18 @@ def load_plugins(specs: Iterable[str], *, base: Path | None = None) -> list[str]
 
 def _import_file(path: Path) -> str:
     if not path.is_file():
-        raise UsageError("plugin file not found", path=path,
-                         hint="pass --plugin with an existing .py file or an importable module")
+        raise UsageError(
+            "plugin file not found",
+            path=path,
+            hint="pass --plugin with an existing .py file or an importable module",
+        )
     digest = hashlib.sha256(str(path).encode()).hexdigest()[:8]
     name = f"saliaudit_plugin_{path.stem}_{digest}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
-        raise UsageError("cannot import this plugin file", path=path,
-                         hint="a plugin is a Python source file ending in .py")
+        raise UsageError(
+            "cannot import this plugin file", path=path, hint="a plugin is a Python source file ending in .py"
+        )
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     _run(lambda: spec.loader.exec_module(module), str(path), str(path))
@@ -135,8 +156,10 @@ def _import_file(path: Path) -> str:
 
 def _import_module(name: str) -> str:
     if importlib.util.find_spec(name.split(".")[0]) is None:
-        raise UsageError(f"plugin module {name!r} not found",
-                         hint="install it, add its folder to PYTHONPATH, or pass a .py file")
+        raise UsageError(
+            f"plugin module {name!r} not found",
+            hint="install it, add its folder to PYTHONPATH, or pass a .py file",
+        )
     _run(lambda: importlib.import_module(name), name, name)
     return name
 
@@ -149,9 +172,10 @@ def _run(load: Callable[[], Any], origin: str, label: str) -> None:
         raise
     except Exception as err:
         text = str(err).strip().splitlines()
-        raise UsageError(f"plugin {label} failed to load: {type(err).__name__}: "
-                         f"{text[0] if text else ''}".rstrip(": "),
-                         hint="fix the plugin or leave it out") from err
+        raise UsageError(
+            f"plugin {label} failed to load: {type(err).__name__}: {text[0] if text else ''}".rstrip(": "),
+            hint="fix the plugin or leave it out",
+        ) from err
     finally:
         _origin.reset(token)
 

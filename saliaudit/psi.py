@@ -53,20 +53,57 @@ class Psi:
         return self.sign == "keep"
 
 
-PSI_PRESETS: dict[str, Psi] = {p.name: p for p in [
-    Psi("paper", "abs", "layer", 1e-6, True, "FullGrad eq. 2",
-        "abs, min-max rescale per layer, bilinear upsample (the paper's choice)"),
-    Psi("signed", "keep", "none", 0.0, True, "FullGrad §6 psi_m",
-        "signed terms, no rescale, bilinear upsample"),
-    Psi("abs", "abs", "none", 0.0, True, "FullGrad §6 psi_mnist",
-        "abs, no rescale, bilinear upsample"),
-    Psi("positive", "positive", "layer", 1e-6, True, "FullGrad §4.2, positive part",
-        "positive part, min-max rescale per layer"),
-    Psi("negative", "negative", "layer", 1e-6, True, "FullGrad §4.2, negative part",
-        "negative part, min-max rescale per layer"),
-    Psi("per-channel", "abs", "channel", 1e-7, False, "pytorch-grad-cam FullGrad",
-        "abs, min-max rescale per channel, bilinear upsample (half-pixel)"),
-]}
+PSI_PRESETS: dict[str, Psi] = {
+    p.name: p
+    for p in [
+        Psi(
+            "paper",
+            "abs",
+            "layer",
+            1e-6,
+            True,
+            "FullGrad eq. 2",
+            "abs, min-max rescale per layer, bilinear upsample (the paper's choice)",
+        ),
+        Psi(
+            "signed",
+            "keep",
+            "none",
+            0.0,
+            True,
+            "FullGrad §6 psi_m",
+            "signed terms, no rescale, bilinear upsample",
+        ),
+        Psi("abs", "abs", "none", 0.0, True, "FullGrad §6 psi_mnist", "abs, no rescale, bilinear upsample"),
+        Psi(
+            "positive",
+            "positive",
+            "layer",
+            1e-6,
+            True,
+            "FullGrad §4.2, positive part",
+            "positive part, min-max rescale per layer",
+        ),
+        Psi(
+            "negative",
+            "negative",
+            "layer",
+            1e-6,
+            True,
+            "FullGrad §4.2, negative part",
+            "negative part, min-max rescale per layer",
+        ),
+        Psi(
+            "per-channel",
+            "abs",
+            "channel",
+            1e-7,
+            False,
+            "pytorch-grad-cam FullGrad",
+            "abs, min-max rescale per channel, bilinear upsample (half-pixel)",
+        ),
+    ]
+}
 
 
 def psi_names() -> list[str]:
@@ -79,8 +116,7 @@ def get_psi(name: str) -> Psi:
     try:
         return PSI_PRESETS[name]
     except KeyError:
-        raise UsageError(f"unknown ψ preset {name!r}",
-                         hint="choose from " + ", ".join(PSI_PRESETS)) from None
+        raise UsageError(f"unknown ψ preset {name!r}", hint="choose from " + ", ".join(PSI_PRESETS)) from None
 
 
 class TermStats:
@@ -99,8 +135,13 @@ class TermStats:
         channel_bias: ``β``, shape ``(C,)``.
     """
 
-    def __init__(self, term: torch.Tensor | None = None, *, grad: torch.Tensor | None = None,
-                 channel_bias: torch.Tensor | None = None):
+    def __init__(
+        self,
+        term: torch.Tensor | None = None,
+        *,
+        grad: torch.Tensor | None = None,
+        channel_bias: torch.Tensor | None = None,
+    ):
         base = term if term is not None else grad
         self.shape = base.shape
         self.b, self.c = base.shape[0], base.shape[1]
@@ -129,13 +170,15 @@ class TermStats:
 
     def _signed_sum(self) -> torch.Tensor:
         ones = self.flat.new_ones(self.c)
-        return self._spatial(self._channel_sum(
-            self.flat, self._weights(ones if self.beta is None else self.beta)))
+        return self._spatial(
+            self._channel_sum(self.flat, self._weights(ones if self.beta is None else self.beta))
+        )
 
     def _abs_sum(self) -> torch.Tensor:
         ones = self.flat.new_ones(self.c)
-        return self._spatial(self._channel_sum(
-            self._abs, self._weights(ones if self.beta is None else self.beta.abs())))
+        return self._spatial(
+            self._channel_sum(self._abs, self._weights(ones if self.beta is None else self.beta.abs()))
+        )
 
     def sum(self, sign: str) -> torch.Tensor:
         """Channel sum of the sign-handled term, ``(B, h, w)``."""
@@ -149,6 +192,7 @@ class TermStats:
 
     def _channel_minmax(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per (image, channel): min and max of t, min and max of |t|."""
+
         def compute():
             lo, hi = self.flat.amin(2), self.flat.amax(2)
             alo = self._abs.amin(2)
@@ -158,6 +202,7 @@ class TermStats:
                 lo, hi = torch.minimum(lo * beta, hi * beta), torch.maximum(lo * beta, hi * beta)
                 alo, ahi = alo * beta.abs(), ahi * beta.abs()
             return torch.stack([lo, hi, alo, ahi])
+
         return tuple(self._get("cmm", compute))
 
     def minmax(self, sign: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,8 +247,9 @@ def reduce_term(term: torch.Tensor | TermStats, psis: Sequence[Psi]) -> dict[str
     return out
 
 
-def upsample_sum(maps: Iterable[tuple[str, torch.Tensor]], size: tuple[int, int],
-                 psis: Sequence[Psi]) -> dict[str, torch.Tensor]:
+def upsample_sum(
+    maps: Iterable[tuple[str, torch.Tensor]], size: tuple[int, int], psis: Sequence[Psi]
+) -> dict[str, torch.Tensor]:
     """Sum per-layer ``(B, h, w)`` maps per ψ, upsampling each resolution once to ``size``.
 
     ``maps`` yields ``(psi_name, map)``; maps at the same resolution are added first (exact,
@@ -219,8 +265,9 @@ def upsample_sum(maps: Iterable[tuple[str, torch.Tensor]], size: tuple[int, int]
         total = None
         for res, m in by_res.get(psi.name, {}).items():
             if res != tuple(size):
-                m = F.interpolate(m[:, None], size=size, mode="bilinear",
-                                  align_corners=psi.align_corners)[:, 0]
+                m = F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=psi.align_corners)[
+                    :, 0
+                ]
             total = m if total is None else total + m
         result[psi.name] = total
     return result

@@ -139,10 +139,15 @@ class AuditResult:
         if "error" in gated and overall == "fail" and "fail" not in gated:
             overall = "error"
         needed = [c.images_needed for c in inconclusive if c.images_needed]
-        self.summary = {"status": status or overall, "fail_on": fail_on, "counts": counts,
-                        "controls": controls, "gate_failed": gate_failed(self.checks, fail_on),
-                        "inconclusive": len(inconclusive),
-                        "images_to_decide": max(needed) if needed else None}
+        self.summary = {
+            "status": status or overall,
+            "fail_on": fail_on,
+            "counts": counts,
+            "controls": controls,
+            "gate_failed": gate_failed(self.checks, fail_on),
+            "inconclusive": len(inconclusive),
+            "images_to_decide": max(needed) if needed else None,
+        }
         if reason:
             self.summary["reason"] = reason
 

@@ -16,8 +16,7 @@ from collections.abc import Sequence
 __all__ = ["stratified_sample"]
 
 
-def stratified_sample(names: Sequence[str], classes: Sequence[object], k: int,
-                      seed: int) -> list[str]:
+def stratified_sample(names: Sequence[str], classes: Sequence[object], k: int, seed: int) -> list[str]:
     """``k`` of ``names`` (all of them when there are fewer), balanced over ``classes``.
 
     Deterministic for the same names, classes, ``k`` and ``seed`` whatever the input order;

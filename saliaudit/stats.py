@@ -26,8 +26,19 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-__all__ = ["Interval", "mean_interval", "decide", "images_to_decide", "paired_better",
-           "adjust", "CONFIDENCE", "ALPHA", "INTERVAL_METHOD", "TEST_METHOD", "ADJUST_METHOD"]
+__all__ = [
+    "Interval",
+    "mean_interval",
+    "decide",
+    "images_to_decide",
+    "paired_better",
+    "adjust",
+    "CONFIDENCE",
+    "ALPHA",
+    "INTERVAL_METHOD",
+    "TEST_METHOD",
+    "ADJUST_METHOD",
+]
 
 CONFIDENCE = 0.95
 ALPHA = 0.05
@@ -62,8 +73,9 @@ def _finite(values: Sequence[float] | np.ndarray) -> np.ndarray:
     return a[np.isfinite(a)]
 
 
-def mean_interval(values: Sequence[float] | np.ndarray, *, seed: int = 0,
-                  bounds: tuple[float, float] | None = None) -> Interval | None:
+def mean_interval(
+    values: Sequence[float] | np.ndarray, *, seed: int = 0, bounds: tuple[float, float] | None = None
+) -> Interval | None:
     """The mean of the finite ``values`` with a 95 % BCa bootstrap interval (seeded).
 
     ``bounds``: the metric's range (e.g. ``(-1, 1)`` for a correlation), used for n = 1 and to
@@ -83,14 +95,27 @@ def mean_interval(values: Sequence[float] | np.ndarray, *, seed: int = 0,
     method = "BCa"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = stats.bootstrap((a,), np.mean, confidence_level=CONFIDENCE, n_resamples=RESAMPLES,
-                              method="BCa", vectorized=True, random_state=np.random.default_rng(seed))
+        res = stats.bootstrap(
+            (a,),
+            np.mean,
+            confidence_level=CONFIDENCE,
+            n_resamples=RESAMPLES,
+            method="BCa",
+            vectorized=True,
+            random_state=np.random.default_rng(seed),
+        )
         lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
         if not (math.isfinite(lo) and math.isfinite(hi)):
             method = "percentile"
-            res = stats.bootstrap((a,), np.mean, confidence_level=CONFIDENCE,
-                                  n_resamples=RESAMPLES, method="percentile", vectorized=True,
-                                  random_state=np.random.default_rng(seed))
+            res = stats.bootstrap(
+                (a,),
+                np.mean,
+                confidence_level=CONFIDENCE,
+                n_resamples=RESAMPLES,
+                method="percentile",
+                vectorized=True,
+                random_state=np.random.default_rng(seed),
+            )
             lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
     lo, hi = min(lo, mean), max(hi, mean)  # the interval always holds the estimate
     if bounds is not None:
@@ -98,8 +123,9 @@ def mean_interval(values: Sequence[float] | np.ndarray, *, seed: int = 0,
     return Interval(int(a.size), mean, lo, hi, sd, method)
 
 
-def decide(iv: Interval, *, fail: float | None, warn: float | None,
-           higher_is_better: bool) -> tuple[str, bool]:
+def decide(
+    iv: Interval, *, fail: float | None, warn: float | None, higher_is_better: bool
+) -> tuple[str, bool]:
     """``(status, inconclusive)`` from an interval and thresholds.
 
     For a lower-is-better value (e.g. a similarity that should be low): FAIL when the whole
@@ -134,8 +160,9 @@ def images_to_decide(iv: Interval, thresholds: Sequence[float | None]) -> int | 
     return max(iv.n + 1, int(math.ceil((z * iv.sd / d) ** 2)))
 
 
-def paired_better(method: Sequence[float], control: Sequence[float], *,
-                  higher_is_better: bool) -> tuple[int, float | None]:
+def paired_better(
+    method: Sequence[float], control: Sequence[float], *, higher_is_better: bool
+) -> tuple[int, float | None]:
     """``(n, p)``: one-sided Wilcoxon signed-rank test that ``method`` is better than
     ``control`` on the same images (pairs with a non-finite side are dropped). ``p`` is 1.0
     when every difference is zero and ``None`` with fewer than 2 pairs."""
@@ -159,5 +186,4 @@ def adjust(pvalues: Sequence[float]) -> list[float]:
     """Benjamini–Hochberg adjusted p-values (same order)."""
     if len(pvalues) == 0:
         return []
-    return [float(p) for p in stats.false_discovery_control(np.asarray(pvalues, dtype=float),
-                                                            method="bh")]
+    return [float(p) for p in stats.false_discovery_control(np.asarray(pvalues, dtype=float), method="bh")]

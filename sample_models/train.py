@@ -201,9 +201,7 @@ def make_digits(seed: int):
     # quantize to 8 bit so that the in-memory test set is exactly what the saved PNGs hold
     imgs = np.clip(np.rint(x[:, 0].numpy() * 255.0), 0, 255).astype(np.uint8)  # (N,32,32)
     y = d.target.astype(np.int64)
-    idx_tr, idx_te = train_test_split(
-        np.arange(len(y)), test_size=0.25, random_state=seed, stratify=y
-    )
+    idx_tr, idx_te = train_test_split(np.arange(len(y)), test_size=0.25, random_state=seed, stratify=y)
     return imgs[idx_tr], y[idx_tr], imgs[idx_te], y[idx_te]
 
 
@@ -252,8 +250,9 @@ def train(model, x, y, *, epochs, bs, lr, wd, seed, augment=None, name=""):
             tot += loss.item() * len(yb)
             correct += (out.argmax(1) == yb).sum().item()
             n += len(yb)
-        print(f"  [{name}] epoch {ep + 1}/{epochs} loss {tot / n:.4f} train acc {correct / n:.4f}",
-              flush=True)
+        print(
+            f"  [{name}] epoch {ep + 1}/{epochs} loss {tot / n:.4f} train acc {correct / n:.4f}", flush=True
+        )
     return model.eval()
 
 
@@ -333,8 +332,18 @@ def main() -> int:
 
     torch.manual_seed(SEED)
     shapes = ShapesVGG(num_classes=len(SHAPES_CLASSES))
-    train(shapes, to_input(tr_img), tr_y, epochs=8, bs=64, lr=3e-3, wd=1e-4, seed=SEED,
-          augment=flip_augment, name="shapes")
+    train(
+        shapes,
+        to_input(tr_img),
+        tr_y,
+        epochs=8,
+        bs=64,
+        lr=3e-3,
+        wd=1e-4,
+        seed=SEED,
+        augment=flip_augment,
+        name="shapes",
+    )
     x_te = to_input(te_img)
     shapes_acc = (predict(shapes, x_te).argmax(1).numpy() == te_y).mean()
     logits_pr = predict(shapes, to_input(pr_img))
@@ -349,19 +358,35 @@ def main() -> int:
         "n_pairs": int(len(pr_cls)),
     }
     print(f"shapes: test accuracy {shapes_acc:.4f} on {len(te_y)} held-out single-object images")
-    print(f"shapes: two-object images: top-1 is a present class {pairs_top1:.4f}, "
-          f"top-2 = both present classes {pairs_top2:.4f} (n={len(pr_cls)})", flush=True)
+    print(
+        f"shapes: two-object images: top-1 is a present class {pairs_top1:.4f}, "
+        f"top-2 = both present classes {pairs_top2:.4f} (n={len(pr_cls)})",
+        flush=True,
+    )
 
     # ---------------- digits ----------------
     print("loading digits ...", flush=True)
     dtr_img, dtr_y, dte_img, dte_y = make_digits(seed=SEED)
     torch.manual_seed(SEED)
     digits = DigitsCNN(num_classes=len(DIGITS_CLASSES))
-    train(digits, to_input(dtr_img), dtr_y, epochs=30, bs=32, lr=3e-3, wd=1e-4, seed=SEED,
-          augment=shift_augment, name="digits")
+    train(
+        digits,
+        to_input(dtr_img),
+        dtr_y,
+        epochs=30,
+        bs=32,
+        lr=3e-3,
+        wd=1e-4,
+        seed=SEED,
+        augment=shift_augment,
+        name="digits",
+    )
     digits_acc = (predict(digits, to_input(dte_img)).argmax(1).numpy() == dte_y).mean()
-    metrics["digits"] = {"test_accuracy": float(digits_acc), "n_test": int(len(dte_y)),
-                         "n_train": int(len(dtr_y))}
+    metrics["digits"] = {
+        "test_accuracy": float(digits_acc),
+        "n_test": int(len(dte_y)),
+        "n_train": int(len(dtr_y)),
+    }
     print(f"digits: test accuracy {digits_acc:.4f} on {len(dte_y)} held-out images", flush=True)
 
     # ---------------- files ----------------
@@ -372,8 +397,8 @@ def main() -> int:
         "class_names": SHAPES_CLASSES,
         "name": "shapes_vgg",
         "description": "ShapesVGG (small VGG-style CNN with batch-norm) trained on procedural "
-                       "64x64 images of one circle/square/triangle/cross on a textured "
-                       "background; saliaudit sample model.",
+        "64x64 images of one circle/square/triangle/cross on a textured "
+        "background; saliaudit sample model.",
     }
     meta_digits = {
         "input_size": [DIGITS_SIZE, DIGITS_SIZE],
@@ -382,10 +407,10 @@ def main() -> int:
         "class_names": DIGITS_CLASSES,
         "name": "digits_cnn",
         "description": "DigitsCNN (small CNN with batch-norm) trained on scikit-learn's 8x8 "
-                       "digits upsampled to 32x32, grayscale replicated to 3 channels; "
-                       "saliaudit sample model.",
+        "digits upsampled to 32x32, grayscale replicated to 3 channels; "
+        "saliaudit sample model.",
     }
-    for model, size, stem, meta, names in (
+    for model, size, stem, meta, _names in (
         (shapes, SHAPES_SIZE, "shapes_vgg", meta_shapes, SHAPES_CLASSES),
         (digits, DIGITS_SIZE, "digits_cnn", meta_digits, DIGITS_CLASSES),
     ):
@@ -412,8 +437,10 @@ def main() -> int:
 
     # ---------------- verification ----------------
     print("verifying saved files ...", flush=True)
-    for stem, model, key, n_cls in (("shapes_vgg", shapes, "shapes", 4),
-                                    ("digits_cnn", digits, "digits", 10)):
+    for stem, model, key, n_cls in (
+        ("shapes_vgg", shapes, "shapes", 4),
+        ("digits_cnn", digits, "digits", 10),
+    ):
         extra = {"saliaudit.json": ""}
         ep = torch.export.load(str(HERE / f"{stem}.pt2"), extra_files=extra)
         meta = json.loads(extra["saliaudit.json"])
@@ -439,11 +466,13 @@ def main() -> int:
         acc = np.mean([pred[i].item() == y for i, y in labelled])
         metrics[key]["saved_images"] = len(labelled)
         metrics[key]["saved_images_accuracy_pt2"] = float(acc)
-        print(f"{stem}.pt2: reloaded, meta ok, {len(labelled)} saved labelled images, "
-              f"accuracy {acc:.4f}; max |pt2 - in-memory| = "
-              f"{(out_ep - out_mem).abs().max().item():.2e}")
+        print(
+            f"{stem}.pt2: reloaded, meta ok, {len(labelled)} saved labelled images, "
+            f"accuracy {acc:.4f}; max |pt2 - in-memory| = "
+            f"{(out_ep - out_mem).abs().max().item():.2e}"
+        )
         if key == "shapes":
-            pp = out_ep[len(saved["shapes"]):].topk(2, dim=1).indices.numpy()
+            pp = out_ep[len(saved["shapes"]) :].topk(2, dim=1).indices.numpy()
             ok = sum(set(t) == {int(c) for c in pr_cls[j]} for j, t in enumerate(pp))
             metrics[key]["saved_pairs_top2_equals_present"] = f"{ok}/{len(pp)}"
             print(f"  saved pairs: top-2 = both present classes for {ok}/{len(pp)}")
@@ -460,11 +489,15 @@ def main() -> int:
     print(f"masks: {n_masks} files ok")
 
     runtime = time.perf_counter() - t0
-    metrics["sha256"] = {p: sha256(HERE / p)[:16] for p in
-                         ("shapes_vgg.pt", "digits_cnn.pt", "shapes_vgg.pt2", "digits_cnn.pt2")}
+    metrics["sha256"] = {
+        p: sha256(HERE / p)[:16]
+        for p in ("shapes_vgg.pt", "digits_cnn.pt", "shapes_vgg.pt2", "digits_cnn.pt2")
+    }
     (HERE / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(f"SUMMARY shapes test acc {shapes_acc:.4f} | digits test acc {digits_acc:.4f} | "
-          f"runtime {runtime:.1f}s")
+    print(
+        f"SUMMARY shapes test acc {shapes_acc:.4f} | digits test acc {digits_acc:.4f} | "
+        f"runtime {runtime:.1f}s"
+    )
     return 0
 
 

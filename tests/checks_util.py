@@ -14,9 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "sample_models"
 
 
-def make_batch(model_path: str | Path = SAMPLES / "shapes_vgg.pt2",
-               image_dir: str | Path = SAMPLES / "images" / "shapes", n: int = 8,
-               seed: int = 0, model=None) -> Batch:
+def make_batch(
+    model_path: str | Path = SAMPLES / "shapes_vgg.pt2",
+    image_dir: str | Path = SAMPLES / "images" / "shapes",
+    n: int = 8,
+    seed: int = 0,
+    model=None,
+) -> Batch:
     """The first ``n`` decodable images of ``image_dir`` (sorted), as a Batch on the model."""
     lm = model if model is not None else load_model(model_path)
     listing = find_images(image_dir, max_images=None, sample=None, seed=seed)
@@ -24,8 +28,18 @@ def make_batch(model_path: str | Path = SAMPLES / "shapes_vgg.pt2",
     decoded = decoded[:n] if n else decoded
     x = lm.preprocess([d.image for d in decoded])
     logits = lm.logits(x)
-    return Batch(lm, x, [d.entry.rel for d in decoded], logits.argmax(1), logits,
-                 [None] * len(decoded), None, seed, 0, set())
+    return Batch(
+        lm,
+        x,
+        [d.entry.rel for d in decoded],
+        logits.argmax(1),
+        logits,
+        [None] * len(decoded),
+        None,
+        seed,
+        0,
+        set(),
+    )
 
 
 def all_weights(lm) -> list[torch.Tensor]:

@@ -43,8 +43,14 @@ def hook_counts(model: torch.nn.Module) -> int:
     """Total number of hooks of every kind registered on any submodule."""
     total = 0
     for m in model.modules():
-        for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                     "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks"):
+        for attr in (
+            "_forward_hooks",
+            "_forward_pre_hooks",
+            "_backward_hooks",
+            "_backward_pre_hooks",
+            "_state_dict_hooks",
+            "_load_state_dict_pre_hooks",
+        ):
             total += len(getattr(m, attr, {}) or {})
     return total
 

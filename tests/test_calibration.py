@@ -129,10 +129,14 @@ def test_completeness_of_the_other_methods_is_reported(tmp_path):
     import saliaudit
 
     root = Path(__file__).resolve().parents[1] / "sample_models"
-    result = saliaudit.audit(root / "shapes_vgg.pt2", root / "images" / "shapes",
-                             methods=["integrated_gradients", "deeplift", "grad_x_input", "gradient"],
-                             checks=["class_sensitivity"], max_images=4,
-                             check_params={"class_sensitivity": {"figure_images": 0}})
+    result = saliaudit.audit(
+        root / "shapes_vgg.pt2",
+        root / "images" / "shapes",
+        methods=["integrated_gradients", "deeplift", "grad_x_input", "gradient"],
+        checks=["class_sensitivity"],
+        max_images=4,
+        check_params={"class_sensitivity": {"figure_images": 0}},
+    )
     rows = result.attribution_completeness
     assert {r["method"] for r in rows} == {"integrated_gradients", "deeplift", "grad_x_input"}
     assert len(rows) == 12
@@ -140,8 +144,7 @@ def test_completeness_of_the_other_methods_is_reported(tmp_path):
         assert r["delta"] == pytest.approx(r["total"] - r["expected"])
         assert r["relative_delta"] == pytest.approx(abs(r["delta"]) / max(abs(r["expected"]), 1e-6))
     ig = [r["relative_delta"] for r in rows if r["method"] == "integrated_gradients"]
-    assert max(ig) < 0.2 and all(r["reference"] == "black" for r in rows
-                                 if r["method"] != "grad_x_input")
+    assert max(ig) < 0.2 and all(r["reference"] == "black" for r in rows if r["method"] != "grad_x_input")
     files = saliaudit.render(result, tmp_path / "out", formats=["html"])
     html = files[0].read_text(encoding="utf-8")
     assert "Summation to delta of the other methods" in html and "integrated_gradients" in html

@@ -14,8 +14,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 from saliaudit.checks.base import Variant
 from saliaudit.checks.bn_folding import BNFolding, fold_decomposition, folding_pairs
 from saliaudit.graph import get_graph
-from saliaudit.methods.fullgrad import full_gradients
 from saliaudit.methods import build_source
+from saliaudit.methods.fullgrad import full_gradients
 from saliaudit.psi import psi_names
 
 from .checks_util import all_weights, make_batch
@@ -150,13 +150,16 @@ def test_sample_model_numbers_and_verdicts():
     cell = strict.judge(Variant("fullgrad", psi="paper"), out[Variant("fullgrad", psi="paper")])
     assert cell.status == "warn"
     assert "does not change the function" in cell.message and "Spearman" in cell.message
-    cell = strict.judge(Variant("fullgrad", psi="signed", signed=True),
-                        out[Variant("fullgrad", psi="signed", signed=True)])
+    cell = strict.judge(
+        Variant("fullgrad", psi="signed", signed=True), out[Variant("fullgrad", psi="signed", signed=True)]
+    )
     assert cell.status == "pass"
     failing = BNFolding(thresholds={"fail": 0.9999, "warn": None})
     out = failing.measure(batch, source, maps)
-    assert failing.judge(Variant("fullgrad", psi="paper"),
-                         out[Variant("fullgrad", psi="paper")]).status == "fail"
+    assert (
+        failing.judge(Variant("fullgrad", psi="paper"), out[Variant("fullgrad", psi="paper")]).status
+        == "fail"
+    )
 
 
 class NoFold(nn.Module):
@@ -187,8 +190,7 @@ def test_skipped_without_a_foldable_batch_norm():
     for v, m in out.items():
         cell = check.judge(v, m)
         assert cell.status == "skipped" and "no batch-norm" in cell.message
-    scripted = SimpleNamespace(module=torch.jit.script(net), exported=None, input_size=(8, 8),
-                               device="cpu")
+    scripted = SimpleNamespace(module=torch.jit.script(net), exported=None, input_size=(8, 8), device="cpu")
     assert "TorchScript" in check.skip_reason(source, scripted, False)
     other = build_source("gradient", psi=[], post=["abs"])
     assert check.skip_reason(other, net, False) == "needs a method that provides decomposition"
@@ -198,5 +200,11 @@ def _batch(net, x):
     from saliaudit.checks.base import Batch
 
     logits = net(x).detach()
-    return Batch(net, x, [f"{i}.png" for i in range(len(x))], torch.zeros(len(x), dtype=torch.long),
-                 logits, [None] * len(x))
+    return Batch(
+        net,
+        x,
+        [f"{i}.png" for i in range(len(x))],
+        torch.zeros(len(x), dtype=torch.long),
+        logits,
+        [None] * len(x),
+    )

@@ -13,10 +13,9 @@ from skimage.feature import hog
 from saliaudit.checks import get_check
 from saliaudit.checks.base import MapSource, Measurement, Variant
 from saliaudit.checks.class_sensitivity import ClassSensitivity
-from saliaudit.checks.similarity import METRIC_NAMES, hog_cell_size
+from saliaudit.checks.similarity import hog_cell_size
 from saliaudit.errors import UsageError
-from saliaudit.methods import get_method
-from saliaudit.methods import build_source
+from saliaudit.methods import build_source, get_method
 
 from .checks_util import make_batch
 
@@ -49,13 +48,14 @@ def _measure(check, batch, name):
 def cells(shapes):
     check = get_check("class_sensitivity")()
     out = {}
-    for name in ("random", "edge", "edge_signed", "gradient", "gradcam", "guided_backprop",
-                 "fullgrad"):
+    for name in ("random", "edge", "edge_signed", "gradient", "gradcam", "guided_backprop", "fullgrad"):
         for v, m in _measure(check, shapes, name).items():
             out[v.label] = check.judge(v, m)
     for label, r in out.items():  # the lead wants these numbers
-        print(f"class_sensitivity {label}: {r.status} {r.value:.3f} lowest={r.series['lowest']} "
-              f"runner_up={r.series['runner_up']}")
+        print(
+            f"class_sensitivity {label}: {r.status} {r.value:.3f} lowest={r.series['lowest']} "
+            f"runner_up={r.series['runner_up']}"
+        )
     return out
 
 
@@ -122,8 +122,9 @@ def test_result_fields(cells, shapes):
     assert r.check == "class_sensitivity"
     assert r.metric == "Spearman of HOG features, top-1 vs lowest class"
     assert r.thresholds == {"fail": 0.7, "warn": 0.4}
-    assert set(r.series["lowest"]) == set(r.series["runner_up"]) == {"spearman_abs", "spearman",
-                                                                     "ssim", "hog"}
+    assert (
+        set(r.series["lowest"]) == set(r.series["runner_up"]) == {"spearman_abs", "spearman", "ssim", "hog"}
+    )
     assert r.value == pytest.approx(r.series["lowest"]["hog"])
     assert len(r.per_image) == len(shapes)
     fig = r.series["figures"][shapes.images[1]]
@@ -144,9 +145,16 @@ def test_textbook_hog_spearman(cells, shapes):
     cell = hog_cell_size(64, 64)
     expected = []
     for a, b in zip(top, low):
-        fa, fb = (hog((m - m.min()) / (m.max() - m.min()), orientations=9,
-                      pixels_per_cell=(cell, cell), cells_per_block=(2, 2), block_norm="L2-Hys")
-                  for m in (a.astype(np.float64), b.astype(np.float64)))
+        fa, fb = (
+            hog(
+                (m - m.min()) / (m.max() - m.min()),
+                orientations=9,
+                pixels_per_cell=(cell, cell),
+                cells_per_block=(2, 2),
+                block_norm="L2-Hys",
+            )
+            for m in (a.astype(np.float64), b.astype(np.float64))
+        )
         expected.append(spearmanr(fa, fb).statistic)
     got = [p["value"] for p in cells["gradient/abs"].per_image]
     np.testing.assert_allclose(got, expected, atol=1e-6)
@@ -209,5 +217,6 @@ def test_params_and_skip():
     class One:
         num_classes = 1
 
-    assert "2 classes" in ClassSensitivity().skip_reason(build_source("gradient", psi=[], post=["abs"]),
-                                                         One(), False)
+    assert "2 classes" in ClassSensitivity().skip_reason(
+        build_source("gradient", psi=[], post=["abs"]), One(), False
+    )

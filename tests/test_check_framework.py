@@ -35,8 +35,10 @@ class _Probe(Check):
 
     def measure(self, batch, source, maps):
         self.sizes.append(len(batch))
-        return {v: Measurement(values=[float(x) for x in m.abs().mean((1, 2))],
-                               images=list(batch.images)) for v, m in maps.items()}
+        return {
+            v: Measurement(values=[float(x) for x in m.abs().mean((1, 2))], images=list(batch.images))
+            for v, m in maps.items()
+        }
 
     def judge(self, variant, m):
         return self.result(variant, m, "pass", m.mean(), f"{len(m.values)} images")
@@ -123,8 +125,12 @@ def test_runner_error_is_contained_to_its_cell(probe, batch):
 
 
 def test_runner_max_images_and_skips(probe, batch):
-    runner = CheckRunner(["probe", "pointing_game"] if "pointing_game" in check_names() else ["probe"],
-                         {}, {"probe": {"max_images": 4}}, False)
+    runner = CheckRunner(
+        ["probe", "pointing_game"] if "pointing_game" in check_names() else ["probe"],
+        {},
+        {"probe": {"max_images": 4}},
+        False,
+    )
     source = build_source("gradient", psi=[], post=["signed"])
     for half in ([0, 1, 2], [3, 4, 5]):
         sub = batch.select(half)
@@ -139,26 +145,35 @@ def test_runner_max_images_and_skips(probe, batch):
 
 
 def test_thresholds_and_params_from_flags_env_and_file(tmp_path):
-    cfg = resolve_config({"thresholds": ["completeness.fail=0.01"],
-                          "check_params": ["completeness.max_images=3"] if "max_images" in get_check("completeness").params else None},
-                         environ={}, cwd=tmp_path)
+    cfg = resolve_config(
+        {
+            "thresholds": ["completeness.fail=0.01"],
+            "check_params": ["completeness.max_images=3"]
+            if "max_images" in get_check("completeness").params
+            else None,
+        },
+        environ={},
+        cwd=tmp_path,
+    )
     assert cfg.thresholds == {"completeness": {"fail": 0.01}}
     assert cfg.sources["thresholds"] == "flag"
     (tmp_path / "saliaudit.toml").write_text("[thresholds.completeness]\nfail = 0.5\n")
     cfg = resolve_config({}, environ={}, cwd=tmp_path)
     assert cfg.thresholds == {"completeness": {"fail": 0.5}}
     assert cfg.sources["thresholds"].startswith("config file")
-    cfg = resolve_config({}, environ={"SALIAUDIT_THRESHOLDS": "completeness.fail=2e-3"},
-                         cwd=tmp_path)
+    cfg = resolve_config({}, environ={"SALIAUDIT_THRESHOLDS": "completeness.fail=2e-3"}, cwd=tmp_path)
     assert cfg.thresholds == {"completeness": {"fail": 2e-3}}
 
 
-@pytest.mark.parametrize("bad, words", [
-    ("nosuch.fail=1", "expected CHECK.NAME=VALUE"),
-    ("completeness.nosuch=1", "has no threshold 'nosuch'"),
-    ("completeness.fail=abc", "expected a number"),
-    ("completeness", "expected CHECK.NAME=VALUE"),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ("nosuch.fail=1", "expected CHECK.NAME=VALUE"),
+        ("completeness.nosuch=1", "has no threshold 'nosuch'"),
+        ("completeness.fail=abc", "expected a number"),
+        ("completeness", "expected CHECK.NAME=VALUE"),
+    ],
+)
 def test_bad_threshold_is_a_usage_error(tmp_path, bad, words):
     with pytest.raises(UsageError, match="invalid --threshold") as err:
         resolve_config({"thresholds": [bad]}, environ={}, cwd=tmp_path)
@@ -167,7 +182,9 @@ def test_bad_threshold_is_a_usage_error(tmp_path, bad, words):
 
 def test_flip_pairs_parse(tmp_path):
     assert resolve_config({"flip": "8:3,cat:dog"}, environ={}, cwd=tmp_path).flip == [
-        ["8", "3"], ["cat", "dog"]]
+        ["8", "3"],
+        ["cat", "dog"],
+    ]
     for bad in ("8", "8:8", "8:3:1", ":3"):
         with pytest.raises(UsageError, match="--flip"):
             resolve_config({"flip": bad}, environ={}, cwd=tmp_path)
@@ -193,16 +210,20 @@ def test_caveat_when_psi_changes_the_verdict_with_a_significant_difference():
     rng = np.random.default_rng(0)
     paper = 0.81 + rng.normal(0, 0.03, 12)
     signed = 0.12 + rng.normal(0, 0.03, 12)
-    cells = [_cell("class_sensitivity", "paper", "fail", float(paper.mean()), per_image=paper),
-             _cell("class_sensitivity", "signed", "pass", float(signed.mean()), per_image=signed)]
+    cells = [
+        _cell("class_sensitivity", "paper", "fail", float(paper.mean()), per_image=paper),
+        _cell("class_sensitivity", "signed", "pass", float(signed.mean()), per_image=signed),
+    ]
     kinds = {c["kind"]: c for c in compute_caveats(cells, None, {})}
     msg = kinds["psi_changes_verdict"]["message"]
     assert "PASS under signed (0.1" in msg and "FAIL under paper (0.8" in msg
     assert "95 % CI" in msg and kinds["psi_changes_verdict"]["numbers"]["n"] == 12
     best = kinds["choose_psi_by_metric"]
     assert best["numbers"]["best"] == "signed" and best["numbers"]["ci"][1] < 0
-    same = [_cell("class_sensitivity", "paper", "pass", 0.2, per_image=[0.2] * 4),
-            _cell("class_sensitivity", "signed", "pass", 0.1, per_image=[0.1] * 4)]
+    same = [
+        _cell("class_sensitivity", "paper", "pass", 0.2, per_image=[0.2] * 4),
+        _cell("class_sensitivity", "signed", "pass", 0.1, per_image=[0.1] * 4),
+    ]
     assert "psi_changes_verdict" not in {c["kind"] for c in compute_caveats(same, None, {})}
 
 
@@ -210,15 +231,18 @@ def test_no_psi_named_better_from_noise():
     """Differences such as −0.065 vs 0.003 on a few noisy images name no winner."""
     rng = np.random.default_rng(1)
     a, b = rng.normal(0.0, 0.3, 6), rng.normal(0.0, 0.3, 6)
-    cells = [_cell("class_sensitivity", "paper", "pass", float(a.mean()), per_image=a),
-             _cell("class_sensitivity", "signed", "warn", float(b.mean()), per_image=b)]
+    cells = [
+        _cell("class_sensitivity", "paper", "pass", float(a.mean()), per_image=a),
+        _cell("class_sensitivity", "signed", "warn", float(b.mean()), per_image=b),
+    ]
     kinds = {c["kind"]: c for c in compute_caveats(cells, None, {})}
     assert "choose_psi_by_metric" not in kinds and "psi_changes_verdict" not in kinds
-    assert "no ψ of fullgrad is distinguishably better on these 6 images" in \
-        kinds["no_better_psi"]["message"]
+    assert "no ψ of fullgrad is distinguishably better on these 6 images" in kinds["no_better_psi"]["message"]
     # bn_folding (signed is 1.0 by construction) is never compared across ψ
-    fold = [_cell("bn_folding", "signed", "pass", 1.0, per_image=[1.0] * 6),
-            _cell("bn_folding", "paper", "pass", 0.9, per_image=[0.9] * 6)]
+    fold = [
+        _cell("bn_folding", "signed", "pass", 1.0, per_image=[1.0] * 6),
+        _cell("bn_folding", "paper", "pass", 0.9, per_image=[0.9] * 6),
+    ]
     assert not [c for c in compute_caveats(fold, None, {}) if "psi" in c["kind"]]
 
 
@@ -244,7 +268,8 @@ def test_abs_discards_share_matches_a_direct_count(batch):
     term = fg.spatial_terms[0]
     v = term.value.double()
     assert acc.per_layer()[term.name] == pytest.approx(
-        float((-v).clamp(min=0).sum() / v.abs().sum()), rel=1e-4)
+        float((-v).clamp(min=0).sum() / v.abs().sum()), rel=1e-4
+    )
     assert 0 <= acc.total() <= 1
 
 
@@ -266,17 +291,24 @@ def test_variant_labels():
 
 def test_caveat_survives_top_randomization():
     def cell(method, curve):
-        c = CheckResult("randomization", method, None, "pass", curve[-1], "m", {"fail": 0.7}, "",
-                        post="abs")
-        c.series = {"verdict_metric": "spearman_abs",
-                    "cascading_spearman_abs": {"x": [f"s{i}" for i in range(len(curve))],
-                                               "mean": curve, "std": [0.0] * len(curve)}}
+        c = CheckResult("randomization", method, None, "pass", curve[-1], "m", {"fail": 0.7}, "", post="abs")
+        c.series = {
+            "verdict_metric": "spearman_abs",
+            "cascading_spearman_abs": {
+                "x": [f"s{i}" for i in range(len(curve))],
+                "mean": curve,
+                "std": [0.0] * len(curve),
+            },
+        }
         return c
 
     gbp = cell("guided_backprop", [0.8, 0.86, 0.71, 0.61, 0.49, 0.15, 0.04])
     grad = cell("gradient", [0.86, 0.72, 0.46, 0.38, 0.29, 0.1, 0.05])
-    found = [c for c in compute_caveats([gbp, grad, cell("random", [1.0] * 7)], None, {})
-             if c["kind"] == "survives_top_randomization"]
+    found = [
+        c
+        for c in compute_caveats([gbp, grad, cell("random", [1.0] * 7)], None, {})
+        if c["kind"] == "survives_top_randomization"
+    ]
     assert [c["variant"] for c in found] == ["guided_backprop/abs"]
     assert found[0]["numbers"]["steps_kept"] == 3 and "until s3 is randomized" in found[0]["message"]
 

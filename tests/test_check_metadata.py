@@ -28,9 +28,24 @@ from saliaudit.report.terminal import verdict_table
 
 ROOT = Path(__file__).resolve().parents[1] / "sample_models"
 TOY = "toy_mean_abs"
-FIELDS = ("title", "short", "summary", "reference", "metric", "higher_is_better", "order",
-          "thresholds", "params", "curves", "controls_must_fail", "requires", "needs_masks",
-          "ranks_examples", "shows_class_maps", "informational")
+FIELDS = (
+    "title",
+    "short",
+    "summary",
+    "reference",
+    "metric",
+    "higher_is_better",
+    "order",
+    "thresholds",
+    "params",
+    "curves",
+    "controls_must_fail",
+    "requires",
+    "needs_masks",
+    "ranks_examples",
+    "shows_class_maps",
+    "informational",
+)
 
 
 def _define_toy() -> type[Check]:
@@ -48,25 +63,35 @@ def _define_toy() -> type[Check]:
         order = 5  # before every built-in check
         thresholds = {"fail": 0.0}
         params = {"bands": 4}
-        curves = {"toy_profile": Curve("Toy profile of |map| by band", "band of pixels",
-                                       "mean |map|", primary=True)}
+        curves = {
+            "toy_profile": Curve("Toy profile of |map| by band", "band of pixels", "mean |map|", primary=True)
+        }
 
         def measure(self, batch, source, maps):
             out = {}
             for v, m in maps.items():
                 flat = m.detach().abs().double().flatten(1)
-                bands = torch.stack([b.mean(1) for b in
-                                     torch.tensor_split(flat, int(self.p["bands"]), dim=1)], 1)
-                out[v] = Measurement(values=flat.mean(1).tolist(), images=list(batch.images),
-                                     curves={"toy_profile": bands.numpy()},
-                                     axes={"toy_profile": list(range(bands.shape[1]))})
+                bands = torch.stack(
+                    [b.mean(1) for b in torch.tensor_split(flat, int(self.p["bands"]), dim=1)], 1
+                )
+                out[v] = Measurement(
+                    values=flat.mean(1).tolist(),
+                    images=list(batch.images),
+                    curves={"toy_profile": bands.numpy()},
+                    axes={"toy_profile": list(range(bands.shape[1]))},
+                )
             return out
 
         def judge(self, variant, m):
             value = m.mean()
             ok = value is not None and value > float(self.t["fail"])
-            return self.result(variant, m, "pass" if ok else "fail", value,
-                               f"mean |map| {value:.3g}" if value is not None else "no value")
+            return self.result(
+                variant,
+                m,
+                "pass" if ok else "fail",
+                value,
+                f"mean |map| {value:.3g}" if value is not None else "no value",
+            )
 
     return ToyMeanAbs
 
@@ -90,11 +115,34 @@ def audited(toy, tmp_path, monkeypatch) -> dict[str, Any]:
             monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    result = CliRunner().invoke(app, [
-        "report", str(ROOT / "shapes_vgg.pt2"), str(ROOT / "images" / "shapes"), "-o", str(out),
-        "--methods", "gradient,random", "--checks", TOY, "--max-images", "4", "--batch-size", "4",
-        "--format", "json,html,junit", "--no-overlays", "--examples", "1", "--examples-html", "2",
-        "--fail-on", "never"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        app,
+        [
+            "report",
+            str(ROOT / "shapes_vgg.pt2"),
+            str(ROOT / "images" / "shapes"),
+            "-o",
+            str(out),
+            "--methods",
+            "gradient,random",
+            "--checks",
+            TOY,
+            "--max-images",
+            "4",
+            "--batch-size",
+            "4",
+            "--format",
+            "json,html,junit",
+            "--no-overlays",
+            "--examples",
+            "1",
+            "--examples-html",
+            "2",
+            "--fail-on",
+            "never",
+        ],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "results.json").read_text(encoding="utf-8"))
     return {"output": result.output, "doc": doc, "out": out}
@@ -102,8 +150,17 @@ def audited(toy, tmp_path, monkeypatch) -> dict[str, Any]:
 
 def test_builtin_checks_declare_what_the_product_needs():
     names = check_names()
-    assert {"completeness", "class_sensitivity", "randomization", "perturbation", "sensitivity_n",
-            "sign_flip", "bn_folding", "pointing_game", "restricted_pointing_game"} <= set(names)
+    assert {
+        "completeness",
+        "class_sensitivity",
+        "randomization",
+        "perturbation",
+        "sensitivity_n",
+        "sign_flip",
+        "bn_folding",
+        "pointing_game",
+        "restricted_pointing_game",
+    } <= set(names)
     orders = [get_check(n).order for n in names]
     assert orders == sorted(orders)
     for n in names:
@@ -123,7 +180,8 @@ def test_toy_check_everywhere(audited, toy):
     # results.json: cells and check_info
     cells = [c for c in doc["checks"] if c["check"] == TOY]
     assert {(c["method"], c["post"]) for c in cells} == {
-        (m, p) for m in ("gradient", "random") for p in ("signed", "abs")}
+        (m, p) for m in ("gradient", "random") for p in ("signed", "abs")
+    }
     assert all(c["status"] == "pass" and c["value"] > 0 for c in cells)
     info = doc["check_info"][TOY]
     assert set(FIELDS) <= set(info)

@@ -56,9 +56,11 @@ def default_results(shapes, maps, check):
     assert all(torch.equal(a, b) for a, b in zip(before, after)), "the model was modified"
     for label, (meas, r) in cells.items():
         lt, mt = meas.extra["lerf_test"], meas.extra["morf_test"]
-        print(f"{label:16s} {r.status:5s} value {r.value:+.3f}  LeRF adv {lt['mean']:+.3f} "
-              f"win {lt['win_rate']:.2f} p {lt['p_value']:.2g}  MoRF adv {mt['mean']:+.3f} "
-              f"win {mt['win_rate']:.2f} p {mt['p_value']:.2g}")
+        print(
+            f"{label:16s} {r.status:5s} value {r.value:+.3f}  LeRF adv {lt['mean']:+.3f} "
+            f"win {lt['win_rate']:.2f} p {lt['p_value']:.2g}  MoRF adv {mt['mean']:+.3f} "
+            f"win {mt['win_rate']:.2f} p {mt['p_value']:.2g}"
+        )
     return cells
 
 
@@ -103,7 +105,9 @@ def test_lerf_with_blur_baseline(shapes, maps):
         meas = check.measure(eight, src, {v: m[v][list(range(0, 12, 3)) + list(range(1, 12, 3))]})[v]
         r = check.judge(v, meas)
         lt = meas.extra["lerf_test"]
-        print(f"blur {label}: LeRF adv {lt['mean']:+.3f} win {lt['win_rate']:.2f} p {lt['p_value']:.2g}; {r.message}")
+        print(
+            f"blur {label}: LeRF adv {lt['mean']:+.3f} win {lt['win_rate']:.2f} p {lt['p_value']:.2g}; {r.message}"
+        )
         assert lt["better"], r.message
 
 
@@ -129,10 +133,12 @@ def textbook(lm, x, target, smap, base, fractions, random_orders, output="logit"
         return out
 
     lerf, morf, lr, mr = [], [], [], []
-    rand_orders = [sorted(range(hw), key=lambda p, r=r: int(r[p])) for r in R.random_ranks(0, "img", hw, random_orders)]
+    rand_orders = [
+        sorted(range(hw), key=lambda p, r=r: int(r[p])) for r in R.random_ranks(0, "img", hw, random_orders)
+    ]
     for k in fractions:
         n = max(1, round(k * hw))
-        lerf.append(abs(f(removed(order[hw - n:])) - f0) / abs(f0))
+        lerf.append(abs(f(removed(order[hw - n :])) - f0) / abs(f0))
         morf.append((f0 - f(removed(order[:n]))) / abs(f0))
         outs = [f(removed(o[:n])) for o in rand_orders]
         lr.append(np.mean([abs(o - f0) / abs(f0) for o in outs]))
@@ -196,6 +202,7 @@ def test_constant_map_ranks_like_a_random_order(shapes, check):
 # removal helpers
 # ---------------------------------------------------------------------------------------------
 
+
 def test_baselines(shapes):
     x = shapes.x[:2]
     black = R.removal_baseline(shapes.model, x, "black")
@@ -254,7 +261,7 @@ def test_run_removals_chunks(shapes):
 
 
 def test_rank_test_is_exact_and_calibrated():
-    assert R.rank_test([1, 1, 1, 1], 3) == pytest.approx(4.0 ** -4)
+    assert R.rank_test([1, 1, 1, 1], 3) == pytest.approx(4.0**-4)
     assert R.rank_test([1], 3) == pytest.approx(0.25)
     assert R.rank_test([0] * 5, 3) == pytest.approx(1.0)
     rng = np.random.default_rng(0)

@@ -59,8 +59,9 @@ def batch_of(masks: list[dict[int, np.ndarray]], targets: list[int]) -> Batch:
     x[:, 0, 0, 0] = torch.arange(n, dtype=torch.float32)
     model = SimpleNamespace(class_names=["a", "b", "c"])
     t = torch.tensor(targets)
-    return Batch(model, x, [f"{i}.png" for i in range(n)], t, torch.zeros(n, 3), [None] * n, masks,
-                 0, 0, {"0.png"})
+    return Batch(
+        model, x, [f"{i}.png" for i in range(n)], t, torch.zeros(n, 3), [None] * n, masks, 0, 0, {"0.png"}
+    )
 
 
 def run(check, batch, source):
@@ -80,12 +81,12 @@ def test_tolerance_is_scaled_to_the_input():
 def test_hits_misses_tolerance_ties_and_signed_maximum():
     mask = box(8, 16, 8, 16)
     cases = {
-        (0, 0): peak(10, 10),                         # inside: hit
-        (1, 0): peak(28, 28),                         # far outside: miss
-        (2, 0): peak(10, 17),                         # 2 px right of the mask: within 2.14 px
-        (3, 0): torch.ones(H, W),                     # constant: scores the chance level
+        (0, 0): peak(10, 10),  # inside: hit
+        (1, 0): peak(28, 28),  # far outside: miss
+        (2, 0): peak(10, 17),  # 2 px right of the mask: within 2.14 px
+        (3, 0): torch.ones(H, W),  # constant: scores the chance level
         (4, 0): peak(10, 10, -5.0) + peak(28, 28, 1.0),  # signed: the positive max counts, a miss
-        (5, 0): peak(10, 10) + peak(28, 28),          # two equal maxima: half a hit
+        (5, 0): peak(10, 10) + peak(28, 28),  # two equal maxima: half a hit
     }
     masks = [{0: mask} for _ in range(6)]
     m, cell = run(PointingGame(), batch_of(masks, [0] * 6), FakeSource(cases))
@@ -136,9 +137,12 @@ def test_restricted_game_needs_two_classes_and_class_sensitive_maps():
     a, b = box(2, 10, 2, 10), box(20, 28, 20, 28)
     masks = [{0: a, 1: b}, {0: a, 1: b}, {0: a, 1: b}, {0: a}]
     maps = {
-        (0, 0): peak(5, 5), (0, 1): peak(24, 24),          # each class on its object: 1.0
-        (1, 0): peak(5, 5) + peak(15, 15, 9.0), (1, 1): peak(5, 5),  # off-object max ignored
-        (2, 0): peak(24, 24), (2, 1): peak(5, 5),          # swapped: 0.0
+        (0, 0): peak(5, 5),
+        (0, 1): peak(24, 24),  # each class on its object: 1.0
+        (1, 0): peak(5, 5) + peak(15, 15, 9.0),
+        (1, 1): peak(5, 5),  # off-object max ignored
+        (2, 0): peak(24, 24),
+        (2, 1): peak(5, 5),  # swapped: 0.0
         (3, 0): peak(5, 5),
     }
     m, cell = run(RestrictedPointingGame(), batch_of(masks, [0, 1, 0, 0]), FakeSource(maps))
@@ -165,8 +169,7 @@ def shapes():
     out = {}
     for d in ("shapes", "shapes_pairs"):
         b = make_batch(image_dir=SAMPLES / "images" / d, n=0, model=lm)
-        b.masks = [load_masks(SAMPLES / "masks" / d, r, lm.class_names, lm.input_size)
-                   for r in b.images]
+        b.masks = [load_masks(SAMPLES / "masks" / d, r, lm.class_names, lm.input_size) for r in b.images]
         out[d] = b
     return out
 
@@ -175,14 +178,15 @@ def test_sample_model_hit_rates(shapes):
     rates: dict[str, dict[str, float]] = {"single": {}, "pairs": {}, "restricted": {}}
     for name in ("fullgrad", "gradcam", "edge", "random"):
         src = build_source(name, psi=["paper"], post=["abs"])
-        for d, games in (("shapes", [("single", PointingGame)]),
-                         ("shapes_pairs", [("pairs", PointingGame),
-                                           ("restricted", RestrictedPointingGame)])):
+        for d, games in (
+            ("shapes", [("single", PointingGame)]),
+            ("shapes_pairs", [("pairs", PointingGame), ("restricted", RestrictedPointingGame)]),
+        ):
             b = shapes[d]
             maps = src.maps(b.model, b.x, b.targets)
             for key, check_cls in games:
                 check = check_cls()
-                (v, m), = check.measure(b, src, maps).items()
+                ((v, m),) = check.measure(b, src, maps).items()
                 cell = check.judge(v, m)
                 assert cell.status == "pass" and cell.value is not None, cell.message
                 rates[key][name] = cell.value

@@ -14,8 +14,13 @@ from torch import nn
 
 from saliaudit.checks import get_check
 from saliaudit.checks.base import Measurement
-from saliaudit.checks.randomization import (Randomization, RandomizedModels, group_parameters,
-                                            module_seed, reinit_values)
+from saliaudit.checks.randomization import (
+    Randomization,
+    RandomizedModels,
+    group_parameters,
+    module_seed,
+    reinit_values,
+)
 from saliaudit.errors import UsageError
 from saliaudit.graph import get_graph
 from saliaudit.methods import build_source
@@ -67,8 +72,10 @@ def results(shapes):
         measured.update({v: (check, m) for v, m in out.items()})
     cells = {v.label: check.judge(v, m) for v, (check, m) in measured.items()}
     for label, r in cells.items():  # the lead wants these numbers (guided backprop above all)
-        print(f"randomization {label}: {r.status} {r.value:.3f} final={r.series['final']} "
-              f"cascade={r.series['cascading_spearman_abs']['mean']}")
+        print(
+            f"randomization {label}: {r.status} {r.value:.3f} final={r.series['final']} "
+            f"cascade={r.series['cascading_spearman_abs']['mean']}"
+        )
     return {"cells": cells, "before": before, "graph_before": graph_before}
 
 
@@ -116,9 +123,15 @@ def test_guided_backprop_does_not_pass_the_cascade(results):
 def test_results_record_steps_scheme_curves_and_figures(results, shapes):
     r = results["cells"]["gradient/abs"]
     steps = r.series["steps"]
-    assert steps == ["classifier.2", "classifier.0", "features.14+features.15",
-                     "features.10+features.11", "features.7+features.8", "features.3+features.4",
-                     "features.0+features.1"]
+    assert steps == [
+        "classifier.2",
+        "classifier.0",
+        "features.14+features.15",
+        "features.10+features.11",
+        "features.7+features.8",
+        "features.3+features.4",
+        "features.0+features.1",
+    ]
     assert "kaiming_uniform" in r.series["reinit"] and r.series["granularity"] == "blocks"
     assert r.series["step_modules"]["features.0+features.1"] == ["features.0", "features.1"]
     for mode in ("cascading", "independent"):
@@ -127,8 +140,7 @@ def test_results_record_steps_scheme_curves_and_figures(results, shapes):
             assert curve["x"] == steps and len(curve["mean"]) == len(steps)
     # the verdict is the mean over the cascade; the fully randomized model is the last step
     assert r.value == pytest.approx(float(np.mean(r.series["cascading_spearman_abs"]["mean"])))
-    assert r.series["final"]["spearman_abs"] == pytest.approx(
-        r.series["cascading_spearman_abs"]["mean"][-1])
+    assert r.series["final"]["spearman_abs"] == pytest.approx(r.series["cascading_spearman_abs"]["mean"][-1])
     assert len(r.per_image) == len(shapes)
     # cascading similarity falls as more layers are randomized
     casc = r.series["cascading_spearman_abs"]["mean"]
@@ -163,9 +175,14 @@ class Tiny(nn.Module):
     def __init__(self):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(2))
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, bias=False),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+        )
         self.fc = nn.Linear(32, 3)
 
     def forward(self, x):
@@ -207,11 +224,12 @@ def test_textbook_cascade_same_weights_and_maps(tiny):
     v = source.variants[0]
     original = source.maps(lm, x, torch.tensor([0, 1, 2]))[v]
     # the unrandomized working copy reproduces the original maps
-    torch.testing.assert_close(source.maps(rm.original(), x, torch.tensor([0, 1, 2]))[v], original,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        source.maps(rm.original(), x, torch.tensor([0, 1, 2]))[v], original, rtol=1e-5, atol=1e-6
+    )
     ref = copy.deepcopy(model)
     targets = torch.tensor([0, 1, 2])
-    for k, (step, copy_model) in enumerate(rm.cascade()):
+    for _k, (step, copy_model) in enumerate(rm.cascade()):
         _textbook_reset(ref, step, seed)
         ref_state = dict(ref.named_parameters())
         for name, p in rm.params.items():
@@ -224,8 +242,9 @@ def test_textbook_cascade_same_weights_and_maps(tiny):
     for step, copy_model in rm.independent():
         ref = copy.deepcopy(model)
         _textbook_reset(ref, step, seed)
-        torch.testing.assert_close(source.maps(copy_model, x, targets)[v],
-                                   source.maps(ref, x, targets)[v], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            source.maps(copy_model, x, targets)[v], source.maps(ref, x, targets)[v], rtol=1e-4, atol=1e-6
+        )
     # afterwards the working copy is back to the trained weights; the user's model untouched
     assert all(torch.equal(p.detach(), rm.originals[n]) for n, p in rm.params.items())
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
@@ -271,8 +290,10 @@ def test_eager_model_unchanged_and_no_hooks(shapes):
             assert np.mean(m.values) < 0.4, v.label
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert hook_counts(model) == 0
-    assert all(len(m._forward_hooks) == len(m._forward_pre_hooks) == len(m._backward_hooks) == 0
-               for m in model.modules())
+    assert all(
+        len(m._forward_hooks) == len(m._forward_pre_hooks) == len(m._backward_hooks) == 0
+        for m in model.modules()
+    )
     assert not any(m.training for m in model.modules())
 
 
@@ -309,8 +330,13 @@ def test_reinit_normal_scale_and_params_validation():
     d = reinit_values(p, list(p), 0, "default")
     bound = 1 / (32 * 9) ** 0.5
     assert d["a.weight"].abs().max().item() <= bound and d["a.bias"].abs().max().item() <= bound
-    for bad in ({"metric": "pearson"}, {"granularity": "cells"}, {"reinit": "xavier"},
-                {"max_images": 0}, {"independent": "yes"}):
+    for bad in (
+        {"metric": "pearson"},
+        {"granularity": "cells"},
+        {"reinit": "xavier"},
+        {"max_images": 0},
+        {"independent": "yes"},
+    ):
         with pytest.raises(UsageError):
             Randomization(params=bad)
     assert Randomization(params={"metric": "ssim"}).metric.startswith("SSIM")

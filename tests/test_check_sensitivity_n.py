@@ -20,8 +20,9 @@ from tests.checks_util import SAMPLES, make_batch
 SIZE = 16
 
 
-def linear_batch(n: int = 4, mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3), seed: int = 0,
-                 offset: float = 0.0) -> Batch:
+def linear_batch(
+    n: int = 4, mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3), seed: int = 0, offset: float = 0.0
+) -> Batch:
     """A linear classifier over flattened pixels and ``n`` random inputs (model space)."""
     gen = torch.Generator().manual_seed(seed)
     lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * SIZE * SIZE, 5)).eval()
@@ -31,7 +32,9 @@ def linear_batch(n: int = 4, mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3), seed: i
     lm = wrap_module(lin, input_size=SIZE, mean=",".join(map(str, mean)), std=",".join(map(str, std)))
     x = torch.randn(n, 3, SIZE, SIZE, generator=gen) + offset
     logits = lm.logits(x)
-    return Batch(lm, x, [f"img{i}.png" for i in range(n)], logits.argmax(1), logits, [None] * n, None, 0, 0, set())
+    return Batch(
+        lm, x, [f"img{i}.png" for i in range(n)], logits.argmax(1), logits, [None] * n, None, 0, 0, set()
+    )
 
 
 def measure(check, batch, name, posts=("signed", "abs")):
@@ -59,9 +62,13 @@ def test_linear_model_grad_x_input_is_exact_at_every_n(features):
 def test_baseline_matters_on_the_linear_model():
     """Black = zero when the model has no normalization; the per-image mean is not the reference."""
     plain = linear_batch(mean=(0, 0, 0), std=(1, 1, 1), offset=2.0)
-    m, _ = measure(SensitivityN({"baseline": "black", "subsets": 20}), plain, "grad_x_input", ["signed"])["grad_x_input/signed"]
+    m, _ = measure(SensitivityN({"baseline": "black", "subsets": 20}), plain, "grad_x_input", ["signed"])[
+        "grad_x_input/signed"
+    ]
     np.testing.assert_allclose(m.curves["correlation"], 1.0, atol=1e-6)
-    m, _ = measure(SensitivityN({"baseline": "mean", "subsets": 20}), plain, "grad_x_input", ["signed"])["grad_x_input/signed"]
+    m, _ = measure(SensitivityN({"baseline": "mean", "subsets": 20}), plain, "grad_x_input", ["signed"])[
+        "grad_x_input/signed"
+    ]
     assert m.curves["correlation"].mean() < 0.9
 
 
@@ -152,10 +159,14 @@ def test_output_changes_are_shared_by_methods_and_batch_split_invariant():
     maps = {n: s.maps(lm, digits.x, digits.targets) for n, s in srcs.items()}
     lm.logits = counting
     try:
-        first = {v.label: (m, None) for v, m in check.measure(digits, srcs["gradient"], maps["gradient"]).items()}
+        first = {
+            v.label: (m, None) for v, m in check.measure(digits, srcs["gradient"], maps["gradient"]).items()
+        }
         n_first = sum(calls)
-        second = {v.label: (m, None) for v, m in
-                  check.measure(digits, srcs["grad_x_input"], maps["grad_x_input"]).items()}
+        second = {
+            v.label: (m, None)
+            for v, m in check.measure(digits, srcs["grad_x_input"], maps["grad_x_input"]).items()
+        }
         assert sum(calls) == n_first == 3 * 4 * 12  # the second method reuses the output changes
     finally:
         del lm.logits

@@ -49,13 +49,20 @@ def test_pair_8_3_applies_to_images_predicted_8_only(digits, sources):
             assert any("skipped" in n for n in meas.notes)
             assert r.status in ("pass", "warn", "fail") and np.isfinite(r.value)
             json.dumps(_finite(asdict(r)), allow_nan=False)
-            numbers[v.label] = (r.status, r.value, meas.extra["flip_test"]["win_rate"],
-                                meas.extra["flip_test"]["p_value"], np.nanmean(meas.curves["flip"]),
-                                np.nanmean(meas.curves["flip_random"]))
+            numbers[v.label] = (
+                r.status,
+                r.value,
+                meas.extra["flip_test"]["win_rate"],
+                meas.extra["flip_test"]["p_value"],
+                np.nanmean(meas.curves["flip"]),
+                np.nanmean(meas.curves["flip_random"]),
+            )
     assert all(torch.equal(a, b) for a, b in zip(before, all_weights(digits.model)))
     for label, (status, value, win, p, flip, rnd) in numbers.items():
-        print(f"8→3 {label:16s} {status:5s} advantage {value:+.3f} (Δ log-odds {flip:+.2f} vs random "
-              f"{rnd:+.2f}) wins {win:.2f} p {p:.2g}")
+        print(
+            f"8→3 {label:16s} {status:5s} advantage {value:+.3f} (Δ log-odds {flip:+.2f} vs random "
+            f"{rnd:+.2f}) wins {win:.2f} p {p:.2g}"
+        )
     # the random orders remove as many pixels as the map: variants that remove the same
     # numbers of pixels share the random curve (it does not depend on the method)
 
@@ -109,13 +116,19 @@ def test_flip_matches_a_direct_computation(digits, sources):
     one = digits.select([i])
     v = next(v for v in m if v.label == "gradient/signed")
     check = SignFlip({"pairs": "8:3", "fractions": [0.2]})
-    meas = check.measure(one, src, {v: m[v][i:i + 1]})[v]
+    meas = check.measure(one, src, {v: m[v][i : i + 1]})[v]
     lm, x = digits.model, digits.x[i]
     d = m[v][i] - src.maps(lm, x[None], torch.tensor([3]))[v][0]
-    ties = {p: r for r, p in enumerate(__import__("saliaudit.checks.removal", fromlist=["x"])
-                                       .tie_breaks(0, [one.images[0]], 32 * 32)[0].tolist())}
+    ties = {
+        p: r
+        for r, p in enumerate(
+            __import__("saliaudit.checks.removal", fromlist=["x"])
+            .tie_breaks(0, [one.images[0]], 32 * 32)[0]
+            .tolist()
+        )
+    }
     vals = d.reshape(-1).double().tolist()
-    top = sorted(range(32 * 32), key=lambda p: (-vals[p], ties[p]))[:round(0.2 * 1024)]
+    top = sorted(range(32 * 32), key=lambda p: (-vals[p], ties[p]))[: round(0.2 * 1024)]
     xt = x.clone()
     mean = x.mean((1, 2))
     for p in top:
@@ -183,12 +196,38 @@ def test_methods_with_a_reference_remove_to_it():
 def test_baseline_dependent_caveat():
     from saliaudit.result import CheckResult
 
-    cell = CheckResult("sign_flip", "gradient", None, "pass", 0.5, "m", {}, "", post="signed",
-                       series={"baseline": "mean", "baseline_dependent": True,
-                               "other": {"baseline": "black", "status": "fail"}})
-    same = CheckResult("sign_flip", "gradient", None, "pass", 0.5, "m", {}, "", post="abs",
-                       series={"baseline": "mean", "baseline_dependent": False,
-                               "other": {"baseline": "black", "status": "pass"}})
+    cell = CheckResult(
+        "sign_flip",
+        "gradient",
+        None,
+        "pass",
+        0.5,
+        "m",
+        {},
+        "",
+        post="signed",
+        series={
+            "baseline": "mean",
+            "baseline_dependent": True,
+            "other": {"baseline": "black", "status": "fail"},
+        },
+    )
+    same = CheckResult(
+        "sign_flip",
+        "gradient",
+        None,
+        "pass",
+        0.5,
+        "m",
+        {},
+        "",
+        post="abs",
+        series={
+            "baseline": "mean",
+            "baseline_dependent": False,
+            "other": {"baseline": "black", "status": "pass"},
+        },
+    )
     (cav,) = SignFlip.caveats([cell, same], {})
     assert cav["kind"] == "baseline_dependent" and cav["variant"] == "gradient/signed"
     assert "PASS with mean removal but FAIL with black removal" in cav["message"]

@@ -32,13 +32,19 @@ STATUSES = {"pass", "warn", "fail", "error", "skipped"}
 
 # --------------------------------------------------------------------------- helpers / fixtures
 
+
 def tiny_cnn(seed: int = 0) -> torch.nn.Module:
     """Conv → BN (random statistics) → ReLU → pool → Linear, in eval mode, with logits of order 1."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     m = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    )
     with torch.no_grad():
         bn = m[1]
         bn.running_mean.copy_(torch.rand(4, generator=gen) - 0.5)
@@ -54,8 +60,9 @@ def tiny_cnn(seed: int = 0) -> torch.nn.Module:
 
 def export_pt2(path: Path, seed: int = 0) -> Path:
     m = tiny_cnn(seed)
-    ep = torch.export.export(m, (torch.rand(2, 3, 16, 16),),
-                             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    ep = torch.export.export(
+        m, (torch.rand(2, 3, 16, 16),), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},)
+    )
     torch.export.save(ep, str(path), extra_files={"saliaudit.json": json.dumps(META)})
     return path
 
@@ -144,11 +151,11 @@ def report(runner: CliRunner, model: Path, images: Path, out: Path, *extra, env=
     unless the test picks methods or checks (the checks have their own tests)."""
     pick = [] if any(str(e) == "--methods" for e in extra) else ["--methods", "fullgrad"]
     pick += [] if any(str(e) == "--checks" for e in extra) else ["--checks", "completeness"]
-    return run(runner, "report", model, images, "-o", out, "--format", "json", "-q", *pick,
-               *extra, env=env)
+    return run(runner, "report", model, images, "-o", out, "--format", "json", "-q", *pick, *extra, env=env)
 
 
 # --------------------------------------------------------------------------- basic commands
+
 
 def test_version(runner):
     result = run(runner, "--version")
@@ -170,6 +177,7 @@ def test_no_arguments_shows_help(runner):
 
 
 # --------------------------------------------------------------------------- a good run
+
 
 def test_report_json_contract(runner, assets, tmp_path):
     out = tmp_path / "out"
@@ -235,7 +243,8 @@ def test_report_json_contract(runner, assets, tmp_path):
         assert math.isfinite(r["logit"]) and math.isfinite(r["reconstructed"])
         assert 0 <= r["relative_residual"] < 1e-3
         assert r["relative_residual"] == pytest.approx(
-            abs(r["logit"] - r["reconstructed"]) / max(abs(r["logit"]), 1e-6), rel=1e-3, abs=1e-9)
+            abs(r["logit"] - r["reconstructed"]) / max(abs(r["logit"]), 1e-6), rel=1e-3, abs=1e-9
+        )
 
     timings = doc["timings"]
     assert timings["total_s"] > 0
@@ -259,8 +268,21 @@ def test_report_json_contract(runner, assets, tmp_path):
 def test_report_terminal_summary(runner, assets, tmp_path):
     """Without -q the verdict table and the overall line are printed (progress on stderr)."""
     out = tmp_path / "out"
-    result = run(runner, "report", assets["model"], assets["images"], "-o", out, "--no-overlays",
-                 "--psi", "paper", "--methods", "fullgrad", "--checks", "completeness")
+    result = run(
+        runner,
+        "report",
+        assets["model"],
+        assets["images"],
+        "-o",
+        out,
+        "--no-overlays",
+        "--psi",
+        "paper",
+        "--methods",
+        "fullgrad",
+        "--checks",
+        "completeness",
+    )
     assert result.exit_code == 0, result.output
     assert "completeness" in result.output
     assert "PASS" in result.output
@@ -282,8 +304,7 @@ def test_psi_limits_maps(runner, assets, tmp_path):
 
 def test_max_images(runner, assets, tmp_path):
     out = tmp_path / "out"
-    result = report(runner, assets["model"], assets["images"], out, "--max-images", "2",
-                    "--no-overlays")
+    result = report(runner, assets["model"], assets["images"], out, "--max-images", "2", "--no-overlays")
     assert result.exit_code == 0, result.output
     doc = load_results(out)
     assert doc["inputs"]["loaded"] == 2
@@ -297,8 +318,19 @@ def test_sample_is_reproducible(runner, tmp_path, assets):
     picked = []
     for i in range(2):
         out = tmp_path / f"out{i}"
-        result = report(runner, assets["model"], images, out, "--sample", "2", "--seed", "3",
-                        "--no-overlays", "--psi", "paper")
+        result = report(
+            runner,
+            assets["model"],
+            images,
+            out,
+            "--sample",
+            "2",
+            "--seed",
+            "3",
+            "--no-overlays",
+            "--psi",
+            "paper",
+        )
         assert result.exit_code == 0, result.output
         doc = load_results(out)
         assert doc["run"]["seed"] == 3
@@ -320,6 +352,7 @@ def test_no_overlays_writes_no_maps(runner, assets, tmp_path):
 
 
 # --------------------------------------------------------------------------- images
+
 
 def test_bad_images_are_skipped_with_reasons(runner, assets, tmp_path):
     images = make_images(tmp_path / "imgs", 2)
@@ -366,6 +399,7 @@ def test_all_images_bad_exit_4(runner, assets, tmp_path):
 
 # --------------------------------------------------------------------------- models
 
+
 def test_missing_model_exit_3(runner, assets, tmp_path):
     missing = tmp_path / "no_such_model.pt2"
     result = report(runner, missing, assets["images"], tmp_path / "out")
@@ -394,8 +428,18 @@ def test_pickled_module_refused_without_trust(runner, assets, tmp_path):
     result = report(runner, path, assets["images"], tmp_path / "out")
     assert_one_line_error(result, 3, "pickled.pt", "--trust-model")
     # with --trust-model the same file is audited
-    result = report(runner, path, assets["images"], tmp_path / "out2", "--trust-model",
-                    "--input-size", "16", "--no-overlays", "--psi", "paper")
+    result = report(
+        runner,
+        path,
+        assets["images"],
+        tmp_path / "out2",
+        "--trust-model",
+        "--input-size",
+        "16",
+        "--no-overlays",
+        "--psi",
+        "paper",
+    )
     assert result.exit_code == 0, result.output
     doc = load_results(tmp_path / "out2")
     assert doc["model"]["format"] == "pickle"
@@ -439,14 +483,18 @@ def test_state_dict_without_arch_exit_2(runner, assets, tmp_path):
 
 # --------------------------------------------------------------------------- option values
 
-@pytest.mark.parametrize("flag, value", [
-    ("--fail-on", "maybe"),
-    ("--batch-size", "0"),
-    ("--psi", "nope"),
-    ("--format", "pdfx"),
-    ("--max-images", "0"),
-    ("--seed", "-1"),
-])
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--fail-on", "maybe"),
+        ("--batch-size", "0"),
+        ("--psi", "nope"),
+        ("--format", "pdfx"),
+        ("--max-images", "0"),
+        ("--seed", "-1"),
+    ],
+)
 def test_bad_option_values_exit_2(runner, assets, tmp_path, flag, value):
     out = tmp_path / "out"
     result = report(runner, assets["model"], assets["images"], out, flag, value)
@@ -462,6 +510,7 @@ def test_non_integer_option_is_a_usage_error(runner, assets, tmp_path):
 
 # --------------------------------------------------------------------------- the --fail-on gate
 
+
 def test_fail_on_gate(runner, assets, tmp_path):
     env = {"SALIAUDIT_COMPLETENESS_TOLERANCE": "1e-30"}
     out = tmp_path / "out"
@@ -475,20 +524,23 @@ def test_fail_on_gate(runner, assets, tmp_path):
     assert doc["checks"][0]["thresholds"] == {"fail": 1e-30}
     assert doc["config"]["sources"]["completeness_tolerance"] == "environment"
 
-    result = report(runner, assets["model"], assets["images"], out, "--no-overlays",
-                    "--fail-on", "never", env=env)
+    result = report(
+        runner, assets["model"], assets["images"], out, "--no-overlays", "--fail-on", "never", env=env
+    )
     assert result.exit_code == 0, result.output
     doc = load_results(out)
     assert doc["summary"]["status"] == "fail"  # the verdict is still recorded
     assert doc["summary"]["fail_on"] == "never"
 
     # --fail-on warn is stricter than fail: a FAIL trips it too
-    result = report(runner, assets["model"], assets["images"], out, "--no-overlays",
-                    "--fail-on", "warn", env=env)
+    result = report(
+        runner, assets["model"], assets["images"], out, "--no-overlays", "--fail-on", "warn", env=env
+    )
     assert result.exit_code == 1, result.output
 
 
 # --------------------------------------------------------------------------- configuration
+
 
 def test_config_precedence(runner, assets, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -543,8 +595,9 @@ def test_explicit_config_file(runner, assets, tmp_path):
 
 
 def test_missing_explicit_config_exit_2(runner, assets, tmp_path):
-    result = report(runner, assets["model"], assets["images"], tmp_path / "out",
-                    "--config", tmp_path / "nope.toml")
+    result = report(
+        runner, assets["model"], assets["images"], tmp_path / "out", "--config", tmp_path / "nope.toml"
+    )
     assert_one_line_error(result, 2, "nope.toml")
 
 
@@ -552,7 +605,8 @@ def test_pyproject_tool_table(runner, assets, tmp_path, monkeypatch):
     project = tmp_path / "project"
     (project / "sub").mkdir(parents=True)
     (project / "pyproject.toml").write_text(
-        '[project]\nname = "x"\n\n[tool.saliaudit]\nbatch_size = 3\npsi = "abs"\n', encoding="utf-8")
+        '[project]\nname = "x"\n\n[tool.saliaudit]\nbatch_size = 3\npsi = "abs"\n', encoding="utf-8"
+    )
     monkeypatch.chdir(project / "sub")  # found by walking up
     out = tmp_path / "out"
     result = report(runner, assets["model"], assets["images"], out, "--no-overlays")
@@ -585,18 +639,21 @@ def test_malformed_config_file_exit_2(runner, assets, tmp_path):
 
 
 def test_invalid_env_value_exit_2(runner, assets, tmp_path):
-    result = report(runner, assets["model"], assets["images"], tmp_path / "out",
-                    env={"SALIAUDIT_BATCH_SIZE": "zero"})
+    result = report(
+        runner, assets["model"], assets["images"], tmp_path / "out", env={"SALIAUDIT_BATCH_SIZE": "zero"}
+    )
     assert_one_line_error(result, 2, "SALIAUDIT_BATCH_SIZE", "'zero'")
 
 
 def test_unknown_env_variable_exit_2(runner, assets, tmp_path):
-    result = report(runner, assets["model"], assets["images"], tmp_path / "out",
-                    env={"SALIAUDIT_BATCHSIZE": "2"})
+    result = report(
+        runner, assets["model"], assets["images"], tmp_path / "out", env={"SALIAUDIT_BATCHSIZE": "2"}
+    )
     assert_one_line_error(result, 2, "SALIAUDIT_BATCHSIZE")
 
 
 # --------------------------------------------------------------------------- the output folder
+
 
 def test_non_empty_foreign_output_folder(runner, assets, tmp_path):
     out = tmp_path / "mine"
@@ -636,14 +693,25 @@ def test_rerun_into_previous_output(runner, assets, tmp_path):
 
 
 def test_default_output_folder(runner, assets, tmp_path):
-    result = run(runner, "report", assets["model"], assets["images"], "-q", "--no-overlays",
-                 "--methods", "fullgrad", "--checks", "completeness")
+    result = run(
+        runner,
+        "report",
+        assets["model"],
+        assets["images"],
+        "-q",
+        "--no-overlays",
+        "--methods",
+        "fullgrad",
+        "--checks",
+        "completeness",
+    )
     assert result.exit_code == 0, result.output
     doc = load_results(tmp_path / "saliaudit-report")
     assert doc["config"]["sources"]["output"] == "default"
 
 
 # --------------------------------------------------------------------------- the user's model file
+
 
 def test_model_file_never_written(runner, tmp_path):
     model = export_pt2(tmp_path / "user_model.pt2", seed=1)
@@ -657,8 +725,14 @@ def test_model_file_never_written(runner, tmp_path):
     assert (sha256(model), model.stat().st_mtime_ns, model.stat().st_size) == before
 
     # failing runs: the gate (exit 1) and no usable image (exit 4)
-    result = report(runner, model, images, tmp_path / "gate", "--no-overlays",
-                    env={"SALIAUDIT_COMPLETENESS_TOLERANCE": "1e-30"})
+    result = report(
+        runner,
+        model,
+        images,
+        tmp_path / "gate",
+        "--no-overlays",
+        env={"SALIAUDIT_COMPLETENESS_TOLERANCE": "1e-30"},
+    )
     assert result.exit_code == 1, result.output
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -669,12 +743,22 @@ def test_model_file_never_written(runner, tmp_path):
 
 # --------------------------------------------------------------------------- determinism
 
+
 def test_same_seed_same_numbers(runner, assets, tmp_path):
     docs = []
     for i in range(2):
         out = tmp_path / f"run{i}"
-        result = report(runner, assets["model"], assets["images"], out, "--seed", "4",
-                        "--no-overlays", "--batch-size", "2")
+        result = report(
+            runner,
+            assets["model"],
+            assets["images"],
+            out,
+            "--seed",
+            "4",
+            "--no-overlays",
+            "--batch-size",
+            "2",
+        )
         assert result.exit_code == 0, result.output
         docs.append(load_results(out))
     a, b = docs
@@ -689,8 +773,9 @@ def test_batch_size_does_not_change_numbers(runner, assets, tmp_path):
     docs = []
     for bs in (1, 8):
         out = tmp_path / f"bs{bs}"
-        result = report(runner, assets["model"], assets["images"], out, "--batch-size", str(bs),
-                        "--no-overlays")
+        result = report(
+            runner, assets["model"], assets["images"], out, "--batch-size", str(bs), "--no-overlays"
+        )
         assert result.exit_code == 0, result.output
         docs.append(load_results(out))
     for r1, r8 in zip(docs[0]["completeness"], docs[1]["completeness"]):
@@ -700,15 +785,31 @@ def test_batch_size_does_not_change_numbers(runner, assets, tmp_path):
 
 # --------------------------------------------------------------------------- the real entry point
 
+
 @pytest.mark.slow  # 8.5 s: a new interpreter imports torch
 def test_python_dash_m_entry_point(assets, tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SALIAUDIT_")}
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    cmd = [sys.executable, "-m", "saliaudit", "report", str(assets["model"]), str(assets["images"]),
-           "-o", str(out), "--format", "json", "--psi", "paper,signed", "--methods", "fullgrad",
-           "--checks", "completeness"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "saliaudit",
+        "report",
+        str(assets["model"]),
+        str(assets["images"]),
+        "-o",
+        str(out),
+        "--format",
+        "json",
+        "--psi",
+        "paper,signed",
+        "--methods",
+        "fullgrad",
+        "--checks",
+        "completeness",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -718,11 +819,13 @@ def test_python_dash_m_entry_point(assets, tmp_path):
     assert len(doc["maps"]) == 6
 
     # a usage error through the real entry point: exit 2, one line on stderr
-    proc = subprocess.run(cmd + ["--fail-on", "maybe"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        cmd + ["--fail-on", "maybe"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2
     assert [ln for ln in proc.stderr.splitlines() if ln.strip()] == [
-        "saliaudit: error: invalid --fail-on: expected one of fail, warn, never, got 'maybe'"]
+        "saliaudit: error: invalid --fail-on: expected one of fail, warn, never, got 'maybe'"
+    ]
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", pytest.param("SIGTERM", marks=pytest.mark.slow)])  # 5 s each
@@ -736,11 +839,27 @@ def test_interrupted_run_keeps_partial_results_exit_130(assets, tmp_path, signam
     env["PYTHONUNBUFFERED"] = "1"
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    cmd = [sys.executable, "-m", "saliaudit", "report", str(assets["model"]), str(images),
-           "-o", str(out), "--batch-size", "1", "--methods", "fullgrad", "--checks", "completeness",
-           "--format", "json"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "saliaudit",
+        "report",
+        str(assets["model"]),
+        str(images),
+        "-o",
+        str(out),
+        "--batch-size",
+        "1",
+        "--methods",
+        "fullgrad",
+        "--checks",
+        "completeness",
+        "--format",
+        "json",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 240
 
     def started() -> bool:  # overlays of the third image exist: two batches (of 1) are complete

@@ -32,8 +32,20 @@ def test_explain_writes_a_png_for_fullgrad_and_a_method(runner, assets, tmp_path
     names = [n for n in method_names() if METHODS[n].option == "post"]
     if names:
         out2 = tmp_path / "m.png"
-        result = run(runner, "explain", assets["model"], image, "--method", names[0],
-                     "--post", "abs", "--target", "1", "-o", out2)
+        result = run(
+            runner,
+            "explain",
+            assets["model"],
+            image,
+            "--method",
+            names[0],
+            "--post",
+            "abs",
+            "--target",
+            "1",
+            "-o",
+            out2,
+        )
         assert result.exit_code == 0, result.output
         assert "class 1" in result.output and out2.exists()
 
@@ -51,8 +63,18 @@ def test_report_with_comparison_methods(runner, assets, tmp_path):
     if not names:
         pytest.skip("no comparison method registered")
     out = tmp_path / "out"
-    result = report(runner, assets["model"], assets["images"], out,
-                    "--methods", ",".join(["fullgrad", *names]), "--psi", "paper", "--post", "signed")
+    result = report(
+        runner,
+        assets["model"],
+        assets["images"],
+        out,
+        "--methods",
+        ",".join(["fullgrad", *names]),
+        "--psi",
+        "paper",
+        "--post",
+        "signed",
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "results.json").read_text())
     assert [m["method"] for m in doc["methods"]] == ["fullgrad", *names]
@@ -70,8 +92,7 @@ def test_a_failing_method_is_recorded_and_the_audit_goes_on(runner, assets, tmp_
 
     try:
         out = tmp_path / "out"
-        result = report(runner, assets["model"], assets["images"], out,
-                        "--methods", "fullgrad,test_broken")
+        result = report(runner, assets["model"], assets["images"], out, "--methods", "fullgrad,test_broken")
         assert result.exit_code == 0, result.output
         doc = json.loads((out / "results.json").read_text())
         entry = next(m for m in doc["methods"] if m["method"] == "test_broken")
@@ -94,8 +115,16 @@ def test_internals_methods_skipped_on_torchscript(runner, assets, tmp_path):
         path = tmp_path / "ts.pt"
         torch.jit.trace(tiny_cnn(), torch.rand(1, 3, 16, 16)).save(str(path))
         out = tmp_path / "out"
-        result = report(runner, path, assets["images"], out, "--input-size", "16",
-                        "--methods", "fullgrad,test_internal,test_plain")
+        result = report(
+            runner,
+            path,
+            assets["images"],
+            out,
+            "--input-size",
+            "16",
+            "--methods",
+            "fullgrad,test_internal,test_plain",
+        )
         assert result.exit_code in (0, 1), result.output
         doc = json.loads((out / "results.json").read_text())
         status = {m["method"]: m for m in doc["methods"]}

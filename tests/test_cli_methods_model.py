@@ -27,8 +27,11 @@ from saliaudit.methods.cam import cam_layers, find_cam_layer
 from .test_cli import _clean_env, run, tiny_cnn  # noqa: F401  (_clean_env: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
-CAM_LINE = re.compile(r"^CAM layer for (.+?): (\S+) \(override with --cam-layer\); "
-                      r"spatial layers: (.+)$", re.MULTILINE)
+CAM_LINE = re.compile(
+    r"^CAM layer for (.+?): (\S+) \(override with --cam-layer\); "
+    r"spatial layers: (.+)$",
+    re.MULTILINE,
+)
 
 
 @pytest.fixture
@@ -116,8 +119,13 @@ def test_methods_model_missing_file_is_one_line_error(cli_runner, tmp_path):
 @pytest.mark.slow  # 60 s: every method through bench/methods.py
 def test_bench_methods_quick_lists_every_method_with_a_finite_ratio():
     # one thread: two OpenMP threads on a busy 2-core machine can be 100x slower (spin-waits)
-    proc = subprocess.run([sys.executable, "bench/methods.py", "--quick", "--threads", "1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=800)
+    proc = subprocess.run(
+        [sys.executable, "bench/methods.py", "--quick", "--threads", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=800,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {}
     for line in proc.stdout.splitlines():

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from saliaudit.config import (FAIL_ON, FORMATS, SETTINGS, AuditConfig, find_config_file,
-                              resolve_config)
+from saliaudit.config import FAIL_ON, FORMATS, SETTINGS, AuditConfig, find_config_file, resolve_config
 from saliaudit.errors import EXIT_USAGE, UsageError
 from saliaudit.psi import PSI_PRESETS
 
@@ -33,6 +32,7 @@ def write(path: Path, text: str) -> Path:
 
 
 # --------------------------------------------------------------------------- defaults
+
 
 def test_defaults(tmp_path):
     cfg = resolve(cwd=tmp_path)
@@ -81,6 +81,7 @@ def test_attribute_access(tmp_path):
 
 # --------------------------------------------------------------------------- precedence
 
+
 def test_precedence_and_sources(tmp_path):
     cfg_file = write(tmp_path / "saliaudit.toml", "seed = 5\nbatch_size = 2\nfail_on = 'warn'\n")
     environ = {"SALIAUDIT_SEED": "7", "SALIAUDIT_BATCH_SIZE": "3", "PATH": "/bin", "OTHER_SEED": "1"}
@@ -111,8 +112,7 @@ def test_false_flag_is_given(tmp_path):
 
 
 def test_flag_zero_is_given_and_validated(tmp_path):
-    message = usage_error({"seed": 0, "batch_size": 0}, environ={"SALIAUDIT_BATCH_SIZE": "4"},
-                          cwd=tmp_path)
+    message = usage_error({"seed": 0, "batch_size": 0}, environ={"SALIAUDIT_BATCH_SIZE": "4"}, cwd=tmp_path)
     assert message.startswith("invalid --batch-size:")
 
 
@@ -126,8 +126,10 @@ def test_explicit_config_file_replaces_discovery(tmp_path):
 
 
 def test_explicit_pyproject_uses_tool_table(tmp_path):
-    py = write(tmp_path / "x" / "pyproject.toml",
-               "[project]\nname = 'demo'\n[tool.saliaudit]\nseed = 11\n[tool.other]\nseed = 1\n")
+    py = write(
+        tmp_path / "x" / "pyproject.toml",
+        "[project]\nname = 'demo'\n[tool.saliaudit]\nseed = 11\n[tool.other]\nseed = 1\n",
+    )
     cfg = resolve(cwd=tmp_path, config_file=py)
     assert cfg.seed == 11 and cfg.sources["seed"] == f"config file {py}"
 
@@ -151,13 +153,17 @@ def test_explicit_config_that_is_a_folder(tmp_path):
 
 # --------------------------------------------------------------------------- parsing
 
-@pytest.mark.parametrize("raw, expected", [
-    ("paper", ["paper"]),
-    ("paper,signed", ["paper", "signed"]),
-    (" paper , signed ,", ["paper", "signed"]),
-    ("signed,paper,signed", ["signed", "paper"]),  # order kept, duplicates dropped
-    (["abs", "per-channel"], ["abs", "per-channel"]),
-])
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("paper", ["paper"]),
+        ("paper,signed", ["paper", "signed"]),
+        (" paper , signed ,", ["paper", "signed"]),
+        ("signed,paper,signed", ["signed", "paper"]),  # order kept, duplicates dropped
+        (["abs", "per-channel"], ["abs", "per-channel"]),
+    ],
+)
 def test_parse_lists(tmp_path, raw, expected):
     assert resolve({"psi": raw}, cwd=tmp_path).psi == expected
 
@@ -184,9 +190,14 @@ def test_format_choices():
 
 @pytest.mark.parametrize("raw, expected", [("4", 4), (" 12 ", 12), (4096, 4096), ("1", 1)])
 def test_parse_ints(tmp_path, raw, expected):
-    assert resolve(environ={"SALIAUDIT_BATCH_SIZE": raw} if isinstance(raw, str) else None,
-                   flags=None if isinstance(raw, str) else {"batch_size": raw},
-                   cwd=tmp_path).batch_size == expected
+    assert (
+        resolve(
+            environ={"SALIAUDIT_BATCH_SIZE": raw} if isinstance(raw, str) else None,
+            flags=None if isinstance(raw, str) else {"batch_size": raw},
+            cwd=tmp_path,
+        ).batch_size
+        == expected
+    )
 
 
 @pytest.mark.parametrize("raw", ["0", "4097", "-1", "2.5", "eight", "", "1e3"])
@@ -213,9 +224,17 @@ def test_seed_bounds(tmp_path):
     assert usage_error({"seed": -1}, cwd=tmp_path).startswith("invalid --seed: ")
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("1", 1), ("3", 3), ("none", None), ("None", None), ("", None), ("  ", None),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("1", 1),
+        ("3", 3),
+        ("none", None),
+        ("None", None),
+        ("", None),
+        ("  ", None),
+    ],
+)
 def test_optional_ints(tmp_path, raw, expected):
     cfg = resolve(environ={"SALIAUDIT_MAX_IMAGES": raw}, cwd=tmp_path)
     assert cfg.max_images == expected
@@ -227,10 +246,21 @@ def test_optional_int_still_validated(tmp_path):
     assert message == "invalid --sample: expected an integer at least 1, got 0"
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("1", True), ("true", True), ("TRUE", True), ("yes", True), ("on", True),
-    ("0", False), ("false", False), ("No", False), ("off", False), (" true ", True),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("1", True),
+        ("true", True),
+        ("TRUE", True),
+        ("yes", True),
+        ("on", True),
+        ("0", False),
+        ("false", False),
+        ("No", False),
+        ("off", False),
+        (" true ", True),
+    ],
+)
 def test_parse_bools(tmp_path, raw, expected):
     cfg = resolve(environ={"SALIAUDIT_OVERLAYS": raw, "SALIAUDIT_FORCE": raw}, cwd=tmp_path)
     assert cfg.overlays is expected and cfg.force is expected
@@ -287,14 +317,16 @@ def test_bool_is_not_a_tolerance(tmp_path):
 
 
 def test_text_settings(tmp_path):
-    cfg = resolve({"output": "out dir", "device": "cpu", "arch": "resnet18", "input_size": "224,192"},
-                  cwd=tmp_path)
+    cfg = resolve(
+        {"output": "out dir", "device": "cpu", "arch": "resnet18", "input_size": "224,192"}, cwd=tmp_path
+    )
     assert cfg.output == "out dir" and cfg.device == "cpu"
     assert cfg.arch == "resnet18" and cfg.input_size == "224,192"
     assert resolve({"arch": "none"}, cwd=tmp_path).arch is None
 
 
 # --------------------------------------------------------------------------- key names and errors
+
 
 def test_keys_are_normalized_in_files(tmp_path):
     write(tmp_path / "saliaudit.toml", "Batch-Size = 4\nmax-images = 2\n")
@@ -328,8 +360,9 @@ def test_other_environment_variables_are_ignored(tmp_path):
 def test_invalid_value_in_file_names_key_and_file(tmp_path):
     path = write(tmp_path / "saliaudit.toml", 'fail_on = "sometimes"\n')
     message = usage_error(cwd=tmp_path)
-    assert message == (f"invalid fail_on in config file {path.resolve()}: "
-                       "expected one of fail, warn, never, got 'sometimes'")
+    assert message == (
+        f"invalid fail_on in config file {path.resolve()}: expected one of fail, warn, never, got 'sometimes'"
+    )
 
 
 def test_invalid_flag_wording(tmp_path):
@@ -351,6 +384,7 @@ def test_config_file_not_utf8(tmp_path):
 
 
 # --------------------------------------------------------------------------- find_config_file
+
 
 def test_find_config_file_none(tmp_path):
     assert find_config_file(tmp_path) is None

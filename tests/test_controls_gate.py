@@ -17,37 +17,52 @@ from saliaudit.result import AuditResult, CheckResult, gate_failed, gate_status
 
 
 def _cell(check: str, method: str, status: str, post: str | None = "signed") -> CheckResult:
-    c = CheckResult(check, method, None, status, 0.9 if status != "pass" else 0.1, "m",
-                    {"fail": 0.7, "warn": 0.4}, f"{status} message", post=post)
+    c = CheckResult(
+        check,
+        method,
+        None,
+        status,
+        0.9 if status != "pass" else 0.1,
+        "m",
+        {"fail": 0.7, "warn": 0.4},
+        f"{status} message",
+        post=post,
+    )
     c.control = control_expectation(c, get_check(check)())
     return c
 
 
 def _result(cells: list[CheckResult], fail_on: str = "fail") -> AuditResult:
-    r = AuditResult(tool={"name": "saliaudit", "version": "t"}, run={}, config={}, model={},
-                    inputs={}, checks=cells)
+    r = AuditResult(
+        tool={"name": "saliaudit", "version": "t"}, run={}, config={}, model={}, inputs={}, checks=cells
+    )
     r.summarize(fail_on)
     return r
 
 
-@pytest.mark.parametrize("check,method,status,expected", [
-    ("class_sensitivity", "random", "fail", "expected"),
-    ("randomization", "edge", "fail", "expected"),
-    ("class_sensitivity", "edge", "pass", "unexpected"),
-    ("perturbation", "random", "warn", "expected"),
-    ("perturbation", "edge", "pass", "reference"),  # edges may beat a random order
-    ("randomization", "random", "error", "reference"),
-    ("class_sensitivity", "gradient", "fail", None),
-    ("class_sensitivity", "fullgrad", "fail", None),
-])
+@pytest.mark.parametrize(
+    "check,method,status,expected",
+    [
+        ("class_sensitivity", "random", "fail", "expected"),
+        ("randomization", "edge", "fail", "expected"),
+        ("class_sensitivity", "edge", "pass", "unexpected"),
+        ("perturbation", "random", "warn", "expected"),
+        ("perturbation", "edge", "pass", "reference"),  # edges may beat a random order
+        ("randomization", "random", "error", "reference"),
+        ("class_sensitivity", "gradient", "fail", None),
+        ("class_sensitivity", "fullgrad", "fail", None),
+    ],
+)
 def test_control_expectation(check, method, status, expected):
     assert _cell(check, method, status).control == expected
 
 
 def test_expected_control_failures_do_not_gate():
-    cells = [_cell("class_sensitivity", "gradcam", "pass"),
-             _cell("class_sensitivity", "random", "fail"),
-             _cell("randomization", "edge", "fail")]
+    cells = [
+        _cell("class_sensitivity", "gradcam", "pass"),
+        _cell("class_sensitivity", "random", "fail"),
+        _cell("randomization", "edge", "fail"),
+    ]
     r = _result(cells)
     assert not r.summary["gate_failed"] and r.summary["status"] == "pass"
     assert r.summary["counts"]["fail"] == 0 and r.summary["counts"]["pass"] == 1
@@ -65,8 +80,11 @@ def test_control_that_passes_is_a_warning_and_a_caveat():
     assert r.summary["status"] == "warn" and r.summary["controls"]["unexpected"] == 1
     cav = [c for c in compute_caveats([bad], None, {}) if c["kind"] == "control_passes"]
     assert len(cav) == 1 and "class_sensitivity" in cav[0]["message"] and "edge" in cav[0]["message"]
-    assert not [c for c in compute_caveats([_cell("class_sensitivity", "edge", "fail")], None, {})
-                if c["kind"] == "control_passes"]
+    assert not [
+        c
+        for c in compute_caveats([_cell("class_sensitivity", "edge", "fail")], None, {})
+        if c["kind"] == "control_passes"
+    ]
 
 
 def test_an_error_in_a_control_still_counts():
@@ -75,8 +93,11 @@ def test_an_error_in_a_control_still_counts():
 
 
 def test_junit_and_ci_judge_controls_as_the_gate_does():
-    cells = [_cell("class_sensitivity", "random", "fail"), _cell("class_sensitivity", "edge", "pass"),
-             _cell("class_sensitivity", "gradient", "fail")]
+    cells = [
+        _cell("class_sensitivity", "random", "fail"),
+        _cell("class_sensitivity", "edge", "pass"),
+        _cell("class_sensitivity", "gradient", "fail"),
+    ]
     doc = _result(cells).to_dict()
     assert [gate_status_of(c) for c in doc["checks"]] == ["pass", "warn", "fail"]
     root = ET.fromstring(render_junit(doc))

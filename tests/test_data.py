@@ -54,7 +54,18 @@ def decode_error(path: Path, **kw) -> str:
 
 
 def test_extensions():
-    assert {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"} == IMAGE_EXTENSIONS
+    assert {
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".bmp",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+    } == IMAGE_EXTENSIONS
 
 
 def test_folder_walk_sorted_recursive_and_filters(tmp_path):
@@ -78,7 +89,11 @@ def test_imagefolder_labels(tmp_path):
     listing = find_images(tmp_path)
     assert listing.class_names == ["bird", "cat", "dog"]
     assert [(e.rel, e.label) for e in listing.entries] == [
-        ("bird/x.jpg", 0), ("cat/1.png", 1), ("cat/2.png", 1), ("dog/1.png", 2)]
+        ("bird/x.jpg", 0),
+        ("cat/1.png", 1),
+        ("cat/2.png", 1),
+        ("dog/1.png", 2),
+    ]
 
 
 def test_not_imagefolder_when_mixed_depth_or_single_class(tmp_path):
@@ -213,6 +228,7 @@ def test_decode_rgb_png(tmp_path):
     assert d.original_mode == "RGB" and d.notes == []
     assert np.array_equal(np.asarray(d.image), np.asarray(img))
     import hashlib
+
     assert d.sha256 == hashlib.sha256(p.read_bytes()).hexdigest()
 
 
@@ -235,7 +251,9 @@ def test_empty_file(tmp_path):
     assert "empty file" in decode_error(p)
 
 
-@pytest.mark.parametrize("fmt,name", [("PNG", "t.png"), ("JPEG", "t.jpg"), ("GIF", "t.gif"), ("TIFF", "t.tif")])
+@pytest.mark.parametrize(
+    "fmt,name", [("PNG", "t.png"), ("JPEG", "t.jpg"), ("GIF", "t.gif"), ("TIFF", "t.tif")]
+)
 def test_truncated(tmp_path, fmt, name):
     buf = io.BytesIO()
     rgb_image(64, 64).save(buf, fmt)
@@ -437,8 +455,12 @@ def _png_chunk(tag: bytes, payload: bytes) -> bytes:
 
 def test_zero_sized_png_is_rejected(tmp_path):
     ihdr = struct.pack(">IIBBBBB", 0, 5, 8, 0, 0, 0, 0)
-    blob = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(b"")) \
+    blob = (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(b""))
         + _png_chunk(b"IEND", b"")
+    )
     p = tmp_path / "zero.png"
     p.write_bytes(blob)
     decode_error(p)
@@ -446,8 +468,15 @@ def test_zero_sized_png_is_rejected(tmp_path):
 
 def test_corrupted_bytes_never_raise_other_errors(tmp_path):
     rng = np.random.default_rng(1)
-    for fmt, ext in [("PNG", ".png"), ("JPEG", ".jpg"), ("GIF", ".gif"), ("TIFF", ".tif"), ("BMP", ".bmp"),
-                     ("WEBP", ".webp"), ("PPM", ".ppm")]:
+    for fmt, ext in [
+        ("PNG", ".png"),
+        ("JPEG", ".jpg"),
+        ("GIF", ".gif"),
+        ("TIFF", ".tif"),
+        ("BMP", ".bmp"),
+        ("WEBP", ".webp"),
+        ("PPM", ".ppm"),
+    ]:
         buf = io.BytesIO()
         rgb_image(24, 24).save(buf, fmt)
         good = buf.getvalue()
@@ -478,7 +507,13 @@ def test_iter_decoded_order_skips_and_duplicates(tmp_path):
     it = iter_decoded(listing, max_pixels=1_000_000)
     assert isinstance(it, types.GeneratorType)
     items = list(it)
-    assert [type(x).__name__ for x in items] == ["DecodedImage", "Skipped", "Skipped", "DecodedImage", "Skipped"]
+    assert [type(x).__name__ for x in items] == [
+        "DecodedImage",
+        "Skipped",
+        "Skipped",
+        "DecodedImage",
+        "Skipped",
+    ]
     assert items[1] == Skipped("b.png", items[1].reason) and "not an image" in items[1].reason
     assert not items[1].reason.startswith("b.png")
     assert "duplicate of a.png" in items[2].reason

@@ -19,14 +19,20 @@ _LINK = re.compile(r"\]\(([^)\s]+)\)")
 def _product_files() -> list[Path]:
     files = [ROOT / "README.md"]
     for folder in ("saliaudit", "templates"):
-        files += [p for p in (ROOT / folder).rglob("*")
-                  if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".ttf", ".pyc")]
+        files += [
+            p
+            for p in (ROOT / folder).rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".ttf", ".pyc")
+        ]
     return files
 
 
 def test_no_reference_to_an_external_design_document():
-    offenders = [str(p.relative_to(ROOT)) for p in _product_files()
-                 if "design.md" in p.read_text(encoding="utf-8", errors="ignore")]
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in _product_files()
+        if "design.md" in p.read_text(encoding="utf-8", errors="ignore")
+    ]
     assert not offenders, f"refer to docs/ instead of design.md in: {offenders}"
 
 
@@ -36,8 +42,9 @@ def _mentioned(name: str, text: str) -> bool:
 
 @pytest.mark.parametrize("name", method_names())
 def test_every_method_is_documented(name):
-    assert _mentioned(name, (DOCS / "methods.md").read_text(encoding="utf-8")), \
+    assert _mentioned(name, (DOCS / "methods.md").read_text(encoding="utf-8")), (
         f"method {name!r} is registered but not documented in docs/methods.md"
+    )
 
 
 @pytest.mark.parametrize("name", check_names())
@@ -68,8 +75,9 @@ def _anchors(page: Path) -> set[str]:
 
 def test_relative_links_to_docs_resolve():
     links = _links()
-    assert any(page.name == "README.md" and page.parent == ROOT and "docs/" in t for page, t in links), \
+    assert any(page.name == "README.md" and page.parent == ROOT and "docs/" in t for page, t in links), (
         "README.md should point to docs/"
+    )
     broken = []
     for page, target in links:
         path, _, anchor = target.partition("#")

@@ -17,14 +17,21 @@ from saliaudit.psi import PSI_PRESETS, get_psi, reduce_term
 from .conftest import hook_counts, randomize_batchnorm, real_images
 from .reference.official_fullgrad import OfficialFullGrad
 
-ARCHS = ["resnet18", "resnet50", "vgg11_bn", "densenet121", "mobilenet_v2",
-         "mobilenet_v3_small", "efficientnet_b0", "convnext_tiny"]
+ARCHS = [
+    "resnet18",
+    "resnet50",
+    "vgg11_bn",
+    "densenet121",
+    "mobilenet_v2",
+    "mobilenet_v3_small",
+    "efficientnet_b0",
+    "convnext_tiny",
+]
 
 
 def _tv(name: str) -> nn.Module:
     torch.manual_seed(0)
-    return randomize_batchnorm(torchvision.models.get_model(name, weights=None,
-                                                            num_classes=10)).eval()
+    return randomize_batchnorm(torchvision.models.get_model(name, weights=None, num_classes=10)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +44,9 @@ def images():
 def test_completeness_both_formats_both_dtypes(arch, images, tmp_path):
     model = _tv(arch)
     pt2 = tmp_path / f"{arch}.pt2"
-    ep = torch.export.export(model, (images,),
-                             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    ep = torch.export.export(
+        model, (images,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},)
+    )
     torch.export.save(ep, pt2)
     sd = tmp_path / f"{arch}.pt"
     torch.save(model.state_dict(), sd)
@@ -73,9 +81,9 @@ class Shuffled(nn.Module):
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
 
     def forward(self, x):
-        h = self.clip(self.bn1(self.conv1(x)) * 4.0)   # scaled so that ReLU6 clips
+        h = self.clip(self.bn1(self.conv1(x)) * 4.0)  # scaled so that ReLU6 clips
         r = self.bn2(self.conv2(h))
-        h = F.relu(h + r)                               # residual branch, functional ReLU
+        h = F.relu(h + r)  # residual branch, functional ReLU
         return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
@@ -143,13 +151,16 @@ def test_per_channel_psi_matches_pytorch_grad_cam(images):
             m.inplace = False
     cam = FullGrad(model=ref_model, target_layers=[])
     targets = [2, 5]
-    expected = torch.from_numpy(cam(input_tensor=images.clone(),
-                                    targets=[ClassifierOutputTarget(t) for t in targets]))
+    expected = torch.from_numpy(
+        cam(input_tensor=images.clone(), targets=[ClassifierOutputTarget(t) for t in targets])
+    )
     ours = full_gradients(model, images, torch.tensor(targets)).saliency("per-channel")
     # pytorch-grad-cam min-max normalizes the final map for display; do the same to ours
     flat = ours.reshape(2, -1)
-    ours = ((flat - flat.amin(1, keepdim=True))
-            / (1e-7 + (flat - flat.amin(1, keepdim=True)).amax(1, keepdim=True))).reshape(ours.shape)
+    ours = (
+        (flat - flat.amin(1, keepdim=True))
+        / (1e-7 + (flat - flat.amin(1, keepdim=True)).amax(1, keepdim=True))
+    ).reshape(ours.shape)
     assert (ours - expected).abs().max().item() < 1e-4
 
 
@@ -170,7 +181,7 @@ def test_model_untouched_also_after_exception(images):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     hooks = hook_counts(model)
     full_gradients(model, images, torch.tensor([0, 1]))
-    with pytest.raises(Exception):
+    with pytest.raises((IndexError, RuntimeError)):
         full_gradients(model, images, torch.tensor([0, 99]))  # target out of range
     assert model.training
     assert hook_counts(model) == hooks
@@ -234,8 +245,9 @@ def test_static_batch_pt2_runs_any_batch(tmp_path):
     assert lm.static_batch == 1
     fg = full_gradients(lm, x, torch.tensor([1, 2, 3]))
     assert fg.input_term.shape[0] == 3 and fg.residual.max().item() < 1e-3
-    torch.testing.assert_close(fg.logits, model(x).gather(1, torch.tensor([[1], [2], [3]]))[:, 0],
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        fg.logits, model(x).gather(1, torch.tensor([[1], [2], [3]]))[:, 0], rtol=1e-4, atol=1e-4
+    )
 
 
 def test_deterministic(images):

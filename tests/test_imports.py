@@ -27,13 +27,16 @@ def _module_name(path: Path) -> str:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
-def _module_level_imports(body: list[ast.stmt], *, in_functions: bool = False
-                          ) -> Iterator[ast.Import | ast.ImportFrom]:
+def _module_level_imports(
+    body: list[ast.stmt], *, in_functions: bool = False
+) -> Iterator[ast.Import | ast.ImportFrom]:
     """Import statements that run when the module is imported (with ``in_functions``, also
     the deferred ones inside functions and methods)."""
+
     def walk(block: list[ast.stmt]) -> Iterator[ast.Import | ast.ImportFrom]:
         return _module_level_imports(block, in_functions=in_functions)
 
@@ -79,8 +82,9 @@ def build_graph(*, in_functions: bool = False) -> dict[str, set[str]]:
                 targets = [alias.name for alias in node.names]
             else:
                 source = _resolve(module, is_package, node)
-                targets = [f"{source}.{a.name}" if f"{source}.{a.name}" in files else source
-                           for a in node.names]
+                targets = [
+                    f"{source}.{a.name}" if f"{source}.{a.name}" in files else source for a in node.names
+                ]
             graph[module].update(t for t in targets if t in files and t != module)
     return graph
 
@@ -152,11 +156,17 @@ GRAPH = build_graph()
 
 def _edges(prefixes: tuple[str, ...], forbidden: tuple[str, ...]) -> list[str]:
     """Edges from a module under one of ``prefixes`` to a module under one of ``forbidden``."""
+
     def under(m: str, ps: tuple[str, ...]) -> bool:
         return any(m == p or m.startswith(p + ".") for p in ps)
 
-    return sorted(f"{a} -> {b}" for a, targets in GRAPH.items() if under(a, prefixes)
-                  for b in targets if under(b, forbidden))
+    return sorted(
+        f"{a} -> {b}"
+        for a, targets in GRAPH.items()
+        if under(a, prefixes)
+        for b in targets
+        if under(b, forbidden)
+    )
 
 
 def test_graph_sees_the_package() -> None:
@@ -194,19 +204,20 @@ def test_find_cycles_reports_the_cycle() -> None:
 
 def test_no_import_cycle() -> None:
     cycles = find_cycles(GRAPH)
-    assert not cycles, "import cycles among saliaudit modules:\n" + "\n".join(
-        " -> ".join(c) for c in cycles)
+    assert not cycles, "import cycles among saliaudit modules:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
 def test_report_has_no_cycle_even_through_deferred_imports() -> None:
     """Inside ``report/`` not even an import deferred into a function closes a cycle: the
     output folder is a leaf that the renderers write through."""
     full = build_graph(in_functions=True)
-    report = {m: {t for t in targets if t.startswith("saliaudit.report.")}
-              for m, targets in full.items() if m.startswith("saliaudit.report.")}
+    report = {
+        m: {t for t in targets if t.startswith("saliaudit.report.")}
+        for m, targets in full.items()
+        if m.startswith("saliaudit.report.")
+    }
     cycles = find_cycles(report)
-    assert not cycles, "import cycles inside saliaudit/report/:\n" + "\n".join(
-        " -> ".join(c) for c in cycles)
+    assert not cycles, "import cycles inside saliaudit/report/:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
 def test_maps_is_neutral() -> None:

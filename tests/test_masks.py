@@ -92,15 +92,18 @@ def _bad(tmp_path: Path, name: str, data) -> Path:
     return _save(folder / name, data)
 
 
-@pytest.mark.parametrize("name,data,words", [
-    ("circle.png", b"this is not a png", "cannot be read"),
-    ("circle.png", (_disk() // 255 * 128).astype(np.uint8), "not binary"),
-    ("circle.png", np.linspace(0, 255, 1600).reshape(40, 40).astype(np.uint8), "not binary"),
-    ("circle.png", np.zeros((40, 40), np.uint8), "empty"),
-    ("circle.png", np.dstack([_disk(), _disk() * 0, _disk()]), "coloured"),
-    ("dog.png", _disk(), "unknown class 'dog'"),
-    ("7.png", _disk(), "unknown class '7'"),
-])
+@pytest.mark.parametrize(
+    "name,data,words",
+    [
+        ("circle.png", b"this is not a png", "cannot be read"),
+        ("circle.png", (_disk() // 255 * 128).astype(np.uint8), "not binary"),
+        ("circle.png", np.linspace(0, 255, 1600).reshape(40, 40).astype(np.uint8), "not binary"),
+        ("circle.png", np.zeros((40, 40), np.uint8), "empty"),
+        ("circle.png", np.dstack([_disk(), _disk() * 0, _disk()]), "coloured"),
+        ("dog.png", _disk(), "unknown class 'dog'"),
+        ("7.png", _disk(), "unknown class '7'"),
+    ],
+)
 def test_bad_masks_raise_one_line_image_errors(tmp_path, name, data, words):
     path = _bad(tmp_path, name, data)
     with pytest.raises(ImageError) as err:

@@ -86,6 +86,7 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 # --------------------------------------------------------------------------- layer choice
 
+
 def test_automatic_layer_resnet_and_small_cnn(small, resnet):
     model, x = resnet
     assert find_cam_layer(model, x) == "layer4"
@@ -114,8 +115,7 @@ def test_static_batch_pt2_runs_in_chunks(small, tmp_path):
     loaded = load_model(path)
     assert loaded.static_batch == 1
     x3, t3 = x[:3], torch.tensor(TARGETS[:3])
-    torch.testing.assert_close(gradcam(loaded, x3, t3), gradcam(model, x3, t3),
-                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gradcam(loaded, x3, t3), gradcam(model, x3, t3), rtol=1e-5, atol=1e-7)
 
 
 def test_layer_override_by_name(resnet):
@@ -130,11 +130,11 @@ def test_layer_override_by_name(resnet):
     from saliaudit.graph import get_graph, module_path
 
     gm = get_graph(model, x)
-    node = [n for n in gm.graph.nodes if n.op == "call_function"
-            and module_path(n).startswith("layer3.")][-1]
+    node = [n for n in gm.graph.nodes if n.op == "call_function" and module_path(n).startswith("layer3.")][-1]
     assert node.name != "layer3"
-    torch.testing.assert_close(layer_cam(model, x, t, layer=node.name),
-                               layer_cam(model, x, t, layer="layer3"))
+    torch.testing.assert_close(
+        layer_cam(model, x, t, layer=node.name), layer_cam(model, x, t, layer="layer3")
+    )
     assert layer_cam(model, x, t, layer="layer3").shape[-2:] == (4, 4)
 
 
@@ -149,8 +149,10 @@ def test_bad_layer_name_suggests(resnet):
 
 # --------------------------------------------------------------------------- references
 
-def textbook_gradcam(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, name: str,
-                     relu: bool = True) -> torch.Tensor:
+
+def textbook_gradcam(
+    model: nn.Module, x: torch.Tensor, targets: torch.Tensor, name: str, relu: bool = True
+) -> torch.Tensor:
     """Selvaraju et al. eq. 1–2 with a forward hook on an eager copy of the model."""
     model = copy.deepcopy(model)
     for m in model.modules():  # an in-place ReLU would overwrite the hooked activation
@@ -226,8 +228,9 @@ def test_agrees_with_pytorch_grad_cam(which, method, small, resnet):
     ours = ours_fn(model, x, t)
     up = F.interpolate(low[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)
     torch.testing.assert_close(ours, up)
-    staged = minmax(F.interpolate(minmax(low)[:, None], size=x.shape[-2:], mode="bilinear",
-                                  align_corners=False)[:, 0])
+    staged = minmax(
+        F.interpolate(minmax(low)[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    )
     assert (staged - theirs).abs().max() <= 1e-5  # range of theirs is [0, 1]; measured ≤ 2.5e-6
     if which == "resnet":
         assert (minmax(minmax(ours[:, 0])) - theirs).abs().max() <= 1e-5
@@ -255,6 +258,7 @@ def test_gradcam_pp_matches_closed_form(resnet):
 
 
 # --------------------------------------------------------------------------- diagnostics
+
 
 def test_gradcam_abs_bounds_signed_gradcam(resnet, small):
     for model, x in (resnet, small):
@@ -286,6 +290,7 @@ def test_cumulative_gradcam_sums_several_layers(resnet, small):
 
 
 # --------------------------------------------------------------------------- hygiene
+
 
 def test_model_unchanged_and_no_hooks_also_after_an_exception(resnet):
     model, x = resnet

@@ -27,16 +27,29 @@ from .conftest import lazy_importorskip, randomize_batchnorm, real_images
 captum_attr = lazy_importorskip("captum.attr")  # only the tests that use Captum need it
 
 TOL = 1e-5
-MINE = ["gradient", "grad_x_input", "integrated_gradients", "smoothgrad", "smoothgrad_sq",
-        "occlusion", "random", "edge"]
+MINE = [
+    "gradient",
+    "grad_x_input",
+    "integrated_gradients",
+    "smoothgrad",
+    "smoothgrad_sq",
+    "occlusion",
+    "random",
+    "edge",
+]
 
 
 def small_cnn(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
-        torch.nn.Conv2d(8, 12, 3, padding=1, stride=2), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(12, 10)).eval()
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 12, 3, padding=1, stride=2),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(12, 10),
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +103,7 @@ def linear_model(seed: int = 0, c: int = 3, h: int = 8, w: int = 8) -> torch.nn.
 
 # ------------------------------------------------------------------ agreement with Captum
 
+
 @pytest.mark.parametrize("name", ["cnn", "resnet18"])
 def test_gradient_and_grad_x_input_match_captum(models, x, name):
     m = models[name]
@@ -99,16 +113,27 @@ def test_gradient_and_grad_x_input_match_captum(models, x, name):
     assert rel_err(explain(m, x, TARGETS, method="grad_x_input"), ref) <= TOL
 
 
-@pytest.mark.parametrize("name,integration,steps", [
-    ("cnn", "riemann_trapezoid", 32), ("resnet18", "riemann_trapezoid", 32),
-    ("cnn", "gausslegendre", 16), ("resnet18", "gausslegendre", 16), ("cnn", "riemann_middle", 8)])
+@pytest.mark.parametrize(
+    "name,integration,steps",
+    [
+        ("cnn", "riemann_trapezoid", 32),
+        ("resnet18", "riemann_trapezoid", 32),
+        ("cnn", "gausslegendre", 16),
+        ("resnet18", "gausslegendre", 16),
+        ("cnn", "riemann_middle", 8),
+    ],
+)
 def test_integrated_gradients_matches_captum(models, x, name, integration, steps):
     m = models[name]
     ig = captum_attr.IntegratedGradients(m)
-    ours = explain(m, x, TARGETS, method="integrated_gradients", steps=steps, integration=integration,
-                   internal_batch=7)  # odd chunking on purpose
-    ref = captum(lambda: ig.attribute(x, target=TARGETS, n_steps=steps, method=integration,
-                                      baselines=torch.zeros_like(x)))
+    ours = explain(
+        m, x, TARGETS, method="integrated_gradients", steps=steps, integration=integration, internal_batch=7
+    )  # odd chunking on purpose
+    ref = captum(
+        lambda: ig.attribute(
+            x, target=TARGETS, n_steps=steps, method=integration, baselines=torch.zeros_like(x)
+        )
+    )
     assert rel_err(ours * captum_scale(steps, integration), ref) <= TOL
 
 
@@ -117,7 +142,9 @@ def test_integrated_gradients_baselines_match_captum(resnet, x, baseline):
     ig = captum_attr.IntegratedGradients(resnet)
     base = make_baselines(resnet, x, baseline)[0]
     ours = explain(resnet, x, TARGETS, method="integrated_gradients", baseline=baseline, steps=16)
-    ref = captum(lambda: ig.attribute(x, target=TARGETS, n_steps=16, method="riemann_trapezoid", baselines=base))
+    ref = captum(
+        lambda: ig.attribute(x, target=TARGETS, n_steps=16, method="riemann_trapezoid", baselines=base)
+    )
     assert rel_err(ours * captum_scale(16), ref) <= TOL
 
 
@@ -129,8 +156,13 @@ def test_integrated_gradients_black_uses_model_normalization(cnn, x):
     assert torch.allclose(make_baselines(lm, x, "black")[0], black)
     assert torch.equal(make_baselines(cnn, x, "black")[0], torch.zeros_like(x))  # bare module: zeros
     ig = captum_attr.IntegratedGradients(cnn)
-    ref = captum(lambda: ig.attribute(x, target=TARGETS, n_steps=16, method="riemann_trapezoid", baselines=black))
-    assert rel_err(explain(lm, x, TARGETS, method="integrated_gradients", steps=16) * captum_scale(16), ref) <= TOL
+    ref = captum(
+        lambda: ig.attribute(x, target=TARGETS, n_steps=16, method="riemann_trapezoid", baselines=black)
+    )
+    assert (
+        rel_err(explain(lm, x, TARGETS, method="integrated_gradients", steps=16) * captum_scale(16), ref)
+        <= TOL
+    )
     # uniform noise of a LoadedModel lies in [black, white] of model space
     u = make_baselines(lm, x, "uniform-noise", n=3)
     assert u.shape == (3, *x.shape)
@@ -140,23 +172,48 @@ def test_integrated_gradients_black_uses_model_normalization(cnn, x):
 def test_integrated_gradients_averages_sampled_baselines(cnn, x):
     bases = make_baselines(cnn, x, "uniform-noise", n=3, seed=5)
     assert not torch.equal(bases[0], bases[1])
-    ours = explain(cnn, x, TARGETS, method="integrated_gradients", baseline="uniform-noise", n_baselines=3,
-                   seed=5, steps=8)
+    ours = explain(
+        cnn,
+        x,
+        TARGETS,
+        method="integrated_gradients",
+        baseline="uniform-noise",
+        n_baselines=3,
+        seed=5,
+        steps=8,
+    )
     ig = captum_attr.IntegratedGradients(cnn)
-    ref = torch.stack([captum(lambda b=b: ig.attribute(x, target=TARGETS, n_steps=8, method="riemann_trapezoid",
-                                                       baselines=b)) for b in bases]).mean(0)
+    ref = torch.stack(
+        [
+            captum(
+                lambda b=b: ig.attribute(
+                    x, target=TARGETS, n_steps=8, method="riemann_trapezoid", baselines=b
+                )
+            )
+            for b in bases
+        ]
+    ).mean(0)
     assert rel_err(ours * captum_scale(8), ref) <= TOL
     # sampled blur widths differ; same seed -> same result
     blurs = make_baselines(cnn, x, "blur", n=2, seed=1)
     assert not torch.allclose(blurs[0], blurs[1])
-    again = explain(cnn, x, TARGETS, method="integrated_gradients", baseline="uniform-noise", n_baselines=3,
-                    seed=5, steps=8)
+    again = explain(
+        cnn,
+        x,
+        TARGETS,
+        method="integrated_gradients",
+        baseline="uniform-noise",
+        n_baselines=3,
+        seed=5,
+        steps=8,
+    )
     assert torch.equal(ours, again)
 
 
 def test_quadrature_matches_captum():
     approximation_parameters = pytest.importorskip(
-        "captum.attr._utils.approximation_methods").approximation_parameters
+        "captum.attr._utils.approximation_methods"
+    ).approximation_parameters
 
     for method in ("riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle", "gausslegendre"):
         sizes_f, alphas_f = approximation_parameters(method)
@@ -166,14 +223,22 @@ def test_quadrature_matches_captum():
         np.testing.assert_allclose(alphas, alphas_f(12), atol=1e-12)
 
 
-@pytest.mark.parametrize("name,patch,stride", [("cnn", 8, 4), ("resnet18", 8, 4), ("cnn", 5, 3),
-                                               ("resnet18", 7, 5), ("cnn", 3, 3)])
+@pytest.mark.parametrize(
+    "name,patch,stride", [("cnn", 8, 4), ("resnet18", 8, 4), ("cnn", 5, 3), ("resnet18", 7, 5), ("cnn", 3, 3)]
+)
 def test_occlusion_matches_captum(models, x, name, patch, stride):
     m = models[name]
     ours = explain(m, x, TARGETS, method="occlusion", patch=patch, stride=stride, internal_batch=50)
-    ref = captum(lambda: captum_attr.Occlusion(m).attribute(
-        x, target=TARGETS, sliding_window_shapes=(3, patch, patch), strides=(3, stride, stride),
-        baselines=0.0, perturbations_per_eval=64))
+    ref = captum(
+        lambda: captum_attr.Occlusion(m).attribute(
+            x,
+            target=TARGETS,
+            sliding_window_shapes=(3, patch, patch),
+            strides=(3, stride, stride),
+            baselines=0.0,
+            perturbations_per_eval=64,
+        )
+    )
     assert rel_err(ours, ref) <= TOL
     assert torch.equal(ours[:, 0], ours[:, 2])  # the same value in every channel (Captum's convention)
 
@@ -181,8 +246,11 @@ def test_occlusion_matches_captum(models, x, name, patch, stride):
 def test_occlusion_mean_baseline_matches_captum(cnn, x):
     base = make_baselines(cnn, x, "mean")[0]
     ours = explain(cnn, x, TARGETS, method="occlusion", baseline="mean")
-    ref = captum(lambda: captum_attr.Occlusion(cnn).attribute(
-        x, target=TARGETS, sliding_window_shapes=(3, 8, 8), strides=(3, 4, 4), baselines=base))
+    ref = captum(
+        lambda: captum_attr.Occlusion(cnn).attribute(
+            x, target=TARGETS, sliding_window_shapes=(3, 8, 8), strides=(3, 4, 4), baselines=base
+        )
+    )
     assert rel_err(ours, ref) <= TOL
 
 
@@ -212,8 +280,13 @@ def test_smoothgrad_matches_direct(models, x, name):
 
 
 def test_smoothgrad_zero_noise_is_gradient(cnn, x):
-    assert rel_err(explain(cnn, x, TARGETS, method="smoothgrad", samples=2, noise=0.0),
-                   explain(cnn, x, TARGETS, method="gradient")) <= TOL
+    assert (
+        rel_err(
+            explain(cnn, x, TARGETS, method="smoothgrad", samples=2, noise=0.0),
+            explain(cnn, x, TARGETS, method="gradient"),
+        )
+        <= TOL
+    )
 
 
 def test_smoothgrad_is_batch_invariant(cnn, x):
@@ -223,6 +296,7 @@ def test_smoothgrad_is_batch_invariant(cnn, x):
 
 
 # ------------------------------------------------------------------ analytic cases
+
 
 def test_linear_model_ancona_prop4():
     m = linear_model()
@@ -236,8 +310,11 @@ def test_linear_model_ancona_prop4():
     assert torch.allclose(gxi, ig, atol=1e-5)
     assert torch.allclose(occ[:, :1], gxi.sum(1, keepdim=True), atol=1e-5)
     # a per-channel window (Captum's (1, 1, 1) window) is exactly gxi: check Captum agrees with ours
-    ref = captum(lambda: captum_attr.Occlusion(m).attribute(x, target=t, sliding_window_shapes=(3, 1, 1),
-                                                            strides=(3, 1, 1), baselines=0.0))
+    ref = captum(
+        lambda: captum_attr.Occlusion(m).attribute(
+            x, target=t, sliding_window_shapes=(3, 1, 1), strides=(3, 1, 1), baselines=0.0
+        )
+    )
     assert rel_err(occ, ref) <= TOL
     w = m[1].weight[t].view(3, 3, 8, 8)
     assert torch.allclose(gxi, w * x, atol=1e-6)
@@ -266,8 +343,15 @@ def test_integrated_gradients_completeness_averaged(cnn, x):
     bases = make_baselines(cnn, x, "uniform-noise", n=4)
     errors = []
     for steps in (4, 128):
-        a = explain(cnn, x, TARGETS, method="integrated_gradients", steps=steps, baseline="uniform-noise",
-                    n_baselines=4)
+        a = explain(
+            cnn,
+            x,
+            TARGETS,
+            method="integrated_gradients",
+            steps=steps,
+            baseline="uniform-noise",
+            n_baselines=4,
+        )
         d = integrated_gradients_delta(cnn, x, TARGETS, a, bases)
         assert ((d.total - d.expected).abs() <= d.error + 1e-6).all()
         errors.append(d.error.max().item())
@@ -285,6 +369,7 @@ def test_gaussian_blur_matches_scipy():
 
 
 # ------------------------------------------------------------------ controls
+
 
 def test_random_control(cnn, resnet, x):
     a = explain(cnn, x, TARGETS, method="random")
@@ -316,13 +401,21 @@ def test_edge_control(cnn, resnet, x):
 
 # ------------------------------------------------------------------ registry and hygiene
 
+
 def test_registry_lists_methods_with_params():
     names = method_names()
     for name in MINE:
         assert name in names
     m = get_method("integrated_gradients")
-    assert m.params == {"steps": 32, "baseline": "black", "n_baselines": 1, "integration": "riemann_trapezoid",
-                        "blur_sigma": 5.0, "seed": 0, "internal_batch": 64}
+    assert m.params == {
+        "steps": 32,
+        "baseline": "black",
+        "n_baselines": 1,
+        "integration": "riemann_trapezoid",
+        "blur_sigma": 5.0,
+        "seed": 0,
+        "internal_batch": 64,
+    }
     assert get_method("smoothgrad").params == {"samples": 16, "noise": 0.15, "seed": 0, "internal_batch": 64}
     assert get_method("occlusion").params["patch"] == 8 and get_method("occlusion").params["stride"] == 4
     assert get_method("gradient").params == {} and get_method("random").params == {}
@@ -341,8 +434,12 @@ def test_explain_shape_device_and_model_untouched(resnet, x, name):
     flags = {k: p.requires_grad for k, p in resnet.named_parameters()}
     resnet.layer1[0].conv1.weight.requires_grad_(False)  # a mixed state must survive too
     flags["layer1.0.conv1.weight"] = False
-    fast = {"integrated_gradients": {"steps": 4}, "smoothgrad": {"samples": 2}, "smoothgrad_sq": {"samples": 2},
-            "occlusion": {"patch": 16, "stride": 16}}.get(name, {})
+    fast = {
+        "integrated_gradients": {"steps": 4},
+        "smoothgrad": {"samples": 2},
+        "smoothgrad_sq": {"samples": 2},
+        "occlusion": {"patch": 16, "stride": 16},
+    }.get(name, {})
     try:
         for model in (resnet, lm):
             out = explain(model, x, [3, 7], method=name, **fast)
@@ -359,21 +456,34 @@ def test_explain_shape_device_and_model_untouched(resnet, x, name):
         resnet.layer1[0].conv1.weight.requires_grad_(True)
 
 
-@pytest.mark.parametrize("name,params", [("gradient", {"steps": 3}), ("integrated_gradients", {"method": "x"}),
-                                         ("occlusion", {"size": 3}), ("random", {"seed": 1})])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("gradient", {"steps": 3}),
+        ("integrated_gradients", {"method": "x"}),
+        ("occlusion", {"size": 3}),
+        ("random", {"seed": 1}),
+    ],
+)
 def test_unknown_parameter_is_usage_error(cnn, x, name, params):
     with pytest.raises(UsageError):
-        explain(cnn, x, TARGETS, method=name, **params) if "method" not in params else \
-            get_method(name)(cnn, x, TARGETS, **params)
+        explain(cnn, x, TARGETS, method=name, **params) if "method" not in params else get_method(name)(
+            cnn, x, TARGETS, **params
+        )
 
 
-@pytest.mark.parametrize("name,params", [("integrated_gradients", {"baseline": "white"}),
-                                         ("integrated_gradients", {"steps": 1}),
-                                         ("integrated_gradients", {"integration": "simpson"}),
-                                         ("smoothgrad", {"samples": 0}),
-                                         ("occlusion", {"patch": 64}),
-                                         ("occlusion", {"patch": 4, "stride": 5}),
-                                         ("occlusion", {"baseline": "uniform-noise"})])
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("integrated_gradients", {"baseline": "white"}),
+        ("integrated_gradients", {"steps": 1}),
+        ("integrated_gradients", {"integration": "simpson"}),
+        ("smoothgrad", {"samples": 0}),
+        ("occlusion", {"patch": 64}),
+        ("occlusion", {"patch": 4, "stride": 5}),
+        ("occlusion", {"baseline": "uniform-noise"}),
+    ],
+)
 def test_bad_parameter_values_are_usage_errors(cnn, x, name, params):
     with pytest.raises(UsageError):
         explain(cnn, x, TARGETS, method=name, **params)
@@ -389,12 +499,20 @@ def test_training_mode_model_is_not_switched(x):
 
 def test_static_batch_models_and_float64(cnn, x):
     lm = wrap_module(cnn, input_size=32, num_classes=10)
-    ref = {name: explain(lm, x, TARGETS, method=name, **kw) for name, kw in
-           (("integrated_gradients", {"steps": 4}), ("smoothgrad", {"samples": 3}),
-            ("occlusion", {"patch": 8, "stride": 8}))}
+    ref = {
+        name: explain(lm, x, TARGETS, method=name, **kw)
+        for name, kw in (
+            ("integrated_gradients", {"steps": 4}),
+            ("smoothgrad", {"samples": 3}),
+            ("occlusion", {"patch": 8, "stride": 8}),
+        )
+    }
     lm.static_batch = 3  # a .pt2 exported with a static batch: chunks padded to 3 rows
-    for name, kw in (("integrated_gradients", {"steps": 4}), ("smoothgrad", {"samples": 3}),
-                     ("occlusion", {"patch": 8, "stride": 8})):
+    for name, kw in (
+        ("integrated_gradients", {"steps": 4}),
+        ("smoothgrad", {"samples": 3}),
+        ("occlusion", {"patch": 8, "stride": 8}),
+    ):
         assert rel_err(explain(lm, x, TARGETS, method=name, internal_batch=5, **kw), ref[name]) <= TOL
     m64 = small_cnn().double()
     x64 = x.double()

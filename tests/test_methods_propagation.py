@@ -50,7 +50,7 @@ class SepCNN(nn.Module):
     def forward(self, x):
         h = self.act1(self.bn1(self.conv1(x)))
         h = self.act2(self.conv2(h))
-        h = self.act3(self.conv3(h) + h)          # residual add
+        h = self.act3(self.conv3(h) + h)  # residual add
         return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
@@ -148,8 +148,11 @@ def _grad(model, x, targets):
 
 
 def test_registered():
-    for name, params in (("guided_backprop", {}), ("epsilon_lrp", {"epsilon": 1e-9}),
-                         ("deeplift", {"baseline": "black"})):
+    for name, params in (
+        ("guided_backprop", {}),
+        ("epsilon_lrp", {"epsilon": 1e-9}),
+        ("deeplift", {"baseline": "black"}),
+    ):
         m = get_method(name)
         assert m.family == "propagation" and m.needs_internals and m.params == params
         assert m.reference and m.fn.__doc__
@@ -204,8 +207,14 @@ def _pooled(order: str) -> nn.Module:
     layers = [nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
     if order == "pool-relu":
         layers[1], layers[2] = layers[2], layers[1]
-    return nn.Sequential(*layers, nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    return nn.Sequential(
+        *layers,
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 10),
+    ).eval()
 
 
 def test_deeplift_maxpool_convention_documented(x, targets):
@@ -238,8 +247,12 @@ def test_linear_model_all_equal(x, targets):
     torch.manual_seed(0)
     lin = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval()
     gxi = _grad(lin, x, targets) * x
-    for method, kw in (("epsilon_lrp", {}), ("deeplift", {"baseline": "zero"}),
-                       ("deeplift", {}), ("guided_backprop", {})):
+    for method, kw in (
+        ("epsilon_lrp", {}),
+        ("deeplift", {"baseline": "zero"}),
+        ("deeplift", {}),
+        ("guided_backprop", {}),
+    ):
         out = explain(lin, x, targets, method, **kw)
         expected = gxi if method != "guided_backprop" else _grad(lin, x, targets)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
@@ -277,9 +290,16 @@ class MLP(nn.Module):
 
 
 ACTS = {
-    "ReLU": nn.ReLU(), "ReLU6": nn.ReLU6(), "LeakyReLU": nn.LeakyReLU(0.2),
-    "Hardswish": nn.Hardswish(), "SiLU": nn.SiLU(), "GELU": nn.GELU(), "ELU": nn.ELU(),
-    "Sigmoid": nn.Sigmoid(), "Tanh": nn.Tanh(), "F.relu": F.relu,
+    "ReLU": nn.ReLU(),
+    "ReLU6": nn.ReLU6(),
+    "LeakyReLU": nn.LeakyReLU(0.2),
+    "Hardswish": nn.Hardswish(),
+    "SiLU": nn.SiLU(),
+    "GELU": nn.GELU(),
+    "ELU": nn.ELU(),
+    "Sigmoid": nn.Sigmoid(),
+    "Tanh": nn.Tanh(),
+    "F.relu": F.relu,
     "clamp": lambda t: t.clamp(-1.0, 1.5),
 }
 
@@ -306,8 +326,7 @@ def test_rules_by_hand_every_activation(name):
         expected = {
             "guided_backprop": back(fprime * w2.clamp(min=0)),
             "epsilon_lrp": back(w2 * fz / (z + 1e-9 * torch.where(z >= 0, 1.0, -1.0))) * x,
-            "deeplift": back(w2 * torch.where((z - b1).abs() < 1e-6, fprime,
-                                              (fz - fb) / (z - b1))) * x,
+            "deeplift": back(w2 * torch.where((z - b1).abs() < 1e-6, fprime, (fz - fb) / (z - b1))) * x,
         }
     for method, exp in expected.items():
         kw = {"baseline": "zero"} if method == "deeplift" else {}
@@ -338,13 +357,11 @@ def test_guided_backprop_relu6_tiny_by_hand():
     torch.testing.assert_close(gb, torch.tensor([2.0, 2.0]))
     # ε-LRP and DeepLIFT (zero reference): W1ᵀ (g·f(z)/z) = W1ᵀ (−1, 3.75, 2) = (1, 17); ⊙ x
     for method in ("epsilon_lrp", "deeplift"):
-        torch.testing.assert_close(explain(model, x, t, method).flatten(),
-                                   torch.tensor([1.0, 34.0]))
+        torch.testing.assert_close(explain(model, x, t, method).flatten(), torch.tensor([1.0, 34.0]))
     # summation to delta: f(x) − f(0) = −1 + 30 + 6 = 35
     assert explain(model, x, t, "deeplift").sum().item() == pytest.approx(35.0)
     # Captum's GuidedBackprop only overrides nn.ReLU: it silently returns the gradient here
-    assert torch.allclose(captum(captum_attr.GuidedBackprop, model, x, t).flatten(),
-                          torch.tensor([1.0, 2.0]))
+    assert torch.allclose(captum(captum_attr.GuidedBackprop, model, x, t).flatten(), torch.tensor([1.0, 2.0]))
 
 
 @pytest.mark.parametrize("act", [nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.SiLU])
@@ -359,8 +376,9 @@ def test_guided_backprop_ignores_negative_upstream_gradients(x):
     """One ReLU6 layer followed by a head with only negative weights: every upstream gradient
     at the ReLU6 is ≤ 0, so guided backprop is exactly zero (the gradient is not)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), nn.AdaptiveAvgPool2d(1),
-                          nn.Flatten(), nn.Linear(8, 10)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)
+    ).eval()
     with torch.no_grad():
         model[0].weight.mul_(6.0)
         model[4].weight.copy_(-model[4].weight.abs())
@@ -391,13 +409,23 @@ def test_squeeze_excitation_product_keeps_its_gradient(x, targets):
     ratio = (torch.sigmoid(u) / (u + 1e-9 * torch.where(u >= 0, 1.0, -1.0))).detach()
     s = (u * ratio + (torch.sigmoid(u) - u * ratio).detach())[:, :, None, None]  # value σ(u), slope f(u)/u
     model.head((h * s).mean((2, 3))).gather(1, targets[:, None]).sum().backward()
-    torch.testing.assert_close(explain(model, x, targets, "epsilon_lrp"), xi.grad * x,
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(explain(model, x, targets, "epsilon_lrp"), xi.grad * x, rtol=1e-4, atol=1e-6)
 
 
 def test_ops_are_classified():
-    assert {"relu", "hardtanh", "leaky_relu", "hardswish", "silu", "gelu", "sigmoid", "tanh",
-            "elu", "clamp", "clamp_min"} <= NONLINEAR_OPS
+    assert {
+        "relu",
+        "hardtanh",
+        "leaky_relu",
+        "hardswish",
+        "silu",
+        "gelu",
+        "sigmoid",
+        "tanh",
+        "elu",
+        "clamp",
+        "clamp_min",
+    } <= NONLINEAR_OPS
     assert not {"mul", "add", "exp", "max_pool2d", "conv2d"} & NONLINEAR_OPS
 
 
@@ -419,8 +447,9 @@ def test_pt2_graph(tmp_path, x, targets):
     mean = torch.tensor(lm.mean).view(1, 3, 1, 1)
     std = torch.tensor(lm.std).view(1, 3, 1, 1)
     black = ((0 - mean) / std).expand_as(x)
-    torch.testing.assert_close(explain(lm, x, targets, "deeplift"),
-                               explain(model, x, targets, "deeplift", baseline=black))
+    torch.testing.assert_close(
+        explain(lm, x, targets, "deeplift"), explain(model, x, targets, "deeplift", baseline=black)
+    )
 
 
 def test_static_batch_pt2(tmp_path, x):
@@ -434,8 +463,9 @@ def test_static_batch_pt2(tmp_path, x):
     t = torch.tensor([1, 2, 3, 4])
     for method in ("guided_backprop", "deeplift"):
         kw = {"baseline": "zero"} if method == "deeplift" else {}
-        torch.testing.assert_close(explain(lm, xs, t, method, **kw), explain(model, xs, t, method, **kw),
-                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            explain(lm, xs, t, method, **kw), explain(model, xs, t, method, **kw), rtol=1e-4, atol=1e-6
+        )
 
 
 # ---------------------------------------------------------------- model untouched

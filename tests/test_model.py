@@ -102,10 +102,19 @@ def assert_one_line(err: Exception, name: str) -> None:
 # ---------------------------------------------------------------- parse helpers
 
 
-@pytest.mark.parametrize("value, expected", [
-    (None, None), (224, (224, 224)), ("224", (224, 224)), ("224,192", (224, 192)), (" 64 , 32 ", (64, 32)),
-    ("64x48", (64, 48)), ([32], (32, 32)), ((48, 40), (48, 40)),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, None),
+        (224, (224, 224)),
+        ("224", (224, 224)),
+        ("224,192", (224, 192)),
+        (" 64 , 32 ", (64, 32)),
+        ("64x48", (64, 48)),
+        ([32], (32, 32)),
+        ((48, 40), (48, 40)),
+    ],
+)
 def test_parse_size_ok(value, expected):
     assert parse_size(value) == expected
 
@@ -124,8 +133,15 @@ def test_parse_triple():
     assert parse_triple([0.1, 0.2, 0.3], "mean") == (0.1, 0.2, 0.3)
     assert parse_triple(0.5, "mean") == (0.5, 0.5, 0.5)
     assert parse_triple("-0.5", "mean") == (-0.5, -0.5, -0.5)
-    for bad, name in [("0.5,0.5", "mean"), ("a,b,c", "mean"), ("0,1,1", "std"), ("-1", "std"),
-                      ("nan", "mean"), ("inf,1,1", "std"), ([], "mean")]:
+    for bad, name in [
+        ("0.5,0.5", "mean"),
+        ("a,b,c", "mean"),
+        ("0,1,1", "std"),
+        ("-1", "std"),
+        ("nan", "mean"),
+        ("inf,1,1", "std"),
+        ([], "mean"),
+    ]:
         with pytest.raises(UsageError) as e:
             parse_triple(bad, name)
         assert f"--{name}" in str(e.value) and "\n" not in str(e.value)
@@ -148,9 +164,15 @@ def test_resolve_device():
 def test_pt2_dynamic_with_metadata(tmp_path, x):
     tiny = Tiny(k=10).eval()
     auto = torch.export.Dim.AUTO
-    ep = torch.export.export(tiny, (x[:2],), dynamic_shapes=({0: torch.export.Dim("b", max=64), 2: auto, 3: auto},))
-    meta = {"input_size": [SIZE, SIZE], "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25],
-            "class_names": [f"c{i}" for i in range(10)]}
+    ep = torch.export.export(
+        tiny, (x[:2],), dynamic_shapes=({0: torch.export.Dim("b", max=64), 2: auto, 3: auto},)
+    )
+    meta = {
+        "input_size": [SIZE, SIZE],
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.25, 0.25, 0.25],
+        "class_names": [f"c{i}" for i in range(10)],
+    }
     p = tmp_path / "m.pt2"
     torch.export.save(ep, p, extra_files={"saliaudit.json": json.dumps(meta)})
     before = fingerprint(p)
@@ -220,8 +242,9 @@ def test_pt2_to_device_roundtrip(tmp_path, x):
         g = lm.to("cuda")
         assert g.device.type == "cuda" and g.exported is not lm.exported
         torch.testing.assert_close(g.logits(x).cpu(), tiny(x).detach(), atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(load_model(p, device="cuda").logits(x).cpu(), tiny(x).detach(),
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            load_model(p, device="cuda").logits(x).cpu(), tiny(x).detach(), atol=1e-4, rtol=1e-4
+        )
 
 
 # ---------------------------------------------------------------- state_dict
@@ -379,7 +402,7 @@ def test_broken_files(tmp_path, resnet):
         "empty.pt": b"",
         "random.pt2": os.urandom(2048),
         "random.pt": os.urandom(2048),
-        "trunc.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":",
+        "trunc.safetensors": b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":',
         "model.onnx": b"not a model at all",
     }
     for name, content in cases.items():
@@ -420,8 +443,9 @@ def test_non_state_dict_payload(tmp_path):
 # ---------------------------------------------------------------- output validation
 
 
-@pytest.mark.parametrize("kind, text", [("nan", "NaN/Inf"), ("3d", "(batch, classes)"),
-                                        ("tuple", "(batch, classes)")])
+@pytest.mark.parametrize(
+    "kind, text", [("nan", "NaN/Inf"), ("3d", "(batch, classes)"), ("tuple", "(batch, classes)")]
+)
 def test_bad_outputs(tmp_path, kind, text):
     p = tmp_path / f"{kind}.pt"
     torch.save(BadOutput(kind).eval(), p)
@@ -454,8 +478,9 @@ def test_labels(tmp_path, x):
 
 
 def _hooks(module: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-               for m in module.modules())
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in module.modules()
+    )
 
 
 def test_wrap_module_does_not_mutate(resnet, x):
@@ -480,8 +505,11 @@ def test_wrap_module_does_not_mutate(resnet, x):
 
 def test_preprocess(resnet):
     lm = wrap_module(resnet, input_size="32,24", mean=0.5, std=0.5)
-    imgs = [Image.new("RGB", (100, 60), (255, 0, 0)), Image.new("L", (20, 20), 0),
-            Image.new("RGBA", (5, 7), (0, 0, 255, 128))]
+    imgs = [
+        Image.new("RGB", (100, 60), (255, 0, 0)),
+        Image.new("L", (20, 20), 0),
+        Image.new("RGBA", (5, 7), (0, 0, 255, 128)),
+    ]
     t = lm.preprocess(imgs)
     assert t.shape == (3, 3, 32, 24) and t.dtype == torch.float32
     torch.testing.assert_close(t[0, 0], torch.ones(32, 24))

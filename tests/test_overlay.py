@@ -35,6 +35,7 @@ def px(img: Image.Image) -> np.ndarray:
 
 # --- colour maps -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", ["diverging", "sequential"])
 def test_lut_shape_and_dtype(name: str) -> None:
     lut = colormap(name)
@@ -75,6 +76,7 @@ def test_sequential_monotonic_luminance() -> None:
 
 
 # --- normalization -----------------------------------------------------------------------
+
 
 def test_normalize_signed_symmetric_and_bounded() -> None:
     s = np.random.default_rng(1).normal(size=(32, 32))
@@ -137,6 +139,7 @@ def test_normalize_does_not_modify_input() -> None:
 
 
 # --- rendering ---------------------------------------------------------------------------
+
 
 def blob_map(h: int = 30, w: int = 40, sign: float = 1.0) -> np.ndarray:
     s = np.zeros((h, w))
@@ -255,6 +258,7 @@ def test_render_rejects_bad_arguments() -> None:
 
 
 # --- saving / bytes ----------------------------------------------------------------------
+
 
 def test_save_overlay_writes_png_atomically(tmp_path) -> None:
     target = tmp_path / "sub" / "overlay.png"

@@ -73,9 +73,25 @@ def test_plugin_file_method_is_listed_audited_reported_and_gated(tmp_path):
     assert "toy_plugin_map" in listing.output and "Input times a constant" in listing.output
 
     out = tmp_path / "out"
-    res = _invoke("report", MODEL, IMAGES, "-o", out, "--plugin", plugin, "-q",
-                  "--methods", "toy_plugin_map,gradient", "--checks", "class_sensitivity",
-                  "--max-images", "4", "--format", "json,html,junit", "--no-overlays")
+    res = _invoke(
+        "report",
+        MODEL,
+        IMAGES,
+        "-o",
+        out,
+        "--plugin",
+        plugin,
+        "-q",
+        "--methods",
+        "toy_plugin_map,gradient",
+        "--checks",
+        "class_sensitivity",
+        "--max-images",
+        "4",
+        "--format",
+        "json,html,junit",
+        "--no-overlays",
+    )
     assert res.exit_code in (0, 1), res.output
     doc = json.loads((out / "results.json").read_text(encoding="utf-8"))
     entry = next(m for m in doc["methods"] if m["method"] == "toy_plugin_map")
@@ -84,16 +100,17 @@ def test_plugin_file_method_is_listed_audited_reported_and_gated(tmp_path):
     assert doc["config"]["sources"]["plugins"] == "flag"
     cells = [c for c in doc["checks"] if c["method"] == "toy_plugin_map"]
     assert {c["post"] for c in cells} == {"signed", "abs"}
-    assert all(c["check"] == "class_sensitivity" and c["status"] in ("pass", "warn", "fail")
-               for c in cells)
+    assert all(c["check"] == "class_sensitivity" and c["status"] in ("pass", "warn", "fail") for c in cells)
     # x·scale does not depend on the class: its maps for two classes are identical, so the
     # check must FAIL it, and the gate (--fail-on fail) fails with it
     assert all(c["status"] == "fail" for c in cells), [c["message"] for c in cells]
     assert res.exit_code == 1
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "toy_plugin_map" in html
-    cases = [tc.get("name", "") + tc.get("classname", "")
-             for tc in ET.parse(out / "junit.xml").getroot().iter("testcase")]
+    cases = [
+        tc.get("name", "") + tc.get("classname", "")
+        for tc in ET.parse(out / "junit.xml").getroot().iter("testcase")
+    ]
     assert any("toy_plugin_map" in c for c in cases)
 
 
@@ -104,17 +121,19 @@ def test_plugin_in_config_file_is_resolved_against_the_file(tmp_path):
     (sub / "saliaudit.toml").write_text('plugins = ["toy_plugin.py"]\n', encoding="utf-8")
     from saliaudit.config import resolve_config
 
-    cfg = resolve_config({"methods": "toy_plugin_map"}, config_file=sub / "saliaudit.toml",
-                         environ={})
+    cfg = resolve_config({"methods": "toy_plugin_map"}, config_file=sub / "saliaudit.toml", environ={})
     assert cfg.plugins == [str((sub / "toy_plugin.py").resolve())]
     assert cfg.sources["plugins"].startswith("config file")
     assert cfg.methods == ["toy_plugin_map"]
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("raise RuntimeError('boom')\n", "failed to load: RuntimeError: boom"),
-    ("import saliaudit_no_such_module\n", "ModuleNotFoundError"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("raise RuntimeError('boom')\n", "failed to load: RuntimeError: boom"),
+        ("import saliaudit_no_such_module\n", "ModuleNotFoundError"),
+    ],
+)
 def test_broken_plugin_is_a_one_line_usage_error(tmp_path, text, needle):
     plugin = _plugin_file(tmp_path, text, "broken.py")
     res = _invoke("report", MODEL, IMAGES, "-o", tmp_path / "out", "--plugin", plugin)
@@ -135,14 +154,17 @@ def test_entry_point_plugins_are_discovered(tmp_path, monkeypatch):
     """An installed package registers through the ``saliaudit.methods`` entry-point group."""
     site = tmp_path / "site"
     (site / "toy_ep_pkg").mkdir(parents=True)
-    (site / "toy_ep_pkg" / "__init__.py").write_text(textwrap.dedent('''
+    (site / "toy_ep_pkg" / "__init__.py").write_text(
+        textwrap.dedent('''
         import saliaudit
 
         @saliaudit.register_method("toy_ep_map", family="gradient", reference="entry point")
         def toy(model, x, targets):
             """Zeros."""
             return x * 0
-        '''), encoding="utf-8")
+        '''),
+        encoding="utf-8",
+    )
     dist = site / "toy_ep_pkg-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-ep-pkg\nVersion: 0.1\n")
@@ -164,17 +186,24 @@ def test_register_check_refuses_a_non_check():
 
 
 def test_public_api_audit_render_explain(tmp_path):
-    result = saliaudit.audit(MODEL, IMAGES, methods=["gradient", "random"],
-                             checks=["class_sensitivity"], max_images=3, overlays=False)
+    result = saliaudit.audit(
+        MODEL,
+        IMAGES,
+        methods=["gradient", "random"],
+        checks=["class_sensitivity"],
+        max_images=3,
+        overlays=False,
+    )
     assert isinstance(result, saliaudit.AuditResult)
     assert len(result.images) == 3
     assert {c.method for c in result.checks} == {"gradient", "random"}
     files = saliaudit.render(result, tmp_path / "out", formats=["json", "html"])
     assert {p.name for p in files} == {"results.json", "report.html"}
-    again = saliaudit.render(tmp_path / "out" / "results.json", tmp_path / "again",
-                             formats=["json"])
-    assert json.loads(again[0].read_text(encoding="utf-8"))["checks"] == json.loads(
-        (tmp_path / "out" / "results.json").read_text(encoding="utf-8"))["checks"]
+    again = saliaudit.render(tmp_path / "out" / "results.json", tmp_path / "again", formats=["json"])
+    assert (
+        json.loads(again[0].read_text(encoding="utf-8"))["checks"]
+        == json.loads((tmp_path / "out" / "results.json").read_text(encoding="utf-8"))["checks"]
+    )
 
     lm = saliaudit.load_model(MODEL)
     x = torch.rand(2, 3, *lm.input_size)
@@ -182,5 +211,13 @@ def test_public_api_audit_render_explain(tmp_path):
     assert a.shape == (2, 1, *lm.input_size)
     fg = saliaudit.full_gradients(lm, x, [0, 1])
     assert torch.allclose(a[:, 0], fg.saliency("signed"))
-    assert set(saliaudit.__all__) >= {"load_model", "full_gradients", "explain", "audit",
-                                      "render", "register_method", "register_check", "Check"}
+    assert set(saliaudit.__all__) >= {
+        "load_model",
+        "full_gradients",
+        "explain",
+        "audit",
+        "render",
+        "register_method",
+        "register_check",
+        "Check",
+    }

@@ -34,9 +34,17 @@ def _cheap(name: str) -> dict:
 
 def _net() -> nn.Module:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                        nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, padding=1), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
     with torch.no_grad():
         net[1].running_mean.uniform_(-0.3, 0.3)
         net[1].running_var.uniform_(0.5, 1.5)
@@ -46,8 +54,13 @@ def _net() -> nn.Module:
 def _hooks(net: nn.Module) -> int:
     from torch.nn.modules import module as m
 
-    local = sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) + len(mod._backward_hooks)
-                + len(getattr(mod, "_backward_pre_hooks", {})) for mod in net.modules())
+    local = sum(
+        len(mod._forward_hooks)
+        + len(mod._forward_pre_hooks)
+        + len(mod._backward_hooks)
+        + len(getattr(mod, "_backward_pre_hooks", {}))
+        for mod in net.modules()
+    )
     return local + len(m._global_forward_hooks) + len(m._global_backward_hooks)
 
 
@@ -107,11 +120,17 @@ def test_method_hooks_removed_after_an_exception(name):
 def audit_doc() -> dict:
     """One small audit: every check on one method and the controls (sample shapes model)."""
     method_names()
-    result = saliaudit.audit(MODEL, IMAGES, methods=["fullgrad", "gradient", "random", "edge"],
-                             psi=["paper", "signed"],
-                             max_images=8, masks=str(MASKS), overlays=False, seed=0,
-                             check_params={"randomization": {"max_images": 4},
-                                           "sensitivity_n": {"max_images": 4}})
+    result = saliaudit.audit(
+        MODEL,
+        IMAGES,
+        methods=["fullgrad", "gradient", "random", "edge"],
+        psi=["paper", "signed"],
+        max_images=8,
+        masks=str(MASKS),
+        overlays=False,
+        seed=0,
+        check_params={"randomization": {"max_images": 4}, "sensitivity_n": {"max_images": 4}},
+    )
     return result.to_dict()
 
 
@@ -133,5 +152,6 @@ def test_check_contract(audit_doc, check):
     for control in get_check(check).controls_must_fail:
         judged = [c for c in cells if c["method"] == control and c["status"] != "skipped"]
         assert judged, f"{check} did not judge the control {control}"
-        assert all(c["status"] != "pass" for c in judged), \
+        assert all(c["status"] != "pass" for c in judged), (
             f"the {control} control passes {check}: the check cannot tell it from a real map"
+        )

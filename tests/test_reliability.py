@@ -43,8 +43,10 @@ from .test_cli import (
 # the fixtures of test_cli (assigned, so that test parameters of the same name do not shadow imports)
 assets, runner, _clean_env = cli.assets, cli.runner, cli._clean_env
 
+
 def load_results(out: Path) -> dict:
     """results.json, complete and strict JSON (no NaN/Infinity tokens)."""
+
     def refuse(token):
         raise AssertionError(f"non-finite token {token} in results.json")
 
@@ -57,13 +59,15 @@ FAST = ("--methods", "fullgrad", "--checks", "completeness", "--format", "json",
 # --------------------------------------------------------------------------- a model that runs out of memory
 
 if not hasattr(getattr(torch.ops, "saliaudit_test", object()), "oom_gate"):
+
     @torch.library.custom_op("saliaudit_test::oom_gate", mutates_args=())
     def oom_gate(x: torch.Tensor, limit: int, grad_oom: bool) -> torch.Tensor:
         """Identity that behaves like a device running out of memory: on batches larger than
         ``limit``, and (``grad_oom``) whenever a gradient is recorded through it."""
         if x.shape[0] > limit:
             raise torch.OutOfMemoryError(
-                f"CUDA out of memory. Tried to allocate {x.shape[0]} GiB (batch {x.shape[0]})")
+                f"CUDA out of memory. Tried to allocate {x.shape[0]} GiB (batch {x.shape[0]})"
+            )
         return x.clone()
 
     @oom_gate.register_fake
@@ -126,18 +130,22 @@ def squeezenet(k: int = 3) -> torch.nn.Module:
 
 # --------------------------------------------------------------------------- a previous output folder
 
+
 def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
-    return {p.relative_to(folder).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(),
-                                                 p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
 def previous(assets, tmp_path_factory) -> Path:
     """A real previous saliaudit output: marker, results.json and overlays."""
     out = tmp_path_factory.mktemp("previous") / "out"
-    result = CliRunner().invoke(app, ["report", str(assets["model"]), str(assets["images"]),
-                                      "-o", str(out), *FAST, "--psi", "paper"])
+    result = CliRunner().invoke(
+        app, ["report", str(assets["model"]), str(assets["images"]), "-o", str(out), *FAST, "--psi", "paper"]
+    )
     assert result.exit_code == 0, result.output
     assert (out / MARKER).is_file() and list((out / "maps").glob("*.png"))
     return out
@@ -176,6 +184,7 @@ def debug_run(runner, model, images, out, *extra):
 
 
 # --------------------------------------------------------------------------- models that cannot be audited
+
 
 def _truncated_pt2(tmp, assets):
     data = assets["model"].read_bytes()
@@ -231,6 +240,7 @@ def _static_size(tmp, assets):
 def _bad_output(kind):
     def build(tmp, assets):
         return export(Head(kind), tmp / f"out_{kind}.pt2"), []
+
     return build
 
 
@@ -261,8 +271,7 @@ MODEL_CORPUS = [
     ("wrong_arch", _wrong_arch, 3, ["does not match --arch resnet18", "check --arch"]),
     ("wrong_num_classes", _wrong_num_classes, 3, ["3 classes", "--num-classes"]),
     ("state_dict_without_arch", _no_arch, 2, ["state_dict", "--arch"]),
-    ("pt2_static_size_vs_input_size", _static_size, 3, ["--input-size 32,32", "16,16",
-                                                        "omit --input-size"]),
+    ("pt2_static_size_vs_input_size", _static_size, 3, ["--input-size 32,32", "16,16", "omit --input-size"]),
     ("outputs_nan", _bad_output("nan"), 3, ["NaN/Inf", "check the weights"]),
     ("outputs_inf", _bad_output("inf"), 3, ["NaN/Inf", "check the weights"]),
     ("output_not_batch_classes", _bad_output("3d"), 3, ["(batch, classes)", "wrap the model"]),
@@ -273,8 +282,9 @@ MODEL_CORPUS = [
 ]
 
 
-@pytest.mark.parametrize("build, code, needles", [c[1:] for c in MODEL_CORPUS],
-                         ids=[c[0] for c in MODEL_CORPUS])
+@pytest.mark.parametrize(
+    "build, code, needles", [c[1:] for c in MODEL_CORPUS], ids=[c[0] for c in MODEL_CORPUS]
+)
 def test_model_corpus(runner, assets, prev_out, tmp_path, build, code, needles):
     models = tmp_path / "models"
     models.mkdir()
@@ -304,12 +314,25 @@ def test_malicious_pickle_refused_with_trust_flag_missing_and_payload_proven(run
 
 # --------------------------------------------------------------------------- models that are audited, with a note
 
+
 def test_training_mode_pickled_module_is_audited_in_eval_mode(runner, assets, prev_out, tmp_path):
     model = tiny_cnn().train()
     path = tmp_path / "train_mode.pt"
     torch.save(model, path)
-    result = report(runner, path, assets["images"], prev_out.path, "--trust-model", "--input-size", "16",
-                    "--mean", "0.5", "--std", "0.5", "--no-overlays")
+    result = report(
+        runner,
+        path,
+        assets["images"],
+        prev_out.path,
+        "--trust-model",
+        "--input-size",
+        "16",
+        "--mean",
+        "0.5",
+        "--std",
+        "0.5",
+        "--no-overlays",
+    )
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     doc = prev_out.check()
@@ -336,8 +359,19 @@ def test_checkpoint_saved_on_gpu_loads_on_cpu(runner, assets, prev_out, tmp_path
         mp.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
         torch.save({"state_dict": model.state_dict(), "epoch": 3}, path)
     assert b"cuda:0" in path.read_bytes()
-    result = report(runner, path, assets["images"], prev_out.path, "--arch", "squeezenet1_1",
-                    "--input-size", "32", "--no-overlays", "--device", "cpu")
+    result = report(
+        runner,
+        path,
+        assets["images"],
+        prev_out.path,
+        "--arch",
+        "squeezenet1_1",
+        "--input-size",
+        "32",
+        "--no-overlays",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     doc = prev_out.check()
@@ -348,8 +382,7 @@ def test_checkpoint_saved_on_gpu_loads_on_cpu(runner, assets, prev_out, tmp_path
 def test_torchscript_is_audited_with_the_limitation_named(runner, assets, prev_out, tmp_path):
     path = tmp_path / "scripted.pt"
     torch.jit.trace(tiny_cnn(), torch.rand(1, 3, 16, 16)).save(str(path))
-    result = report(runner, path, assets["images"], prev_out.path, "--input-size", "16",
-                    "--no-overlays")
+    result = report(runner, path, assets["images"], prev_out.path, "--input-size", "16", "--no-overlays")
     # FullGrad on TorchScript cannot see the biases: completeness fails, honestly, with the reason
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
@@ -376,6 +409,7 @@ def test_model_with_nan_on_some_images_skips_those_images(runner, assets, prev_o
 
 
 # --------------------------------------------------------------------------- images
+
 
 def _jpeg_bytes(img: Image.Image, **kw) -> bytes:
     import io
@@ -404,21 +438,28 @@ def image_corpus(folder: Path) -> dict[str, tuple[str, str]]:
     rgba[..., 3] = 128
     Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
     Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).convert(
-        "P", palette=Image.ADAPTIVE, colors=16).save(folder / "palette.png")
+        "P", palette=Image.ADAPTIVE, colors=16
+    ).save(folder / "palette.png")
     Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).convert("CMYK").save(
-        folder / "cmyk.jpg", quality=95)
+        folder / "cmyk.jpg", quality=95
+    )
     exif = Image.Exif()
     exif[0x0112] = 6
     (folder / "rotated.jpg").write_bytes(
-        _jpeg_bytes(Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)), exif=exif))
+        _jpeg_bytes(Image.fromarray(rng.integers(0, 256, (12, 20, 3), dtype=np.uint8)), exif=exif)
+    )
     (folder / "really_a_jpeg.png").write_bytes(
-        _jpeg_bytes(Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))))
+        _jpeg_bytes(Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)))
+    )
     write_png(folder / "huge.png", 200, 200, seed=102)  # 40,000 pixels > --max-pixels 20000
     shutil.copy(folder / "good1.png", folder / "zz_duplicate.png")
     write_png(folder / "locked.png", 16, 16, seed=103)  # reading it is refused (monkeypatched)
     return {
-        "good0.png": ("ok", ""), "good1.png": ("ok", ""), "gray.png": ("ok", ""),
-        "palette.png": ("ok", ""), "cmyk.jpg": ("ok", ""),
+        "good0.png": ("ok", ""),
+        "good1.png": ("ok", ""),
+        "gray.png": ("ok", ""),
+        "palette.png": ("ok", ""),
+        "cmyk.jpg": ("ok", ""),
         "text.png": ("skipped", "not an image|remove it or fix the file"),
         "truncated.png": ("skipped", "truncated or corrupt|re-export or re-download"),
         "empty.png": ("skipped", "empty file|remove it or re-export"),
@@ -447,8 +488,7 @@ def test_image_corpus_skips_with_reasons_and_goes_on(runner, assets, prev_out, t
     folder = tmp_path / "corpus"
     expected = image_corpus(folder)
     _deny(monkeypatch, "locked.png")
-    result = report(runner, assets["model"], folder, prev_out.path, "--max-pixels", "20000",
-                    "--psi", "paper")
+    result = report(runner, assets["model"], folder, prev_out.path, "--max-pixels", "20000", "--psi", "paper")
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     doc = prev_out.check()
@@ -492,6 +532,7 @@ def test_good_run_into_previous_output_keeps_the_users_files(runner, assets, pre
 
 # --------------------------------------------------------------------------- out of memory
 
+
 def test_oom_in_prediction_and_decomposition_retries_in_halves(runner, assets, tmp_path):
     """A device that fits 2 images: --batch-size 8 halves down to 2 and measures every image,
     with the numbers of --batch-size 2."""
@@ -511,11 +552,13 @@ def test_oom_in_prediction_and_decomposition_retries_in_halves(runner, assets, t
         assert a["image"] == b["image"] and a["target"] == b["target"]
         assert a["logit"] == pytest.approx(b["logit"], rel=1e-5, abs=1e-6)
         assert a["reconstructed"] == pytest.approx(b["reconstructed"], rel=1e-4, abs=1e-5)
-    assert [(r["image"], r["predicted"]) for r in big["images"]] == \
-        [(r["image"], r["predicted"]) for r in small["images"]]
+    assert [(r["image"], r["predicted"]) for r in big["images"]] == [
+        (r["image"], r["predicted"]) for r in small["images"]
+    ]
     assert [r["score"] for r in big["images"]] == pytest.approx([r["score"] for r in small["images"]])
-    assert sorted((m["image"], m["psi"]) for m in big["maps"]) == \
-        sorted((m["image"], m["psi"]) for m in small["maps"])
+    assert sorted((m["image"], m["psi"]) for m in big["maps"]) == sorted(
+        (m["image"], m["psi"]) for m in small["maps"]
+    )
 
 
 def test_oom_even_for_one_image_gives_error_cells(runner, assets, prev_out, tmp_path):
@@ -544,7 +587,7 @@ def test_oom_split_halves_down_to_one_image_and_counts_retries():
             return int(self.x.shape[0])
 
         def select(self, index):
-            return _Rows(self.x[index[0]:index[-1] + 1])
+            return _Rows(self.x[index[0] : index[-1] + 1])
 
     sizes, retries = [], []
 
@@ -572,21 +615,26 @@ def test_oom_split_halves_down_to_one_image_and_counts_retries():
 def test_fullgrad_merged_from_halves_equals_one_pass():
     """The decomposition retried in halves gives the terms, maps and residuals of one pass,
     also for per-image (implicit) biases."""
-    from saliaudit.methods.fullgrad import FullGradients
-    from saliaudit.methods.fullgrad import full_gradients
+    from saliaudit.methods.fullgrad import FullGradients, full_gradients
     from saliaudit.model import wrap_module
 
     torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
-                            torch.nn.SiLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
-                            torch.nn.Linear(16, 3)).eval()
+    m = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.SiLU(),
+        torch.nn.AdaptiveAvgPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 3),
+    ).eval()
     lm = wrap_module(m, input_size=16)
     x = torch.randn(5, 3, 16, 16)
     t = lm.logits(x).argmax(1)
     whole = full_gradients(lm, x, t)
-    merged = FullGradients.cat(full_gradients(lm, x[:2], t[:2]),
-                           FullGradients.cat(full_gradients(lm, x[2:3], t[2:3]),
-                                         full_gradients(lm, x[3:], t[3:])))
+    merged = FullGradients.cat(
+        full_gradients(lm, x[:2], t[:2]),
+        FullGradients.cat(full_gradients(lm, x[2:3], t[2:3]), full_gradients(lm, x[3:], t[3:])),
+    )
     assert any(term.bias.shape[0] == 5 for term in whole.bias_terms.values())  # implicit (SiLU)
     assert set(merged.bias_terms) == set(whole.bias_terms)
     for name in ("logits", "reconstructed", "residual", "input_term"):
@@ -600,13 +648,25 @@ def test_fullgrad_merged_from_halves_equals_one_pass():
 
 # --------------------------------------------------------------------------- subsets
 
+
 def test_sample_same_seed_same_subset_other_seed_other_subset(runner, assets, tmp_path):
     images = make_images(tmp_path / "many", 12)
     subsets = {}
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         out = tmp_path / f"out_{name}"
-        result = report(runner, assets["model"], images, out, "--sample", "4", "--seed", str(seed),
-                        "--no-overlays", "--psi", "paper")
+        result = report(
+            runner,
+            assets["model"],
+            images,
+            out,
+            "--sample",
+            "4",
+            "--seed",
+            str(seed),
+            "--no-overlays",
+            "--psi",
+            "paper",
+        )
         assert result.exit_code == 0, result.output
         doc = load_results(out)
         assert doc["config"]["values"]["sample"] == 4 and doc["run"]["seed"] == seed
@@ -617,8 +677,21 @@ def test_sample_same_seed_same_subset_other_seed_other_subset(runner, assets, tm
     assert subsets["c"] == expected[4]
     # --max-images caps the sample, keeping its order
     out = tmp_path / "capped"
-    result = report(runner, assets["model"], images, out, "--sample", "4", "--seed", "3",
-                    "--max-images", "2", "--no-overlays", "--psi", "paper")
+    result = report(
+        runner,
+        assets["model"],
+        images,
+        out,
+        "--sample",
+        "4",
+        "--seed",
+        "3",
+        "--max-images",
+        "2",
+        "--no-overlays",
+        "--psi",
+        "paper",
+    )
     assert result.exit_code == 0, result.output
     assert [r["image"] for r in load_results(out)["images"]] == expected[3][:2]
 
@@ -628,8 +701,8 @@ def test_audit_decomposes_each_batch_once_for_its_top1_classes(tmp_path, monkeyp
     checks reuse: no (images, targets) pair is decomposed twice."""
     from collections import Counter
 
-    from saliaudit.engine import run_audit
     from saliaudit.config import resolve_config
+    from saliaudit.engine import run_audit
     from saliaudit.methods import fullgrad
 
     calls: Counter = Counter()
@@ -646,8 +719,18 @@ def test_audit_decomposes_each_batch_once_for_its_top1_classes(tmp_path, monkeyp
 
     monkeypatch.setattr(fullgrad, "full_gradients", oom_once_per_batch)
     root = Path(__file__).resolve().parents[1] / "sample_models"
-    cfg = resolve_config({"methods": "fullgrad", "checks": "completeness", "overlays": False,
-                          "batch_size": 4, "max_images": 8, "format": "json"}, cwd=tmp_path, environ={})
+    cfg = resolve_config(
+        {
+            "methods": "fullgrad",
+            "checks": "completeness",
+            "overlays": False,
+            "batch_size": 4,
+            "max_images": 8,
+            "format": "json",
+        },
+        cwd=tmp_path,
+        environ={},
+    )
     result = run_audit(root / "shapes_vgg.pt2", root / "images" / "shapes", cfg, tmp_path)
     assert len(result.images) == 8 and result.run["oom_retries"] >= 2
     # each full-batch key: one failed try; each half: one pass (twice would be recomputation)

@@ -22,21 +22,30 @@ from saliaudit.report.render import results_json
 
 from .report_fixture import make_results
 
-META = {"input_size": [16, 16], "mean": [0.5] * 3, "std": [0.5] * 3,
-        "class_names": ["a", 'b <script>alert(1)</script> "&" ü', "c"]}
+META = {
+    "input_size": [16, 16],
+    "mean": [0.5] * 3,
+    "std": [0.5] * 3,
+    "class_names": ["a", 'b <script>alert(1)</script> "&" ü', "c"],
+}
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("report-cli")
     torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
-                            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                            torch.nn.Linear(4, 3)).eval()
+    m = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    ).eval()
     with torch.no_grad():
         m[4].bias.copy_(torch.tensor([2.0, 1.5, 1.0]))
-    ep = torch.export.export(m, (torch.rand(2, 3, 16, 16),),
-                             dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    ep = torch.export.export(
+        m, (torch.rand(2, 3, 16, 16),), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},)
+    )
     model = root / "model.pt2"
     torch.export.save(ep, str(model), extra_files={"saliaudit.json": json.dumps(META)})
     images = root / "images"
@@ -62,8 +71,22 @@ def run(*args, env=None):
 
 
 def audit(assets, out, *extra, env=None):
-    return run("report", assets["model"], assets["images"], "-o", out, "--methods", "fullgrad",
-               "--checks", "completeness", "--psi", "paper,signed", "--no-overlays", *extra, env=env)
+    return run(
+        "report",
+        assets["model"],
+        assets["images"],
+        "-o",
+        out,
+        "--methods",
+        "fullgrad",
+        "--checks",
+        "completeness",
+        "--psi",
+        "paper,signed",
+        "--no-overlays",
+        *extra,
+        env=env,
+    )
 
 
 def one_error_line(result, code):
@@ -78,8 +101,11 @@ def test_report_formats_and_render_same_html(assets, tmp_path):
     out = tmp_path / "out"
     result = audit(assets, out, "--format", "html,json,junit", "-q")
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == \
-        ["junit.xml", "report.html", "results.json"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "junit.xml",
+        "report.html",
+        "results.json",
+    ]
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     again = tmp_path / "again"
@@ -135,8 +161,17 @@ def test_report_without_pdf_backend_exits_3(assets, tmp_path, monkeypatch):
 def test_ci_summary_annotations_and_gate(assets, tmp_path):
     summary = tmp_path / "summary.md"
     out = tmp_path / "out"
-    result = audit(assets, out, "--format", "json", "--annotations", "-q",
-                   "--threshold", "completeness.fail=1e-30", env={"GITHUB_STEP_SUMMARY": str(summary)})
+    result = audit(
+        assets,
+        out,
+        "--format",
+        "json",
+        "--annotations",
+        "-q",
+        "--threshold",
+        "completeness.fail=1e-30",
+        env={"GITHUB_STEP_SUMMARY": str(summary)},
+    )
     assert result.exit_code == 1, result.output  # completeness FAIL reaches --fail-on fail
     lines = [ln for ln in result.stdout.splitlines() if ln.startswith("::")]
     assert len(lines) == 1 and lines[0].startswith("::error title=saliaudit completeness%3A fullgrad FAIL::")

@@ -26,8 +26,9 @@ pytestmark = pytest.mark.slow
 
 def _text(pdf: Path) -> str:
     if shutil.which("pdftotext"):
-        return subprocess.run(["pdftotext", "-enc", "UTF-8", str(pdf), "-"], capture_output=True,
-                              check=True, timeout=120).stdout.decode("utf-8")
+        return subprocess.run(
+            ["pdftotext", "-enc", "UTF-8", str(pdf), "-"], capture_output=True, check=True, timeout=120
+        ).stdout.decode("utf-8")
     try:
         import pypdf
     except ImportError:
@@ -42,9 +43,26 @@ def sample(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("e2e") / "out"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SALIAUDIT_")}
     env["SOURCE_DATE_EPOCH"] = "1700000000"
-    proc = subprocess.run([sys.executable, "-m", "saliaudit", "report", str(MODEL), str(IMAGES), "-o",
-                           str(out), "--format", "html,pdf,json,junit", "-q"],
-                          capture_output=True, text=True, timeout=1800, env=env, cwd=out.parent)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "saliaudit",
+            "report",
+            str(MODEL),
+            str(IMAGES),
+            "-o",
+            str(out),
+            "--format",
+            "html,pdf,json,junit",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=env,
+        cwd=out.parent,
+    )
     results = out / "results.json"
     doc = json.loads(results.read_text(encoding="utf-8")) if results.is_file() else {}
     if not doc.get("check_info"):  # before the check content lands; the lead un-skips this
@@ -58,8 +76,14 @@ def test_sample_audit_pdf_sections_in_order(sample):
     doc = json.loads((sample / "results.json").read_text(encoding="utf-8"))
     text = " ".join(_text(sample / "report.pdf").split())
     titles = [doc["check_info"][c]["title"] for c in doc["check_info"]]
-    sections = ["Verdicts", "Post-processing caveats", *titles, "Completeness per image",
-                "Skipped inputs and errors", "Configuration, environment and references"]
+    sections = [
+        "Verdicts",
+        "Post-processing caveats",
+        *titles,
+        "Completeness per image",
+        "Skipped inputs and errors",
+        "Configuration, environment and references",
+    ]
     pos = text.find("Saliency audit report")
     assert pos >= 0
     pos = text.find("Configuration, environment and references", pos)  # end of the contents list
@@ -76,8 +100,22 @@ def test_sample_audit_outputs(sample):
     root = ET.fromstring((sample / "junit.xml").read_bytes())
     assert len(root.findall("testsuite/testcase")) == len(doc["checks"])
     again = sample.parent / "again"
-    proc = subprocess.run([sys.executable, "-m", "saliaudit", "render", str(sample / "results.json"),
-                           "-o", str(again), "--format", "html", "-q"], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "saliaudit",
+            "render",
+            str(sample / "results.json"),
+            "-o",
+            str(again),
+            "--format",
+            "html",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (again / "report.html").read_bytes() == (sample / "report.html").read_bytes()

@@ -15,20 +15,30 @@ from pathlib import Path
 import pytest
 from markupsafe import escape
 
+from saliaudit.errors import UsageError
 from saliaudit.report.context import check_order, fmt, verdict_rows
 from saliaudit.report.figures import FigureMaker, clean_map, decode_image, ranking
 from saliaudit.report.html import build_context, render_html
 from saliaudit.report.render import load_results, results_json, write_outputs
-from saliaudit.errors import UsageError
 
 from .report_fixture import HOSTILE, HOSTILE_LABEL, make_results
 
-SECTIONS = ["Saliency audit report", "Verdicts", "Post-processing caveats",
-            "Completeness of the FullGrad decomposition", "Class sensitivity",
-            "Model-parameter randomization", "Pixel perturbation (LeRF and MoRF)", "Sensitivity-n",
-            "Sign flip (digit flipping, generalized)", "Batch-norm folding", "Pointing game",
-            "Completeness per image", "Skipped inputs and errors",
-            "Configuration, environment and references"]
+SECTIONS = [
+    "Saliency audit report",
+    "Verdicts",
+    "Post-processing caveats",
+    "Completeness of the FullGrad decomposition",
+    "Class sensitivity",
+    "Model-parameter randomization",
+    "Pixel perturbation (LeRF and MoRF)",
+    "Sensitivity-n",
+    "Sign flip (digit flipping, generalized)",
+    "Batch-norm folding",
+    "Pointing game",
+    "Completeness per image",
+    "Skipped inputs and errors",
+    "Configuration, environment and references",
+]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +103,10 @@ def test_self_contained(page):
         for key in ("src", "href"):
             if key in attrs:
                 value = attrs[key]
-                assert value.startswith("data:image/") or (key == "href" and value.startswith("#")), (tag, value[:40])
+                assert value.startswith("data:image/") or (key == "href" and value.startswith("#")), (
+                    tag,
+                    value[:40],
+                )
         assert tag not in ("script", "link", "iframe", "object", "embed")
     assert "Content-Security-Policy" in page and "default-src 'none'" in page
     assert re.search(r"url\((?!data:)", page) is None
@@ -143,7 +156,9 @@ def test_colour_bars_follow_sign_handling(doc):
     bars = [str(b) for b in cs["colorbars"]]
     assert len(bars) == 2 and "−max" in bars[0] and "+max" in bars[0] and "−max" not in bars[1]
     only_magnitude = copy.deepcopy(doc)
-    only_magnitude["checks"] = [c for c in doc["checks"] if not (c["psi"] == "signed" or c["post"] == "signed")]
+    only_magnitude["checks"] = [
+        c for c in doc["checks"] if not (c["psi"] == "signed" or c["post"] == "signed")
+    ]
     ctx = build_context(only_magnitude, target="html", examples=1, examples_html=1)
     cs = next(s for s in ctx["sections"] if s["name"] == "class_sensitivity")["figures"]
     assert [("+max" in str(b)) for b in cs["colorbars"]] == [False]
@@ -168,8 +183,11 @@ def test_hostile_figures_are_refused(doc):
         figs = (c.get("series") or {}).get("figures") or {}
         for fig in figs.values():
             if "perturbed" in fig:
-                fig["perturbed"] = ["javascript:alert(1)", "http://127.0.0.1/x.png",
-                                    "data:image/png;base64,!!!"] + fig["perturbed"][3:]
+                fig["perturbed"] = [
+                    "javascript:alert(1)",
+                    "http://127.0.0.1/x.png",
+                    "data:image/png;base64,!!!",
+                ] + fig["perturbed"][3:]
             if "top1" in fig:
                 fig["top1"] = [[1, "x"], [2]]
     out = render_html(evil, examples=2, examples_html=2)
@@ -180,15 +198,39 @@ def test_hostile_figures_are_refused(doc):
 
 def test_results_before_checks_render(tmp_path):
     """A results document without check_info, figures or caveats (before the checks landed)."""
-    minimal = {"schema_version": "1.0", "tool": {"name": "saliaudit", "version": "0.1.0"},
-               "run": {"started_at": "2025-01-01T00:00:00+00:00"}, "config": {"values": {}, "sources": {}},
-               "model": {"path": "m.pt2", "sha256": "0" * 64}, "inputs": {"found": 1, "loaded": 1, "skipped": []},
-               "summary": {"status": "pass", "fail_on": "fail", "counts": {"pass": 1}, "gate_failed": False},
-               "checks": [{"check": "completeness", "method": "fullgrad", "psi": None, "status": "pass",
-                           "value": 1e-7, "metric": "max relative residual", "thresholds": {"fail": 1e-3},
-                           "message": "ok", "per_image": [], "series": {}}],
-               "completeness": [{"image": "a.png", "target": 0, "target_name": "a", "logit": 2.0,
-                                 "reconstructed": 2.0, "relative_residual": 1e-7}]}
+    minimal = {
+        "schema_version": "1.0",
+        "tool": {"name": "saliaudit", "version": "0.1.0"},
+        "run": {"started_at": "2025-01-01T00:00:00+00:00"},
+        "config": {"values": {}, "sources": {}},
+        "model": {"path": "m.pt2", "sha256": "0" * 64},
+        "inputs": {"found": 1, "loaded": 1, "skipped": []},
+        "summary": {"status": "pass", "fail_on": "fail", "counts": {"pass": 1}, "gate_failed": False},
+        "checks": [
+            {
+                "check": "completeness",
+                "method": "fullgrad",
+                "psi": None,
+                "status": "pass",
+                "value": 1e-7,
+                "metric": "max relative residual",
+                "thresholds": {"fail": 1e-3},
+                "message": "ok",
+                "per_image": [],
+                "series": {},
+            }
+        ],
+        "completeness": [
+            {
+                "image": "a.png",
+                "target": 0,
+                "target_name": "a",
+                "logit": 2.0,
+                "reconstructed": 2.0,
+                "relative_residual": 1e-7,
+            }
+        ],
+    }
     out = render_html(minimal)
     assert "Completeness per image" in out and "No caveat was computed" in out
     paths = write_outputs(minimal, tmp_path, ["json", "html", "junit"])
@@ -200,8 +242,10 @@ def test_results_before_checks_render(tmp_path):
 
 def test_results_json_round_trip_and_compact(doc, tmp_path):
     text = results_json(doc)
+
     def refuse(token):
         raise AssertionError(f"non-finite {token}")
+
     assert json.loads(text, parse_constant=refuse) == doc
     assert text.endswith("\n")
     assert '"x": [0.05, 0.1, 0.2, 0.3, 0.5, 0.7]' in text  # curves on one line
@@ -228,11 +272,19 @@ def test_settings_come_from_the_results(doc, tmp_path):
     assert cs.count('class="imghead"') == 1
 
 
-@pytest.mark.parametrize("text, message", [
-    ("", "not valid JSON"), ("[]", "no schema_version"), ('{"schema_version": "2.0"}', "unsupported schema_version"),
-    ('{"schema_version": "1.0", "checks": {}}', "checks must be a list"),
-    ('{"schema_version": "1.0", "checks": [{"check": "x", "method": "m", "status": "great"}]}', "status 'great'"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "not valid JSON"),
+        ("[]", "no schema_version"),
+        ('{"schema_version": "2.0"}', "unsupported schema_version"),
+        ('{"schema_version": "1.0", "checks": {}}', "checks must be a list"),
+        (
+            '{"schema_version": "1.0", "checks": [{"check": "x", "method": "m", "status": "great"}]}',
+            "status 'great'",
+        ),
+    ],
+)
 def test_load_results_rejects(tmp_path, text, message):
     path = tmp_path / "results.json"
     path.write_text(text, encoding="utf-8")
@@ -245,8 +297,9 @@ def test_load_results_rejects(tmp_path, text, message):
 
 def test_helpers():
     assert fmt(None) == "–" and fmt(0.123456) == "0.123" and fmt(1e-7) == "1.00e-07" and fmt(3) == "3"
-    assert check_order({"checks": [{"check": "sign_flip"}, {"check": "custom"}, {"check": "completeness"}]}) \
-        == ["completeness", "sign_flip", "custom"]
+    assert check_order(
+        {"checks": [{"check": "sign_flip"}, {"check": "custom"}, {"check": "completeness"}]}
+    ) == ["completeness", "sign_flip", "custom"]
 
 
 def test_templates_are_packaged():
@@ -254,8 +307,14 @@ def test_templates_are_packaged():
 
     root = files("saliaudit.templates")
     names = {p.name for p in root.iterdir()}
-    assert {"report.html.j2", "report.css", "DejaVuSans.ttf", "DejaVuSans-Bold.ttf",
-            "DejaVuSansMono.ttf", "DejaVu-LICENSE.txt"} <= names
+    assert {
+        "report.html.j2",
+        "report.css",
+        "DejaVuSans.ttf",
+        "DejaVuSans-Bold.ttf",
+        "DejaVuSansMono.ttf",
+        "DejaVu-LICENSE.txt",
+    } <= names
     pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
     patterns = re.search(r'"saliaudit.templates" = \[(.*?)\]', pyproject).group(1)
     for name in names - {"__init__.py", "README.md", "__pycache__"}:

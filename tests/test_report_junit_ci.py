@@ -7,8 +7,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from saliaudit.report.ci import (MAX_ANNOTATIONS, annotations, append_step_summary,
-                                 step_summary_markdown)
+from saliaudit.report.ci import MAX_ANNOTATIONS, annotations, append_step_summary, step_summary_markdown
 from saliaudit.report.junit import render_junit, xml_text
 
 from .report_fixture import HOSTILE, HOSTILE_LABEL, make_results
@@ -29,7 +28,10 @@ def test_junit_one_testcase_per_cell(doc):
     by_key = {(c.get("classname"), c.get("name")): c for c in cases}
     assert len(by_key) == len(cases)
     assert ("completeness", "fullgrad") in by_key
-    assert ("class_sensitivity", "fullgrad/paper") in by_key and ("class_sensitivity", "gradient/abs") in by_key
+    assert ("class_sensitivity", "fullgrad/paper") in by_key and (
+        "class_sensitivity",
+        "gradient/abs",
+    ) in by_key
     counts = {s: sum(1 for c in doc["checks"] if c["status"] == s) for s in ("fail", "error", "skipped")}
     assert int(suite.get("failures")) == counts["fail"] == len(suite.findall("testcase/failure"))
     assert int(suite.get("errors")) == counts["error"] == len(suite.findall("testcase/error"))
@@ -99,10 +101,12 @@ def test_annotations(doc):
     assert lines.index(errors[-1]) < lines.index(warnings[0])
     assert all("\n" not in ln for ln in lines)
     first = errors[0]
-    title, _, message = first[len("::error "):].partition("::")
+    title, _, message = first[len("::error ") :].partition("::")
     assert title.startswith("title=saliaudit class_sensitivity%3A guided_backprop/signed FAIL")
     evil = copy.deepcopy(doc)
-    evil["checks"] = [dict(evil["checks"][1], status="fail", method="m,x:y", message="50%\nline2\r::error::x")]
+    evil["checks"] = [
+        dict(evil["checks"][1], status="fail", method="m,x:y", message="50%\nline2\r::error::x")
+    ]
     (line,) = annotations(evil)
     assert "m%2Cx%3Ay" in line and "50%25%0Aline2%0D::error::x" in line
     assert line.count("\n") == 0

@@ -34,8 +34,9 @@ HAVE_POPPLER = shutil.which("pdftotext") is not None and shutil.which("pdfinfo")
 def pdf_text(path: Path) -> str:
     """The PDF's text in reading order: pdftotext, else pypdf, else skip."""
     if shutil.which("pdftotext"):
-        return subprocess.run(["pdftotext", "-enc", "UTF-8", str(path), "-"], capture_output=True,
-                              check=True, timeout=120).stdout.decode("utf-8")
+        return subprocess.run(
+            ["pdftotext", "-enc", "UTF-8", str(path), "-"], capture_output=True, check=True, timeout=120
+        ).stdout.decode("utf-8")
     pypdf = pytest.importorskip("pypdf", reason="neither pdftotext nor pypdf is available")
     return "\n".join(p.extract_text() or "" for p in pypdf.PdfReader(str(path)).pages)
 
@@ -43,8 +44,9 @@ def pdf_text(path: Path) -> str:
 def pdf_info(path: Path) -> dict[str, str]:
     if not HAVE_POPPLER:
         pytest.skip("pdfinfo (poppler-utils) not installed")
-    out = subprocess.run(["pdfinfo", "-isodates", str(path)], capture_output=True, check=True,
-                         timeout=60).stdout.decode("utf-8")
+    out = subprocess.run(
+        ["pdfinfo", "-isodates", str(path)], capture_output=True, check=True, timeout=60
+    ).stdout.decode("utf-8")
     return {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in out.splitlines()) if v}
 
 
@@ -55,8 +57,7 @@ def flat(text: str) -> str:
 @pytest.fixture(scope="module")
 def a4(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("pdf-a4")
-    write_outputs(make_results(10, n_examples=3), out, ["pdf"], examples=3, page_size="a4",
-                  environ={})
+    write_outputs(make_results(10, n_examples=3), out, ["pdf"], examples=3, page_size="a4", environ={})
     return out / "report.pdf"
 
 
@@ -66,8 +67,9 @@ def letter(tmp_path_factory) -> tuple[Path, Path]:
     paths = []
     for name in ("one", "two"):
         out = tmp_path_factory.mktemp(f"pdf-letter-{name}")
-        write_outputs(doc, out, ["pdf"], examples=1, page_size="letter",
-                      environ={"SOURCE_DATE_EPOCH": "1700000000"})
+        write_outputs(
+            doc, out, ["pdf"], examples=1, page_size="letter", environ={"SOURCE_DATE_EPOCH": "1700000000"}
+        )
         paths.append(out / "report.pdf")
     return paths[0], paths[1]
 
@@ -111,13 +113,16 @@ def test_pdf_pages_numbered_and_metadata(a4):
 
 def _words_outside(path: Path) -> list[str]:
     """Words whose box leaves the page (an overflowing table or a clipped figure)."""
-    out = subprocess.run(["pdftotext", "-bbox", str(path), "-"], capture_output=True, check=True,
-                         timeout=120).stdout.decode("utf-8")
+    out = subprocess.run(
+        ["pdftotext", "-bbox", str(path), "-"], capture_output=True, check=True, timeout=120
+    ).stdout.decode("utf-8")
     bad = []
     for page in re.finditer(r'<page width="([\d.]+)" height="([\d.]+)">(.*?)</page>', out, re.S):
         w, h = float(page.group(1)), float(page.group(2))
-        for m in re.finditer(r'<word xMin="([\d.-]+)" yMin="([\d.-]+)" xMax="([\d.-]+)" yMax="([\d.-]+)">(.*?)</word>',
-                             page.group(3)):
+        for m in re.finditer(
+            r'<word xMin="([\d.-]+)" yMin="([\d.-]+)" xMax="([\d.-]+)" yMax="([\d.-]+)">(.*?)</word>',
+            page.group(3),
+        ):
             x0, y0, x1, y1 = map(float, m.groups()[:4])
             # 10 mm margins are the least the stylesheet leaves; text beyond them overflowed
             if x0 < 28 or y0 < 14 or x1 > w - 28 or y1 > h - 14:
@@ -144,8 +149,14 @@ def test_fetcher_serves_data_uris_only():
     fetcher = pdfmod._fetcher(weasyprint)
     assert pdfmod.data_url("data:text/plain;base64,aGk=") == (b"hi", "text/plain")
     assert pdfmod.data_url("data:,a%20b") == (b"a b", "text/plain")
-    for url in ("file:///etc/passwd", "http://127.0.0.1:9/x.png", "https://example.invalid/a.css",
-                "/etc/passwd", "../secret.png", "ftp://x/y"):
+    for url in (
+        "file:///etc/passwd",
+        "http://127.0.0.1:9/x.png",
+        "https://example.invalid/a.css",
+        "/etc/passwd",
+        "../secret.png",
+        "ftp://x/y",
+    ):
         with pytest.raises(pdfmod.RefusedURL):
             fetcher(url)
 
@@ -162,10 +173,14 @@ def test_crafted_references_are_not_fetched(tmp_path):
             calls.append(url)
             return super().fetch(url, headers)
 
-    html = (f'<html><head><link rel="stylesheet" href="file://{secret}"></head><body>'
-            f'<img src="file://{secret}"><img src="{secret}"><img src="http://127.0.0.1:9/x.png">'
-            f'<p style="background: url(file://{secret})">x</p></body></html>')
-    pdf = weasyprint.HTML(string=html, base_url=None, url_fetcher=Spy(allowed_protocols=("data",))).write_pdf()
+    html = (
+        f'<html><head><link rel="stylesheet" href="file://{secret}"></head><body>'
+        f'<img src="file://{secret}"><img src="{secret}"><img src="http://127.0.0.1:9/x.png">'
+        f'<p style="background: url(file://{secret})">x</p></body></html>'
+    )
+    pdf = weasyprint.HTML(
+        string=html, base_url=None, url_fetcher=Spy(allowed_protocols=("data",))
+    ).write_pdf()
     assert pdf.startswith(b"%PDF")
     assert calls, "WeasyPrint did not ask the fetcher"
     assert all(not c.startswith("data:") for c in calls)  # every one refused by data_url
@@ -176,7 +191,9 @@ def test_missing_weasyprint_writes_the_rest(tmp_path, monkeypatch):
 
     def no_weasyprint(name, *args, **kwargs):
         if name == "weasyprint" or name.startswith("weasyprint."):
-            raise OSError("cannot load library 'libpango-1.0-0': libpango-1.0-0: cannot open shared object file")
+            raise OSError(
+                "cannot load library 'libpango-1.0-0': libpango-1.0-0: cannot open shared object file"
+            )
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_weasyprint)

@@ -80,8 +80,9 @@ def test_quick_start_audit_of_the_sample_model(tmp_path):
     from saliaudit.cli import app
 
     out = tmp_path / "report"
-    result = CliRunner().invoke(app, ["report", str(ROOT / "shapes_vgg.pt2"),
-                                      str(ROOT / "images" / "shapes"), "-o", str(out), "-q"])
+    result = CliRunner().invoke(
+        app, ["report", str(ROOT / "shapes_vgg.pt2"), str(ROOT / "images" / "shapes"), "-o", str(out), "-q"]
+    )
     import json
 
     doc = json.loads((out / "results.json").read_text())

@@ -37,5 +37,8 @@ def test_sorted_path_order_would_have_missed_a_class():
     names = [f"{c}/{i:02d}.png" for c in ("circle", "square", "triangle") for i in range(4)]
     classes = [n.split("/")[0] for n in names]
     assert {n.split("/")[0] for n in sorted(names)[:4]} == {"circle"}
-    assert {n.split("/")[0] for n in stratified_sample(names, classes, 4, seed=0)} == \
-        {"circle", "square", "triangle"}
+    assert {n.split("/")[0] for n in stratified_sample(names, classes, 4, seed=0)} == {
+        "circle",
+        "square",
+        "triangle",
+    }

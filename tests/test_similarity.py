@@ -30,8 +30,9 @@ def _mm(m: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("absolute", [True, False])
 def test_spearman_equals_scipy_with_ties(absolute):
     a, b = _maps()
-    values, degenerate = sim.spearman(torch.from_numpy(a).float(), torch.from_numpy(b).float(),
-                                      absolute=absolute)
+    values, degenerate = sim.spearman(
+        torch.from_numpy(a).float(), torch.from_numpy(b).float(), absolute=absolute
+    )
     f = np.abs if absolute else (lambda t: t)
     a32, b32 = a.astype(np.float32), b.astype(np.float32)
     ref = [spearmanr(f(a32[i]).ravel(), f(b32[i]).ravel()).statistic for i in range(len(a))]
@@ -73,8 +74,16 @@ def test_hog_spearman_equals_skimage_and_scipy(size):
     assert size // cell >= 4  # at least 4×4 cells
     ref = []
     for i in range(2):
-        fa, fb = (hog(_mm(m), orientations=9, pixels_per_cell=(cell, cell), cells_per_block=(2, 2),
-                      block_norm="L2-Hys") for m in (a[i], b[i]))
+        fa, fb = (
+            hog(
+                _mm(m),
+                orientations=9,
+                pixels_per_cell=(cell, cell),
+                cells_per_block=(2, 2),
+                block_norm="L2-Hys",
+            )
+            for m in (a[i], b[i])
+        )
         ref.append(spearmanr(fa, fb).statistic)
     np.testing.assert_allclose(values, ref, rtol=0, atol=1e-12)
     assert not degenerate.any()
@@ -151,8 +160,9 @@ def test_batch_independence(metric):
 def test_dispatch_and_errors():
     a, b = _maps(10, shape=(2, 16, 16))
     assert sim.METRICS == ("spearman_abs", "spearman", "ssim", "hog")
-    np.testing.assert_array_equal(sim.similarity(a, b, "spearman_abs")[0],
-                                  sim.spearman(a, b, absolute=True)[0])
+    np.testing.assert_array_equal(
+        sim.similarity(a, b, "spearman_abs")[0], sim.spearman(a, b, absolute=True)[0]
+    )
     with pytest.raises(UsageError, match="unknown similarity metric"):
         sim.similarity(a, b, "pearson")
     with pytest.raises(UsageError, match="shapes"):
@@ -174,6 +184,7 @@ def test_prepared_maps_give_the_same_values(metric):
     a, b = _maps(12, shape=(3, 32, 32))
     a[1] = 0.0
     ref = sim.Maps(torch.from_numpy(a))
-    np.testing.assert_array_equal(sim.similarity(ref, sim.Maps(b), metric)[0],
-                                  sim.similarity(a, b, metric)[0])
+    np.testing.assert_array_equal(
+        sim.similarity(ref, sim.Maps(b), metric)[0], sim.similarity(a, b, metric)[0]
+    )
     np.testing.assert_array_equal(sim.similarity(ref, b, metric)[1], sim.similarity(a, b, metric)[1])

@@ -7,15 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from saliaudit.stats import (ALPHA, Interval, adjust, decide, images_to_decide, mean_interval,
-                             paired_better)
+from saliaudit.stats import ALPHA, Interval, adjust, decide, images_to_decide, mean_interval, paired_better
 
 
-@pytest.mark.parametrize("draw,true_mean", [
-    (lambda rng, n: rng.normal(0.3, 0.2, n), 0.3),
-    (lambda rng, n: rng.exponential(0.5, n), 0.5),  # skewed: where BCa earns its keep
-    (lambda rng, n: rng.uniform(-1, 1, n), 0.0),
-])
+@pytest.mark.parametrize(
+    "draw,true_mean",
+    [
+        (lambda rng, n: rng.normal(0.3, 0.2, n), 0.3),
+        (lambda rng, n: rng.exponential(0.5, n), 0.5),  # skewed: where BCa earns its keep
+        (lambda rng, n: rng.uniform(-1, 1, n), 0.0),
+    ],
+)
 def test_interval_covers_a_known_mean_at_about_the_nominal_rate(draw, true_mean):
     rng = np.random.default_rng(0)
     trials, n = 300, 25
@@ -51,23 +53,29 @@ def _iv(lo: float, hi: float, mean: float | None = None) -> Interval:
     return Interval(10, (lo + hi) / 2 if mean is None else mean, lo, hi, 0.1, "test")
 
 
-@pytest.mark.parametrize("lo,hi,expected", [
-    (0.1, 0.3, ("pass", False)),
-    (0.3, 0.5, ("warn", True)),     # across warn
-    (0.45, 0.6, ("warn", False)),   # between warn and fail
-    (0.6, 0.8, ("warn", True)),     # across fail
-    (0.7, 0.9, ("fail", False)),
-    (0.2, 0.9, ("warn", True)),     # across both
-])
+@pytest.mark.parametrize(
+    "lo,hi,expected",
+    [
+        (0.1, 0.3, ("pass", False)),
+        (0.3, 0.5, ("warn", True)),  # across warn
+        (0.45, 0.6, ("warn", False)),  # between warn and fail
+        (0.6, 0.8, ("warn", True)),  # across fail
+        (0.7, 0.9, ("fail", False)),
+        (0.2, 0.9, ("warn", True)),  # across both
+    ],
+)
 def test_decide_lower_is_better(lo, hi, expected):
     assert decide(_iv(lo, hi), fail=0.7, warn=0.4, higher_is_better=False) == expected
 
 
-@pytest.mark.parametrize("lo,hi,expected", [
-    (0.3, 0.5, ("pass", False)),
-    (0.05, 0.15, ("warn", True)),
-    (-0.2, 0.05, ("fail", False)),
-])
+@pytest.mark.parametrize(
+    "lo,hi,expected",
+    [
+        (0.3, 0.5, ("pass", False)),
+        (0.05, 0.15, ("warn", True)),
+        (-0.2, 0.05, ("fail", False)),
+    ],
+)
 def test_decide_higher_is_better(lo, hi, expected):
     assert decide(_iv(lo, hi), fail=0.1, warn=None, higher_is_better=True) == expected
 
@@ -92,7 +100,7 @@ def test_paired_test_detects_a_real_difference_and_holds_its_level_under_the_nul
     assert paired_better([0.1], [0.5], higher_is_better=True) == (1, None)
     false = 0
     trials = 400
-    for t in range(trials):
+    for _t in range(trials):
         a, b = rng.normal(size=(2, 20))
         false += paired_better(a, b, higher_is_better=True)[1] < ALPHA
     assert false / trials <= ALPHA + 3 * math.sqrt(ALPHA * (1 - ALPHA) / trials)

@@ -13,8 +13,18 @@ import pkgutil
 
 from .base import CHECKS, Batch, Check, Curve, MapSource, Measurement, Variant, register
 
-__all__ = ["CHECKS", "Check", "Curve", "Batch", "MapSource", "Measurement", "Variant", "register",
-           "check_names", "get_check"]
+__all__ = [
+    "CHECKS",
+    "Check",
+    "Curve",
+    "Batch",
+    "MapSource",
+    "Measurement",
+    "Variant",
+    "register",
+    "check_names",
+    "get_check",
+]
 
 _loaded = False
 
@@ -44,5 +54,4 @@ def get_check(name: str) -> type[Check]:
     try:
         return CHECKS[name]
     except KeyError:
-        raise UsageError(f"unknown check {name!r}",
-                         hint="choose from " + ", ".join(check_names())) from None
+        raise UsageError(f"unknown check {name!r}", hint="choose from " + ", ".join(check_names())) from None

@@ -26,13 +26,25 @@ import torch
 from ..maps import Batch, MapSource, Variant, small_map
 from ..result import CheckResult
 
-__all__ = ["CHECKS", "Check", "Curve", "register", "Variant", "Batch", "Measurement", "MapSource",
-           "nan_safe", "small_map", "higher_is_worse", "generic_info"]
+__all__ = [
+    "CHECKS",
+    "Check",
+    "Curve",
+    "register",
+    "Variant",
+    "Batch",
+    "Measurement",
+    "MapSource",
+    "nan_safe",
+    "small_map",
+    "higher_is_worse",
+    "generic_info",
+]
 
-CHECKS: dict[str, type["Check"]] = {}
+CHECKS: dict[str, type[Check]] = {}
 
 
-def register(cls: type["Check"]) -> type["Check"]:
+def register(cls: type[Check]) -> type[Check]:
     """Class decorator: make a check available by its ``name`` (``--checks``)."""
     CHECKS[cls.name] = cls
     return cls
@@ -58,8 +70,13 @@ class Curve:
 
     def info(self) -> dict[str, Any]:
         """JSON-ready form (``check_info[check]["curves"][name]``)."""
-        return {"title": self.title, "xlabel": self.xlabel, "ylabel": self.ylabel,
-                "primary": self.primary, "baseline": self.baseline}
+        return {
+            "title": self.title,
+            "xlabel": self.xlabel,
+            "ylabel": self.ylabel,
+            "primary": self.primary,
+            "baseline": self.baseline,
+        }
 
 
 @dataclass
@@ -82,7 +99,7 @@ class Measurement:
     extra: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def extend(self, other: "Measurement") -> None:
+    def extend(self, other: Measurement) -> None:
         """Append another batch's measurement (same variant, same axes)."""
         self.values.extend(other.values)
         self.images.extend(other.images)
@@ -123,9 +140,11 @@ class Measurement:
                 count = np.isfinite(finite).sum(0)
                 mean = np.where(count > 0, np.nansum(finite, 0) / np.maximum(count, 1), np.nan)
                 sq = np.nansum((finite - mean) ** 2, 0) / np.maximum(count, 1)
-            out[k] = {"x": list(self.axes.get(k, range(arr.shape[1] if arr.ndim > 1 else 0))),
-                      "mean": [nan_safe(v) for v in mean],
-                      "std": [nan_safe(v) for v in np.sqrt(sq)]}
+            out[k] = {
+                "x": list(self.axes.get(k, range(arr.shape[1] if arr.ndim > 1 else 0))),
+                "mean": [nan_safe(v) for v in mean],
+                "std": [nan_safe(v) for v in np.sqrt(sq)],
+            }
         return out
 
 
@@ -208,8 +227,9 @@ class Check:
     #: single image, and a bound for the bootstrap interval.
     value_range: ClassVar[tuple[float, float] | None] = None
 
-    def __init__(self, params: dict[str, Any] | None = None,
-                 thresholds: dict[str, float | None] | None = None):
+    def __init__(
+        self, params: dict[str, Any] | None = None, thresholds: dict[str, float | None] | None = None
+    ):
         self.p: dict[str, Any] = {**self.params, **(params or {})}
         self.t: dict[str, float | None] = {**self.thresholds, **(thresholds or {})}
         self.seen = 0  # images measured so far (for max_images)
@@ -219,26 +239,41 @@ class Check:
     @classmethod
     def describe(cls) -> dict[str, Any]:
         """The class's declared knowledge as a JSON-ready dict (default thresholds/params)."""
-        return {"name": cls.name, "title": cls.title or generic_info(cls.name)["title"],
-                "short": (cls.short or cls.name)[:6], "summary": cls.summary,
-                "reference": cls.reference, "metric": cls.metric,
-                "higher_is_better": bool(cls.higher_is_better), "order": cls.order,
-                "thresholds": dict(cls.thresholds), "params": _jsonable(cls.params),
-                "curves": {k: c.info() for k, c in cls.curves.items()},
-                "controls_must_fail": sorted(cls.controls_must_fail),
-                "requires": sorted(cls.requires), "needs_masks": bool(cls.needs_masks),
-                "ranks_examples": bool(cls.ranks_examples),
-                "shows_class_maps": bool(cls.shows_class_maps),
-                "informational": bool(cls.informational), "records": cls.records,
-                "aggregate": cls.aggregate, "compares_psi": bool(cls.compares_psi), "interval_verdict": bool(cls.interval_verdict),
-                "value_range": list(cls.value_range) if cls.value_range else None,
-                "origin": getattr(cls, "origin", "builtin")}
+        return {
+            "name": cls.name,
+            "title": cls.title or generic_info(cls.name)["title"],
+            "short": (cls.short or cls.name)[:6],
+            "summary": cls.summary,
+            "reference": cls.reference,
+            "metric": cls.metric,
+            "higher_is_better": bool(cls.higher_is_better),
+            "order": cls.order,
+            "thresholds": dict(cls.thresholds),
+            "params": _jsonable(cls.params),
+            "curves": {k: c.info() for k, c in cls.curves.items()},
+            "controls_must_fail": sorted(cls.controls_must_fail),
+            "requires": sorted(cls.requires),
+            "needs_masks": bool(cls.needs_masks),
+            "ranks_examples": bool(cls.ranks_examples),
+            "shows_class_maps": bool(cls.shows_class_maps),
+            "informational": bool(cls.informational),
+            "records": cls.records,
+            "aggregate": cls.aggregate,
+            "compares_psi": bool(cls.compares_psi),
+            "interval_verdict": bool(cls.interval_verdict),
+            "value_range": list(cls.value_range) if cls.value_range else None,
+            "origin": getattr(cls, "origin", "builtin"),
+        }
 
     def info(self) -> dict[str, Any]:
         """:meth:`describe` with this instance's metric, thresholds and parameters (as
         configured): the check's entry of ``check_info`` in the results."""
-        return {**self.describe(), "metric": self.metric, "thresholds": dict(self.t),
-                "params": _jsonable(self.p)}
+        return {
+            **self.describe(),
+            "metric": self.metric,
+            "thresholds": dict(self.t),
+            "params": _jsonable(self.p),
+        }
 
     def control_test(self, cell: CheckResult, control: CheckResult) -> tuple[int, float | None]:
         """``(n, p)``: a one-sided paired test, over the images both cells measured, that
@@ -248,10 +283,14 @@ class Check:
 
         mine = {p.get("image"): p.get("value") for p in cell.per_image}
         theirs = {p.get("image"): p.get("value") for p in control.per_image}
-        shared = [k for k in mine if isinstance(mine[k], (int, float))
-                  and isinstance(theirs.get(k), (int, float))]
-        return stats.paired_better([mine[k] for k in shared], [theirs[k] for k in shared],
-                                   higher_is_better=bool(self.higher_is_better))
+        shared = [
+            k for k in mine if isinstance(mine[k], (int, float)) and isinstance(theirs.get(k), (int, float))
+        ]
+        return stats.paired_better(
+            [mine[k] for k in shared],
+            [theirs[k] for k in shared],
+            higher_is_better=bool(self.higher_is_better),
+        )
 
     @classmethod
     def caveats(cls, cells: list[CheckResult], context: dict[str, Any]) -> list[dict[str, Any]]:
@@ -294,8 +333,9 @@ class Check:
             return None
         return list(range(min(len(batch), room)))
 
-    def measure(self, batch: Batch, source: MapSource,
-                maps: dict[Variant, torch.Tensor]) -> dict[Variant, Measurement]:
+    def measure(
+        self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]
+    ) -> dict[Variant, Measurement]:
         """Numbers for this batch, per variant. ``maps`` are ``source``'s maps for the
         batch's top-1 targets on the unmodified model (already computed, reuse them)."""
         raise NotImplementedError
@@ -304,17 +344,29 @@ class Check:
         """The verdict for one variant from its whole measurement."""
         raise NotImplementedError
 
-    def result(self, variant: Variant, m: Measurement, status: str, value: float | None,
-               message: str, **series: Any) -> CheckResult:
+    def result(
+        self, variant: Variant, m: Measurement, status: str, value: float | None, message: str, **series: Any
+    ) -> CheckResult:
         """A :class:`CheckResult` carrying the measurement's per-image values and curves,
         ``n`` and the 95 % interval of ``value``; for a check judged by its thresholds
         (:attr:`interval_verdict`), the verdict then follows the interval: PASS or FAIL only
         when the whole interval lies on that side (else WARN, inconclusive)."""
-        cell = CheckResult(self.name, variant.method, variant.psi, status, nan_safe(value),
-                           self.metric, {k: v for k, v in self.t.items()}, message,
-                           spread=nan_safe(m.spread()), per_image=m.per_image(),
-                           series={**m.curve_series(), **m.extra, **series},
-                           post=variant.post, params=_jsonable(self.p), signed=variant.signed)
+        cell = CheckResult(
+            self.name,
+            variant.method,
+            variant.psi,
+            status,
+            nan_safe(value),
+            self.metric,
+            {k: v for k, v in self.t.items()},
+            message,
+            spread=nan_safe(m.spread()),
+            per_image=m.per_image(),
+            series={**m.curve_series(), **m.extra, **series},
+            post=variant.post,
+            params=_jsonable(self.p),
+            signed=variant.signed,
+        )
         if status in ("pass", "warn", "fail") and cell.value is not None:
             self._with_interval(cell, m, variant)
         return cell
@@ -345,13 +397,16 @@ class Check:
         if inconclusive:
             cell.inconclusive = True
             cell.images_needed = stats.images_to_decide(iv, [fail, warn])
-            more = (f"; about {cell.images_needed} images would decide it"
-                    if cell.images_needed else "")
-            cell.message = (f"inconclusive: n = {iv.n}, 95 % CI [{iv.lo:.3g}, {iv.hi:.3g}] "
-                            f"lies across a threshold{more}. Point estimate: {cell.message}")
+            more = f"; about {cell.images_needed} images would decide it" if cell.images_needed else ""
+            cell.message = (
+                f"inconclusive: n = {iv.n}, 95 % CI [{iv.lo:.3g}, {iv.hi:.3g}] "
+                f"lies across a threshold{more}. Point estimate: {cell.message}"
+            )
         elif status != cell.status:
-            cell.message = (f"{status.upper()} by the whole 95 % CI [{iv.lo:.3g}, {iv.hi:.3g}] "
-                            f"(n = {iv.n}); point estimate: {cell.message}")
+            cell.message = (
+                f"{status.upper()} by the whole 95 % CI [{iv.lo:.3g}, {iv.hi:.3g}] "
+                f"(n = {iv.n}); point estimate: {cell.message}"
+            )
         cell.status = status
 
 
@@ -368,14 +423,29 @@ def higher_is_worse(value: float | None, t: dict[str, float | None]) -> str:
 
 def generic_info(name: str) -> dict[str, Any]:
     """``check_info`` of a check nothing is known about (results of an unregistered check)."""
-    return {"name": name, "title": name.replace("_", " ").capitalize(), "short": name[:6],
-            "summary": "", "reference": "", "metric": "", "higher_is_better": False,
-            "order": 1000, "thresholds": {}, "params": {}, "curves": {},
-            "controls_must_fail": [], "requires": [], "needs_masks": False,
-            "ranks_examples": False, "shows_class_maps": False, "informational": False,
-            "records": None}
+    return {
+        "name": name,
+        "title": name.replace("_", " ").capitalize(),
+        "short": name[:6],
+        "summary": "",
+        "reference": "",
+        "metric": "",
+        "higher_is_better": False,
+        "order": 1000,
+        "thresholds": {},
+        "params": {},
+        "curves": {},
+        "controls_must_fail": [],
+        "requires": [],
+        "needs_masks": False,
+        "ranks_examples": False,
+        "shows_class_maps": False,
+        "informational": False,
+        "records": None,
+    }
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v if isinstance(v, (int, float, str, bool, type(None), list)) else str(v))
-            for k, v in d.items()}
+    return {
+        k: (v if isinstance(v, (int, float, str, bool, type(None), list)) else str(v)) for k, v in d.items()
+    }

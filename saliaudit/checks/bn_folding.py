@@ -48,11 +48,15 @@ __all__ = ["BNFolding", "FoldPair", "folding_pairs", "fold_decomposition"]
 
 _FEEDERS = _CONV_OPS | {"linear", "addmm"}
 #: Batch-norm ops whose positional argument 5 is the ``training`` flag.
-_TRAINING_ARG = {"batch_norm": 5, "native_batch_norm": 5, "cudnn_batch_norm": 5,
-                 "_batch_norm_impl_index": 5}
+_TRAINING_ARG = {"batch_norm": 5, "native_batch_norm": 5, "cudnn_batch_norm": 5, "_batch_norm_impl_index": 5}
 #: Position of ``eps`` among each batch-norm op's arguments.
-_EPS_ARG = {"batch_norm": 7, "native_batch_norm": 7, "cudnn_batch_norm": 7,
-            "_batch_norm_impl_index": 7, "_native_batch_norm_legit_no_training": 6}
+_EPS_ARG = {
+    "batch_norm": 7,
+    "native_batch_norm": 7,
+    "cudnn_batch_norm": 7,
+    "_batch_norm_impl_index": 7,
+    "_native_batch_norm_legit_no_training": 6,
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,8 +78,7 @@ def _constant(node: Any, memo: dict[torch.fx.Node, bool]) -> bool:
     if not isinstance(node, torch.fx.Node):
         return True
     if node not in memo:
-        memo[node] = node.op != "placeholder" and all(
-            _constant(a, memo) for a in node.all_input_nodes)
+        memo[node] = node.op != "placeholder" and all(_constant(a, memo) for a in node.all_input_nodes)
     return memo[node]
 
 
@@ -121,15 +124,18 @@ def folding_pairs(gm: torch.fx.GraphModule) -> list[FoldPair]:
         if _arg(n, 3, "running_mean") is None or _arg(n, 4, "running_var") is None:
             continue
         src = n.args[0]
-        if not (isinstance(src, torch.fx.Node) and src.op == "call_function"
-                and op_name(src.target) in _FEEDERS and len(src.users) == 1):
+        if not (
+            isinstance(src, torch.fx.Node)
+            and src.op == "call_function"
+            and op_name(src.target) in _FEEDERS
+            and len(src.users) == 1
+        ):
             continue
         # the layer's weights and bias must be constants (addmm: bias, input, weight)
         params = [src.args[0], *src.args[2:3]] if op_name(src.target) == "addmm" else list(src.args[1:3])
         if not all(_constant(p, memo) for p in params):
             continue
-        pairs.append(FoldPair(src.name, n.name, f"{module_path(src)} + {module_path(n)}",
-                              _bn_scale(gm, n)))
+        pairs.append(FoldPair(src.name, n.name, f"{module_path(src)} + {module_path(n)}", _bn_scale(gm, n)))
     return pairs
 
 
@@ -137,8 +143,16 @@ class _FoldedTerm(BiasTerm):
     """The folded layer's bias term: the sum of a layer's term and its batch-norm's."""
 
     def __init__(self, layer: BiasTerm, bn: BiasTerm):
-        super().__init__(f"{layer.name}+{bn.name}", f"{layer.op}+{bn.op}", "explicit", bn.grad,
-                         bn.bias, bn.spatial, None, bn.node)
+        super().__init__(
+            f"{layer.name}+{bn.name}",
+            f"{layer.op}+{bn.op}",
+            "explicit",
+            bn.grad,
+            bn.bias,
+            bn.spatial,
+            None,
+            bn.node,
+        )
         self._value = layer.value + bn.value
 
     @property
@@ -154,13 +168,24 @@ def _fold(layer: BiasTerm, pair: FoldPair, bn: BiasTerm) -> BiasTerm:
     constant, as in a really folded model). Otherwise the two terms are added as tensors.
     """
     scale = pair.scale
-    if (scale is not None and layer.channel_bias is not None and bn.channel_bias is not None
-            and scale.numel() == bn.channel_bias.numel() == layer.channel_bias.numel()):
-        cb = (scale.to(bn.channel_bias) * layer.channel_bias.to(bn.channel_bias)
-              + bn.channel_bias)
+    if (
+        scale is not None
+        and layer.channel_bias is not None
+        and bn.channel_bias is not None
+        and scale.numel() == bn.channel_bias.numel() == layer.channel_bias.numel()
+    ):
+        cb = scale.to(bn.channel_bias) * layer.channel_bias.to(bn.channel_bias) + bn.channel_bias
         bias = cb.reshape((1, -1) + (1,) * (bn.grad.dim() - 2))
-        return BiasTerm(f"{layer.name}+{bn.name}", f"{layer.op}+{bn.op}", "explicit", bn.grad,
-                        bias, bn.spatial, cb, bn.node)
+        return BiasTerm(
+            f"{layer.name}+{bn.name}",
+            f"{layer.op}+{bn.op}",
+            "explicit",
+            bn.grad,
+            bias,
+            bn.spatial,
+            cb,
+            bn.node,
+        )
     return _FoldedTerm(layer, bn)
 
 
@@ -191,8 +216,9 @@ def fold_decomposition(fg: FullGradients, pairs: list[FoldPair]) -> tuple[FullGr
         recon = recon + t.total()
     f64 = fg.logits.to(torch.float64)
     residual = (f64 - recon).abs() / f64.abs().clamp(min=1e-6)
-    return FullGradients(fg.input_term, fg.input_gradient, terms, fg.logits, fg.targets,
-                         recon, residual, list(fg.unaccounted)), merged
+    return FullGradients(
+        fg.input_term, fg.input_gradient, terms, fg.logits, fg.targets, recon, residual, list(fg.unaccounted)
+    ), merged
 
 
 def _values(out: Any) -> torch.Tensor:
@@ -205,15 +231,19 @@ def _values(out: Any) -> torch.Tensor:
 class BNFolding(Check):
     name = "bn_folding"
     title = "Invariance under batch-norm folding"
-    summary = ("Are the FullGrad maps the same after folding every batch-norm into the "
-               "convolution before it, a deployment step that does not change the function? "
-               "The folded model's decomposition is the original one with each batch-norm's "
-               "bias term merged into its convolution's, so maps whose ψ takes abs or rescales "
-               "per layer can change (requested by the NeurIPS 2019 reviews of Srinivas & "
-               "Fleuret's FullGrad).")
-    reference = ("Srinivas & Fleuret, Full-Gradient Representation for Neural Network "
-                 "Visualization, NeurIPS 2019 (and its reviews); batch-norm folding as in "
-                 "torch.nn.utils.fusion.fuse_conv_bn_eval")
+    summary = (
+        "Are the FullGrad maps the same after folding every batch-norm into the "
+        "convolution before it, a deployment step that does not change the function? "
+        "The folded model's decomposition is the original one with each batch-norm's "
+        "bias term merged into its convolution's, so maps whose ψ takes abs or rescales "
+        "per layer can change (requested by the NeurIPS 2019 reviews of Srinivas & "
+        "Fleuret's FullGrad)."
+    )
+    reference = (
+        "Srinivas & Fleuret, Full-Gradient Representation for Neural Network "
+        "Visualization, NeurIPS 2019 (and its reviews); batch-norm folding as in "
+        "torch.nn.utils.fusion.fuse_conv_bn_eval"
+    )
     metric = "Spearman of |map| before vs after folding"
     thresholds = {"fail": None, "warn": 0.9}
     params = {"tolerance": 1e-3}  # completeness residual the folded decomposition must stay under
@@ -223,8 +253,9 @@ class BNFolding(Check):
     higher_is_better = True  # a similarity the maps must keep
     order = 70
 
-    def __init__(self, params: dict[str, Any] | None = None,
-                 thresholds: dict[str, float | None] | None = None):
+    def __init__(
+        self, params: dict[str, Any] | None = None, thresholds: dict[str, float | None] | None = None
+    ):
         super().__init__(params, thresholds)
         self._pairs: dict[int, tuple[Any, list[FoldPair] | None]] = {}
         self._merged = 0
@@ -253,8 +284,9 @@ class BNFolding(Check):
             return None
         return _no_pairs(pairs)
 
-    def measure(self, batch: Batch, source: MapSource,
-                maps: dict[Variant, torch.Tensor]) -> dict[Variant, Measurement]:
+    def measure(
+        self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]
+    ) -> dict[Variant, Measurement]:
         pairs = self.pairs(batch.model, batch.x)
         reason = _no_pairs(pairs)
         if reason:
@@ -270,19 +302,27 @@ class BNFolding(Check):
             rho = torch.as_tensor(rho, dtype=torch.float64).reshape(-1)
             s = _values(ssim(before, a))
             flat_b = before.reshape(len(batch), -1).double()
-            change = ((a.reshape(len(batch), -1).double() - flat_b).abs().sum(1)
-                      / flat_b.abs().sum(1).clamp(min=1e-12))
+            change = (a.reshape(len(batch), -1).double() - flat_b).abs().sum(1) / flat_b.abs().sum(1).clamp(
+                min=1e-12
+            )
             notes = []
             n_deg = int(torch.as_tensor(degenerate).sum())
             if n_deg:
-                notes.append(f"{n_deg} image(s) with a constant map before or after folding "
-                             "(similarity as defined for degenerate maps)")
+                notes.append(
+                    f"{n_deg} image(s) with a constant map before or after folding "
+                    "(similarity as defined for degenerate maps)"
+                )
             out[v] = Measurement(
-                values=[float(r) for r in rho], images=list(batch.images), notes=notes,
-                extra={"ssim": [float(x) for x in s],
-                       "relative_l1_change": [float(x) for x in change],
-                       "residual_before": [float(r) for r in fg.residual],
-                       "residual_after": [float(r) for r in folded.residual]})
+                values=[float(r) for r in rho],
+                images=list(batch.images),
+                notes=notes,
+                extra={
+                    "ssim": [float(x) for x in s],
+                    "relative_l1_change": [float(x) for x in change],
+                    "residual_before": [float(r) for r in fg.residual],
+                    "residual_after": [float(r) for r in folded.residual],
+                },
+            )
             for i, name in enumerate(batch.images):
                 if name in batch.examples:
                     self._figures.setdefault(v, {})[name] = {"folded": small_map(a[i])}
@@ -290,32 +330,47 @@ class BNFolding(Check):
 
     def judge(self, variant: Variant, m: Measurement) -> CheckResult:
         pairs = next((p for _, p in self._pairs.values() if p), None) or []
-        series = {"folded_pairs": [p.label for p in pairs], "merged_terms": self._merged,
-                  "figures": self._figures.get(variant, {})}
+        series = {
+            "folded_pairs": [p.label for p in pairs],
+            "merged_terms": self._merged,
+            "figures": self._figures.get(variant, {}),
+        }
         if not m.values:
             reason = m.notes[0] if m.notes else "no image was measured"
             return self.result(variant, m, "skipped", None, reason, **series)
         finite = [x for x in m.values if np.isfinite(x)]
         if not finite:
-            return self.result(variant, m, "error", None,
-                               "the similarity before vs after folding is undefined on every "
-                               "image" + _notes(m), **series)
+            return self.result(
+                variant,
+                m,
+                "error",
+                None,
+                "the similarity before vs after folding is undefined on every image" + _notes(m),
+                **series,
+            )
         rho = float(np.mean(finite))
         ssim_mean = _mean(m.extra.get("ssim", []))
         change = _mean(m.extra.get("relative_l1_change", []))
-        res_after = max((r for r in m.extra.get("residual_after", []) if np.isfinite(r)),
-                        default=float("nan"))
+        res_after = max(
+            (r for r in m.extra.get("residual_after", []) if np.isfinite(r)), default=float("nan")
+        )
         tol = float(self.p["tolerance"])
         warn, fail = self.t.get("warn"), self.t.get("fail")
         n = len(finite)
-        what = (f"folding the {len(pairs)} batch-norm layer(s) into the convolution or linear "
-                f"layer that feeds each ({self._merged} of these layers carry a bias of their own)")
-        numbers = (f"Spearman of |map| before vs after {rho:.3f} (lowest {min(finite):.3f}), "
-                   f"SSIM {ssim_mean:.3f}, relative L1 change {change:.2g}, on {n} image(s)")
-        complete = (f"the folded decomposition stays complete (residual ≤ {res_after:.1e})"
-                    if res_after <= tol else
-                    f"the folded decomposition is incomplete (residual up to {res_after:.1e} "
-                    f"> {tol:g}: see the completeness check)")
+        what = (
+            f"folding the {len(pairs)} batch-norm layer(s) into the convolution or linear "
+            f"layer that feeds each ({self._merged} of these layers carry a bias of their own)"
+        )
+        numbers = (
+            f"Spearman of |map| before vs after {rho:.3f} (lowest {min(finite):.3f}), "
+            f"SSIM {ssim_mean:.3f}, relative L1 change {change:.2g}, on {n} image(s)"
+        )
+        complete = (
+            f"the folded decomposition stays complete (residual ≤ {res_after:.1e})"
+            if res_after <= tol
+            else f"the folded decomposition is incomplete (residual up to {res_after:.1e} "
+            f"> {tol:g}: see the completeness check)"
+        )
         changed = (fail is not None and rho < fail) or (warn is not None and rho < warn)
         status = ("fail" if fail is not None and rho < fail else "warn") if changed else "pass"
         if not res_after <= tol and status == "pass":
@@ -323,19 +378,21 @@ class BNFolding(Check):
         if changed:
             limit = warn if warn is not None else fail
             below = sum(1 for x in finite if x < limit)
-            msg = (f"{what}, a deployment step that does not change the function, changes the "
-                   f"{variant.label} map: {numbers}; {below} of {n} image(s) below {limit:g}. "
-                   "The map depends on how the network is written down, not only on what it "
-                   f"computes; {complete}")
+            msg = (
+                f"{what}, a deployment step that does not change the function, changes the "
+                f"{variant.label} map: {numbers}; {below} of {n} image(s) below {limit:g}. "
+                "The map depends on how the network is written down, not only on what it "
+                f"computes; {complete}"
+            )
         else:
-            sign = (" (signed ψ: the terms only add up, so the map cannot change)"
-                    if variant.signed else "")
+            sign = " (signed ψ: the terms only add up, so the map cannot change)" if variant.signed else ""
             if min(finite) > 1 - 1e-9:
                 how = f"leaves the {variant.label} map unchanged{sign}"
             else:
                 limit = warn if warn is not None else fail
-                how = (f"changes the {variant.label} map only slightly"
-                       + (f" (similarity ≥ {limit:g})" if limit is not None else ""))
+                how = f"changes the {variant.label} map only slightly" + (
+                    f" (similarity ≥ {limit:g})" if limit is not None else ""
+                )
             msg = f"{what} {how}: {numbers}; {complete}"
         return self.result(variant, m, status, rho, msg + _notes(m), **series)
 

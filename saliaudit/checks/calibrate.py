@@ -32,8 +32,9 @@ def control_partner(cell: CheckResult, controls: list[CheckResult]) -> CheckResu
     return controls[0]
 
 
-def calibrate(cells: list[CheckResult], checks: dict[str, Any], *,
-              alpha: float = stats.ALPHA) -> dict[str, Any]:
+def calibrate(
+    cells: list[CheckResult], checks: dict[str, Any], *, alpha: float = stats.ALPHA
+) -> dict[str, Any]:
     """Test every judged method cell against its check's must-fail controls; adjust all
     p-values (Benjamini–Hochberg); downgrade PASS cells that do not beat every control.
     Fills ``cell.controls``; returns what the results record about the procedure."""
@@ -45,36 +46,56 @@ def calibrate(cells: list[CheckResult], checks: dict[str, Any], *,
         if cell.method in getattr(check, "controls_must_fail", ()):
             if getattr(check, "verdict_from_controls", False) and cell.status == "pass":
                 cell.status = "fail"  # the reference of the test cannot beat itself
-                cell.message = ("the control this check tests every method against: by "
-                                f"definition not above itself. {cell.message}")
+                cell.message = (
+                    "the control this check tests every method against: by "
+                    f"definition not above itself. {cell.message}"
+                )
             continue
         for name in sorted(getattr(check, "controls_must_fail", ())):
-            pool = [c for c in cells if c.check == cell.check and c.method == name
-                    and c.status in ("pass", "warn", "fail")]
+            pool = [
+                c
+                for c in cells
+                if c.check == cell.check and c.method == name and c.status in ("pass", "warn", "fail")
+            ]
             partner = control_partner(cell, pool)
             if partner is None:
                 continue
             n, p = check.control_test(cell, partner)
             if p is None:
-                cell.controls[name] = {"n": n, "p": None, "p_adjusted": None, "better": False,
-                                       "partner": partner.variant}
+                cell.controls[name] = {
+                    "n": n,
+                    "p": None,
+                    "p_adjusted": None,
+                    "better": False,
+                    "partner": partner.variant,
+                }
                 continue
             tests.append((cell, name, n, p))
-            cell.controls[name] = {"n": n, "p": p, "p_adjusted": None, "better": False,
-                                   "partner": partner.variant}
+            cell.controls[name] = {
+                "n": n,
+                "p": p,
+                "p_adjusted": None,
+                "better": False,
+                "partner": partner.variant,
+            }
     adjusted = stats.adjust([t[3] for t in tests])
     for (cell, name, _n, _p), q in zip(tests, adjusted):
         cell.controls[name].update(p_adjusted=q, better=bool(q < alpha))
     for cell in cells:
         check = checks.get(cell.check)
-        if cell.status == "pass" and not cell.controls \
-                and cell.method not in getattr(check, "controls_must_fail", ()) \
-                and getattr(check, "verdict_from_controls", False):
+        if (
+            cell.status == "pass"
+            and not cell.controls
+            and cell.method not in getattr(check, "controls_must_fail", ())
+            and getattr(check, "verdict_from_controls", False)
+        ):
             need = ", ".join(sorted(getattr(check, "controls_must_fail", ())))
             cell.status = "warn"
-            cell.message = (f"no must-fail control ({need}) was measured on these images, and "
-                            f"this check is judged against it, so it cannot PASS (add it to "
-                            f"--methods). {cell.message}")
+            cell.message = (
+                f"no must-fail control ({need}) was measured on these images, and "
+                f"this check is judged against it, so it cannot PASS (add it to "
+                f"--methods). {cell.message}"
+            )
             continue
         if cell.status != "pass" or not cell.controls:
             continue
@@ -82,10 +103,16 @@ def calibrate(cells: list[CheckResult], checks: dict[str, Any], *,
         if losing:
             why = ", ".join(
                 f"{k} (n = {cell.controls[k]['n']}, adjusted p = "
-                + (f"{cell.controls[k]['p_adjusted']:.2g})" if cell.controls[k]["p_adjusted"]
-                   is not None else "not testable)") for k in losing)
+                + (
+                    f"{cell.controls[k]['p_adjusted']:.2g})"
+                    if cell.controls[k]["p_adjusted"] is not None
+                    else "not testable)"
+                )
+                for k in losing
+            )
             cell.status = "warn"
-            cell.message = (f"not significantly better than the must-fail control(s) {why} on "
-                            f"the same images, so it cannot PASS. {cell.message}")
-    return {"test": stats.TEST_METHOD, "adjustment": stats.ADJUST_METHOD, "alpha": alpha,
-            "tests": len(tests)}
+            cell.message = (
+                f"not significantly better than the must-fail control(s) {why} on "
+                f"the same images, so it cannot PASS. {cell.message}"
+            )
+    return {"test": stats.TEST_METHOD, "adjustment": stats.ADJUST_METHOD, "alpha": alpha, "tests": len(tests)}

@@ -46,8 +46,12 @@ from .similarity import METRIC_NAMES, METRICS, Maps, similarity
 
 __all__ = ["ClassSensitivity"]
 
-_SHORT = {"spearman_abs": "Spearman ABS", "spearman": "signed Spearman", "ssim": "SSIM",
-          "hog": "HOG Spearman"}
+_SHORT = {
+    "spearman_abs": "Spearman ABS",
+    "spearman": "signed Spearman",
+    "ssim": "SSIM",
+    "hog": "HOG Spearman",
+}
 _PAIRS = ("lowest", "runner_up")
 
 
@@ -55,14 +59,18 @@ _PAIRS = ("lowest", "runner_up")
 class ClassSensitivity(Check):
     name = "class_sensitivity"
     title = "Class sensitivity (top-1 vs lowest-scoring class)"
-    summary = ("Does the map change when another class is explained? The maps for the top-1 "
-               "class and for the lowest-scoring class are compared by the Spearman correlation "
-               "of their HOG features; alike maps do not explain the class (Khakzar et al.; "
-               "Srinivas & Fleuret 2019; Adebayo et al. 2018).")
-    reference = ("Khakzar, Baselizadeh & Navab, Rethinking Positive Aggregation and Propagation "
-                 "of Gradients in Gradient-based Saliency Methods, 2020; Srinivas & Fleuret, "
-                 "Full-Gradient Representation for Neural Network Visualization, NeurIPS 2019; "
-                 "Adebayo et al., Sanity Checks for Saliency Maps, NeurIPS 2018")
+    summary = (
+        "Does the map change when another class is explained? The maps for the top-1 "
+        "class and for the lowest-scoring class are compared by the Spearman correlation "
+        "of their HOG features; alike maps do not explain the class (Khakzar et al.; "
+        "Srinivas & Fleuret 2019; Adebayo et al. 2018)."
+    )
+    reference = (
+        "Khakzar, Baselizadeh & Navab, Rethinking Positive Aggregation and Propagation "
+        "of Gradients in Gradient-based Saliency Methods, 2020; Srinivas & Fleuret, "
+        "Full-Gradient Representation for Neural Network Visualization, NeurIPS 2019; "
+        "Adebayo et al., Sanity Checks for Saliency Maps, NeurIPS 2018"
+    )
     metric = "Spearman of HOG features, top-1 vs lowest class"
     thresholds = {"fail": 0.7, "warn": 0.4}
     controls_must_fail = frozenset({"random", "edge", "edge_signed"})
@@ -81,12 +89,21 @@ class ClassSensitivity(Check):
         "figure_images": 3,  # example images (first by name) whose two maps are stored
     }
 
-    def __init__(self, params: dict[str, Any] | None = None,
-                 thresholds: dict[str, float | None] | None = None):
+    def __init__(
+        self, params: dict[str, Any] | None = None, thresholds: dict[str, float | None] | None = None
+    ):
         super().__init__(params, thresholds)
         validate.choice("class_sensitivity.metric", self.p["metric"], METRICS)
-        validate.integer("class_sensitivity.figure_images", self.p["figure_images"], min=0, hint="0: no figures")
-        validate.integer("class_sensitivity.max_images", self.p["max_images"], min=1, allow_none=True, hint="null: all images")
+        validate.integer(
+            "class_sensitivity.figure_images", self.p["figure_images"], min=0, hint="0: no figures"
+        )
+        validate.integer(
+            "class_sensitivity.max_images",
+            self.p["max_images"],
+            min=1,
+            allow_none=True,
+            hint="null: all images",
+        )
         name = "Spearman of HOG features" if self.p["metric"] == "hog" else METRIC_NAMES[self.p["metric"]]
         self.metric = f"{name}, top-1 vs lowest class"
         self._figures: dict[Variant, dict[str, Any]] = {}
@@ -97,8 +114,9 @@ class ClassSensitivity(Check):
             return "needs a model with at least 2 classes"
         return super().skip_reason(source, model, has_masks)
 
-    def measure(self, batch: Batch, source: MapSource,
-                maps: dict[Variant, torch.Tensor]) -> dict[Variant, Measurement]:
+    def measure(
+        self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]
+    ) -> dict[Variant, Measurement]:
         variants = list(maps)
         n = len(batch)
         if n == 0:
@@ -110,12 +128,13 @@ class ClassSensitivity(Check):
         ranked = torch.sort(logits, dim=1, descending=True, stable=True).indices
         top1 = batch.targets.to(batch.x.device)
         # runner-up: the best class other than the top-1 target
-        runner = torch.where(ranked[:, 0].to(top1.device) == top1, ranked[:, 1].to(top1.device),
-                             ranked[:, 0].to(top1.device))
+        runner = torch.where(
+            ranked[:, 0].to(top1.device) == top1, ranked[:, 1].to(top1.device), ranked[:, 0].to(top1.device)
+        )
         other = {"lowest": source.maps(batch.model, batch.x, lowest)}
         other["runner_up"] = source.maps(batch.model, batch.x, runner)
         same = (lowest == top1).cpu().numpy()  # all logits equal: no lowest class
-        shown = set(sorted(batch.examples)[:int(self.p["figure_images"])])
+        shown = set(sorted(batch.examples)[: int(self.p["figure_images"])])
         examples = [i for i, name in enumerate(batch.images) if name in shown]
         out: dict[Variant, Measurement] = {}
         for v in variants:
@@ -131,9 +150,15 @@ class ClassSensitivity(Check):
                         extra["degenerate"] = [bool(d) for d in deg]
             values = [float("nan") if same[i] else extra[f"lowest_{metric}"][i] for i in range(n)]
             extra["no_lowest"] = [bool(s) for s in same]
-            figs = {batch.images[i]: {"top1": small_map(maps[v][i]), "top1_class": int(top1[i]),
-                                      "lowest": small_map(other["lowest"][v][i]),
-                                      "lowest_class": int(lowest[i])} for i in examples}
+            figs = {
+                batch.images[i]: {
+                    "top1": small_map(maps[v][i]),
+                    "top1_class": int(top1[i]),
+                    "lowest": small_map(other["lowest"][v][i]),
+                    "lowest_class": int(lowest[i]),
+                }
+                for i in examples
+            }
             if figs:
                 self._figures.setdefault(v, {}).update(figs)
                 extra["figures"] = figs
@@ -182,31 +207,43 @@ class ClassSensitivity(Check):
         status = higher_is_worse(value, self.t)
         notes = []
         if series["degenerate_pairs"]:
-            notes.append(f"{series['degenerate_pairs']} of {n} map pairs had a constant map "
-                         "(similarity defined: 1 if both constant, 0 if one)")
+            notes.append(
+                f"{series['degenerate_pairs']} of {n} map pairs had a constant map "
+                "(similarity defined: 1 if both constant, 0 if one)"
+            )
         if any(no_lowest):
-            notes.append(f"{sum(bool(x) for x in no_lowest)} images where every class scores "
-                         "the same were left out")
+            notes.append(
+                f"{sum(bool(x) for x in no_lowest)} images where every class scores the same were left out"
+            )
         short = _SHORT[metric]
         fail, warn = self.t.get("fail"), self.t.get("warn")
         if status == "fail":
-            msg = (f"maps for the top-1 and the lowest class are alike ({short} {value:.2f} ≥ "
-                   f"{fail:g}): the map does not depend on the class")
+            msg = (
+                f"maps for the top-1 and the lowest class are alike ({short} {value:.2f} ≥ "
+                f"{fail:g}): the map does not depend on the class"
+            )
         elif status == "warn":
-            msg = (f"maps for the top-1 and the lowest class are partly alike ({short} "
-                   f"{value:.2f} ≥ {warn:g}): the map depends only weakly on the class")
+            msg = (
+                f"maps for the top-1 and the lowest class are partly alike ({short} "
+                f"{value:.2f} ≥ {warn:g}): the map depends only weakly on the class"
+            )
         elif status == "pass":
             bound = warn if warn is not None else fail
-            msg = (f"maps for the top-1 and the lowest class differ ({short} {value:.2f}"
-                   + (f" < {bound:g}" if bound is not None else "") + "): the map depends on the class")
+            msg = (
+                f"maps for the top-1 and the lowest class differ ({short} {value:.2f}"
+                + (f" < {bound:g}" if bound is not None else "")
+                + "): the map depends on the class"
+            )
         else:
             msg = "no finite similarity was measured (every class scores the same on every image)"
         signed_rho = series["lowest"].get("spearman")
         if variant.signed and signed_rho is not None and metric != "spearman":
             msg += f"; signed Spearman {signed_rho:.2f}"
             if signed_rho <= -0.4 and status != "pass":
-                notes.append("the lowest-class map is close to the negation of the top-1 map: "
-                             "the class flips the sign of the evidence, not where it lies")
+                notes.append(
+                    "the lowest-class map is close to the negation of the top-1 map: "
+                    "the class flips the sign of the evidence, not where it lies"
+                )
         ru = series["runner_up"].get(metric)
         if ru is not None and status != "error":
             msg += f"; top-1 vs runner-up {ru:.2f}"

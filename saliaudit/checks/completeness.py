@@ -18,10 +18,14 @@ from .base import Batch, Check, MapSource, Measurement, Variant, register
 class Completeness(Check):
     name = "completeness"
     title = "Completeness of the FullGrad decomposition"
-    summary = ("Does the FullGrad decomposition add up to the logit? The input-gradient term "
-               "plus every bias term must equal f(x); missing biases leave part of the model "
-               "unexplained (Srinivas & Fleuret 2019, eq. 1).")
-    reference = "Srinivas & Fleuret, Full-Gradient Representation for Neural Network Visualization, NeurIPS 2019"
+    summary = (
+        "Does the FullGrad decomposition add up to the logit? The input-gradient term "
+        "plus every bias term must equal f(x); missing biases leave part of the model "
+        "unexplained (Srinivas & Fleuret 2019, eq. 1)."
+    )
+    reference = (
+        "Srinivas & Fleuret, Full-Gradient Representation for Neural Network Visualization, NeurIPS 2019"
+    )
     metric = "max relative residual"
     thresholds = {"fail": 1e-3}
     short = "compl"
@@ -32,11 +36,15 @@ class Completeness(Check):
     compares_psi = False
     aggregate = "worst"  # every image must add up: the worst residual decides
 
-    def measure(self, batch: Batch, source: MapSource,
-                maps: dict[Variant, torch.Tensor]) -> dict[Variant, Measurement]:
+    def measure(
+        self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]
+    ) -> dict[Variant, Measurement]:
         fg = source.decompose(batch.model, batch.x, batch.targets)  # type: ignore[attr-defined]
-        m = Measurement(values=[float(r) for r in fg.residual], images=list(batch.images),
-                        extra={"unaccounted": list(fg.unaccounted)})
+        m = Measurement(
+            values=[float(r) for r in fg.residual],
+            images=list(batch.images),
+            extra={"unaccounted": list(fg.unaccounted)},
+        )
         return {self.variants(source)[0]: m}
 
     def variants(self, source: MapSource) -> list[Variant]:
@@ -53,10 +61,20 @@ class Completeness(Check):
         bad = [v for v in m.values if not v <= tol]
         if bad:
             extra = f"; unaccounted ops: {', '.join(unaccounted[:3])}" if unaccounted else ""
-            return self.result(variant, m, "fail", worst,
-                               f"{len(bad)} of {len(m.values)} images have a relative residual "
-                               f"above {tol:g} (worst {worst:.2e}){extra}: the maps leave part "
-                               "of the logit unexplained")
-        return self.result(variant, m, "pass", worst,
-                           f"the decomposition adds up to the logit on all {len(m.values)} "
-                           f"images (worst relative residual {worst:.2e} ≤ {tol:g})")
+            return self.result(
+                variant,
+                m,
+                "fail",
+                worst,
+                f"{len(bad)} of {len(m.values)} images have a relative residual "
+                f"above {tol:g} (worst {worst:.2e}){extra}: the maps leave part "
+                "of the logit unexplained",
+            )
+        return self.result(
+            variant,
+            m,
+            "pass",
+            worst,
+            f"the decomposition adds up to the logit on all {len(m.values)} "
+            f"images (worst relative residual {worst:.2e} ≤ {tol:g})",
+        )

@@ -56,10 +56,24 @@ import torch
 from .. import validate
 from ..result import CheckResult
 from .base import Batch, Check, Curve, MapSource, Measurement, Variant, register
-from .removal import (Job, better_than_random, check_baseline,
-                      flag_notes, fraction_counts, image_keys, nonfinite_count,
-                      power_note, prefix_masks, random_ranks, removal_baseline, run_removals,
-                      saliency_ranks, target_output, tie_breaks, win_rates)
+from .removal import (
+    Job,
+    better_than_random,
+    check_baseline,
+    flag_notes,
+    fraction_counts,
+    image_keys,
+    nonfinite_count,
+    power_note,
+    prefix_masks,
+    random_ranks,
+    removal_baseline,
+    run_removals,
+    saliency_ranks,
+    target_output,
+    tie_breaks,
+    win_rates,
+)
 
 OUTPUTS = ("logit", "probability")
 _TINY = 1e-3  # |f(x)| below this makes fractional changes unstable (noted; FLAG_TEXT)
@@ -70,14 +84,18 @@ _DISRUPTIVE = 0.5  # random removal of the smallest fraction changing f by more 
 class Perturbation(Check):
     name = "perturbation"
     title = "Pixel perturbation (LeRF and MoRF) against a random order"
-    summary = ("Removing the pixels a map calls least salient should barely change the top-class "
-               "output (LeRF, Srinivas & Fleuret 2019 §5.1), and removing the most salient ones "
-               "should lower it (MoRF, Samek et al. 2017). Both must do clearly better than "
-               "removing as many pixels in a random order.")
-    reference = ("Srinivas & Fleuret, Full-Gradient Representation for Neural Network "
-                 "Visualization, NeurIPS 2019, §5.1; Samek et al., Evaluating the Visualization of "
-                 "What a Deep Neural Network Has Learned, IEEE TNNLS 2017; Hooker et al., A "
-                 "Benchmark for Interpretability Methods in Deep Neural Networks, NeurIPS 2019")
+    summary = (
+        "Removing the pixels a map calls least salient should barely change the top-class "
+        "output (LeRF, Srinivas & Fleuret 2019 §5.1), and removing the most salient ones "
+        "should lower it (MoRF, Samek et al. 2017). Both must do clearly better than "
+        "removing as many pixels in a random order."
+    )
+    reference = (
+        "Srinivas & Fleuret, Full-Gradient Representation for Neural Network "
+        "Visualization, NeurIPS 2019, §5.1; Samek et al., Evaluating the Visualization of "
+        "What a Deep Neural Network Has Learned, IEEE TNNLS 2017; Hooker et al., A "
+        "Benchmark for Interpretability Methods in Deep Neural Networks, NeurIPS 2019"
+    )
     metric = "mean advantage over a random order (LeRF and MoRF averaged, in units of |f(x)|)"
     thresholds = {"min_advantage": 0.0, "alpha": 0.05}
     controls_must_fail = frozenset({"random"})
@@ -85,16 +103,24 @@ class Perturbation(Check):
     higher_is_better = True  # an advantage over a random order
     order = 40
     curves = {
-        "lerf": Curve("LeRF: least salient removed first (lower is better)",
-                      "fraction of pixels removed", "|fractional change| of the output",
-                      primary=True, baseline="lerf_random"),
-        "morf": Curve("MoRF: most salient removed first (higher is better)",
-                      "fraction of pixels removed", "drop of the output", primary=True,
-                      baseline="morf_random"),
-        "lerf_random": Curve("LeRF, random order", "fraction of pixels removed",
-                             "|fractional change| of the output"),
-        "morf_random": Curve("MoRF, random order", "fraction of pixels removed",
-                             "drop of the output"),
+        "lerf": Curve(
+            "LeRF: least salient removed first (lower is better)",
+            "fraction of pixels removed",
+            "|fractional change| of the output",
+            primary=True,
+            baseline="lerf_random",
+        ),
+        "morf": Curve(
+            "MoRF: most salient removed first (higher is better)",
+            "fraction of pixels removed",
+            "drop of the output",
+            primary=True,
+            baseline="morf_random",
+        ),
+        "lerf_random": Curve(
+            "LeRF, random order", "fraction of pixels removed", "|fractional change| of the output"
+        ),
+        "morf_random": Curve("MoRF, random order", "fraction of pixels removed", "drop of the output"),
     }
     params = {
         "fractions": [0.01, 0.02, 0.05, 0.1, 0.2],  # share of the pixels removed
@@ -106,8 +132,9 @@ class Perturbation(Check):
         "max_images": None,
     }
 
-    def __init__(self, params: dict[str, Any] | None = None,
-                 thresholds: dict[str, float | None] | None = None):
+    def __init__(
+        self, params: dict[str, Any] | None = None, thresholds: dict[str, float | None] | None = None
+    ):
         super().__init__(params, thresholds)
         self.fractions = validate.fractions("perturbation.fractions", self.p["fractions"])
         validate.choice("perturbation.output", self.p["output"], OUTPUTS)
@@ -136,16 +163,22 @@ class Perturbation(Check):
         jobs = []
         for i in todo:
             ranks = random_ranks(batch.seed, batch.images[i], hw, draws)
-            jobs.append(Job(i, (lambda r=ranks: torch.cat([prefix_masks(rk, counts) for rk in r])),
-                            self._columns(int(batch.targets[i]))))
+            jobs.append(
+                Job(
+                    i,
+                    (lambda r=ranks: torch.cat([prefix_masks(rk, counts) for rk in r])),
+                    self._columns(int(batch.targets[i])),
+                )
+            )
         outs = run_removals(batch.model, batch.x, base, jobs, chunk=int(self.p["chunk"]))
         for i, out in zip(todo, outs):
             vals = self._outputs(out, int(batch.targets[i])).cpu().numpy()
             self._random[keys[i]] = vals.reshape(draws, len(counts))
         return np.stack([self._random[k] for k in keys])
 
-    def measure(self, batch: Batch, source: MapSource,
-                maps: dict[Variant, torch.Tensor]) -> dict[Variant, Measurement]:
+    def measure(
+        self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]
+    ) -> dict[Variant, Measurement]:
         x = batch.x
         b, _, h, w = x.shape
         if b == 0:
@@ -163,9 +196,17 @@ class Perturbation(Check):
         for v in variants:
             ranks = saliency_ranks(maps[v], ties)
             for i in range(b):
-                jobs.append(Job(i, (lambda r=ranks[i]: torch.cat([prefix_masks(r, counts, least=True),
-                                                                  prefix_masks(r, counts)])),
-                                self._columns(int(batch.targets[i]))))
+                jobs.append(
+                    Job(
+                        i,
+                        (
+                            lambda r=ranks[i]: torch.cat(
+                                [prefix_masks(r, counts, least=True), prefix_masks(r, counts)]
+                            )
+                        ),
+                        self._columns(int(batch.targets[i])),
+                    )
+                )
         outs = run_removals(batch.model, x, base, jobs, chunk=int(self.p["chunk"]))
 
         denom = np.maximum(np.abs(f0), 1e-12)[:, None]
@@ -176,8 +217,11 @@ class Perturbation(Check):
         tiny = int((np.abs(f0) < _TINY).sum())
         result: dict[Variant, Measurement] = {}
         for vi, v in enumerate(variants):
-            vals = torch.stack([self._outputs(outs[vi * b + i], int(batch.targets[i]))
-                                for i in range(b)]).cpu().numpy()
+            vals = (
+                torch.stack([self._outputs(outs[vi * b + i], int(batch.targets[i])) for i in range(b)])
+                .cpu()
+                .numpy()
+            )
             lerf_out, morf_out = vals[:, :n_k], vals[:, n_k:]
             with np.errstate(all="ignore"):
                 lerf = np.abs(lerf_out - f0[:, None]) / denom
@@ -187,17 +231,26 @@ class Perturbation(Check):
                 # scores, higher = better, for the win rate against each random order
                 lerf_win = win_rates(-lerf.mean(1), -rand_change_d.mean(2))
                 morf_win = win_rates(morf.mean(1), rand_drop_d.mean(2))
-            flags = (["tiny_output"] * tiny + ["nonfinite_map"] * nonfinite_count(maps[v])
-                     + ["nonfinite_output"] * int((~np.isfinite(lerf_adv) | ~np.isfinite(morf_adv)).sum()))
+            flags = (
+                ["tiny_output"] * tiny
+                + ["nonfinite_map"] * nonfinite_count(maps[v])
+                + ["nonfinite_output"] * int((~np.isfinite(lerf_adv) | ~np.isfinite(morf_adv)).sum())
+            )
             result[v] = Measurement(
-                values=[float(v_) for v_ in (lerf_adv + morf_adv) / 2], images=list(batch.images),
+                values=[float(v_) for v_ in (lerf_adv + morf_adv) / 2],
+                images=list(batch.images),
                 curves={"lerf": lerf, "lerf_random": rand_change, "morf": morf, "morf_random": rand_drop},
                 axes={k: list(self.fractions) for k in ("lerf", "lerf_random", "morf", "morf_random")},
-                extra={"lerf_advantage": [float(a) for a in lerf_adv],
-                       "morf_advantage": [float(a) for a in morf_adv],
-                       "lerf_win_rate": [float(a) for a in lerf_win],
-                       "morf_win_rate": [float(a) for a in morf_win],
-                       "baseline": self.p["baseline"], "output": self.p["output"], "flags": flags})
+                extra={
+                    "lerf_advantage": [float(a) for a in lerf_adv],
+                    "morf_advantage": [float(a) for a in morf_adv],
+                    "lerf_win_rate": [float(a) for a in lerf_win],
+                    "morf_win_rate": [float(a) for a in morf_win],
+                    "baseline": self.p["baseline"],
+                    "output": self.p["output"],
+                    "flags": flags,
+                },
+            )
         return result
 
     # ----------------------------------------------------------------------------------------
@@ -205,8 +258,11 @@ class Perturbation(Check):
         if not m.values:
             flag_notes(m)
             return self.result(variant, m, "skipped", None, "no image was measured")
-        kw = {"min_advantage": float(self.t.get("min_advantage") or 0.0),
-              "alpha": float(self.t.get("alpha") or 0.05), "draws": int(self.p["random_orders"])}
+        kw = {
+            "min_advantage": float(self.t.get("min_advantage") or 0.0),
+            "alpha": float(self.t.get("alpha") or 0.05),
+            "draws": int(self.p["random_orders"]),
+        }
         lerf = better_than_random(m.extra.get("lerf_advantage", []), m.extra.get("lerf_win_rate", []), **kw)
         morf = better_than_random(m.extra.get("morf_advantage", []), m.extra.get("morf_win_rate", []), **kw)
         m.extra["lerf_test"], m.extra["morf_test"] = lerf, morf
@@ -215,29 +271,39 @@ class Perturbation(Check):
         if note and note not in m.notes:
             m.notes.append(note)
         if lerf["mean"] is None or morf["mean"] is None:
-            return self.result(variant, m, "error", None,
-                               "no finite measurement: the model output was not finite after "
-                               "removing pixels" + _notes(m))
+            return self.result(
+                variant,
+                m,
+                "error",
+                None,
+                "no finite measurement: the model output was not finite after removing pixels" + _notes(m),
+            )
         wins = int(lerf["better"]) + int(morf["better"])
         status = {2: "pass", 1: "warn", 0: "fail"}[wins]
         cur = {k: float(np.nanmean(m.curves[k])) for k in ("lerf", "lerf_random", "morf", "morf_random")}
         out = "logit" if self.p["output"] == "logit" else "probability"
         first = float(np.nanmean(m.curves["lerf_random"][:, 0]))
         if np.isfinite(first) and first > _DISRUPTIVE:
-            note = (f"removing {_pct(self.fractions[0])} of the pixels at random already changes "
-                    f"the output by {_pct(first)}: the {self.p['baseline']} baseline itself "
-                    "disrupts the model (out-of-distribution pixels), so the curves measure "
-                    "that more than the map; consider another baseline")
+            note = (
+                f"removing {_pct(self.fractions[0])} of the pixels at random already changes "
+                f"the output by {_pct(first)}: the {self.p['baseline']} baseline itself "
+                "disrupts the model (out-of-distribution pixels), so the curves measure "
+                "that more than the map; consider another baseline"
+            )
             if note not in m.notes:
                 m.notes.append(note)
-        verdict = {2: "better than a random order on both", 1: "better than a random order on "
-                   + ("LeRF only" if lerf["better"] else "MoRF only"),
-                   0: "no better than a random order on LeRF or MoRF"}[wins]
-        msg = (f"{verdict} ({lerf['n']} images, {self.p['baseline']} removal, top-class {out}). "
-               f"LeRF |change| {_pct(cur['lerf'])} vs random {_pct(cur['lerf_random'])}, "
-               f"advantage {lerf['mean']:+.3g}{_p(lerf)}; "
-               f"MoRF drop {_pct(cur['morf'])} vs random {_pct(cur['morf_random'])}, "
-               f"advantage {morf['mean']:+.3g}{_p(morf)}" + _notes(m))
+        verdict = {
+            2: "better than a random order on both",
+            1: "better than a random order on " + ("LeRF only" if lerf["better"] else "MoRF only"),
+            0: "no better than a random order on LeRF or MoRF",
+        }[wins]
+        msg = (
+            f"{verdict} ({lerf['n']} images, {self.p['baseline']} removal, top-class {out}). "
+            f"LeRF |change| {_pct(cur['lerf'])} vs random {_pct(cur['lerf_random'])}, "
+            f"advantage {lerf['mean']:+.3g}{_p(lerf)}; "
+            f"MoRF drop {_pct(cur['morf'])} vs random {_pct(cur['morf_random'])}, "
+            f"advantage {morf['mean']:+.3g}{_p(morf)}" + _notes(m)
+        )
         return self.result(variant, m, status, m.mean(), msg)
 
 

@@ -36,8 +36,7 @@ from ..errors import SaliauditError
 from ..result import CheckResult
 from .base import Batch, Check, MapSource, Measurement, Variant, register
 
-__all__ = ["PointingGame", "RestrictedPointingGame", "scaled_tolerance", "tolerance_region",
-           "point_scores"]
+__all__ = ["PointingGame", "RestrictedPointingGame", "scaled_tolerance", "tolerance_region", "point_scores"]
 
 
 def scaled_tolerance(tolerance: float, reference_size: float, size: tuple[int, int]) -> float:
@@ -56,8 +55,9 @@ def tolerance_region(mask: np.ndarray, radius: float) -> np.ndarray:
     return distance_transform_edt(~mask) <= radius
 
 
-def point_scores(maps: torch.Tensor, regions: np.ndarray,
-                 search: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def point_scores(
+    maps: torch.Tensor, regions: np.ndarray, search: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per map: the share of its maximal pixels inside ``regions``.
 
     Args:
@@ -95,9 +95,10 @@ def _lower_is_worse(value: float, t: dict[str, float | None]) -> str:
 def _check_mask(mask: np.ndarray, shape: tuple[int, int], image: str) -> np.ndarray:
     m = np.asarray(mask, dtype=bool)
     if m.shape != tuple(shape):
-        raise SaliauditError(f"the mask of {image} is {m.shape[1]}x{m.shape[0]} but the maps are "
-                             f"{shape[1]}x{shape[0]}",
-                             hint="load masks with saliaudit.masks.load_masks at the input size")
+        raise SaliauditError(
+            f"the mask of {image} is {m.shape[1]}x{m.shape[0]} but the maps are {shape[1]}x{shape[0]}",
+            hint="load masks with saliaudit.masks.load_masks at the input size",
+        )
     return m
 
 
@@ -110,8 +111,9 @@ class _Game(Check):
     interval_verdict = True  # with thresholds set, judged through the interval of the rate
     value_range = (0.0, 1.0)
 
-    def __init__(self, params: dict[str, Any] | None = None,
-                 thresholds: dict[str, float | None] | None = None):
+    def __init__(
+        self, params: dict[str, Any] | None = None, thresholds: dict[str, float | None] | None = None
+    ):
         super().__init__(params, thresholds)
         self._figures: dict[Variant, dict[str, Any]] = {}
 
@@ -121,8 +123,9 @@ class _Game(Check):
     def _figure(self, v: Variant, image: str, fig: dict[str, Any]) -> None:
         self._figures.setdefault(v, {})[image] = fig
 
-    def _judge(self, variant: Variant, m: Measurement, what: str, chance_text: str,
-               extra_text: str = "") -> CheckResult:
+    def _judge(
+        self, variant: Variant, m: Measurement, what: str, chance_text: str, extra_text: str = ""
+    ) -> CheckResult:
         excluded = m.extra.get("excluded", [])
         reasons: dict[str, int] = {}
         for e in excluded:
@@ -135,13 +138,21 @@ class _Game(Check):
             return self.result(variant, m, "skipped", None, why + _notes(m), **figures)
         rate = float(np.mean(finite))
         status = _lower_is_worse(rate, self.t)
-        signed = (" (signed map: its maximum, the strongest positive evidence, is the point)"
-                  if variant.signed else "")
-        judged = ("" if self.t.get("fail") is None and self.t.get("warn") is None else
-                  f"; thresholds fail < {self.t.get('fail')}, warn < {self.t.get('warn')}")
+        signed = (
+            " (signed map: its maximum, the strongest positive evidence, is the point)"
+            if variant.signed
+            else ""
+        )
+        judged = (
+            ""
+            if self.t.get("fail") is None and self.t.get("warn") is None
+            else f"; thresholds fail < {self.t.get('fail')}, warn < {self.t.get('warn')}"
+        )
         info = "; informational (set thresholds to judge)" if not judged else judged
-        msg = (f"{what} for {variant.label}{signed}: hit rate {rate:.3f} over {len(finite)} "
-               f"image(s); {chance_text}{extra_text}{info}")
+        msg = (
+            f"{what} for {variant.label}{signed}: hit rate {rate:.3f} over {len(finite)} "
+            f"image(s); {chance_text}{extra_text}{info}"
+        )
         if left_out:
             msg += f"; left out: {left_out}"
         return self.result(variant, m, status, rate, msg + _notes(m), **figures)
@@ -153,17 +164,22 @@ class PointingGame(_Game):
     short = "point"
     order = 80
     title = "Pointing game"
-    summary = ("Does the maximum of the map for the predicted class lie on that class's object "
-               "(given masks, with a small tolerance)? The hit rate is compared with the chance "
-               "that a random point hits (Zhang et al., Top-down Neural Attention by "
-               "Excitation Backprop, ECCV 2016).")
-    reference = ("Zhang, Bargal, Lin, Brandt, Shen & Sclaroff, Top-down Neural Attention by "
-                 "Excitation Backprop, ECCV 2016")
+    summary = (
+        "Does the maximum of the map for the predicted class lie on that class's object "
+        "(given masks, with a small tolerance)? The hit rate is compared with the chance "
+        "that a random point hits (Zhang et al., Top-down Neural Attention by "
+        "Excitation Backprop, ECCV 2016)."
+    )
+    reference = (
+        "Zhang, Bargal, Lin, Brandt, Shen & Sclaroff, Top-down Neural Attention by "
+        "Excitation Backprop, ECCV 2016"
+    )
     metric = "hit rate (max of the map inside the class mask)"
     params = {"tolerance": 15.0, "reference_size": 224}
 
-    def measure(self, batch: Batch, source: MapSource,
-                maps: dict[Variant, torch.Tensor]) -> dict[Variant, Measurement]:
+    def measure(
+        self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]
+    ) -> dict[Variant, Measurement]:
         if not maps:
             return {}
         shape = tuple(next(iter(maps.values())).shape[-2:])
@@ -194,29 +210,39 @@ class PointingGame(_Game):
                     values[i], chances[i] = float(score[j]), chance[j]
                     if batch.images[i] in batch.examples:
                         t = int(batch.targets[i])
-                        self._figure(v, batch.images[i], {
-                            "point": [int(first[j][0]), int(first[j][1])], "hit": float(score[j]),
-                            "class": names[t] if t < len(names) else t})
+                        self._figure(
+                            v,
+                            batch.images[i],
+                            {
+                                "point": [int(first[j][0]), int(first[j][1])],
+                                "hit": float(score[j]),
+                                "class": names[t] if t < len(names) else t,
+                            },
+                        )
                 flat = ties > 1
                 if flat.any():
-                    notes.append("maps with several equal maxima score the share of them that "
-                                 "hit")
+                    notes.append("maps with several equal maxima score the share of them that hit")
                 if np.isnan(score).any():
                     notes.append("maps without a finite value are left out")
-            out[v] = Measurement(values=values, images=list(batch.images), notes=notes,
-                                 extra={"excluded": list(excluded), "chance": chances,
-                                        "tolerance_px": radius})
+            out[v] = Measurement(
+                values=values,
+                images=list(batch.images),
+                notes=notes,
+                extra={"excluded": list(excluded), "chance": chances, "tolerance_px": radius},
+            )
         return out
 
     def judge(self, variant: Variant, m: Measurement) -> CheckResult:
-        chance = [c for c, v in zip(m.extra.get("chance", []), m.values)
-                  if np.isfinite(c) and np.isfinite(v)]
+        chance = [c for c, v in zip(m.extra.get("chance", []), m.values) if np.isfinite(c) and np.isfinite(v)]
         radius = m.extra.get("tolerance_px", 0.0)
-        chance_text = (f"a uniformly random point would hit {np.mean(chance):.3f} (mask area "
-                       f"within the tolerance of {radius:.1f} px = {self.p['tolerance']:g} px at "
-                       f"{self.p['reference_size']} px)" if chance else "")
-        return self._judge(variant, m, "the map's maximum lies on the predicted class's object",
-                           chance_text)
+        chance_text = (
+            f"a uniformly random point would hit {np.mean(chance):.3f} (mask area "
+            f"within the tolerance of {radius:.1f} px = {self.p['tolerance']:g} px at "
+            f"{self.p['reference_size']} px)"
+            if chance
+            else ""
+        )
+        return self._judge(variant, m, "the map's maximum lies on the predicted class's object", chance_text)
 
 
 @register
@@ -225,18 +251,23 @@ class RestrictedPointingGame(_Game):
     short = "rpoint"
     order = 81
     title = "Restricted pointing game"
-    summary = ("On images with objects of two or more classes, does the map for each class put "
-               "its maximum on that class's object rather than on the other one? A map that "
-               "ignores the class scores exactly 1/k (Khakzar, Baselizadeh & Navab, Rethinking "
-               "Positive Aggregation and Propagation of Gradients, 2020).")
-    reference = ("Khakzar, Baselizadeh & Navab, Rethinking Positive Aggregation and Propagation "
-                 "of Gradients in Gradient-based Saliency Methods, ICML 2020 WHI workshop "
-                 "(arXiv 2012.00362); pointing game of Zhang et al., ECCV 2016")
+    summary = (
+        "On images with objects of two or more classes, does the map for each class put "
+        "its maximum on that class's object rather than on the other one? A map that "
+        "ignores the class scores exactly 1/k (Khakzar, Baselizadeh & Navab, Rethinking "
+        "Positive Aggregation and Propagation of Gradients, 2020)."
+    )
+    reference = (
+        "Khakzar, Baselizadeh & Navab, Rethinking Positive Aggregation and Propagation "
+        "of Gradients in Gradient-based Saliency Methods, ICML 2020 WHI workshop "
+        "(arXiv 2012.00362); pointing game of Zhang et al., ECCV 2016"
+    )
     metric = "restricted hit rate (max over the objects inside the class's object)"
     params = {}
 
-    def measure(self, batch: Batch, source: MapSource,
-                maps: dict[Variant, torch.Tensor]) -> dict[Variant, Measurement]:
+    def measure(
+        self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]
+    ) -> dict[Variant, Measurement]:
         if not maps:
             return {}
         shape = tuple(next(iter(maps.values())).shape[-2:])
@@ -255,10 +286,18 @@ class RestrictedPointingGame(_Game):
                 rows += [(i, c) for c in sorted(masks)]
         out: dict[Variant, Measurement] = {}
         if not rows:
-            return {v: Measurement(values=[float("nan")] * len(batch), images=list(batch.images),
-                                   extra={"excluded": list(excluded), "per_class": [],
-                                          "chance": [float("nan")] * len(batch)})
-                    for v in maps}
+            return {
+                v: Measurement(
+                    values=[float("nan")] * len(batch),
+                    images=list(batch.images),
+                    extra={
+                        "excluded": list(excluded),
+                        "per_class": [],
+                        "chance": [float("nan")] * len(batch),
+                    },
+                )
+                for v in maps
+            }
         # maps for the other present classes (the predicted class's map is given)
         other = [(i, c) for i, c in rows if c != int(batch.targets[i])]
         other_maps: dict[Variant, torch.Tensor] = {}
@@ -270,39 +309,53 @@ class RestrictedPointingGame(_Game):
         search = np.stack([np.logical_or.reduce(list(masks_of[i].values())) for i, _ in rows])
         hit_region = np.stack([masks_of[i][c] for i, c in rows])
         for v, m in maps.items():
-            stack = torch.stack([m[i] if (i, c) not in pos else other_maps[v][pos[(i, c)]]
-                                 for i, c in rows])
+            stack = torch.stack([m[i] if (i, c) not in pos else other_maps[v][pos[(i, c)]] for i, c in rows])
             score, ties, first = point_scores(stack, hit_region, search)
             per_image: dict[int, list[float]] = {}
             per_class = []
             for j, (i, c) in enumerate(rows):
                 per_image.setdefault(i, []).append(float(score[j]))
-                per_class.append({"image": batch.images[i], "class": names[c] if c < len(names) else c,
-                                  "hit": float(score[j])})
+                per_class.append(
+                    {
+                        "image": batch.images[i],
+                        "class": names[c] if c < len(names) else c,
+                        "hit": float(score[j]),
+                    }
+                )
                 if batch.images[i] in batch.examples:
                     fig = self._figures.setdefault(v, {}).setdefault(batch.images[i], {})
                     fig[str(names[c] if c < len(names) else c)] = {
-                        "point": [int(first[j][0]), int(first[j][1])], "hit": float(score[j])}
-            values = [float(np.mean(per_image[i])) if i in per_image else float("nan")
-                      for i in range(len(batch))]
-            chance = [1.0 / len(masks_of[i]) if i in masks_of else float("nan")
-                      for i in range(len(batch))]
+                        "point": [int(first[j][0]), int(first[j][1])],
+                        "hit": float(score[j]),
+                    }
+            values = [
+                float(np.mean(per_image[i])) if i in per_image else float("nan") for i in range(len(batch))
+            ]
+            chance = [1.0 / len(masks_of[i]) if i in masks_of else float("nan") for i in range(len(batch))]
             notes = []
             if (ties > 1).any():
-                notes.append("maps with several equal maxima on the objects score the share of "
-                             "them that hit")
-            out[v] = Measurement(values=values, images=list(batch.images), notes=notes,
-                                 extra={"excluded": list(excluded), "per_class": per_class,
-                                        "chance": chance})
+                notes.append("maps with several equal maxima on the objects score the share of them that hit")
+            out[v] = Measurement(
+                values=values,
+                images=list(batch.images),
+                notes=notes,
+                extra={"excluded": list(excluded), "per_class": per_class, "chance": chance},
+            )
         return out
 
     def judge(self, variant: Variant, m: Measurement) -> CheckResult:
-        chance = [c for c, v in zip(m.extra.get("chance", []), m.values)
-                  if np.isfinite(c) and np.isfinite(v)]
-        chance_text = (f"a map that ignores the class scores {np.mean(chance):.3f} (1/k for k "
-                       "classes per image)" if chance else "")
-        return self._judge(variant, m, "the map for each present class puts its maximum on "
-                           "that class's object rather than another", chance_text)
+        chance = [c for c, v in zip(m.extra.get("chance", []), m.values) if np.isfinite(c) and np.isfinite(v)]
+        chance_text = (
+            f"a map that ignores the class scores {np.mean(chance):.3f} (1/k for k classes per image)"
+            if chance
+            else ""
+        )
+        return self._judge(
+            variant,
+            m,
+            "the map for each present class puts its maximum on that class's object rather than another",
+            chance_text,
+        )
 
 
 def _notes(m: Measurement) -> str:

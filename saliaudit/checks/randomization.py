@@ -42,28 +42,50 @@ import torch
 from .. import validate
 from ..result import CheckResult
 from .base import Batch, Check, Curve, MapSource, Measurement, Variant, higher_is_worse, register, small_map
-from .reinit import (GRANULARITIES, REINIT_TEXT, REINITS, RandomizedModels, group_parameters,
-                     module_seed, reinit_values)
+from .reinit import (
+    GRANULARITIES,
+    REINIT_TEXT,
+    REINITS,
+    RandomizedModels,
+    group_parameters,
+    module_seed,
+    reinit_values,
+)
 from .similarity import METRIC_NAMES, METRICS, Maps, similarity
 
-__all__ = ["Randomization", "RandomizedModels", "GRANULARITIES", "REINITS", "REINIT_TEXT",
-           "group_parameters", "reinit_values", "module_seed"]
+__all__ = [
+    "Randomization",
+    "RandomizedModels",
+    "GRANULARITIES",
+    "REINITS",
+    "REINIT_TEXT",
+    "group_parameters",
+    "reinit_values",
+    "module_seed",
+]
 
 _STRIP_PX = 32  # cascade-strip maps: at most 32 px on the long side (8 maps per image)
-_SHORT = {"spearman_abs": "Spearman ABS", "spearman": "signed Spearman", "ssim": "SSIM",
-          "hog": "HOG Spearman"}
+_SHORT = {
+    "spearman_abs": "Spearman ABS",
+    "spearman": "signed Spearman",
+    "ssim": "SSIM",
+    "hog": "HOG Spearman",
+}
 
 
 @register
 class Randomization(Check):
     name = "randomization"
     title = "Model-parameter randomization (cascading and independent)"
-    summary = ("Does the map change when the model's learned weights are replaced by random "
-               "ones? Layers are re-initialized from the output towards the input (cascading) "
-               "and one at a time (independent); a map still alike the original on the fully "
-               "randomized model does not explain the model (Adebayo et al. 2018).")
-    reference = ("Adebayo, Gilmer, Muelly, Goodfellow, Hardt & Kim, Sanity Checks for Saliency "
-                 "Maps, NeurIPS 2018")
+    summary = (
+        "Does the map change when the model's learned weights are replaced by random "
+        "ones? Layers are re-initialized from the output towards the input (cascading) "
+        "and one at a time (independent); a map still alike the original on the fully "
+        "randomized model does not explain the model (Adebayo et al. 2018)."
+    )
+    reference = (
+        "Adebayo, Gilmer, Muelly, Goodfellow, Hardt & Kim, Sanity Checks for Saliency Maps, NeurIPS 2018"
+    )
     metric = "Spearman rank correlation of |map| (ABS) with the original, mean over the cascade"
     thresholds = {"fail": 0.7, "warn": 0.4}
     controls_must_fail = frozenset({"random", "edge"})
@@ -72,14 +94,23 @@ class Randomization(Check):
     short = "rand"
     higher_is_better = False  # a similarity to the maps of the trained model
     order = 30
-    curves = {f"{mode}_{m}": Curve(
-        f"{mode.capitalize()} randomization" + (" (signed)" if m == "spearman" else ""),
-        "re-initialized up to layer (from the output)" if mode == "cascading"
-        else "the one layer re-initialized",
-        {"spearman_abs": "Spearman of |map| with the original",
-         "spearman": "signed Spearman with the original", "ssim": "SSIM with the original",
-         "hog": "Spearman of HOG features"}[m], primary=m == "spearman_abs")
-        for mode in ("cascading", "independent") for m in METRICS}
+    curves = {
+        f"{mode}_{m}": Curve(
+            f"{mode.capitalize()} randomization" + (" (signed)" if m == "spearman" else ""),
+            "re-initialized up to layer (from the output)"
+            if mode == "cascading"
+            else "the one layer re-initialized",
+            {
+                "spearman_abs": "Spearman of |map| with the original",
+                "spearman": "signed Spearman with the original",
+                "ssim": "SSIM with the original",
+                "hog": "Spearman of HOG features",
+            }[m],
+            primary=m == "spearman_abs",
+        )
+        for mode in ("cascading", "independent")
+        for m in METRICS
+    }
     params = {
         "metric": "spearman_abs",  # verdict metric: spearman_abs, spearman, ssim or hog
         # final: the fully randomized model (Adebayo et al.'s headline comparison); mean: the
@@ -94,19 +125,27 @@ class Randomization(Check):
         "figure_images": 3,  # example images (first by name) that get a cascade strip
     }
 
-    def __init__(self, params: dict[str, Any] | None = None,
-                 thresholds: dict[str, float | None] | None = None):
+    def __init__(
+        self, params: dict[str, Any] | None = None, thresholds: dict[str, float | None] | None = None
+    ):
         super().__init__(params, thresholds)
-        for key, choices in (("metric", METRICS), ("granularity", GRANULARITIES),
-                             ("reinit", REINITS), ("verdict", ("mean", "final"))):
+        for key, choices in (
+            ("metric", METRICS),
+            ("granularity", GRANULARITIES),
+            ("reinit", REINITS),
+            ("verdict", ("mean", "final")),
+        ):
             validate.choice(f"randomization.{key}", self.p[key], choices)
         validate.boolean("randomization.independent", self.p["independent"])
         validate.integer("randomization.figure_images", self.p["figure_images"], min=0, hint="0: no strips")
-        validate.integer("randomization.max_images", self.p["max_images"], min=1, allow_none=True, hint="null: all images")
-        where = ("mean over the cascade steps" if self.p["verdict"] == "mean"
-                 else "fully randomized model")
-        self.metric = (f"{METRIC_NAMES[self.p['metric']]}, original vs randomized model, {where} "
-                       f"(cascading, {self.p['granularity']})")
+        validate.integer(
+            "randomization.max_images", self.p["max_images"], min=1, allow_none=True, hint="null: all images"
+        )
+        where = "mean over the cascade steps" if self.p["verdict"] == "mean" else "fully randomized model"
+        self.metric = (
+            f"{METRIC_NAMES[self.p['metric']]}, original vs randomized model, {where} "
+            f"(cascading, {self.p['granularity']})"
+        )
         self._models: RandomizedModels | None = None
         self._step_modules: dict[str, list[str]] = {}
         self._figures: dict[Variant, dict[str, Any]] = {}
@@ -117,8 +156,9 @@ class Randomization(Check):
         key = (id(batch.model), int(batch.seed), batch.x.dtype, batch.x.device)
         if self._models is None or self._models.key != key or self._models.model is not batch.model:
             self._models = None
-            self._models = RandomizedModels(batch.model, batch.x, batch.seed,
-                                            self.p["granularity"], self.p["reinit"])
+            self._models = RandomizedModels(
+                batch.model, batch.x, batch.seed, self.p["granularity"], self.p["reinit"]
+            )
             self._step_modules = self._models.modules
         return self._models
 
@@ -126,8 +166,9 @@ class Randomization(Check):
         """Free the working copy and the randomized values."""
         self._models = None
 
-    def measure(self, batch: Batch, source: MapSource,
-                maps: dict[Variant, torch.Tensor]) -> dict[Variant, Measurement]:
+    def measure(
+        self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]
+    ) -> dict[Variant, Measurement]:
         variants = list(maps)
         n = len(batch)
         if n == 0:
@@ -135,14 +176,23 @@ class Randomization(Check):
         rm = self.models(batch)
         steps = [s for s, _ in rm.steps]
         modes = ["cascading"] + (["independent"] if self.p["independent"] else [])
-        curves = {v: {f"{mode}_{metric}": np.zeros((n, len(steps)))
-                      for mode in modes for metric in METRICS} for v in variants}
-        degenerate = {v: {f"{mode}_{metric}": np.zeros((n, len(steps)), dtype=bool)
-                          for mode in modes for metric in METRICS} for v in variants}
-        shown = set(sorted(batch.examples)[:int(self.p["figure_images"])])
+        curves = {
+            v: {f"{mode}_{metric}": np.zeros((n, len(steps))) for mode in modes for metric in METRICS}
+            for v in variants
+        }
+        degenerate = {
+            v: {
+                f"{mode}_{metric}": np.zeros((n, len(steps)), dtype=bool)
+                for mode in modes
+                for metric in METRICS
+            }
+            for v in variants
+        }
+        shown = set(sorted(batch.examples)[: int(self.p["figure_images"])])
         examples = [i for i, name in enumerate(batch.images) if name in shown]
         strips: dict[Variant, dict[int, list[list[list[float]]]]] = {
-            v: {i: [small_map(maps[v][i], _STRIP_PX)] for i in examples} for v in variants}
+            v: {i: [small_map(maps[v][i], _STRIP_PX)] for i in examples} for v in variants
+        }
         reference = {v: Maps(maps[v]) for v in variants}  # ranks, HOG features: once
         for mode in modes:
             it = rm.cascade() if mode == "cascading" else rm.independent()
@@ -166,18 +216,21 @@ class Randomization(Check):
             final = curve.mean(1) if self.p["verdict"] == "mean" else curve[:, -1]
             extra: dict[str, Any] = {
                 "degenerate_final": [bool(d) for d in degenerate[v][f"cascading_{metric}"][:, -1]],
-                "degenerate_pairs": [int(sum(d[i].sum() for d in degenerate[v].values()))
-                                     for i in range(n)],
+                "degenerate_pairs": [int(sum(d[i].sum() for d in degenerate[v].values())) for i in range(n)],
             }
             for m in METRICS:
                 extra[f"final_{m}"] = [float(x) for x in c[f"cascading_{m}"][:, -1]]
-            figs = {batch.images[i]: {"steps": ["original"] + steps, "maps": strips[v][i]}
-                    for i in examples}
+            figs = {batch.images[i]: {"steps": ["original"] + steps, "maps": strips[v][i]} for i in examples}
             if figs:
                 self._figures.setdefault(v, {}).update(figs)
                 extra["figures"] = figs
-            result[v] = Measurement(values=[float(x) for x in final], images=list(batch.images),
-                                    curves=dict(c), axes={k: list(steps) for k in c}, extra=extra)
+            result[v] = Measurement(
+                values=[float(x) for x in final],
+                images=list(batch.images),
+                curves=dict(c),
+                axes={k: list(steps) for k in c},
+                extra=extra,
+            )
         return result
 
     @classmethod
@@ -192,14 +245,19 @@ class Randomization(Check):
             if variant.startswith("edge/") or variant not in rand:
                 continue
             if sim_edge > rand[variant] and sim_edge >= 0.3:
-                out.append({"kind": "resembles_edge", "variant": variant,
-                            "numbers": {"edge_similarity": sim_edge,
-                                        "randomized_similarity": rand[variant]},
-                            "message": (
-                                f"{variant} maps resemble the model-independent edge control "
-                                f"(Spearman {sim_edge:.2f}) more than their own maps on the fully "
-                                f"randomized model ({rand[variant]:.2f}): they may show image "
-                                "structure rather than what the model uses (Adebayo et al. 2018).")})
+                out.append(
+                    {
+                        "kind": "resembles_edge",
+                        "variant": variant,
+                        "numbers": {"edge_similarity": sim_edge, "randomized_similarity": rand[variant]},
+                        "message": (
+                            f"{variant} maps resemble the model-independent edge control "
+                            f"(Spearman {sim_edge:.2f}) more than their own maps on the fully "
+                            f"randomized model ({rand[variant]:.2f}): they may show image "
+                            "structure rather than what the model uses (Adebayo et al. 2018)."
+                        ),
+                    }
+                )
         return out
 
     def judge(self, variant: Variant, m: Measurement) -> CheckResult:
@@ -232,29 +290,37 @@ class Randomization(Check):
         n_deg = int(sum(bool(d) for d in deg_final))
         notes = []
         if n_deg:
-            notes.append(f"{n_deg} of {n} map pairs on the fully randomized model had a constant "
-                         "map (similarity defined: 1 if both constant, 0 if one)")
+            notes.append(
+                f"{n_deg} of {n} map pairs on the fully randomized model had a constant "
+                "map (similarity defined: 1 if both constant, 0 if one)"
+            )
         if series["degenerate_pairs"] > n_deg:
-            notes.append(f"{series['degenerate_pairs']} constant-map comparisons over all steps "
-                         "and measures")
+            notes.append(f"{series['degenerate_pairs']} constant-map comparisons over all steps and measures")
         short = _SHORT[metric]
         fail, warn = self.t.get("fail"), self.t.get("warn")
-        where = ("averaged over the cascade" if self.p["verdict"] == "mean"
-                 else "on the fully randomized model")
+        where = (
+            "averaged over the cascade" if self.p["verdict"] == "mean" else "on the fully randomized model"
+        )
         final = series["final"].get(metric)
-        tail = (f"; fully randomized {final:.2f}" if final is not None and self.p["verdict"] == "mean"
-                else "")
+        tail = f"; fully randomized {final:.2f}" if final is not None and self.p["verdict"] == "mean" else ""
         if status == "fail":
-            msg = (f"maps on the randomized models resemble the original ({short} {value:.2f} "
-                   f"{where} ≥ {fail:g}{tail}): the map does not depend on the learned weights")
+            msg = (
+                f"maps on the randomized models resemble the original ({short} {value:.2f} "
+                f"{where} ≥ {fail:g}{tail}): the map does not depend on the learned weights"
+            )
         elif status == "warn":
-            msg = (f"maps on the randomized models still resemble the original ({short} "
-                   f"{value:.2f} {where} ≥ {warn:g}{tail}): the map depends only partly on the "
-                   "learned weights")
+            msg = (
+                f"maps on the randomized models still resemble the original ({short} "
+                f"{value:.2f} {where} ≥ {warn:g}{tail}): the map depends only partly on the "
+                "learned weights"
+            )
         elif status == "pass":
             bound = warn if warn is not None else fail
-            msg = (f"maps change when the weights are randomized ({short} {value:.2f} {where}"
-                   + (f" < {bound:g}" if bound is not None else "") + f"{tail})")
+            msg = (
+                f"maps change when the weights are randomized ({short} {value:.2f} {where}"
+                + (f" < {bound:g}" if bound is not None else "")
+                + f"{tail})"
+            )
         else:
             msg = "no finite similarity was measured"
         if notes:
@@ -285,11 +351,14 @@ def _survivor(c: CheckResult) -> dict[str, Any] | None:
         kept += 1
     if not (kept >= -(-len(mean) // 3) and kept < len(mean)):
         return None
-    return {"kind": "survives_top_randomization", "variant": c.variant,
-            "numbers": {"steps_kept": kept, "steps": len(mean),
-                        "curve": dict(zip(map(str, steps), mean))},
-            "message": (
-                f"{c.variant} maps stay alike the original (similarity ≥ {fail:g}) "
-                f"until {steps[kept]} is randomized ({kept} of {len(mean)} cascade "
-                f"steps, values {', '.join(f'{v:.2f}' for v in mean[:kept + 1])}): "
-                "they do not reflect the top layers of the model (Adebayo et al. 2018).")}
+    return {
+        "kind": "survives_top_randomization",
+        "variant": c.variant,
+        "numbers": {"steps_kept": kept, "steps": len(mean), "curve": dict(zip(map(str, steps), mean))},
+        "message": (
+            f"{c.variant} maps stay alike the original (similarity ≥ {fail:g}) "
+            f"until {steps[kept]} is randomized ({kept} of {len(mean)} cascade "
+            f"steps, values {', '.join(f'{v:.2f}' for v in mean[: kept + 1])}): "
+            "they do not reflect the top layers of the model (Adebayo et al. 2018)."
+        ),
+    }

@@ -53,19 +53,30 @@ import torch
 
 from ..errors import DecompositionError, UsageError
 
-__all__ = ["RandomizedModels", "GRANULARITIES", "REINITS", "REINIT_TEXT", "group_parameters",
-           "reinit_values", "module_seed"]
+__all__ = [
+    "RandomizedModels",
+    "GRANULARITIES",
+    "REINITS",
+    "REINIT_TEXT",
+    "group_parameters",
+    "reinit_values",
+    "module_seed",
+]
 
 GRANULARITIES = ("blocks", "layers")
 REINITS = ("default", "normal")
 REINIT_TEXT = {
-    "default": ("PyTorch default initialization (reset_parameters): weights of 2+ dimensions "
-                "kaiming_uniform(a=sqrt(5)), their biases U(±1/sqrt(fan_in)); normalization "
-                "weight 1, bias 0; running statistics kept; other parameters N(0, std of the "
-                "trained tensor)"),
-    "normal": ("every parameter N(0, σ) with σ the standard deviation of the trained tensor; "
-               "running statistics kept"),
+    "default": (
+        "PyTorch default initialization (reset_parameters): weights of 2+ dimensions "
+        "kaiming_uniform(a=sqrt(5)), their biases U(±1/sqrt(fan_in)); normalization "
+        "weight 1, bias 0; running statistics kept; other parameters N(0, std of the "
+        "trained tensor)"
+    ),
+    "normal": (
+        "every parameter N(0, σ) with σ the standard deviation of the trained tensor; running statistics kept"
+    ),
 }
+
 
 def module_seed(seed: int, module_path: str) -> int:
     """The generator seed of one module's parameters: ``crc32(f"{seed}/{module_path}")``."""
@@ -88,7 +99,7 @@ def _block_of(name: str, split_top: set[str]) -> str:
     parts = path.split(".")
     for i, part in enumerate(parts):
         if part.isdigit():
-            return ".".join(parts[:i + 1])
+            return ".".join(parts[: i + 1])
     if parts[0] in split_top and len(parts) >= 2:
         return ".".join(parts[:2])
     return parts[0]
@@ -112,15 +123,16 @@ def _first_use(module: torch.nn.Module, names: list[str]) -> dict[str, int] | No
     return first
 
 
-def group_parameters(module: torch.nn.Module, granularity: str = "blocks"
-                     ) -> list[tuple[str, list[str]]]:
+def group_parameters(module: torch.nn.Module, granularity: str = "blocks") -> list[tuple[str, list[str]]]:
     """The randomization steps of ``module``: ``[(step name, [parameter names])]`` ordered from
     the output towards the input (see the module docstring)."""
     params = dict(module.named_parameters())
     names = list(params)
     if not names:
-        raise UsageError("the model has no parameters to randomize",
-                         hint="the randomization check needs a model with learned weights")
+        raise UsageError(
+            "the model has no parameters to randomize",
+            hint="the randomization check needs a model with learned weights",
+        )
     first = _first_use(module, names)
     order = {n: (first[n] if first is not None else i) for i, n in enumerate(names)}
     groups: dict[str, list[str]] = {}
@@ -158,8 +170,9 @@ def _sigma(t: torch.Tensor) -> float:
     return s if math.isfinite(s) else 0.0
 
 
-def reinit_values(params: dict[str, torch.Tensor], names: list[str], seed: int,
-                  scheme: str = "default") -> dict[str, torch.Tensor]:
+def reinit_values(
+    params: dict[str, torch.Tensor], names: list[str], seed: int, scheme: str = "default"
+) -> dict[str, torch.Tensor]:
     """Re-initialized values (float32, CPU) for the parameters ``names`` of ``params``.
 
     One generator per module path (``module_seed``), drawing the module's parameters in their
@@ -186,7 +199,8 @@ def reinit_values(params: dict[str, torch.Tensor], names: list[str], seed: int,
                 v.fill_(1.0)
             elif leaf == "bias" and weight is not None and weight.dim() >= 2:
                 fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(
-                    torch.empty(tuple(weight.shape), device="meta"))
+                    torch.empty(tuple(weight.shape), device="meta")
+                )
                 bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
                 torch.nn.init.uniform_(v, -bound, bound, generator=gen)
             elif leaf == "bias" and weight is not None and weight.dim() == 1:
@@ -205,20 +219,23 @@ class RandomizedModels:
     The user's model is only read.
     """
 
-    def __init__(self, model: Any, x: torch.Tensor, seed: int, granularity: str = "blocks",
-                 reinit: str = "default"):
+    def __init__(
+        self, model: Any, x: torch.Tensor, seed: int, granularity: str = "blocks", reinit: str = "default"
+    ):
         self.model, self.seed = model, int(seed)
         self.granularity, self.reinit = granularity, reinit
         self.key = (id(model), int(seed), x.dtype, x.device)
         self.module, self.originals = self._working_copy(model, x)
         self.params: dict[str, torch.nn.Parameter] = dict(self.module.named_parameters())
         self.steps = group_parameters(self.module, granularity)
-        self.modules = {step: list(dict.fromkeys(_module_of(n) or n for n in names))
-                        for step, names in self.steps}
+        self.modules = {
+            step: list(dict.fromkeys(_module_of(n) or n for n in names)) for step, names in self.steps
+        }
         all_names = [n for _, names in self.steps for n in names]
         values = reinit_values(self.params, all_names, self.seed, reinit)
-        self.random = {n: values[n].to(device=p.device, dtype=p.dtype)
-                       for n, p in self.params.items() if n in values}
+        self.random = {
+            n: values[n].to(device=p.device, dtype=p.dtype) for n, p in self.params.items() if n in values
+        }
 
     @staticmethod
     def _working_copy(model: Any, x: torch.Tensor) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -241,8 +258,9 @@ class RandomizedModels:
         """A fresh model object around the working copy (new identity: no stale caches)."""
         if dataclasses.is_dataclass(self.model) and not isinstance(self.model, type):
             return dataclasses.replace(self.model, module=self.module, exported=None)
-        return types.SimpleNamespace(module=self.module,
-                                     static_batch=getattr(self.model, "static_batch", None))
+        return types.SimpleNamespace(
+            module=self.module, static_batch=getattr(self.model, "static_batch", None)
+        )
 
     @torch.no_grad()
     def _set(self, names: list[str], random: bool) -> None:

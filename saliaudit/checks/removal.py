@@ -56,11 +56,29 @@ import torch
 
 from .. import validate
 
-__all__ = ["REMOVAL_BASELINES", "FLAG_TEXT", "Job", "removal_baseline", "check_baseline",
-           "image_seed", "image_generator", "image_keys", "fraction_counts",
-           "tie_breaks", "saliency_ranks", "random_ranks", "prefix_masks", "run_removals",
-           "target_output", "win_rates", "rank_test", "better_than_random", "power_note",
-           "nonfinite_count", "flag_notes"]
+__all__ = [
+    "REMOVAL_BASELINES",
+    "FLAG_TEXT",
+    "Job",
+    "removal_baseline",
+    "check_baseline",
+    "image_seed",
+    "image_generator",
+    "image_keys",
+    "fraction_counts",
+    "tie_breaks",
+    "saliency_ranks",
+    "random_ranks",
+    "prefix_masks",
+    "run_removals",
+    "target_output",
+    "win_rates",
+    "rank_test",
+    "better_than_random",
+    "power_note",
+    "nonfinite_count",
+    "flag_notes",
+]
 
 #: Removal baselines (see the module docstring).
 REMOVAL_BASELINES = ("black", "zero", "mean", "blur")
@@ -74,12 +92,16 @@ def check_baseline(params: dict[str, Any]) -> None:
 
 
 def _sigma(sigma: Any) -> float:
-    return validate.number("blur_sigma", sigma, min=0, min_open=True,
-                           hint="set blur_sigma to the blur's standard deviation in pixels, e.g. 5")
+    return validate.number(
+        "blur_sigma",
+        sigma,
+        min=0,
+        min_open=True,
+        hint="set blur_sigma to the blur's standard deviation in pixels, e.g. 5",
+    )
 
 
-def removal_baseline(model: Any, x: torch.Tensor, kind: str = "black", *,
-                     sigma: float = 5.0) -> torch.Tensor:
+def removal_baseline(model: Any, x: torch.Tensor, kind: str = "black", *, sigma: float = 5.0) -> torch.Tensor:
     """The value each pixel of ``x`` ``(B, C, H, W)`` (model space) takes when removed.
 
     ``black`` ``(0 − mean)/std`` from ``model.mean``/``model.std`` (0 when the model carries
@@ -146,8 +168,11 @@ def saliency_ranks(maps: torch.Tensor, ties: torch.Tensor) -> torch.Tensor:
 def random_ranks(seed: int, name: str, hw: int, draws: int, *salt: Any) -> torch.Tensor:
     """``(draws, HW)`` rank positions of random orders of image ``name`` (CPU)."""
     gen = image_generator(seed, name, "random-order", hw, *salt)
-    return torch.stack([torch.randperm(hw, generator=gen) for _ in range(draws)]) if draws else \
-        torch.empty((0, hw), dtype=torch.long)
+    return (
+        torch.stack([torch.randperm(hw, generator=gen) for _ in range(draws)])
+        if draws
+        else torch.empty((0, hw), dtype=torch.long)
+    )
 
 
 def prefix_masks(ranks: torch.Tensor, counts: Sequence[int], *, least: bool = False) -> torch.Tensor:
@@ -174,8 +199,9 @@ class Job:
     classes: torch.Tensor | Sequence[int] | None = None
 
 
-def run_removals(model: Any, x: torch.Tensor, baseline: torch.Tensor, jobs: Iterable[Job], *,
-                 chunk: int = 64) -> list[torch.Tensor]:
+def run_removals(
+    model: Any, x: torch.Tensor, baseline: torch.Tensor, jobs: Iterable[Job], *, chunk: int = 64
+) -> list[torch.Tensor]:
     """Logits of every perturbed image, per job: ``(n_j, K)`` (or ``(n_j, len(classes))``).
 
     The perturbed image of mask ``m`` is ``where(m, baseline[i], x[i])`` (all channels of a
@@ -199,7 +225,7 @@ def run_removals(model: Any, x: torch.Tensor, baseline: torch.Tensor, jobs: Iter
         logits = model.logits(torch.cat(pieces))
         pos = 0
         for j, n in owners:
-            rows = logits[pos:pos + n]
+            rows = logits[pos : pos + n]
             cols = jobs[j].classes
             if cols is not None:
                 rows = rows[:, torch.as_tensor(cols, dtype=torch.long, device=rows.device)]
@@ -216,7 +242,7 @@ def run_removals(model: Any, x: torch.Tensor, baseline: torch.Tensor, jobs: Iter
         start = 0
         while start < masks.shape[0]:
             take = min(chunk - filled, masks.shape[0] - start)
-            pieces.append(torch.where(masks[start:start + take], bi, xi))
+            pieces.append(torch.where(masks[start : start + take], bi, xi))
             owners.append((j, take))
             filled += take
             start += take
@@ -225,9 +251,10 @@ def run_removals(model: Any, x: torch.Tensor, baseline: torch.Tensor, jobs: Iter
         del masks
     flush()
     k = getattr(model, "num_classes", 0)
-    return [torch.cat(o) if o else torch.empty((0, k if job.classes is None else len(job.classes)),
-                                                 device=device)
-            for o, job in zip(outs, jobs)]
+    return [
+        torch.cat(o) if o else torch.empty((0, k if job.classes is None else len(job.classes)), device=device)
+        for o, job in zip(outs, jobs)
+    ]
 
 
 def target_output(logits: torch.Tensor, classes: torch.Tensor, output: str = "logit") -> torch.Tensor:
@@ -251,7 +278,7 @@ FLAG_TEXT = {
     "tiny_output": "with |f(x)| < 1e-3: fractional changes unstable (consider output=probability)",
     "constant_map": "whose map is constant over the subsets at some n: correlation undefined, counted as 0",
     "constant_output": "whose output does not change across the subsets at some n: correlation "
-                       "undefined, counted as 0",
+    "undefined, counted as 0",
 }
 
 
@@ -315,8 +342,14 @@ def rank_test(wins: Sequence[float], draws: int) -> float:
     return float(min(1.0, pmf[s:].sum())) if s < pmf.size else 0.0
 
 
-def better_than_random(advantages: Sequence[float], wins: Sequence[float], *, draws: int,
-                       min_advantage: float = 0.0, alpha: float = 0.05) -> dict[str, Any]:
+def better_than_random(
+    advantages: Sequence[float],
+    wins: Sequence[float],
+    *,
+    draws: int,
+    min_advantage: float = 0.0,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
     """Whether a map beats the random order, from per-image advantages and win rates.
 
     ``better`` = the mean advantage (map vs the mean of the random orders) exceeds
@@ -337,26 +370,43 @@ def better_than_random(advantages: Sequence[float], wins: Sequence[float], *, dr
         w = np.full_like(a, np.nan)
     keep = np.isfinite(a) & np.isfinite(w)
     a, w = a[keep], w[keep]
-    out: dict[str, Any] = {"n": int(a.size), "mean": None, "median": None, "win_rate": None,
-                           "p_value": None, "min_p": None, "draws": int(draws),
-                           "test": "exact rank test against the random orders (one-sided)",
-                           "better": False, "significant": False,
-                           "min_advantage": float(min_advantage), "alpha": float(alpha)}
+    out: dict[str, Any] = {
+        "n": int(a.size),
+        "mean": None,
+        "median": None,
+        "win_rate": None,
+        "p_value": None,
+        "min_p": None,
+        "draws": int(draws),
+        "test": "exact rank test against the random orders (one-sided)",
+        "better": False,
+        "significant": False,
+        "min_advantage": float(min_advantage),
+        "alpha": float(alpha),
+    }
     if a.size == 0:
         return out
     mean = float(a.mean())
     p = rank_test(w, draws)
-    out.update(mean=mean, median=float(np.median(a)), win_rate=float(w.mean()), p_value=p,
-               min_p=float((draws + 1.0) ** -a.size), significant=bool(p < alpha),
-               better=bool(mean > min_advantage and p < alpha))
+    out.update(
+        mean=mean,
+        median=float(np.median(a)),
+        win_rate=float(w.mean()),
+        p_value=p,
+        min_p=float((draws + 1.0) ** -a.size),
+        significant=bool(p < alpha),
+        better=bool(mean > min_advantage and p < alpha),
+    )
     return out
 
 
 def power_note(test: dict[str, Any]) -> str | None:
     """A note when too few images make significance unreachable."""
     if test.get("min_p") is not None and test["min_p"] >= test["alpha"]:
-        return (f"with {test['n']} image(s) and {test['draws']} random orders the smallest attainable "
-                f"p is {test['min_p']:.2g} ≥ {test['alpha']:g}: add images or raise random_orders")
+        return (
+            f"with {test['n']} image(s) and {test['draws']} random orders the smallest attainable "
+            f"p is {test['min_p']:.2g} ≥ {test['alpha']:g}: add images or raise random_orders"
+        )
     return None
 
 

@@ -14,9 +14,9 @@ import torch
 
 from ..batches import is_oom
 from ..errors import SaliauditError
+from ..maps import Batch, MapSource, Variant
 from ..result import CheckResult
 from . import check_names, get_check
-from ..maps import Batch, MapSource, Variant
 from .base import Check, Measurement, _jsonable
 from .calibrate import calibrate
 
@@ -38,9 +38,13 @@ def control_expectation(cell: CheckResult, check: Check) -> str | None:
     return "unexpected" if cell.status == "pass" else "expected"
 
 
-def oom_split(fn: Callable[[Batch, dict[Variant, torch.Tensor]], T], batch: Batch,
-              maps: dict[Variant, torch.Tensor], merge: Callable[[T, T], T],
-              on_retry: Callable[[int], None] | None = None) -> T:
+def oom_split(
+    fn: Callable[[Batch, dict[Variant, torch.Tensor]], T],
+    batch: Batch,
+    maps: dict[Variant, torch.Tensor],
+    merge: Callable[[T, T], T],
+    on_retry: Callable[[int], None] | None = None,
+) -> T:
     """``fn(batch, maps)``; on out-of-memory, free the cache and run the two halves.
 
     Halving goes on down to single images; an image that alone does not fit re-raises.
@@ -57,13 +61,14 @@ def oom_split(fn: Callable[[Batch, dict[Variant, torch.Tensor]], T], batch: Batc
         on_retry(half)
     parts = []
     for idx in (list(range(half)), list(range(half, len(batch)))):
-        sub_maps = {v: m[idx[0]:idx[-1] + 1] for v, m in maps.items()}
+        sub_maps = {v: m[idx[0] : idx[-1] + 1] for v, m in maps.items()}
         parts.append(oom_split(fn, batch.select(idx), sub_maps, merge, on_retry))
     return merge(parts[0], parts[1])
 
 
-def _merge_measurements(a: dict[Variant, Measurement],
-                        b: dict[Variant, Measurement]) -> dict[Variant, Measurement]:
+def _merge_measurements(
+    a: dict[Variant, Measurement], b: dict[Variant, Measurement]
+) -> dict[Variant, Measurement]:
     for v, m in b.items():
         if v in a:
             a[v].extend(m)
@@ -82,10 +87,16 @@ def _error_text(err: BaseException) -> str:
 class CheckRunner:
     """The checks of one audit, their accumulated measurements, skips and errors."""
 
-    def __init__(self, names: list[str] | None, thresholds: dict[str, dict[str, Any]],
-                 params: dict[str, dict[str, Any]], has_masks: bool):
-        self.checks: list[Check] = [get_check(n)(params=params.get(n), thresholds=thresholds.get(n))
-                                    for n in (names or check_names())]
+    def __init__(
+        self,
+        names: list[str] | None,
+        thresholds: dict[str, dict[str, Any]],
+        params: dict[str, dict[str, Any]],
+        has_masks: bool,
+    ):
+        self.checks: list[Check] = [
+            get_check(n)(params=params.get(n), thresholds=thresholds.get(n)) for n in (names or check_names())
+        ]
         self._by_name = {c.name: c for c in self.checks}
         self.has_masks = has_masks
         self.acc: dict[tuple[str, Variant], Measurement] = {}
@@ -132,8 +143,13 @@ class CheckRunner:
                 sub_maps = {v: m[pos.to(m.device)] for v, m in maps.items()}
             t0 = time.perf_counter()
             try:
-                out = oom_split(lambda b, mp, c=check: c.measure(b, source, mp), sub, sub_maps,
-                                _merge_measurements, self.count_retry)
+                out = oom_split(
+                    lambda b, mp, c=check: c.measure(b, source, mp),
+                    sub,
+                    sub_maps,
+                    _merge_measurements,
+                    self.count_retry,
+                )
             except Exception as err:  # one cell failing must not stop the audit
                 self.errors[key] = _error_text(err)
                 for v in [v for (c, v) in self.acc if c == check.name and v.method == source.method]:
@@ -150,8 +166,7 @@ class CheckRunner:
 
     def caps(self) -> dict[str, int]:
         """``max_images`` of each check that has one."""
-        return {c.name: int(c.p["max_images"]) for c in self.checks
-                if c.p.get("max_images") is not None}
+        return {c.name: int(c.p["max_images"]) for c in self.checks if c.p.get("max_images") is not None}
 
     def assign_sample(self, name: str, images: list[str]) -> None:
         """Measure check ``name`` on these images only (its drawn sample)."""
@@ -182,8 +197,7 @@ class CheckRunner:
                 else:
                     measured = [v for (c, v) in self.acc if c == check.name and v.method == source.method]
                     if not measured:
-                        cells += [self._plain(check, v, "skipped", "no image was measured")
-                                  for v in variants]
+                        cells += [self._plain(check, v, "skipped", "no image was measured") for v in variants]
                     for v in measured:
                         try:
                             cells.append(check.judge(v, self.acc[(check.name, v)]))
@@ -196,8 +210,19 @@ class CheckRunner:
 
     @staticmethod
     def _plain(check: Check, v: Variant, status: str, message: str) -> CheckResult:
-        return CheckResult(check.name, v.method, v.psi, status, None, check.metric, dict(check.t),
-                           message, post=v.post, signed=v.signed, params=_jsonable(check.p))
+        return CheckResult(
+            check.name,
+            v.method,
+            v.psi,
+            status,
+            None,
+            check.metric,
+            dict(check.t),
+            message,
+            post=v.post,
+            signed=v.signed,
+            params=_jsonable(check.p),
+        )
 
     def info(self) -> dict[str, dict[str, Any]]:
         """``check_info`` of the results: :meth:`Check.info` of each selected check, in

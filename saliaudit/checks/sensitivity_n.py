@@ -44,8 +44,16 @@ import torch
 from .. import validate
 from ..result import CheckResult
 from .base import Batch, Check, Curve, MapSource, Measurement, Variant, register
-from .removal import (Job, check_baseline, flag_notes, image_generator,
-                      image_keys, nonfinite_count, removal_baseline, run_removals)
+from .removal import (
+    Job,
+    check_baseline,
+    flag_notes,
+    image_generator,
+    image_keys,
+    nonfinite_count,
+    removal_baseline,
+    run_removals,
+)
 
 FEATURES = ("patches", "pixels")
 
@@ -54,11 +62,15 @@ FEATURES = ("patches", "pixels")
 class SensitivityN(Check):
     name = "sensitivity_n"
     title = "Sensitivity-n: attribution sums against output changes"
-    summary = ("For random subsets of n features, the sum of their attributions should track how "
-               "much the output drops when they are removed (Ancona et al., ICLR 2018). The Pearson "
-               "correlation is plotted against n; only a linear model can reach 1 at every n.")
-    reference = ("Ancona, Ceolini, Öztireli & Gross, Towards better understanding of gradient-based "
-                 "attribution methods for Deep Neural Networks, ICLR 2018")
+    summary = (
+        "For random subsets of n features, the sum of their attributions should track how "
+        "much the output drops when they are removed (Ancona et al., ICLR 2018). The Pearson "
+        "correlation is plotted against n; only a linear model can reach 1 at every n."
+    )
+    reference = (
+        "Ancona, Ceolini, Öztireli & Gross, Towards better understanding of gradient-based "
+        "attribution methods for Deep Neural Networks, ICLR 2018"
+    )
     metric = "max over n of the mean Pearson correlation (attribution sum vs output change)"
     thresholds = {"warn": None, "fail": None}  # judged against the controls, not a fixed bar
     controls_must_fail = frozenset({"random"})
@@ -67,9 +79,14 @@ class SensitivityN(Check):
     short = "sens-n"
     higher_is_better = True  # a correlation the map should have
     order = 50
-    curves = {"correlation": Curve("Sensitivity-n (higher is better)",
-                                   "n (pixels removed, log scale)", "Pearson correlation",
-                                   primary=True)}
+    curves = {
+        "correlation": Curve(
+            "Sensitivity-n (higher is better)",
+            "n (pixels removed, log scale)",
+            "Pearson correlation",
+            primary=True,
+        )
+    }
     params = {
         "features": "patches",  # or "pixels"
         "patch": None,  # patch side in pixels (None: input size / 16)
@@ -82,8 +99,9 @@ class SensitivityN(Check):
         "max_images": 16,
     }
 
-    def __init__(self, params: dict[str, Any] | None = None,
-                 thresholds: dict[str, float | None] | None = None):
+    def __init__(
+        self, params: dict[str, Any] | None = None, thresholds: dict[str, float | None] | None = None
+    ):
         super().__init__(params, thresholds)
         validate.choice("sensitivity_n.features", self.p["features"], FEATURES)
         check_baseline(self.p)
@@ -121,8 +139,9 @@ class SensitivityN(Check):
         kth = u.kthvalue(n, dim=1, keepdim=True).values
         return u <= kth
 
-    def _output_changes(self, batch: Batch, base: torch.Tensor, pid: torch.Tensor, n_features: int,
-                        ns: list[int]) -> np.ndarray:
+    def _output_changes(
+        self, batch: Batch, base: torch.Tensor, pid: torch.Tensor, n_features: int, ns: list[int]
+    ) -> np.ndarray:
         """``(B, points, subsets)`` ``f(x) − f(x̃)`` of the top-1 logit (map-independent: cached)."""
         keys = image_keys(batch.model, batch.x, batch.images)
         todo = [i for i, k in enumerate(keys) if k not in self._changes]
@@ -132,8 +151,17 @@ class SensitivityN(Check):
         for i in todo:
             t = int(batch.targets[i])
             for n in ns:
-                jobs.append(Job(i, (lambda i=i, n=n: self.subsets(batch.seed, batch.images[i], n_features, n)
-                                    .to(dev)[:, pid_dev]), [t]))
+                jobs.append(
+                    Job(
+                        i,
+                        (
+                            lambda i=i, n=n: self.subsets(batch.seed, batch.images[i], n_features, n).to(dev)[
+                                :, pid_dev
+                            ]
+                        ),
+                        [t],
+                    )
+                )
         outs = run_removals(batch.model, batch.x, base, jobs, chunk=int(self.p["chunk"]))
         for j, i in enumerate(todo):
             f0 = float(batch.logits[i, int(batch.targets[i])].double())
@@ -141,8 +169,9 @@ class SensitivityN(Check):
             self._changes[keys[i]] = np.stack(rows)
         return np.stack([self._changes[k] for k in keys])
 
-    def measure(self, batch: Batch, source: MapSource,
-                maps: dict[Variant, torch.Tensor]) -> dict[Variant, Measurement]:
+    def measure(
+        self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]
+    ) -> dict[Variant, Measurement]:
         x = batch.x
         b, _, h, w = x.shape
         if b == 0:
@@ -175,16 +204,27 @@ class SensitivityN(Check):
                     undefined_out[i] |= bad_d
         result: dict[Variant, Measurement] = {}
         for vi, v in enumerate(variants):
-            flags = (["constant_map"] * int(undefined_map[vi].sum())
-                     + ["constant_output"] * int(undefined_out.sum())
-                     + ["nonfinite_map"] * nonfinite_count(maps[v]))
+            flags = (
+                ["constant_map"] * int(undefined_map[vi].sum())
+                + ["constant_output"] * int(undefined_out.sum())
+                + ["nonfinite_map"] * nonfinite_count(maps[v])
+            )
             result[v] = Measurement(
-                values=[float(c) for c in corr[vi].mean(1)], images=list(batch.images),
-                curves={"correlation": corr[vi]}, axes={"correlation": list(ns)},
+                values=[float(c) for c in corr[vi].mean(1)],
+                images=list(batch.images),
+                curves={"correlation": corr[vi]},
+                axes={"correlation": list(ns)},
                 # tuples, not lists: Measurement.extend concatenates lists across batches
-                extra={"n_fraction": tuple(n / n_features for n in ns), "features": self.p["features"],
-                       "n_features": n_features, "patch": patch, "baseline": self.p["baseline"],
-                       "subsets": int(self.p["subsets"]), "flags": flags})
+                extra={
+                    "n_fraction": tuple(n / n_features for n in ns),
+                    "features": self.p["features"],
+                    "n_features": n_features,
+                    "patch": patch,
+                    "baseline": self.p["baseline"],
+                    "subsets": int(self.p["subsets"]),
+                    "flags": flags,
+                },
+            )
         return result
 
     # ----------------------------------------------------------------------------------------
@@ -211,10 +251,12 @@ class SensitivityN(Check):
             status = "pass"
         feats = f"{m.extra.get('n_features')} {m.extra.get('features')}"
         shape = ", ".join(f"n={n}: {c:.2f}" for n, c in zip(ns, curve))
-        msg = (f"mean Pearson correlation of attribution sums with output changes peaks at "
-               f"{value:.2f} for n={ns[best]} of {feats} ({len(m.values)} images, "
-               f"{m.extra.get('subsets')} subsets per n, {m.extra.get('baseline')} baseline; "
-               f"{shape})")
+        msg = (
+            f"mean Pearson correlation of attribution sums with output changes peaks at "
+            f"{value:.2f} for n={ns[best]} of {feats} ({len(m.values)} images, "
+            f"{m.extra.get('subsets')} subsets per n, {m.extra.get('baseline')} baseline; "
+            f"{shape})"
+        )
         if status != "pass":
             msg = f"below the threshold at every n: {msg}"
         if m.notes:
@@ -238,8 +280,7 @@ class SensitivityN(Check):
         b = np.array([theirs[k] for k in shared])
         if a.shape != b.shape or a.ndim != 2:
             return len(shared), None
-        ps = [stats.paired_better(a[:, q], b[:, q], higher_is_better=True)[1]
-              for q in range(a.shape[1])]
+        ps = [stats.paired_better(a[:, q], b[:, q], higher_is_better=True)[1] for q in range(a.shape[1])]
         ps = [p for p in ps if p is not None]
         if not ps:
             return len(shared), None

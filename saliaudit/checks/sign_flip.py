@@ -46,23 +46,41 @@ from .. import validate
 from ..errors import UsageError
 from ..result import CheckResult
 from .base import Batch, Check, Curve, MapSource, Measurement, Variant, register
-from .removal import (REMOVAL_BASELINES, Job, better_than_random, check_baseline,
-                      flag_notes, fraction_counts, image_keys, nonfinite_count, power_note,
-                      prefix_masks, random_ranks, removal_baseline, run_removals, saliency_ranks,
-                      tie_breaks, win_rates)
+from .removal import (
+    REMOVAL_BASELINES,
+    Job,
+    better_than_random,
+    check_baseline,
+    flag_notes,
+    fraction_counts,
+    image_keys,
+    nonfinite_count,
+    power_note,
+    prefix_masks,
+    random_ranks,
+    removal_baseline,
+    run_removals,
+    saliency_ranks,
+    tie_breaks,
+    win_rates,
+)
 
 
 @register
 class SignFlip(Check):
     name = "sign_flip"
     title = "Sign flip: removing the evidence for c rather than c′"
-    summary = ("Removing the pixels where map_c − map_c′ is largest should push the model from its "
-               "predicted class c towards a contrast class c′ more than removing as many random pixels "
-               "(DeepLIFT's digit flipping, Shrikumar et al. 2017 §4.2). Maps that discard the sign "
-               "are expected to do worse here than on pixel perturbation (Srinivas & Fleuret 2019 §6).")
-    reference = ("Shrikumar, Greenside & Kundaje, Learning Important Features Through Propagating "
-                 "Activation Differences, ICML 2017, §4.2; Srinivas & Fleuret, Full-Gradient "
-                 "Representation for Neural Network Visualization, NeurIPS 2019, §6")
+    summary = (
+        "Removing the pixels where map_c − map_c′ is largest should push the model from its "
+        "predicted class c towards a contrast class c′ more than removing as many random pixels "
+        "(DeepLIFT's digit flipping, Shrikumar et al. 2017 §4.2). Maps that discard the sign "
+        "are expected to do worse here than on pixel perturbation (Srinivas & Fleuret 2019 §6)."
+    )
+    reference = (
+        "Shrikumar, Greenside & Kundaje, Learning Important Features Through Propagating "
+        "Activation Differences, ICML 2017, §4.2; Srinivas & Fleuret, Full-Gradient "
+        "Representation for Neural Network Visualization, NeurIPS 2019, §6"
+    )
     metric = "mean advantage over a random order of the log-odds change towards c′ (logits)"
     thresholds = {"min_advantage": 0.0, "alpha": 0.05, "warn_win_rate": 0.75}
     controls_must_fail = frozenset({"random", "edge"})
@@ -70,11 +88,14 @@ class SignFlip(Check):
     higher_is_better = True  # an advantage over a random order
     order = 60
     curves = {
-        "flip": Curve("Sign flip: log-odds change towards the contrast class (higher is better)",
-                      "fraction of pixels removed", "change in log-odds", primary=True,
-                      baseline="flip_random"),
-        "flip_random": Curve("Sign flip, random order", "fraction of pixels removed",
-                             "change in log-odds"),
+        "flip": Curve(
+            "Sign flip: log-odds change towards the contrast class (higher is better)",
+            "fraction of pixels removed",
+            "change in log-odds",
+            primary=True,
+            baseline="flip_random",
+        ),
+        "flip_random": Curve("Sign flip, random order", "fraction of pixels removed", "change in log-odds"),
     }
     params = {
         "pairs": None,  # None: runner-up; or [[c, c′], ...] / "8:3,cat:dog" (indices or names)
@@ -89,8 +110,9 @@ class SignFlip(Check):
         "max_images": None,
     }
 
-    def __init__(self, params: dict[str, Any] | None = None,
-                 thresholds: dict[str, float | None] | None = None):
+    def __init__(
+        self, params: dict[str, Any] | None = None, thresholds: dict[str, float | None] | None = None
+    ):
         super().__init__(params, thresholds)
         self.fractions = validate.fractions("sign_flip.fractions", self.p["fractions"])
         for key in ("baseline", "other_baseline"):
@@ -112,12 +134,16 @@ class SignFlip(Check):
         if self._pairs is None:
             names = list(getattr(model, "class_names", []) or [])
             k = int(getattr(model, "num_classes", len(names)))
-            self._pairs = [(_resolve(a, names, k, self._pair_notes), _resolve(b, names, k, self._pair_notes))
-                           for a, b in self.raw_pairs]
+            self._pairs = [
+                (_resolve(a, names, k, self._pair_notes), _resolve(b, names, k, self._pair_notes))
+                for a, b in self.raw_pairs
+            ]
             for a, b in self._pairs:
                 if a == b:
-                    raise UsageError(f"sign_flip pair {a}:{b} names the same class twice",
-                                     hint="give two different classes, e.g. --flip 8:3")
+                    raise UsageError(
+                        f"sign_flip pair {a}:{b} names the same class twice",
+                        hint="give two different classes, e.g. --flip 8:3",
+                    )
         return self._pairs
 
     def _rows(self, batch: Batch) -> tuple[list[int], list[int], list[int], list[str]]:
@@ -159,19 +185,41 @@ class SignFlip(Check):
             other = "black" if primary == "mean" else "mean"
         return primary, (None if other in (None, "none", primary) else other)
 
-    def _random_delta(self, batch: Batch, base: torch.Tensor, counts: np.ndarray, idx: list[int],
-                      cs: list[int], cps: list[int], kind: str) -> np.ndarray:
+    def _random_delta(
+        self,
+        batch: Batch,
+        base: torch.Tensor,
+        counts: np.ndarray,
+        idx: list[int],
+        cs: list[int],
+        cps: list[int],
+        kind: str,
+    ) -> np.ndarray:
         """``(rows, R, K)`` log-odds changes when as many pixels as the map removes (per row
         and fraction: ``counts``) are removed in the seeded random orders (cached)."""
         hw = batch.x.shape[2] * batch.x.shape[3]
         draws = int(self.p["random_orders"])
         keys = image_keys(batch.model, batch.x, batch.images)
-        rkeys = [(keys[i], c, cp, kind, tuple(int(v) for v in counts[r]))
-                 for r, (i, c, cp) in enumerate(zip(idx, cs, cps))]
+        rkeys = [
+            (keys[i], c, cp, kind, tuple(int(v) for v in counts[r]))
+            for r, (i, c, cp) in enumerate(zip(idx, cs, cps))
+        ]
         todo = [r for r, k in enumerate(rkeys) if k not in self._random]
-        jobs = [Job(idx[r], (lambda r=r: torch.cat([prefix_masks(rk, [int(v) for v in counts[r]])
-                                                    for rk in random_ranks(batch.seed, batch.images[idx[r]], hw, draws)])),
-                    [cs[r], cps[r]]) for r in todo]
+        jobs = [
+            Job(
+                idx[r],
+                (
+                    lambda r=r: torch.cat(
+                        [
+                            prefix_masks(rk, [int(v) for v in counts[r]])
+                            for rk in random_ranks(batch.seed, batch.images[idx[r]], hw, draws)
+                        ]
+                    )
+                ),
+                [cs[r], cps[r]],
+            )
+            for r in todo
+        ]
         outs = run_removals(batch.model, batch.x, base, jobs, chunk=int(self.p["chunk"]))
         for r, out in zip(todo, outs):
             d0 = float(batch.logits[idx[r], cps[r]].double() - batch.logits[idx[r], cs[r]].double())
@@ -179,19 +227,24 @@ class SignFlip(Check):
             self._random[rkeys[r]] = ((o[:, 1] - o[:, 0]) - d0).reshape(draws, counts.shape[1])
         return np.stack([self._random[k] for k in rkeys]) if rkeys else np.zeros((0, draws, counts.shape[1]))
 
-    def measure(self, batch: Batch, source: MapSource,
-                maps: dict[Variant, torch.Tensor]) -> dict[Variant, Measurement]:
+    def measure(
+        self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]
+    ) -> dict[Variant, Measurement]:
         idx, cs, cps, names = self._rows(batch)
         pairs = self.pairs(batch.model)
         class_names = list(getattr(batch.model, "class_names", []) or [])
         # a tuple, not a list: Measurement.extend concatenates lists across batches
-        pair_info = ("runner-up" if pairs is None else
-                     tuple({"from": a, "to": b, "from_name": _name(class_names, a),
-                            "to_name": _name(class_names, b)} for a, b in pairs))
+        pair_info = (
+            "runner-up"
+            if pairs is None
+            else tuple(
+                {"from": a, "to": b, "from_name": _name(class_names, a), "to_name": _name(class_names, b)}
+                for a, b in pairs
+            )
+        )
         skipped = [n for i, n in enumerate(batch.images) if i not in set(idx)]
         primary, other = self.baselines(source)
-        base_extra = {"pairs": pair_info, "baseline": primary, "other_baseline": other,
-                      "skipped": skipped}
+        base_extra = {"pairs": pair_info, "baseline": primary, "other_baseline": other, "skipped": skipped}
         if not idx:
             return {v: Measurement(extra=dict(base_extra), notes=list(self._pair_notes)) for v in maps}
         x = batch.x
@@ -216,8 +269,14 @@ class SignFlip(Check):
             for kind in [primary] + ([other] if other else []):
                 base = removal_baseline(batch.model, x, kind, sigma=self.p["blur_sigma"])
                 rand = self._random_delta(batch, base, counts, idx, cs, cps, kind)  # (rows, R, K)
-                jobs = [Job(idx[r], (lambda rk=ranks[r], cnt=counts[r]: prefix_masks(rk, [int(c) for c in cnt])),
-                            [cs[r], cps[r]]) for r in range(n)]
+                jobs = [
+                    Job(
+                        idx[r],
+                        (lambda rk=ranks[r], cnt=counts[r]: prefix_masks(rk, [int(c) for c in cnt])),
+                        [cs[r], cps[r]],
+                    )
+                    for r in range(n)
+                ]
                 outs = run_removals(batch.model, x, base, jobs, chunk=int(self.p["chunk"]))
                 o = torch.stack(outs).to(torch.float64).cpu().numpy()  # (rows, K, 2)
                 delta = (o[:, :, 1] - o[:, :, 0]) - d0[:, None]
@@ -228,20 +287,28 @@ class SignFlip(Check):
                     wins = win_rates(delta.mean(1), rand.mean(2))
                 per_base[kind] = (delta, rand_mean, adv, wins)
             delta, rand_mean, adv, wins = per_base[primary]
-            flags = (["nonfinite_map"] * nonfinite_count(maps[v][rows])
-                     + ["nonfinite_output"] * int((~np.isfinite(adv)).sum()))
-            extra = {**base_extra, "flip_advantage": [float(a) for a in adv],
-                     "flip_win_rate": [float(a) for a in wins],
-                     "removed_share": [float(c) / hw for c in counts[:, -1]],
-                     "classes": [[c, cp] for c, cp in zip(cs, cps)], "flags": flags}
+            flags = ["nonfinite_map"] * nonfinite_count(maps[v][rows]) + ["nonfinite_output"] * int(
+                (~np.isfinite(adv)).sum()
+            )
+            extra = {
+                **base_extra,
+                "flip_advantage": [float(a) for a in adv],
+                "flip_win_rate": [float(a) for a in wins],
+                "removed_share": [float(c) / hw for c in counts[:, -1]],
+                "classes": [[c, cp] for c, cp in zip(cs, cps)],
+                "flags": flags,
+            }
             if other:
                 extra["other_advantage"] = [float(a) for a in per_base[other][2]]
                 extra["other_win_rate"] = [float(a) for a in per_base[other][3]]
             result[v] = Measurement(
-                values=[float(a) for a in adv], images=list(names),
+                values=[float(a) for a in adv],
+                images=list(names),
                 curves={"flip": delta, "flip_random": rand_mean},
                 axes={"flip": list(self.fractions), "flip_random": list(self.fractions)},
-                extra=extra, notes=list(self._pair_notes))
+                extra=extra,
+                notes=list(self._pair_notes),
+            )
         return result
 
     # ----------------------------------------------------------------------------------------
@@ -255,38 +322,52 @@ class SignFlip(Check):
             if note not in m.notes:
                 m.notes.append(note)
         pairs = m.extra.get("pairs")
-        what = ("runner-up contrast" if pairs == "runner-up" or pairs is None else
-                "pairs " + ", ".join(f"{p['from_name']}→{p['to_name']}" for p in pairs))
+        what = (
+            "runner-up contrast"
+            if pairs == "runner-up" or pairs is None
+            else "pairs " + ", ".join(f"{p['from_name']}→{p['to_name']}" for p in pairs)
+        )
         if not m.values:
-            return self.result(variant, m, "skipped", None,
-                               f"no image to measure ({what})" + _notes(m))
-        kw = {"min_advantage": float(self.t.get("min_advantage") or 0.0),
-              "alpha": float(self.t.get("alpha") or 0.05), "draws": int(self.p["random_orders"])}
+            return self.result(variant, m, "skipped", None, f"no image to measure ({what})" + _notes(m))
+        kw = {
+            "min_advantage": float(self.t.get("min_advantage") or 0.0),
+            "alpha": float(self.t.get("alpha") or 0.05),
+            "draws": int(self.p["random_orders"]),
+        }
         test = better_than_random(m.extra.get("flip_advantage", []), m.extra.get("flip_win_rate", []), **kw)
         m.extra["flip_test"] = test
         note = power_note(test)
         if note and note not in m.notes:
             m.notes.append(note)
         if test["mean"] is None:
-            return self.result(variant, m, "error", None, "no finite measurement: the model output "
-                               "was not finite after removing pixels" + _notes(m))
+            return self.result(
+                variant,
+                m,
+                "error",
+                None,
+                "no finite measurement: the model output was not finite after removing pixels" + _notes(m),
+            )
         flip = float(np.nanmean(m.curves["flip"]))
         rnd = float(np.nanmean(m.curves["flip_random"]))
         status, verdict = self._status(test, kw)
         primary, other = m.extra.get("baseline"), m.extra.get("other_baseline")
         sig = f"beats {100 * test['win_rate']:.0f}% of random orders, p={test['p_value']:.2g}"
-        msg = (f"{verdict} ({test['n']} images, {what}, {primary} removal of the pixels where "
-               f"map_c − map_c′ > 0): removing them moves the log-odds towards c′ by {flip:+.3g} "
-               f"on average vs {rnd:+.3g} for random pixels (advantage {test['mean']:+.3g}, {sig})")
+        msg = (
+            f"{verdict} ({test['n']} images, {what}, {primary} removal of the pixels where "
+            f"map_c − map_c′ > 0): removing them moves the log-odds towards c′ by {flip:+.3g} "
+            f"on average vs {rnd:+.3g} for random pixels (advantage {test['mean']:+.3g}, {sig})"
+        )
         series: dict[str, Any] = {}
         if other and m.extra.get("other_advantage"):
             alt = better_than_random(m.extra.pop("other_advantage"), m.extra.pop("other_win_rate"), **kw)
             alt_status, _ = self._status(alt, kw)
             series["other"] = {"baseline": other, "status": alt_status, "test": alt}
             series["baseline_dependent"] = alt_status != status
-            msg += (f"; with {other} removal: {alt_status.upper()} (advantage "
-                    f"{alt['mean']:+.3g})" if alt["mean"] is not None else
-                    f"; with {other} removal: no finite measurement")
+            msg += (
+                f"; with {other} removal: {alt_status.upper()} (advantage {alt['mean']:+.3g})"
+                if alt["mean"] is not None
+                else f"; with {other} removal: no finite measurement"
+            )
             if alt_status != status:
                 msg += " — the verdict depends on the removal value"
         return self.result(variant, m, status, m.mean(), msg + _notes(m), **series)
@@ -294,11 +375,16 @@ class SignFlip(Check):
     def _status(self, test: dict[str, Any], kw: dict[str, Any]) -> tuple[str, str]:
         consistent = self.t.get("warn_win_rate")
         if not test["better"]:
-            return "fail", ("no better than a random order" if not (test["mean"] or 0) > kw["min_advantage"]
-                            else "not significantly better than a random order")
+            return "fail", (
+                "no better than a random order"
+                if not (test["mean"] or 0) > kw["min_advantage"]
+                else "not significantly better than a random order"
+            )
         if consistent is not None and test["win_rate"] < float(consistent):
-            return "warn", (f"better than a random order, but it beats fewer than "
-                            f"{100 * float(consistent):.0f}% of the random orders")
+            return "warn", (
+                f"better than a random order, but it beats fewer than "
+                f"{100 * float(consistent):.0f}% of the random orders"
+            )
         return "pass", "better than a random order"
 
     @classmethod
@@ -308,16 +394,26 @@ class SignFlip(Check):
         for c in cells:
             other = c.series.get("other") or {}
             if c.series.get("baseline_dependent") and c.status in ("pass", "warn", "fail"):
-                out.append({"kind": "baseline_dependent", "check": c.check, "variant": c.variant,
-                            "numbers": {"baseline": c.series.get("baseline"), "status": c.status,
-                                        "other_baseline": other.get("baseline"),
-                                        "other_status": other.get("status")},
-                            "message": (
-                                f"{c.check} of {c.variant}: {c.status.upper()} with "
-                                f"{c.series.get('baseline')} removal but "
-                                f"{str(other.get('status')).upper()} with {other.get('baseline')} "
-                                "removal. The removal value, not the map alone, decides this "
-                                "verdict (out-of-distribution pixels).")})
+                out.append(
+                    {
+                        "kind": "baseline_dependent",
+                        "check": c.check,
+                        "variant": c.variant,
+                        "numbers": {
+                            "baseline": c.series.get("baseline"),
+                            "status": c.status,
+                            "other_baseline": other.get("baseline"),
+                            "other_status": other.get("status"),
+                        },
+                        "message": (
+                            f"{c.check} of {c.variant}: {c.status.upper()} with "
+                            f"{c.series.get('baseline')} removal but "
+                            f"{str(other.get('status')).upper()} with {other.get('baseline')} "
+                            "removal. The removal value, not the map alone, decides this "
+                            "verdict (out-of-distribution pixels)."
+                        ),
+                    }
+                )
         return out
 
 
@@ -339,8 +435,10 @@ def _parse_pairs(v: Any) -> list[tuple[str, str]] | None:
         pair = item.split(":") if isinstance(item, str) else list(item)
         pair = [str(p).strip() for p in pair]
         if len(pair) != 2 or not all(pair):
-            raise UsageError(f"sign_flip pairs: cannot read {item!r} as a class pair C:C′",
-                             hint="e.g. --flip 8:3 or sign_flip.pairs=[[8, 3]] (indices or class names)")
+            raise UsageError(
+                f"sign_flip pairs: cannot read {item!r} as a class pair C:C′",
+                hint="e.g. --flip 8:3 or sign_flip.pairs=[[8, 3]] (indices or class names)",
+            )
         out.append((pair[0], pair[1]))
     return out
 
@@ -351,11 +449,13 @@ def _resolve(token: str, names: list[str], k: int, notes: list[str]) -> int:
     by_index = int(token) if token.lstrip("-").isdigit() and 0 <= int(token) < k else None
     if by_name is not None:
         if by_index is not None and by_index != by_name:
-            notes.append(f"class {token!r} read as the class named {token!r} (index {by_name}), "
-                         f"not index {by_index}")
+            notes.append(
+                f"class {token!r} read as the class named {token!r} (index {by_name}), not index {by_index}"
+            )
         return by_name
     if by_index is not None:
         return by_index
     shown = ", ".join(names[:10]) + (" …" if len(names) > 10 else "")
-    raise UsageError(f"sign_flip: unknown class {token!r}",
-                     hint=f"use a class index 0–{k - 1} or a class name ({shown})")
+    raise UsageError(
+        f"sign_flip: unknown class {token!r}", hint=f"use a class index 0–{k - 1} or a class name ({shown})"
+    )

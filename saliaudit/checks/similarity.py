@@ -44,10 +44,26 @@ import torch
 
 from ..errors import SaliauditError, UsageError
 
-__all__ = ["METRICS", "METRIC_NAMES", "CONSTANT_RTOL", "HOG_ORIENTATIONS", "HOG_CELLS_PER_SIDE",
-           "HOG_CELLS_PER_BLOCK", "HOG_BLOCK_NORM", "SSIM_WIN_SIZE", "Maps", "spearman", "ssim",
-           "hog_spearman", "similarity", "rank_average", "minmax", "hog_cell_size",
-           "hog_features", "ssim_win_size"]
+__all__ = [
+    "METRICS",
+    "METRIC_NAMES",
+    "CONSTANT_RTOL",
+    "HOG_ORIENTATIONS",
+    "HOG_CELLS_PER_SIDE",
+    "HOG_CELLS_PER_BLOCK",
+    "HOG_BLOCK_NORM",
+    "SSIM_WIN_SIZE",
+    "Maps",
+    "spearman",
+    "ssim",
+    "hog_spearman",
+    "similarity",
+    "rank_average",
+    "minmax",
+    "hog_cell_size",
+    "hog_features",
+    "ssim_win_size",
+]
 
 #: Relative tolerance under which a map counts as constant (see the module docstring).
 CONSTANT_RTOL = 1e-6
@@ -79,12 +95,15 @@ def _as_batch(t: Any) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3:
-        raise UsageError(f"similarity expects (B, H, W) maps, got shape {arr.shape}",
-                         hint="pass 2-D maps, one per image")
+        raise UsageError(
+            f"similarity expects (B, H, W) maps, got shape {arr.shape}", hint="pass 2-D maps, one per image"
+        )
     if not np.isfinite(arr).all():
-        raise SaliauditError("a saliency map contains NaN or Inf, so its similarity is undefined",
-                             hint="the method produced non-finite values on this model; "
-                                  "check the method or the model's numerics")
+        raise SaliauditError(
+            "a saliency map contains NaN or Inf, so its similarity is undefined",
+            hint="the method produced non-finite values on this model; "
+            "check the method or the model's numerics",
+        )
     return arr
 
 
@@ -142,8 +161,10 @@ def _prepare(a: Any, b: Any) -> tuple[Maps, Maps]:
     x = a if isinstance(a, Maps) else Maps(a)
     y = b if isinstance(b, Maps) else Maps(b)
     if x.shape != y.shape:
-        raise UsageError(f"cannot compare maps of shapes {x.shape} and {y.shape}",
-                         hint="compare maps of the same images at the same resolution")
+        raise UsageError(
+            f"cannot compare maps of shapes {x.shape} and {y.shape}",
+            hint="compare maps of the same images at the same resolution",
+        )
     return x, y
 
 
@@ -190,8 +211,9 @@ def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.clip(r, -1.0, 1.0)
 
 
-def _spearman_ranked(x: _Ranked, y: _Ranked, valid: np.ndarray | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def _spearman_ranked(
+    x: _Ranked, y: _Ranked, valid: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Spearman per row with the degenerate-map rule (rows outside ``valid`` are skipped)."""
     cx, cy = _constant(x, y)
     out, degenerate = _defined(cx, cy)
@@ -222,16 +244,16 @@ def ssim_win_size(h: int, w: int) -> int:
     if side >= SSIM_WIN_SIZE:
         return SSIM_WIN_SIZE
     if side < 3:
-        raise UsageError(f"maps of {h}×{w} px are too small for SSIM (at least 3×3 needed)",
-                         hint="use a larger input size")
+        raise UsageError(
+            f"maps of {h}×{w} px are too small for SSIM (at least 3×3 needed)", hint="use a larger input size"
+        )
     return side if side % 2 else side - 1
 
 
 def hog_cell_size(h: int, w: int) -> int:
     """HOG cell side in pixels: ``max(1, min(h, w) // HOG_CELLS_PER_SIDE)``."""
     if min(h, w) < 2 * HOG_CELLS_PER_BLOCK[0]:
-        raise UsageError(f"maps of {h}×{w} px are too small for HOG features",
-                         hint="use a larger input size")
+        raise UsageError(f"maps of {h}×{w} px are too small for HOG features", hint="use a larger input size")
     return max(1, min(h, w) // HOG_CELLS_PER_SIDE)
 
 
@@ -258,10 +280,10 @@ def ssim(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
     uxy = uniform_filter(x * y, size=size)
     vx, vy, vxy = cov_norm * (uxx - ux * ux), cov_norm * (uyy - uy * uy), cov_norm * (uxy - ux * uy)
     c1, c2 = (0.01 * 1.0) ** 2, (0.03 * 1.0) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux ** 2 + uy ** 2 + c1) * (vx + vy + c2))
+    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
     pad = (win - 1) // 2
     h, w = s.shape[1:]
-    vals = s[:, pad:h - pad, pad:w - pad].reshape(len(ok), -1).mean(1, dtype=np.float64)
+    vals = s[:, pad : h - pad, pad : w - pad].reshape(len(ok), -1).mean(1, dtype=np.float64)
     # SSIM lies in [-1, 1]; float rounding can overshoot by ~1e-13 on identical maps
     out[ok] = np.clip(np.nan_to_num(vals, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
     return out, degenerate
@@ -272,9 +294,14 @@ def hog_features(m: np.ndarray) -> np.ndarray:
     from skimage.feature import hog
 
     c = hog_cell_size(*m.shape)
-    return hog(m, orientations=HOG_ORIENTATIONS, pixels_per_cell=(c, c),
-               cells_per_block=HOG_CELLS_PER_BLOCK, block_norm=HOG_BLOCK_NORM,
-               feature_vector=True)
+    return hog(
+        m,
+        orientations=HOG_ORIENTATIONS,
+        pixels_per_cell=(c, c),
+        cells_per_block=HOG_CELLS_PER_BLOCK,
+        block_norm=HOG_BLOCK_NORM,
+        feature_vector=True,
+    )
 
 
 def _hog_batch(x: np.ndarray) -> np.ndarray:
@@ -299,15 +326,16 @@ def _hog_batch(x: np.ndarray) -> np.ndarray:
     g_col[:, :, 1:-1] = x[:, :, 2:] - x[:, :, :-2]
     hist = np.zeros((b, n_r, n_c, o), dtype=np.float64)
     for i in range(b):
-        hog_histograms(np.ascontiguousarray(g_col[i]), np.ascontiguousarray(g_row[i]), c, c, w, h,
-                       n_c, n_r, o, hist[i])
+        hog_histograms(
+            np.ascontiguousarray(g_col[i]), np.ascontiguousarray(g_row[i]), c, c, w, h, n_c, n_r, o, hist[i]
+        )
     blocks = sliding_window_view(hist, (br, bc), axis=(1, 2))  # (B, nbr, nbc, O, br, bc)
     nbr, nbc = blocks.shape[1:3]
     blk = np.ascontiguousarray(blocks.transpose(0, 1, 2, 4, 5, 3)).reshape(-1, br * bc * o)
     eps = 1e-5
-    out = blk / np.sqrt(np.sum(blk ** 2, axis=1, keepdims=True) + eps ** 2)
+    out = blk / np.sqrt(np.sum(blk**2, axis=1, keepdims=True) + eps**2)
     out = np.minimum(out, 0.2)
-    out = out / np.sqrt(np.sum(out ** 2, axis=1, keepdims=True) + eps ** 2)
+    out = out / np.sqrt(np.sum(out**2, axis=1, keepdims=True) + eps**2)
     return out.reshape(b, nbr * nbc * br * bc * o)
 
 

@@ -23,8 +23,19 @@ import torch
 from ..errors import UsageError
 from ..maps import MapSource, Variant
 
-__all__ = ["Method", "METHODS", "register", "get_method", "method_names", "explain",
-           "postprocess", "POSTPROCESS", "build_source", "FAMILIES", "MethodSource"]
+__all__ = [
+    "Method",
+    "METHODS",
+    "register",
+    "get_method",
+    "method_names",
+    "explain",
+    "postprocess",
+    "POSTPROCESS",
+    "build_source",
+    "FAMILIES",
+    "MethodSource",
+]
 
 #: Method families in listing order; a plugin's own family sorts after them.
 FAMILIES = ("fullgrad", "gradient", "cam", "propagation", "perturbation", "control")
@@ -71,8 +82,10 @@ class Method:
     def __call__(self, model: Any, x: torch.Tensor, targets: torch.Tensor, **params: Any) -> torch.Tensor:
         unknown = sorted(set(params) - set(self.params))
         if unknown:
-            raise UsageError(f"method {self.name} has no parameter {unknown[0]!r}",
-                             hint="its parameters: " + (", ".join(self.params) or "none"))
+            raise UsageError(
+                f"method {self.name} has no parameter {unknown[0]!r}",
+                hint="its parameters: " + (", ".join(self.params) or "none"),
+            )
         return self.fn(model, x, targets, **params)
 
 
@@ -81,10 +94,19 @@ METHODS: dict[str, Method] = {}
 _loaded = False
 
 
-def register(name: str, *, family: str, needs_internals: bool = False, reference: str = "",
-             summary: str = "", option: str = "post", choices: tuple[str, ...] | None = None,
-             source: Any = None, origin: str = "builtin", reference_input: Any = None,
-             ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+def register(
+    name: str,
+    *,
+    family: str,
+    needs_internals: bool = False,
+    reference: str = "",
+    summary: str = "",
+    option: str = "post",
+    choices: tuple[str, ...] | None = None,
+    source: Any = None,
+    origin: str = "builtin",
+    reference_input: Any = None,
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Decorator: register ``fn(model, x, targets, *, param=default, ...)`` under ``name``.
 
     ``fn`` returns the signed attribution ``(B, C, H, W)``; its keyword-only arguments are the
@@ -95,12 +117,24 @@ def register(name: str, *, family: str, needs_internals: bool = False, reference
 
     def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         sig = inspect.signature(fn)
-        params = {p.name: p.default for p in sig.parameters.values()
-                  if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        params = {
+            p.name: p.default for p in sig.parameters.values() if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
         doc = (fn.__doc__ or "").strip().splitlines()
-        METHODS[name] = Method(name, fn, family, params, needs_internals, reference,
-                               summary or (doc[0] if doc else ""), option,
-                               tuple(choices or POSTPROCESS), source, origin, reference_input)
+        METHODS[name] = Method(
+            name,
+            fn,
+            family,
+            params,
+            needs_internals,
+            reference,
+            summary or (doc[0] if doc else ""),
+            option,
+            tuple(choices or POSTPROCESS),
+            source,
+            origin,
+            reference_input,
+        )
         return fn
 
     return wrap
@@ -137,12 +171,19 @@ def get_method(name: str) -> Method:
     except KeyError:
         from ..errors import suggest
 
-        raise UsageError(f"unknown method {name!r}" + suggest(name, method_names()),
-                         hint="choose from " + ", ".join(method_names())) from None
+        raise UsageError(
+            f"unknown method {name!r}" + suggest(name, method_names()),
+            hint="choose from " + ", ".join(method_names()),
+        ) from None
 
 
-def build_source(name: str, *, psi: list[str] | None = None, post: list[str] | None = None,
-                 params: dict[str, Any] | None = None) -> Any:
+def build_source(
+    name: str,
+    *,
+    psi: list[str] | None = None,
+    post: list[str] | None = None,
+    params: dict[str, Any] | None = None,
+) -> Any:
     """The :class:`~saliaudit.maps.MapSource` of method ``name``: its maps under the chosen
     variants (``psi`` for a method whose :attr:`Method.option` is ``psi``, else ``post``;
     ``None``: all of its choices), with ``params`` over its defaults. The one way sources are
@@ -153,13 +194,15 @@ def build_source(name: str, *, psi: list[str] | None = None, post: list[str] | N
     bad = [v for v in variants if v not in method.choices]
     if bad:
         flag = "--psi" if method.option == "psi" else "--post"
-        raise UsageError(f"{name} has no {method.option} {bad[0]!r}",
-                         hint=f"{flag} takes " + ", ".join(method.choices))
+        raise UsageError(
+            f"{name} has no {method.option} {bad[0]!r}", hint=f"{flag} takes " + ", ".join(method.choices)
+        )
     return (method.source or MethodSource)(method, {**method.params, **(params or {})}, variants)
 
 
-def explain(model: Any, x: torch.Tensor, targets: torch.Tensor | list[int], method: str,
-            **params: Any) -> torch.Tensor:
+def explain(
+    model: Any, x: torch.Tensor, targets: torch.Tensor | list[int], method: str, **params: Any
+) -> torch.Tensor:
     """Signed attribution of ``method`` for ``targets``: ``(B, C, H, W)`` at input resolution.
 
     ``C`` is the input's channel count, or 1 for CAM methods. The model is not modified and
@@ -167,8 +210,9 @@ def explain(model: Any, x: torch.Tensor, targets: torch.Tensor | list[int], meth
     """
     targets = torch.as_tensor(targets, dtype=torch.long, device=x.device).reshape(-1)
     if x.dim() != 4 or targets.numel() != x.shape[0]:
-        raise UsageError(f"x must be (B, C, H, W) with B targets; got x {tuple(x.shape)} and "
-                         f"{targets.numel()} targets")
+        raise UsageError(
+            f"x must be (B, C, H, W) with B targets; got x {tuple(x.shape)} and {targets.numel()} targets"
+        )
     return get_method(method)(model, x, targets, **params)
 
 

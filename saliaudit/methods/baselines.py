@@ -25,8 +25,13 @@ def _normalization(model: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     module) carries a per-channel normalization matching ``x``'s channels, else None."""
     c = x.shape[1]
     mean, std = getattr(model, "mean", None), getattr(model, "std", None)
-    if (isinstance(model, torch.nn.Module) or not isinstance(mean, (tuple, list))
-            or not isinstance(std, (tuple, list)) or len(mean) != c or len(std) != c):
+    if (
+        isinstance(model, torch.nn.Module)
+        or not isinstance(mean, (tuple, list))
+        or not isinstance(std, (tuple, list))
+        or len(mean) != c
+        or len(std) != c
+    ):
         return None
     m = torch.tensor([float(v) for v in mean], dtype=x.dtype, device=x.device).view(1, c, 1, 1)
     s = torch.tensor([float(v) for v in std], dtype=x.dtype, device=x.device).view(1, c, 1, 1)
@@ -71,8 +76,15 @@ def generator(device: torch.device, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-def make_baselines(model: Any, x: torch.Tensor, baseline: str = "black", *, n: int = 1,
-                   blur_sigma: float = 5.0, seed: int = 0) -> torch.Tensor:
+def make_baselines(
+    model: Any,
+    x: torch.Tensor,
+    baseline: str = "black",
+    *,
+    n: int = 1,
+    blur_sigma: float = 5.0,
+    seed: int = 0,
+) -> torch.Tensor:
     """Baselines ``(n, B, C, H, W)`` for ``x`` (already normalized, model space).
 
     * ``black``: the preprocessed black image, :func:`black_value` (``n`` identical copies);

@@ -29,27 +29,117 @@ from ..graph import call_with, dependent_leaves, op_name
 __all__ = ["CONSTANT_OPS", "ZERO_BIAS_OPS", "Unaccounted", "bias_of", "bias_kind"]
 
 #: Linear or positively homogeneous ops of their input-dependent arguments: no bias.
-ZERO_BIAS_OPS = frozenset({
-    "relu", "leaky_relu", "prelu", "_prelu_kernel", "max_pool1d", "max_pool2d", "max_pool3d",
-    "max_pool2d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
-    "adaptive_avg_pool2d", "_adaptive_avg_pool2d", "adaptive_max_pool2d", "adaptive_avg_pool3d",
-    "view", "reshape", "_unsafe_view", "flatten", "unflatten", "permute", "transpose", "t",
-    "contiguous", "clone", "cat", "stack", "split", "split_with_sizes", "chunk", "unbind",
-    "slice", "select", "squeeze", "unsqueeze", "expand", "mean", "sum", "dropout",
-    "feature_dropout", "alpha_dropout", "alias", "neg", "upsample_nearest2d",
-    "upsample_bilinear2d", "_upsample_bilinear2d_aa", "pixel_shuffle", "pixel_unshuffle",
-    "channel_shuffle", "native_channel_shuffle", "roll", "flip", "narrow", "repeat", "tile",
-    "index_select", "gather", "getitem", "mm", "bmm", "matmul", "einsum",
-    "_to_copy", "to", "type_as", "detach", "lift_fresh_copy", "copy", "identity",
-})
+ZERO_BIAS_OPS = frozenset(
+    {
+        "relu",
+        "leaky_relu",
+        "prelu",
+        "_prelu_kernel",
+        "max_pool1d",
+        "max_pool2d",
+        "max_pool3d",
+        "max_pool2d_with_indices",
+        "avg_pool1d",
+        "avg_pool2d",
+        "avg_pool3d",
+        "adaptive_avg_pool1d",
+        "adaptive_avg_pool2d",
+        "_adaptive_avg_pool2d",
+        "adaptive_max_pool2d",
+        "adaptive_avg_pool3d",
+        "view",
+        "reshape",
+        "_unsafe_view",
+        "flatten",
+        "unflatten",
+        "permute",
+        "transpose",
+        "t",
+        "contiguous",
+        "clone",
+        "cat",
+        "stack",
+        "split",
+        "split_with_sizes",
+        "chunk",
+        "unbind",
+        "slice",
+        "select",
+        "squeeze",
+        "unsqueeze",
+        "expand",
+        "mean",
+        "sum",
+        "dropout",
+        "feature_dropout",
+        "alpha_dropout",
+        "alias",
+        "neg",
+        "upsample_nearest2d",
+        "upsample_bilinear2d",
+        "_upsample_bilinear2d_aa",
+        "pixel_shuffle",
+        "pixel_unshuffle",
+        "channel_shuffle",
+        "native_channel_shuffle",
+        "roll",
+        "flip",
+        "narrow",
+        "repeat",
+        "tile",
+        "index_select",
+        "gather",
+        "getitem",
+        "mm",
+        "bmm",
+        "matmul",
+        "einsum",
+        "_to_copy",
+        "to",
+        "type_as",
+        "detach",
+        "lift_fresh_copy",
+        "copy",
+        "identity",
+    }
+)
 #: Ops whose output does not depend on the values of their input: the output is a constant.
-CONSTANT_OPS = frozenset({"zeros_like", "ones_like", "full_like", "empty_like", "new_zeros",
-                          "new_ones", "new_full", "new_empty", "scalar_tensor", "sym_size"})
+CONSTANT_OPS = frozenset(
+    {
+        "zeros_like",
+        "ones_like",
+        "full_like",
+        "empty_like",
+        "new_zeros",
+        "new_ones",
+        "new_full",
+        "new_empty",
+        "scalar_tensor",
+        "sym_size",
+    }
+)
 _PRODUCT_OPS = frozenset({"mm", "bmm", "matmul", "einsum", "mul", "div"})
-_CONV_OPS = frozenset({"conv1d", "conv2d", "conv3d", "convolution", "_convolution",
-                       "conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
-_BN_OPS = frozenset({"batch_norm", "_native_batch_norm_legit_no_training",
-                     "native_batch_norm", "_batch_norm_impl_index", "cudnn_batch_norm"})
+_CONV_OPS = frozenset(
+    {
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "convolution",
+        "_convolution",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+    }
+)
+_BN_OPS = frozenset(
+    {
+        "batch_norm",
+        "_native_batch_norm_legit_no_training",
+        "native_batch_norm",
+        "_batch_norm_impl_index",
+        "cudnn_batch_norm",
+    }
+)
 
 
 class Unaccounted(Exception):
@@ -100,11 +190,9 @@ def _closed_form(name: str, args: tuple, dep: list[bool], out: Any) -> tuple[boo
     if name == "batch_norm" and only_first and not args[5]:
         return True, _bn_bias(args[1], args[2], args[3], args[4], args[7], out.dim())
     if name == "_native_batch_norm_legit_no_training" and only_first:
-        return True, (_bn_bias(args[1], args[2], args[3], args[4], args[6], out[0].dim()),
-                      None, None)
+        return True, (_bn_bias(args[1], args[2], args[3], args[4], args[6], out[0].dim()), None, None)
     if name == "native_batch_norm" and only_first and not args[5]:
-        return True, (_bn_bias(args[1], args[2], args[3], args[4], args[7], out[0].dim()),
-                      None, None)
+        return True, (_bn_bias(args[1], args[2], args[3], args[4], args[7], out[0].dim()), None, None)
     if name in ("add", "sub") and sum(dep[:2]) == 1 and len(args) >= 2:
         alpha = args[2] if len(args) > 2 else 1
         other = args[1] if dep[0] else args[0]
@@ -118,8 +206,7 @@ def _closed_form(name: str, args: tuple, dep: list[bool], out: Any) -> tuple[boo
     return False, None
 
 
-def bias_of(target: Any, args: tuple, kwargs: dict, out: Any,
-            dep_mask: list[bool]) -> Any:
+def bias_of(target: Any, args: tuple, kwargs: dict, out: Any, dep_mask: list[bool]) -> Any:
     """The implicit bias of one op call (tensor broadcastable to ``out``, tuple, or None).
 
     ``dep_mask`` flags the flattened ``(args, kwargs)`` leaves that depend on the input.
@@ -186,6 +273,6 @@ def _flat_positional(args: tuple, dep_mask: list[bool]) -> tuple[list[bool], int
     i = 0
     for a in args:
         n = len(tree_flatten(a)[0])
-        flags.append(any(dep_mask[i:i + n]))
+        flags.append(any(dep_mask[i : i + n]))
         i += n
     return flags, i

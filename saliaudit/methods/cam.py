@@ -23,8 +23,15 @@ import torch.nn.functional as F
 from ..errors import UsageError
 from . import register
 from .common import as_targets
-from .layers import (cam_layers, cumulative_nodes, find_cam_layer, layer_activations, model_index,
-                     resolve_layer, run_chunks)
+from .layers import (
+    cam_layers,
+    cumulative_nodes,
+    find_cam_layer,
+    layer_activations,
+    model_index,
+    resolve_layer,
+    run_chunks,
+)
 
 __all__ = [
     "cam_layers",
@@ -38,18 +45,25 @@ __all__ = [
     "layer_cam",
 ]
 
-_SELVARAJU = ("Selvaraju et al., Grad-CAM: Visual Explanations from Deep Networks via "
-              "Gradient-based Localization, ICCV 2017")
-_CHATTOPADHYAY = ("Chattopadhyay et al., Grad-CAM++: Generalized Gradient-based Visual "
-                  "Explanations for Deep Convolutional Networks, WACV 2018")
-_KHAKZAR = ("Khakzar, Baselizadeh & Navab, Rethinking Positive Aggregation and Propagation of "
-            "Gradients in Gradient-based Saliency Methods, 2020")
+_SELVARAJU = (
+    "Selvaraju et al., Grad-CAM: Visual Explanations from Deep Networks via "
+    "Gradient-based Localization, ICCV 2017"
+)
+_CHATTOPADHYAY = (
+    "Chattopadhyay et al., Grad-CAM++: Generalized Gradient-based Visual "
+    "Explanations for Deep Convolutional Networks, WACV 2018"
+)
+_KHAKZAR = (
+    "Khakzar, Baselizadeh & Navab, Rethinking Positive Aggregation and Propagation of "
+    "Gradients in Gradient-based Saliency Methods, 2020"
+)
 
 #: Grad-CAM++'s ε in the denominator of α (pytorch-grad-cam uses the same value).
 _PP_EPS = 1e-6
 
 
 # --------------------------------------------------------------------------- weightings
+
 
 def _gradcam_weights(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return g.mean(dim=(2, 3), keepdim=True)
@@ -70,8 +84,9 @@ def _gradcam_pp_weights(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 _WEIGHTS = {"gradcam": _gradcam_weights, "gradcam_pp": _gradcam_pp_weights}
 
 
-def _combine(a: torch.Tensor, g: torch.Tensor, weighting: str, relu: bool,
-             absolute: bool = False) -> torch.Tensor:
+def _combine(
+    a: torch.Tensor, g: torch.Tensor, weighting: str, relu: bool, absolute: bool = False
+) -> torch.Tensor:
     weighted = _WEIGHTS[weighting](a, g) * a
     if absolute:
         weighted = weighted.abs()
@@ -85,9 +100,16 @@ def _upsample(cam: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(cam, size=size, mode="bilinear", align_corners=False)
 
 
-def layer_cam(model: Any, x: torch.Tensor, targets: torch.Tensor | list[int], *,
-              layer: str | None = None, weighting: str = "gradcam", relu: bool = True,
-              absolute: bool = False) -> torch.Tensor:
+def layer_cam(
+    model: Any,
+    x: torch.Tensor,
+    targets: torch.Tensor | list[int],
+    *,
+    layer: str | None = None,
+    weighting: str = "gradcam",
+    relu: bool = True,
+    absolute: bool = False,
+) -> torch.Tensor:
     """A CAM at the layer's own resolution ``(B, 1, h, w)``, before upsampling.
 
     ``weighting``: ``gradcam`` (α = spatial mean of the gradient) or ``gradcam_pp``;
@@ -101,10 +123,17 @@ def layer_cam(model: Any, x: torch.Tensor, targets: torch.Tensor | list[int], *,
 
 # --------------------------------------------------------------------------- methods
 
-@register("gradcam", family="cam", needs_internals=True, reference=_SELVARAJU,
-          summary="Grad-CAM: ReLU(Σ_k mean(∂f/∂A_k)·A_k) at the last spatial layer, upsampled")
-def gradcam(model: Any, x: torch.Tensor, targets: torch.Tensor, *, layer: str | None = None,
-            relu: bool = True) -> torch.Tensor:
+
+@register(
+    "gradcam",
+    family="cam",
+    needs_internals=True,
+    reference=_SELVARAJU,
+    summary="Grad-CAM: ReLU(Σ_k mean(∂f/∂A_k)·A_k) at the last spatial layer, upsampled",
+)
+def gradcam(
+    model: Any, x: torch.Tensor, targets: torch.Tensor, *, layer: str | None = None, relu: bool = True
+) -> torch.Tensor:
     """Grad-CAM (Selvaraju et al., ICCV 2017).
 
     Definition: for the activation ``A`` (K channels, h×w) of ``layer`` and the target logit
@@ -122,10 +151,16 @@ def gradcam(model: Any, x: torch.Tensor, targets: torch.Tensor, *, layer: str | 
     return _upsample(layer_cam(model, x, targets, layer=layer, relu=relu), x.shape[-2:])
 
 
-@register("gradcam_pp", family="cam", needs_internals=True, reference=_CHATTOPADHYAY,
-          summary="Grad-CAM++: channel weights Σ relu(g)·g²/(2g²+ΣA·g³), closed form")
-def gradcam_pp(model: Any, x: torch.Tensor, targets: torch.Tensor, *,
-               layer: str | None = None, relu: bool = True) -> torch.Tensor:
+@register(
+    "gradcam_pp",
+    family="cam",
+    needs_internals=True,
+    reference=_CHATTOPADHYAY,
+    summary="Grad-CAM++: channel weights Σ relu(g)·g²/(2g²+ΣA·g³), closed form",
+)
+def gradcam_pp(
+    model: Any, x: torch.Tensor, targets: torch.Tensor, *, layer: str | None = None, relu: bool = True
+) -> torch.Tensor:
     """Grad-CAM++ (Chattopadhyay et al., WACV 2018).
 
     Definition: with ``g = ∂f_c/∂A`` and the exponential-score closed form (eq. 19 with
@@ -140,14 +175,21 @@ def gradcam_pp(model: Any, x: torch.Tensor, targets: torch.Tensor, *,
 
     Returns: ``(B, 1, H, W)`` on ``x``'s device and dtype.
     """
-    return _upsample(layer_cam(model, x, targets, layer=layer, weighting="gradcam_pp",
-                               relu=relu), x.shape[-2:])
+    return _upsample(
+        layer_cam(model, x, targets, layer=layer, weighting="gradcam_pp", relu=relu), x.shape[-2:]
+    )
 
 
-@register("gradcam_abs", family="cam", needs_internals=True, reference=_KHAKZAR,
-          summary="Grad-CAM with abs before channel aggregation: Σ_k |α_k A_k| (diagnostic)")
-def gradcam_abs(model: Any, x: torch.Tensor, targets: torch.Tensor, *,
-                layer: str | None = None) -> torch.Tensor:
+@register(
+    "gradcam_abs",
+    family="cam",
+    needs_internals=True,
+    reference=_KHAKZAR,
+    summary="Grad-CAM with abs before channel aggregation: Σ_k |α_k A_k| (diagnostic)",
+)
+def gradcam_abs(
+    model: Any, x: torch.Tensor, targets: torch.Tensor, *, layer: str | None = None
+) -> torch.Tensor:
     """Grad-CAM with positive aggregation (Khakzar, Baselizadeh & Navab, 2020).
 
     Definition: ``map = Σ_k |α_k A_k|`` with Grad-CAM's ``α_k = mean_{h,w} ∂f_c/∂A_k``: the
@@ -161,14 +203,19 @@ def gradcam_abs(model: Any, x: torch.Tensor, targets: torch.Tensor, *,
 
     Returns: ``(B, 1, H, W)`` on ``x``'s device and dtype, non-negative.
     """
-    return _upsample(layer_cam(model, x, targets, layer=layer, relu=False, absolute=True),
-                     x.shape[-2:])
+    return _upsample(layer_cam(model, x, targets, layer=layer, relu=False, absolute=True), x.shape[-2:])
 
 
-@register("cumulative_gradcam", family="cam", needs_internals=True, reference=_KHAKZAR,
-          summary="Grad-CAM summed over every layer/block output up to the CAM layer (diagnostic)")
-def cumulative_gradcam(model: Any, x: torch.Tensor, targets: torch.Tensor, *,
-                       layer: str | None = None, relu: bool = True) -> torch.Tensor:
+@register(
+    "cumulative_gradcam",
+    family="cam",
+    needs_internals=True,
+    reference=_KHAKZAR,
+    summary="Grad-CAM summed over every layer/block output up to the CAM layer (diagnostic)",
+)
+def cumulative_gradcam(
+    model: Any, x: torch.Tensor, targets: torch.Tensor, *, layer: str | None = None, relu: bool = True
+) -> torch.Tensor:
     """Cumulative Grad-CAM (Khakzar, Baselizadeh & Navab, 2020).
 
     Definition: ``Σ_l upsample(ReLU(Σ_k α_k^l A_k^l))`` over the layers ``l``: every spatial

@@ -18,8 +18,9 @@ def as_targets(targets: Any, x: torch.Tensor) -> torch.Tensor:
     ``x`` is ``(B, C, H, W)`` with one target per image."""
     t = torch.as_tensor(targets, dtype=torch.long, device=x.device).reshape(-1)
     if x.dim() != 4 or t.numel() != x.shape[0]:
-        raise UsageError(f"x must be (B, C, H, W) with B targets; got x {tuple(x.shape)} and "
-                         f"{t.numel()} targets")
+        raise UsageError(
+            f"x must be (B, C, H, W) with B targets; got x {tuple(x.shape)} and {t.numel()} targets"
+        )
     return t
 
 
@@ -42,7 +43,7 @@ def forward_fn(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     def run(x: torch.Tensor) -> torch.Tensor:
         outs = []
         for start in range(0, x.shape[0], static):
-            chunk = x[start:start + static]
+            chunk = x[start : start + static]
             n = chunk.shape[0]
             if n < static:
                 chunk = torch.cat([chunk, chunk[-1:].expand(static - n, *chunk.shape[1:])])
@@ -57,9 +58,12 @@ def picked(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, targets.view(-1, 1)).squeeze(1)
 
 
-def input_gradient(model: Any, x: torch.Tensor, targets: torch.Tensor,
-                   forward: Callable[[torch.Tensor], torch.Tensor] | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def input_gradient(
+    model: Any,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(∂f_target/∂x, f_target(x))`` for a batch, one forward and one backward pass."""
     forward = forward or forward_fn(model)
     xi = x.detach().requires_grad_(True)

@@ -26,8 +26,12 @@ def content_seed(image: torch.Tensor) -> int:
     return int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1)
 
 
-@register("random", family="control", reference="model-independent random-noise control (cf. Adebayo et al., NeurIPS 2018)",
-          summary="control: standard-normal noise seeded by the image content (ignores model and class)")
+@register(
+    "random",
+    family="control",
+    reference="model-independent random-noise control (cf. Adebayo et al., NeurIPS 2018)",
+    summary="control: standard-normal noise seeded by the image content (ignores model and class)",
+)
 def random(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Random control: standard-normal noise seeded by the image's content alone.
 
@@ -63,8 +67,12 @@ def sobel_magnitude(x: torch.Tensor) -> torch.Tensor:
     return g.pow(2).sum(2).sqrt()
 
 
-@register("edge", family="control", reference="model-independent edge-detector control (Adebayo et al., NeurIPS 2018)",
-          summary="control: Sobel gradient magnitude of the image (ignores model and class)")
+@register(
+    "edge",
+    family="control",
+    reference="model-independent edge-detector control (Adebayo et al., NeurIPS 2018)",
+    summary="control: Sobel gradient magnitude of the image (ignores model and class)",
+)
 def edge(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Edge control: the Sobel gradient magnitude of the image, model-independent.
 
@@ -81,10 +89,13 @@ def edge(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return sobel_magnitude(x).sum(1, keepdim=True)
 
 
-@register("edge_signed", family="control",
-          reference="control for sign flips (Khakzar et al. 2021; edge baseline of Adebayo et al. 2018)",
-          summary="control: the edge map, negated for every class but the top-1 (evidence "
-                  "in the same place for every class, only its sign changes)")
+@register(
+    "edge_signed",
+    family="control",
+    reference="control for sign flips (Khakzar et al. 2021; edge baseline of Adebayo et al. 2018)",
+    summary="control: the edge map, negated for every class but the top-1 (evidence "
+    "in the same place for every class, only its sign changes)",
+)
 def edge_signed(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Signed edge control: the edge map for the model's top-1 class, its negation otherwise.
 

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from ..errors import DecompositionError, UsageError
-from ..maps import MapSource, Variant
 from ..graph import GraphRunner, get_graph, module_path, op_name
+from ..maps import MapSource, Variant
 from ..psi import PSI_PRESETS, TermStats, get_psi, reduce_term, upsample_sum
 from . import register
 from .biases import Unaccounted, bias_kind, bias_of
@@ -48,8 +48,17 @@ class BiasTerm:
             that a term can be matched to the graph (e.g. batch-norm folding pairs).
     """
 
-    def __init__(self, name: str, op: str, kind: str, grad: torch.Tensor, bias: torch.Tensor,
-                 spatial: bool, channel_bias: torch.Tensor | None = None, node: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        op: str,
+        kind: str,
+        grad: torch.Tensor,
+        bias: torch.Tensor,
+        spatial: bool,
+        channel_bias: torch.Tensor | None = None,
+        node: str | None = None,
+    ):
         self.name, self.op, self.kind, self.spatial = name, op, kind, spatial
         self.node = node
         self.grad, self.bias, self.channel_bias = grad, bias, channel_bias
@@ -76,8 +85,7 @@ class BiasTerm:
     def total(self) -> torch.Tensor:
         """Per-image sum of the term, float64, shape ``(B,)``."""
         if self.spatial:
-            return self.stats.sum("keep").reshape(self.grad.shape[0], -1).sum(
-                1, dtype=torch.float64)
+            return self.stats.sum("keep").reshape(self.grad.shape[0], -1).sum(1, dtype=torch.float64)
         return self.value.reshape(self.grad.shape[0], -1).sum(1, dtype=torch.float64)
 
 
@@ -105,7 +113,7 @@ class FullGradients:
     residual: torch.Tensor
     unaccounted: list[str] = field(default_factory=list)
 
-    def head(self, n: int) -> "FullGradients":
+    def head(self, n: int) -> FullGradients:
         """The decomposition of the first ``n`` images (shared biases stay shared)."""
         b = self.logits.shape[0]
         if n >= b:
@@ -117,20 +125,28 @@ class FullGradients:
             term.grad, term._stats = t.grad[:n], None
             term.bias = t.bias[:n] if per_image else t.bias
             terms[k] = term
-        return FullGradients(self.input_term[:n], self.input_gradient[:n], terms, self.logits[:n],
-                             self.targets[:n], self.reconstructed[:n], self.residual[:n],
-                             list(self.unaccounted))
+        return FullGradients(
+            self.input_term[:n],
+            self.input_gradient[:n],
+            terms,
+            self.logits[:n],
+            self.targets[:n],
+            self.reconstructed[:n],
+            self.residual[:n],
+            list(self.unaccounted),
+        )
 
     @staticmethod
-    def cat(a: "FullGradients", b: "FullGradients") -> "FullGradients":
+    def cat(a: FullGradients, b: FullGradients) -> FullGradients:
         """The decomposition of two consecutive sub-batches as one batch (after an out-of-memory
         retry in halves): per-image gradients concatenated, shared biases kept shared."""
         na, nb = a.logits.shape[0], b.logits.shape[0]
 
         def per_image(t: BiasTerm | None, n: int, like: BiasTerm) -> tuple[torch.Tensor, torch.Tensor]:
             if t is None:  # no gradient reached the op in this half
-                return torch.zeros((n, *like.grad.shape[1:]), dtype=like.grad.dtype,
-                                   device=like.grad.device), like.bias
+                return torch.zeros(
+                    (n, *like.grad.shape[1:]), dtype=like.grad.dtype, device=like.grad.device
+                ), like.bias
             return t.grad, t.bias
 
         terms = {}
@@ -138,19 +154,24 @@ class FullGradients:
             ta, tb = a.bias_terms.get(k), b.bias_terms.get(k)
             like = ta or tb
             (ga, ba), (gb, bb) = per_image(ta, na, like), per_image(tb, nb, like)
-            batched = (ba.dim() == ga.dim() and bb.dim() == gb.dim() and ba.shape[0] == na
-                       and bb.shape[0] == nb)
+            batched = (
+                ba.dim() == ga.dim() and bb.dim() == gb.dim() and ba.shape[0] == na and bb.shape[0] == nb
+            )
             shared = ba.shape == bb.shape and (not batched or (na == nb == 1 and torch.equal(ba, bb)))
-            bias = ba if shared else torch.cat([ba.expand(na, *ba.shape[1:]),
-                                                bb.expand(nb, *bb.shape[1:])])
+            bias = ba if shared else torch.cat([ba.expand(na, *ba.shape[1:]), bb.expand(nb, *bb.shape[1:])])
             term = copy.copy(like)  # name, op, kind, spatial, channel bias... as computed
             term.grad, term.bias, term._stats = torch.cat([ga, gb]), bias, None
             terms[k] = term
         return FullGradients(
-            torch.cat([a.input_term, b.input_term]), torch.cat([a.input_gradient, b.input_gradient]),
-            terms, torch.cat([a.logits, b.logits]), torch.cat([a.targets, b.targets]),
-            torch.cat([a.reconstructed, b.reconstructed]), torch.cat([a.residual, b.residual]),
-            sorted(set(a.unaccounted) | set(b.unaccounted)))
+            torch.cat([a.input_term, b.input_term]),
+            torch.cat([a.input_gradient, b.input_gradient]),
+            terms,
+            torch.cat([a.logits, b.logits]),
+            torch.cat([a.targets, b.targets]),
+            torch.cat([a.reconstructed, b.reconstructed]),
+            torch.cat([a.residual, b.residual]),
+            sorted(set(a.unaccounted) | set(b.unaccounted)),
+        )
 
     @property
     def spatial_terms(self) -> list[BiasTerm]:
@@ -191,8 +212,7 @@ def _channel_vector(bias: torch.Tensor, order: list[int], shape: torch.Size) -> 
     return None
 
 
-def _decompose(gm: torch.fx.GraphModule, x: torch.Tensor,
-               targets: torch.Tensor) -> FullGradients:
+def _decompose(gm: torch.fx.GraphModule, x: torch.Tensor, targets: torch.Tensor) -> FullGradients:
     records: list[tuple[torch.fx.Node, str, torch.Tensor, torch.Tensor]] = []
     tuple_bias: dict[torch.fx.Node, tuple] = {}
     unaccounted: list[str] = []
@@ -223,8 +243,9 @@ def _decompose(gm: torch.fx.GraphModule, x: torch.Tensor,
         logits_all = out[0] if isinstance(out, (tuple, list)) else out
         if not isinstance(logits_all, torch.Tensor) or logits_all.dim() != 2:
             raise DecompositionError(
-                f"the model output has shape {getattr(logits_all, 'shape', None)}, "
-                "not (batch, classes)", hint="audit a classifier that returns logits")
+                f"the model output has shape {getattr(logits_all, 'shape', None)}, not (batch, classes)",
+                hint="audit a classifier that returns logits",
+            )
         picked = logits_all.gather(1, targets.view(-1, 1)).squeeze(1)
         inputs = [x] + [r[2] for r in records]
         grads = torch.autograd.grad(picked.sum(), inputs, allow_unused=True)
@@ -232,7 +253,7 @@ def _decompose(gm: torch.fx.GraphModule, x: torch.Tensor,
     input_grad = grads[0] if grads[0] is not None else torch.zeros_like(x)
     input_term = (input_grad * x).detach()
     terms: dict[str, BiasTerm] = {}
-    for (node, name, out_t, b), g in zip(records, grads[1:]):
+    for (node, name, _out_t, b), g in zip(records, grads[1:]):
         if g is None:
             continue
         b = b.detach()
@@ -248,20 +269,28 @@ def _decompose(gm: torch.fx.GraphModule, x: torch.Tensor,
             key = f"{module_path(node)}.{name}#{k}"
             k += 1
         origin = node.args[0] if op_name(node.target) == "getitem" else node
-        terms[key] = BiasTerm(key, name, bias_kind(name), g.detach(), b, order is not None,
-                              channel_bias, getattr(origin, "name", node.name))
+        terms[key] = BiasTerm(
+            key,
+            name,
+            bias_kind(name),
+            g.detach(),
+            b,
+            order is not None,
+            channel_bias,
+            getattr(origin, "name", node.name),
+        )
     logits = picked.detach()
     recon = input_term.reshape(x.shape[0], -1).sum(1, dtype=torch.float64)
     for t in terms.values():
         recon = recon + t.total()
     f64 = logits.to(torch.float64)
     residual = (f64 - recon).abs() / f64.abs().clamp(min=1e-6)
-    return FullGradients(input_term, input_grad.detach(), terms, logits, targets,
-                         recon, residual, unaccounted)
+    return FullGradients(
+        input_term, input_grad.detach(), terms, logits, targets, recon, residual, unaccounted
+    )
 
 
-def _no_graph(module: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor,
-              reason: str) -> FullGradients:
+def _no_graph(module: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, reason: str) -> FullGradients:
     """Input-gradient part only (TorchScript): the bias share stays in the residual."""
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
@@ -272,8 +301,7 @@ def _no_graph(module: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor,
     recon = input_term.reshape(x.shape[0], -1).sum(1, dtype=torch.float64)
     f64 = picked.detach().to(torch.float64)
     residual = (f64 - recon).abs() / f64.abs().clamp(min=1e-6)
-    return FullGradients(input_term, grad.detach(), {}, picked.detach(), targets, recon,
-                         residual, [reason])
+    return FullGradients(input_term, grad.detach(), {}, picked.detach(), targets, recon, residual, [reason])
 
 
 def full_gradients(model, x: torch.Tensor, targets: torch.Tensor | Sequence[int]) -> FullGradients:
@@ -300,20 +328,18 @@ def full_gradients(model, x: torch.Tensor, targets: torch.Tensor | Sequence[int]
     gm = get_graph(model, x)
     if gm is None:
         module = getattr(model, "module", model)
-        return _no_graph(module, x, targets,
-                         "TorchScript internals: bias terms cannot be captured")
+        return _no_graph(module, x, targets, "TorchScript internals: bias terms cannot be captured")
     static = getattr(model, "static_batch", None)
     if static and x.shape[0] != static:
         return _chunked(gm, x, targets, static)
     return _decompose(gm, x, targets)
 
 
-def _chunked(gm: torch.fx.GraphModule, x: torch.Tensor, targets: torch.Tensor,
-             size: int) -> FullGradients:
+def _chunked(gm: torch.fx.GraphModule, x: torch.Tensor, targets: torch.Tensor, size: int) -> FullGradients:
     """Run a graph exported with a static batch size on chunks of exactly that size."""
     parts = []
     for start in range(0, x.shape[0], size):
-        xs, ts = x[start:start + size], targets[start:start + size]
+        xs, ts = x[start : start + size], targets[start : start + size]
         n = xs.shape[0]
         if n < size:  # pad the last chunk by repeating its last image, then drop the padding
             xs = torch.cat([xs, xs[-1:].expand(size - n, *xs.shape[1:])])
@@ -363,8 +389,14 @@ class FullGradSource(MapSource):
         self._cache = []
 
 
-@register("fullgrad", family="fullgrad", option="psi", choices=tuple(PSI_PRESETS),
-          source=FullGradSource, reference="Srinivas & Fleuret, NeurIPS 2019")
+@register(
+    "fullgrad",
+    family="fullgrad",
+    option="psi",
+    choices=tuple(PSI_PRESETS),
+    source=FullGradSource,
+    reference="Srinivas & Fleuret, NeurIPS 2019",
+)
 def fullgrad(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Full-gradient saliency: input-gradient ⊙ x plus every bias-gradient term, post-processed by ψ."""
     return full_gradients(model, x, targets).saliency("signed")[:, None]

@@ -53,6 +53,7 @@ IG_METHODS = ("riemann_trapezoid", "riemann_left", "riemann_right", "riemann_mid
 # helpers
 # --------------------------------------------------------------------------------------------
 
+
 def quadrature(steps: int, method: str = "riemann_trapezoid") -> tuple[list[float], list[float]]:
     """``(step_sizes, alphas)`` of an IG quadrature rule; the weights sum to 1.
 
@@ -65,7 +66,9 @@ def quadrature(steps: int, method: str = "riemann_trapezoid") -> tuple[list[floa
     [0, 1] (Golub–Welsch in float64; Captum's, which come from numpy's ``leggauss``).
     """
     if method not in IG_METHODS:
-        raise UsageError(f"unknown integration method {method!r}", hint="choose from " + ", ".join(IG_METHODS))
+        raise UsageError(
+            f"unknown integration method {method!r}", hint="choose from " + ", ".join(IG_METHODS)
+        )
     n = validate.integer("steps", steps, min=1 if method == "gausslegendre" else 2)
     if method == "gausslegendre":
         k = torch.arange(1, n, dtype=torch.float64)
@@ -89,9 +92,14 @@ def quadrature(steps: int, method: str = "riemann_trapezoid") -> tuple[list[floa
     return sizes, alphas
 
 
-def _chunked_gradients(forward: Callable[[torch.Tensor], torch.Tensor], total: int, internal_batch: int,
-                       rows: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-                       consume: Callable[[torch.Tensor, torch.Tensor], None], device: torch.device) -> None:
+def _chunked_gradients(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    total: int,
+    internal_batch: int,
+    rows: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    consume: Callable[[torch.Tensor, torch.Tensor], None],
+    device: torch.device,
+) -> None:
     """For flat row indices ``0..total-1`` in chunks: ``inputs, targets = rows(idx)``, then
     ``consume(idx, ∂f_target/∂inputs)``. One forward+backward per chunk."""
     for start in range(0, total, internal_batch):
@@ -108,8 +116,13 @@ def _chunked_gradients(forward: Callable[[torch.Tensor], torch.Tensor], total: i
 # methods
 # --------------------------------------------------------------------------------------------
 
-@register("gradient", family="gradient", reference="Simonyan, Vedaldi & Zisserman 2013, arXiv:1312.6034",
-          summary="plain input gradient ∂f_c/∂x (vanilla saliency, signed)")
+
+@register(
+    "gradient",
+    family="gradient",
+    reference="Simonyan, Vedaldi & Zisserman 2013, arXiv:1312.6034",
+    summary="plain input gradient ∂f_c/∂x (vanilla saliency, signed)",
+)
 def gradient(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Plain input gradient ("vanilla saliency"), signed.
 
@@ -134,14 +147,27 @@ def zero_reference(model: Any, x: torch.Tensor, **_: Any) -> torch.Tensor:
     return torch.zeros_like(x).unsqueeze(0)
 
 
-def ig_reference(model: Any, x: torch.Tensor, *, baseline: str = "black", n_baselines: int = 1,
-                 blur_sigma: float = 5.0, seed: int = 0, **_: Any) -> torch.Tensor:
+def ig_reference(
+    model: Any,
+    x: torch.Tensor,
+    *,
+    baseline: str = "black",
+    n_baselines: int = 1,
+    blur_sigma: float = 5.0,
+    seed: int = 0,
+    **_: Any,
+) -> torch.Tensor:
     """The baselines integrated gradients integrates from, ``(K, B, C, H, W)``."""
     return make_baselines(model, x, baseline, n=n_baselines, blur_sigma=blur_sigma, seed=seed)
 
 
-@register("grad_x_input", family="gradient", reference="Shrikumar et al. 2016, arXiv:1605.01713",
-          summary="gradient × input (equals ε-LRP on ReLU nets)", reference_input=zero_reference)
+@register(
+    "grad_x_input",
+    family="gradient",
+    reference="Shrikumar et al. 2016, arXiv:1605.01713",
+    summary="gradient × input (equals ε-LRP on ReLU nets)",
+    reference_input=zero_reference,
+)
 def grad_x_input(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Gradient × input, signed.
 
@@ -159,8 +185,15 @@ def grad_x_input(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return grad * x.detach()
 
 
-def _ig(model: Any, x: torch.Tensor, targets: torch.Tensor, bases: torch.Tensor, steps: int,
-        method: str, internal_batch: int) -> torch.Tensor:
+def _ig(
+    model: Any,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    bases: torch.Tensor,
+    steps: int,
+    method: str,
+    internal_batch: int,
+) -> torch.Tensor:
     """IG averaged over baselines ``bases`` (K, B, C, H, W)."""
     sizes, alphas = quadrature(steps, method)
     internal_batch = validate.integer("internal_batch", internal_batch, min=1)
@@ -191,12 +224,26 @@ def _ig(model: Any, x: torch.Tensor, targets: torch.Tensor, bases: torch.Tensor,
     return (total * (x.unsqueeze(0) - bases)).mean(0)
 
 
-@register("integrated_gradients", family="gradient", reference="Sundararajan, Taly & Yan 2017, ICML",
-          summary="integrated gradients from a baseline (black/mean/blur/uniform-noise), optionally averaged",
-          reference_input=ig_reference)
-def integrated_gradients(model: Any, x: torch.Tensor, targets: torch.Tensor, *, steps: int = 32,
-                         baseline: str = "black", n_baselines: int = 1, integration: str = "riemann_trapezoid",
-                         blur_sigma: float = 5.0, seed: int = 0, internal_batch: int = 64) -> torch.Tensor:
+@register(
+    "integrated_gradients",
+    family="gradient",
+    reference="Sundararajan, Taly & Yan 2017, ICML",
+    summary="integrated gradients from a baseline (black/mean/blur/uniform-noise), optionally averaged",
+    reference_input=ig_reference,
+)
+def integrated_gradients(
+    model: Any,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    steps: int = 32,
+    baseline: str = "black",
+    n_baselines: int = 1,
+    integration: str = "riemann_trapezoid",
+    blur_sigma: float = 5.0,
+    seed: int = 0,
+    internal_batch: int = 64,
+) -> torch.Tensor:
     """Integrated gradients, signed, optionally averaged over several sampled baselines.
 
     Definition: ``A = (x − x') ⊙ ∫₀¹ ∂f_c(x' + α(x − x'))/∂x dα``, the integral by the
@@ -243,8 +290,9 @@ class IGDelta:
         return self.delta.abs()
 
 
-def integrated_gradients_delta(model: Any, x: torch.Tensor, targets: Any, attribution: torch.Tensor,
-                               baseline_tensor: torch.Tensor) -> IGDelta:
+def integrated_gradients_delta(
+    model: Any, x: torch.Tensor, targets: Any, attribution: torch.Tensor, baseline_tensor: torch.Tensor
+) -> IGDelta:
     """Completeness check of an IG ``attribution``: compare ``Σ A`` with ``f(x) − f(x')``.
 
     ``baseline_tensor`` is ``(B, C, H, W)`` or ``(K, B, C, H, W)`` (the K averaged baselines,
@@ -279,8 +327,16 @@ def smoothgrad_noise(x: torch.Tensor, samples: int, noise: float, seed: int) -> 
     return z * sigma.view(1, -1, 1, 1, 1)
 
 
-def _smooth(model: Any, x: torch.Tensor, targets: torch.Tensor, samples: int, noise: float, seed: int,
-            internal_batch: int, square: bool) -> torch.Tensor:
+def _smooth(
+    model: Any,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    samples: int,
+    noise: float,
+    seed: int,
+    internal_batch: int,
+    square: bool,
+) -> torch.Tensor:
     targets = as_targets(targets, x)
     internal_batch = validate.integer("internal_batch", internal_batch, min=1)
     eps = smoothgrad_noise(x, samples, noise, seed)
@@ -300,10 +356,22 @@ def _smooth(model: Any, x: torch.Tensor, targets: torch.Tensor, samples: int, no
     return acc / samples
 
 
-@register("smoothgrad", family="gradient", reference="Smilkov et al. 2017, arXiv:1706.03825",
-          summary="mean input gradient over gaussian-noised copies of the image")
-def smoothgrad(model: Any, x: torch.Tensor, targets: torch.Tensor, *, samples: int = 16, noise: float = 0.15,
-               seed: int = 0, internal_batch: int = 64) -> torch.Tensor:
+@register(
+    "smoothgrad",
+    family="gradient",
+    reference="Smilkov et al. 2017, arXiv:1706.03825",
+    summary="mean input gradient over gaussian-noised copies of the image",
+)
+def smoothgrad(
+    model: Any,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    samples: int = 16,
+    noise: float = 0.15,
+    seed: int = 0,
+    internal_batch: int = 64,
+) -> torch.Tensor:
     """SmoothGrad: the input gradient averaged over noisy copies, signed.
 
     Definition: ``A = (1/n) Σ_s ∂f_c(x + ε_s)/∂x`` with ``ε_s ~ N(0, σ²)``,
@@ -321,10 +389,22 @@ def smoothgrad(model: Any, x: torch.Tensor, targets: torch.Tensor, *, samples: i
     return _smooth(model, x, targets, samples, noise, seed, internal_batch, square=False)
 
 
-@register("smoothgrad_sq", family="gradient", reference="Hooker et al. 2019, NeurIPS (ROAR)",
-          summary="mean squared input gradient over gaussian-noised copies (SmoothGrad-Squared)")
-def smoothgrad_sq(model: Any, x: torch.Tensor, targets: torch.Tensor, *, samples: int = 16, noise: float = 0.15,
-                  seed: int = 0, internal_batch: int = 64) -> torch.Tensor:
+@register(
+    "smoothgrad_sq",
+    family="gradient",
+    reference="Hooker et al. 2019, NeurIPS (ROAR)",
+    summary="mean squared input gradient over gaussian-noised copies (SmoothGrad-Squared)",
+)
+def smoothgrad_sq(
+    model: Any,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    samples: int = 16,
+    noise: float = 0.15,
+    seed: int = 0,
+    internal_batch: int = 64,
+) -> torch.Tensor:
     """SmoothGrad-Squared: the mean of squared gradients over noisy copies (≥ 0).
 
     Definition: ``A = (1/n) Σ_s (∂f_c(x + ε_s)/∂x)²`` with the same noise as

@@ -24,26 +24,43 @@ from ..errors import DecompositionError, UsageError
 from ..graph import GraphRunner, get_graph, module_path, op_name
 from .common import as_targets
 
-__all__ = ["LayerIndex", "cam_layers", "cumulative_nodes", "find_cam_layer", "layer_activations",
-           "model_index", "resolve_layer", "run_chunks"]
+__all__ = [
+    "LayerIndex",
+    "cam_layers",
+    "cumulative_nodes",
+    "find_cam_layer",
+    "layer_activations",
+    "model_index",
+    "resolve_layer",
+    "run_chunks",
+]
 
-_POOL_OPS = frozenset({"adaptive_avg_pool2d", "_adaptive_avg_pool2d", "adaptive_max_pool2d",
-                       "avg_pool2d", "max_pool2d", "max_pool2d_with_indices"})
+_POOL_OPS = frozenset(
+    {
+        "adaptive_avg_pool2d",
+        "_adaptive_avg_pool2d",
+        "adaptive_max_pool2d",
+        "avg_pool2d",
+        "max_pool2d",
+        "max_pool2d_with_indices",
+    }
+)
 _REDUCE_OPS = frozenset({"mean", "amax", "sum", "amin", "logsumexp"})
 _ADAPTIVE = frozenset({"adaptive_avg_pool2d", "_adaptive_avg_pool2d", "adaptive_max_pool2d"})
 
 
 # --------------------------------------------------------------------------- layer index
 
+
 @dataclass
 class LayerIndex:
     """What one run of the graph tells about its layers, for one input shape."""
 
-    order: list[torch.fx.Node]                       # input-dependent call_function nodes
+    order: list[torch.fx.Node]  # input-dependent call_function nodes
     shapes: dict[torch.fx.Node, tuple[int, ...]]
     layouts: dict[torch.fx.Node, str]
-    last_of: dict[str, torch.fx.Node]                # module path (and prefixes) -> output node
-    by_name: dict[str, torch.fx.Node]                # fx node name -> node
+    last_of: dict[str, torch.fx.Node]  # module path (and prefixes) -> output node
+    by_name: dict[str, torch.fx.Node]  # fx node name -> node
     names: dict[torch.fx.Node, str] = field(default_factory=dict)  # canonical layer names
     spatial: list[torch.fx.Node] = field(default_factory=list)
     auto: torch.fx.Node | None = None
@@ -54,14 +71,12 @@ class LayerIndex:
         return self.names.get(node, node.name)
 
 
-_INDEX: weakref.WeakKeyDictionary[torch.fx.GraphModule, dict[tuple, LayerIndex]] = \
-    weakref.WeakKeyDictionary()
+_INDEX: weakref.WeakKeyDictionary[torch.fx.GraphModule, dict[tuple, LayerIndex]] = weakref.WeakKeyDictionary()
 
 
 def _is_spatial(index: LayerIndex, node: torch.fx.Node) -> bool:
     layout = index.layouts.get(node)
-    return (layout is not None and sorted(layout) == sorted("NCHW")
-            and len(index.shapes.get(node, ())) == 4)
+    return layout is not None and sorted(layout) == sorted("NCHW") and len(index.shapes.get(node, ())) == 4
 
 
 def _hw(index: LayerIndex, node: torch.fx.Node) -> tuple[int, int]:
@@ -95,8 +110,7 @@ def _build_index(gm: torch.fx.GraphModule, x: torch.Tensor) -> LayerIndex:
     for n in order:
         for p in _prefixes(module_path(n)):
             last_of[p] = n
-    index = LayerIndex(order, shapes, dict(runner.layouts), last_of,
-                        {n.name: n for n in order})
+    index = LayerIndex(order, shapes, dict(runner.layouts), last_of, {n.name: n for n in order})
     for n in order:
         for p in _prefixes(module_path(n)):
             if last_of[p] is n:
@@ -116,12 +130,15 @@ def _build_index(gm: torch.fx.GraphModule, x: torch.Tensor) -> LayerIndex:
         if name in _POOL_OPS:
             out_layout = index.layouts.get(n, "NCHW")
             shape = shapes.get(n, ())
-            if len(shape) == 4 and shape[out_layout.index("H")] == 1 \
-                    and shape[out_layout.index("W")] == 1:
+            if len(shape) == 4 and shape[out_layout.index("H")] == 1 and shape[out_layout.index("W")] == 1:
                 index.auto, index.auto_reason = src, f"input of the global pooling {n.name}"
                 break
-        elif (name in _REDUCE_OPS and len(n.args) > 1 and isinstance(n.args[1], (list, tuple))
-              and hw <= {int(d) % 4 for d in n.args[1]}):
+        elif (
+            name in _REDUCE_OPS
+            and len(n.args) > 1
+            and isinstance(n.args[1], (list, tuple))
+            and hw <= {int(d) % 4 for d in n.args[1]}
+        ):
             index.auto, index.auto_reason = src, f"input of the global {name} {n.name}"
             break
     if index.auto is None and index.spatial:
@@ -137,8 +154,7 @@ def _build_index(gm: torch.fx.GraphModule, x: torch.Tensor) -> LayerIndex:
     # residual network's block outputs)
     pos = {n: i for i, n in enumerate(order)}
     first_input = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
-    reach = max((pos[u] for u in (first_input.users if first_input else ()) if u in pos),
-                default=-1)
+    reach = max((pos[u] for u in (first_input.users if first_input else ()) if u in pos), default=-1)
     for i, n in enumerate(order):
         if reach <= i and n in spatial and n in index.names:
             index.cut.append(n)
@@ -150,8 +166,9 @@ def _graph(model: Any, x: torch.Tensor) -> torch.fx.GraphModule:
     gm = get_graph(model, x)
     if gm is None:
         raise DecompositionError(
-            "CAM methods need the model's layer activations, which a TorchScript model does "
-            "not expose", hint="export the model with torch.export and audit the .pt2")
+            "CAM methods need the model's layer activations, which a TorchScript model does not expose",
+            hint="export the model with torch.export and audit the .pt2",
+        )
     return gm
 
 
@@ -184,7 +201,7 @@ def _layer_names(index: LayerIndex) -> list[str]:
     """Spatial module outputs up to the default layer (later ones are pooled, 1×1)."""
     nodes = index.spatial
     if index.auto is not None and index.auto in nodes:
-        nodes = nodes[:nodes.index(index.auto) + 1]
+        nodes = nodes[: nodes.index(index.auto) + 1]
     return list(dict.fromkeys(index.names[n] for n in nodes if n in index.names))
 
 
@@ -210,7 +227,8 @@ def resolve_layer(index: LayerIndex, layer: str | None) -> torch.fx.Node:
         raise UsageError(
             f"layer {layer!r} is not spatial: its output has shape "
             f"{index.shapes.get(node)}; a CAM needs a (B, C, H, W) value",
-            hint=_suggest(index, layer))
+            hint=_suggest(index, layer),
+        )
     return node
 
 
@@ -247,14 +265,19 @@ def cumulative_nodes(index: LayerIndex, last: torch.fx.Node) -> list[torch.fx.No
 
 # --------------------------------------------------------------------------- capture
 
+
 def _nchw(t: torch.Tensor, layout: str) -> torch.Tensor:
     order = [layout.index(c) for c in "NCHW"]
     return t if order == [0, 1, 2, 3] else t.permute(order)
 
 
-def _capture(gm: torch.fx.GraphModule, index: LayerIndex, x: torch.Tensor,
-             targets: torch.Tensor, nodes: list[torch.fx.Node]
-             ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _capture(
+    gm: torch.fx.GraphModule,
+    index: LayerIndex,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    nodes: list[torch.fx.Node],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     store: dict[torch.fx.Node, torch.Tensor] = {}
     wanted = set(nodes)
 
@@ -268,13 +291,13 @@ def _capture(gm: torch.fx.GraphModule, index: LayerIndex, x: torch.Tensor,
         out = runner.run(xi)
         logits = out[0] if isinstance(out, (tuple, list)) else out
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            raise DecompositionError(f"the model output has shape {getattr(logits, 'shape', None)}"
-                                     ", not (batch, classes)",
-                                     hint="audit a classifier that returns logits")
+            raise DecompositionError(
+                f"the model output has shape {getattr(logits, 'shape', None)}, not (batch, classes)",
+                hint="audit a classifier that returns logits",
+            )
         k = logits.shape[1]
         if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= k):
-            raise UsageError(f"target class out of range for a model with {k} classes: "
-                             f"{targets.tolist()}")
+            raise UsageError(f"target class out of range for a model with {k} classes: {targets.tolist()}")
         missing = [n.name for n in nodes if n not in store]
         if missing:
             raise DecompositionError(f"layer value {missing[0]} was not computed")
@@ -290,9 +313,12 @@ def _capture(gm: torch.fx.GraphModule, index: LayerIndex, x: torch.Tensor,
     return result
 
 
-def layer_activations(model: Any, x: torch.Tensor, targets: torch.Tensor | list[int],
-                      layers: str | None | list[str | None] = None
-                      ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+def layer_activations(
+    model: Any,
+    x: torch.Tensor,
+    targets: torch.Tensor | list[int],
+    layers: str | None | list[str | None] = None,
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """``[(name, A, ∂f_target/∂A)]`` for each layer, NCHW ``(B, K, h, w)``, one forward+backward.
 
     ``layers``: a name, ``None`` (automatic) or a list of them. Batched on ``x``'s device; a
@@ -305,16 +331,22 @@ def layer_activations(model: Any, x: torch.Tensor, targets: torch.Tensor | list[
     return run_chunks(model, gm, index, x, targets, nodes)
 
 
-def run_chunks(model: Any, gm: torch.fx.GraphModule, index: LayerIndex, x: torch.Tensor,
-                targets: torch.Tensor, nodes: list[torch.fx.Node]
-                ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+def run_chunks(
+    model: Any,
+    gm: torch.fx.GraphModule,
+    index: LayerIndex,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    nodes: list[torch.fx.Node],
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     size, pad_to = _chunking(model, x.shape[0])
     parts = []
     for start in range(0, x.shape[0], size):
-        xs, ts = x[start:start + size], targets[start:start + size]
+        xs, ts = x[start : start + size], targets[start : start + size]
         n = xs.shape[0]
-        parts.append([(a[:n], g[:n]) for a, g in
-                       _capture(gm, index, _pad(xs, pad_to), _pad(ts, pad_to), nodes)])
+        parts.append(
+            [(a[:n], g[:n]) for a, g in _capture(gm, index, _pad(xs, pad_to), _pad(ts, pad_to), nodes)]
+        )
     out = []
     for i, node in enumerate(nodes):
         a = torch.cat([p[i][0] for p in parts]) if len(parts) > 1 else parts[0][i][0]

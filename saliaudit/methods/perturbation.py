@@ -14,9 +14,8 @@ import torch
 from .. import validate
 from ..errors import UsageError
 from . import register
-from .common import forward_fn, picked
 from .baselines import make_baselines
-from .common import as_targets
+from .common import as_targets, forward_fn, picked
 
 __all__ = ["occlusion", "occlusion_windows"]
 
@@ -24,7 +23,9 @@ __all__ = ["occlusion", "occlusion_windows"]
 OCCLUSION_BASELINES = ("black", "mean", "blur")
 
 
-def occlusion_windows(size: int, patch: int, stride: int, *, device: torch.device | None = None) -> torch.Tensor:
+def occlusion_windows(
+    size: int, patch: int, stride: int, *, device: torch.device | None = None
+) -> torch.Tensor:
     """Coverage matrix ``(n_windows, size)`` of the windows along one axis (Captum's layout).
 
     Window ``k`` starts at ``k · stride`` for ``k = 0 .. ceil((size − patch)/stride)`` and covers
@@ -34,13 +35,26 @@ def occlusion_windows(size: int, patch: int, stride: int, *, device: torch.devic
     n = math.ceil((size - patch) / stride) + 1
     starts = torch.arange(n, device=device).view(-1, 1) * stride
     pos = torch.arange(size, device=device).view(1, -1)
-    return ((pos >= starts) & (pos < starts + patch))
+    return (pos >= starts) & (pos < starts + patch)
 
 
-@register("occlusion", family="perturbation", reference="Zeiler & Fergus 2014, ECCV",
-          summary="mean drop of the target logit when a sliding patch is replaced by a baseline")
-def occlusion(model: Any, x: torch.Tensor, targets: torch.Tensor, *, patch: int = 8, stride: int = 4,
-              baseline: str = "black", blur_sigma: float = 5.0, internal_batch: int = 64) -> torch.Tensor:
+@register(
+    "occlusion",
+    family="perturbation",
+    reference="Zeiler & Fergus 2014, ECCV",
+    summary="mean drop of the target logit when a sliding patch is replaced by a baseline",
+)
+def occlusion(
+    model: Any,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    patch: int = 8,
+    stride: int = 4,
+    baseline: str = "black",
+    blur_sigma: float = 5.0,
+    internal_batch: int = 64,
+) -> torch.Tensor:
     """Occlusion: the average drop of the target logit over the patches covering a pixel.
 
     Definition: for every square window ``P`` (``patch × patch``, all channels at once, moved
@@ -69,9 +83,13 @@ def occlusion(model: Any, x: torch.Tensor, targets: torch.Tensor, *, patch: int 
     if patch > min(h, w):
         raise UsageError(f"occlusion patch {patch} exceeds the image size {h}×{w}")
     if stride > patch:
-        raise UsageError(f"occlusion stride {stride} exceeds patch {patch}: some pixels would never be occluded")
+        raise UsageError(
+            f"occlusion stride {stride} exceeds patch {patch}: some pixels would never be occluded"
+        )
     if baseline not in OCCLUSION_BASELINES:
-        raise UsageError(f"unknown occlusion baseline {baseline!r}", hint="choose from " + ", ".join(OCCLUSION_BASELINES))
+        raise UsageError(
+            f"unknown occlusion baseline {baseline!r}", hint="choose from " + ", ".join(OCCLUSION_BASELINES)
+        )
     x = x.detach()
     base = make_baselines(model, x, baseline, blur_sigma=blur_sigma)[0]
     forward = forward_fn(model)
@@ -88,7 +106,7 @@ def occlusion(model: Any, x: torch.Tensor, targets: torch.Tensor, *, patch: int 
             i, win = idx // per_image, idx % per_image
             mask = (rh[win // nw].unsqueeze(2) * rw[win % nw].unsqueeze(1)).unsqueeze(1)  # (n, 1, H, W)
             occluded = x[i] * (1 - mask) + base[i] * mask
-            drops[start:start + idx.numel()] = fx[i] - picked(forward(occluded), targets[i]).to(x.dtype)
+            drops[start : start + idx.numel()] = fx[i] - picked(forward(occluded), targets[i]).to(x.dtype)
     grid = drops.view(b, nh, nw)
     summed = torch.einsum("kh,bkl,lw->bhw", rh, grid, rw)  # Σ over covering windows
     count = rh.sum(0).view(h, 1) * rw.sum(0).view(1, w)

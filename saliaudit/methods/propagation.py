@@ -55,26 +55,48 @@ from torch.autograd.function import once_differentiable
 from ..errors import DecompositionError, UsageError
 from ..graph import GraphRunner, get_graph, op_name
 from . import register
-from .gradients import zero_reference
 from .common import picked
+from .gradients import zero_reference
 
 __all__ = ["NONLINEAR_OPS", "deeplift", "epsilon_lrp", "guided_backprop", "modified_gradient"]
 
 #: ATen element-wise activation functions (of their first argument) whose derivative the
 #: propagation rules replace. In-place variants (``relu_``) are run as these.
-NONLINEAR_OPS = frozenset({
-    "relu", "relu6", "hardtanh", "leaky_relu", "rrelu", "prelu", "_prelu_kernel",
-    "hardswish", "hardsigmoid", "silu", "gelu", "sigmoid", "tanh", "elu", "selu", "celu",
-    "softplus", "mish", "threshold", "log_sigmoid", "hardshrink", "softshrink",
-    "clamp", "clamp_min", "clamp_max",
-})
+NONLINEAR_OPS = frozenset(
+    {
+        "relu",
+        "relu6",
+        "hardtanh",
+        "leaky_relu",
+        "rrelu",
+        "prelu",
+        "_prelu_kernel",
+        "hardswish",
+        "hardsigmoid",
+        "silu",
+        "gelu",
+        "sigmoid",
+        "tanh",
+        "elu",
+        "selu",
+        "celu",
+        "softplus",
+        "mish",
+        "threshold",
+        "log_sigmoid",
+        "hardshrink",
+        "softshrink",
+        "clamp",
+        "clamp_min",
+        "clamp_max",
+    }
+)
 
 #: DeepLIFT falls back to the ordinary derivative where ``|z − z̄|`` is below this.
 RESCALE_EPS = 1e-6
 
 
-def _vjp(call: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor,
-         v: torch.Tensor) -> torch.Tensor:
+def _vjp(call: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``f'(z) · v`` for an element-wise ``f`` (autograd's own derivative, kinks included)."""
     with torch.enable_grad():
         zz = z.detach().requires_grad_(True)
@@ -141,12 +163,19 @@ def _logits(out: Any) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise DecompositionError(
             f"the model output has shape {getattr(logits, 'shape', None)}, not (batch, classes)",
-            hint="audit a classifier that returns logits")
+            hint="audit a classifier that returns logits",
+        )
     return logits
 
 
-def _run(gm: torch.fx.GraphModule, x: torch.Tensor, targets: torch.Tensor, rule: str,
-         param: Any, reference: torch.Tensor | None) -> torch.Tensor:
+def _run(
+    gm: torch.fx.GraphModule,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    rule: str,
+    param: Any,
+    reference: torch.Tensor | None,
+) -> torch.Tensor:
     refs: dict[torch.fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
     if rule == "rescale":
         ref_runner: GraphRunner
@@ -179,8 +208,14 @@ def _run(gm: torch.fx.GraphModule, x: torch.Tensor, targets: torch.Tensor, rule:
     return torch.zeros_like(x) if grad is None else grad.detach()
 
 
-def modified_gradient(model: Any, x: torch.Tensor, targets: torch.Tensor, rule: str,
-                      param: Any = None, reference: torch.Tensor | None = None) -> torch.Tensor:
+def modified_gradient(
+    model: Any,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    rule: str,
+    param: Any = None,
+    reference: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Input gradient of the target logits with ``rule`` at every non-linearity.
 
     ``rule`` is ``"guided"``, ``"epsilon"`` (``param`` = ε) or ``"rescale"`` (``reference`` =
@@ -190,16 +225,17 @@ def modified_gradient(model: Any, x: torch.Tensor, targets: torch.Tensor, rule: 
     targets = torch.as_tensor(targets, dtype=torch.long, device=x.device).reshape(-1)
     gm = get_graph(model, x)
     if gm is None:
-        raise DecompositionError("modified-gradient methods need the model graph, which "
-                                 "TorchScript does not expose",
-                                 hint="export the model with torch.export and pass the .pt2")
+        raise DecompositionError(
+            "modified-gradient methods need the model graph, which TorchScript does not expose",
+            hint="export the model with torch.export and pass the .pt2",
+        )
     static = getattr(model, "static_batch", None)
     if not static or x.shape[0] == static:
         return _run(gm, x, targets, rule, param, reference)
     parts = []
     for start in range(0, x.shape[0], static):
-        xs, ts = x[start:start + static], targets[start:start + static]
-        rs = None if reference is None else reference[start:start + static]
+        xs, ts = x[start : start + static], targets[start : start + static]
+        rs = None if reference is None else reference[start : start + static]
         n = xs.shape[0]
         if n < static:  # pad by repeating the last row, drop the padding afterwards
             pad = static - n
@@ -226,10 +262,14 @@ def _baseline(model: Any, x: torch.Tensor, baseline: Any) -> torch.Tensor:
     raise UsageError(f"unknown deeplift baseline {baseline!r}", hint="choose black or zero")
 
 
-@register("guided_backprop", family="propagation", needs_internals=True,
-          reference="Springenberg et al., Striving for Simplicity: The All Convolutional Net, "
-                    "ICLR workshop 2015 (arXiv 2014)",
-          summary="gradient with f'(z)·max(g, 0) at every non-linearity")
+@register(
+    "guided_backprop",
+    family="propagation",
+    needs_internals=True,
+    reference="Springenberg et al., Striving for Simplicity: The All Convolutional Net, "
+    "ICLR workshop 2015 (arXiv 2014)",
+    summary="gradient with f'(z)·max(g, 0) at every non-linearity",
+)
 def guided_backprop(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Guided backpropagation: the gradient with negative upstream gradients zeroed.
 
@@ -251,12 +291,15 @@ def guided_backprop(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch
     return modified_gradient(model, x, targets, "guided")
 
 
-@register("epsilon_lrp", family="propagation", needs_internals=True,
-          reference="Bach et al., PLoS ONE 2015, via Ancona et al., ICLR 2018",
-          summary="ε-LRP: gradient with f(z)/(z+ε·sign z) at non-linearities, times input",
-          reference_input=zero_reference)
-def epsilon_lrp(model: Any, x: torch.Tensor, targets: torch.Tensor, *,
-                epsilon: float = 1e-9) -> torch.Tensor:
+@register(
+    "epsilon_lrp",
+    family="propagation",
+    needs_internals=True,
+    reference="Bach et al., PLoS ONE 2015, via Ancona et al., ICLR 2018",
+    summary="ε-LRP: gradient with f(z)/(z+ε·sign z) at non-linearities, times input",
+    reference_input=zero_reference,
+)
+def epsilon_lrp(model: Any, x: torch.Tensor, targets: torch.Tensor, *, epsilon: float = 1e-9) -> torch.Tensor:
     """ε-LRP as a modified gradient (Ancona et al. 2018, Prop. 1).
 
     The derivative of every element-wise non-linearity ``f`` is replaced by
@@ -277,12 +320,15 @@ def epsilon_lrp(model: Any, x: torch.Tensor, targets: torch.Tensor, *,
     return modified_gradient(model, x, targets, "epsilon", float(epsilon)) * x
 
 
-@register("deeplift", family="propagation", needs_internals=True,
-          reference="Shrikumar et al., ICML 2017 (Rescale), via Ancona et al., ICLR 2018",
-          summary="DeepLIFT Rescale: gradient with Δf/Δz at non-linearities, times x − x̄",
-          reference_input=lambda model, x, baseline="black", **_: _baseline(model, x, baseline)[None])
-def deeplift(model: Any, x: torch.Tensor, targets: torch.Tensor, *,
-             baseline: str = "black") -> torch.Tensor:
+@register(
+    "deeplift",
+    family="propagation",
+    needs_internals=True,
+    reference="Shrikumar et al., ICML 2017 (Rescale), via Ancona et al., ICLR 2018",
+    summary="DeepLIFT Rescale: gradient with Δf/Δz at non-linearities, times x − x̄",
+    reference_input=lambda model, x, baseline="black", **_: _baseline(model, x, baseline)[None],
+)
+def deeplift(model: Any, x: torch.Tensor, targets: torch.Tensor, *, baseline: str = "black") -> torch.Tensor:
     """DeepLIFT with the Rescale rule, as a modified gradient (Ancona et al. 2018).
 
     The reference ``x̄`` is run through the graph first to record each non-linearity's

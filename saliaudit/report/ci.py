@@ -16,11 +16,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .context import (STATUS_TEXT, as_dict, as_list, check_order, fmt, gate_status_of, status_of, variant_label,
-                      verdict_rows)
+from .context import (
+    STATUS_TEXT,
+    as_dict,
+    as_list,
+    check_order,
+    fmt,
+    gate_status_of,
+    status_of,
+    variant_label,
+    verdict_rows,
+)
 
-__all__ = ["step_summary_markdown", "append_step_summary", "annotations", "emit_annotations",
-           "MAX_ANNOTATIONS"]
+__all__ = [
+    "step_summary_markdown",
+    "append_step_summary",
+    "annotations",
+    "emit_annotations",
+    "MAX_ANNOTATIONS",
+]
 
 MAX_ANNOTATIONS = 50  # GitHub shows at most 50 annotations of a kind per job
 _ICON = {"pass": "✅", "warn": "⚠️", "fail": "❌", "error": "💥", "skipped": "⏭️"}
@@ -34,15 +48,23 @@ def md(text: Any) -> str:
 
 
 def step_summary_markdown(doc: dict[str, Any]) -> str:
-    summary, model, inputs = as_dict(doc.get("summary")), as_dict(doc.get("model")), as_dict(doc.get("inputs"))
+    summary, model, inputs = (
+        as_dict(doc.get("summary")),
+        as_dict(doc.get("model")),
+        as_dict(doc.get("inputs")),
+    )
     status = str(summary.get("status") or "error").lower()
     checks = check_order(doc)
     gate = "failed" if summary.get("gate_failed") else "passed"
-    lines = [f"## saliaudit: {_ICON.get(status, '')} {STATUS_TEXT.get(status, status.upper())}", "",
-             f"Model {md(Path(str(model.get('path') or 'model')).name)} (sha256 "
-             f"{md(str(model.get('sha256') or '')[:12])}…) · {md(inputs.get('loaded') or 0)} images audited, "
-             f"{len(as_list(inputs.get('skipped')))} skipped · gate \\-\\-fail\\-on "
-             f"{md(summary.get('fail_on') or 'fail')} {gate}", ""]
+    lines = [
+        f"## saliaudit: {_ICON.get(status, '')} {STATUS_TEXT.get(status, status.upper())}",
+        "",
+        f"Model {md(Path(str(model.get('path') or 'model')).name)} (sha256 "
+        f"{md(str(model.get('sha256') or '')[:12])}…) · {md(inputs.get('loaded') or 0)} images audited, "
+        f"{len(as_list(inputs.get('skipped')))} skipped · gate \\-\\-fail\\-on "
+        f"{md(summary.get('fail_on') or 'fail')} {gate}",
+        "",
+    ]
     rows = verdict_rows(doc)
     if rows and checks:
         lines.append("| map | " + " | ".join(md(c) for c in checks) + " |")
@@ -56,9 +78,17 @@ def step_summary_markdown(doc: dict[str, Any]) -> str:
                     continue
                 s = status_of(cell)
                 value = f" {md(fmt(cell.get('value')))}" if cell.get("value") is not None else ""
-                mark = "" if cell.get("control") is None else (
-                    " (control: expected)" if cell.get("control") == "expected" else
-                    " (control passed: check unreliable)" if cell.get("control") == "unexpected" else " (control)")
+                mark = (
+                    ""
+                    if cell.get("control") is None
+                    else (
+                        " (control: expected)"
+                        if cell.get("control") == "expected"
+                        else " (control passed: check unreliable)"
+                        if cell.get("control") == "unexpected"
+                        else " (control)"
+                    )
+                )
                 cells.append(f"{_ICON[s]} {STATUS_TEXT[s]}{value}{mark}")
             lines.append(f"| {md(r['label'])} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -102,11 +132,15 @@ def annotations(doc: dict[str, Any], limit: int = MAX_ANNOTATIONS) -> list[str]:
             if s not in statuses:
                 continue
             title = f"saliaudit {c.get('check')}: {variant_label(c)} {STATUS_TEXT[status_of(c)]}"
-            value = f" ({c.get('metric') or 'value'} {fmt(c.get('value'))})" if c.get("value") is not None else ""
-            out.append(f"::{level} title={_prop(title)}::{_data(str(c.get('message') or STATUS_TEXT[s]) + value)}")
+            value = (
+                f" ({c.get('metric') or 'value'} {fmt(c.get('value'))})" if c.get("value") is not None else ""
+            )
+            out.append(
+                f"::{level} title={_prop(title)}::{_data(str(c.get('message') or STATUS_TEXT[s]) + value)}"
+            )
     if len(out) > limit:
         rest = len(out) - limit + 1
-        out = out[:limit - 1] + [f"::warning title=saliaudit::{rest} more findings in results.json"]
+        out = out[: limit - 1] + [f"::warning title=saliaudit::{rest} more findings in results.json"]
     return out
 
 

@@ -12,13 +12,29 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["STATUSES", "STATUS_TEXT", "STATUS_SYMBOL", "variant_of", "variant_label",
-           "is_signed", "check_order", "check_info", "method_order", "psi_methods", "verdict_rows",
-           "fmt", "cell_key", "as_list", "as_dict", "gate_status_of", "control_text", "cell_text"]
+__all__ = [
+    "STATUSES",
+    "STATUS_TEXT",
+    "STATUS_SYMBOL",
+    "variant_of",
+    "variant_label",
+    "is_signed",
+    "check_order",
+    "check_info",
+    "method_order",
+    "psi_methods",
+    "verdict_rows",
+    "fmt",
+    "cell_key",
+    "as_list",
+    "as_dict",
+    "gate_status_of",
+    "control_text",
+    "cell_text",
+]
 
 STATUSES = ("pass", "warn", "fail", "error", "skipped")
-STATUS_TEXT = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "error": "ERROR",
-               "skipped": "SKIPPED"}
+STATUS_TEXT = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "error": "ERROR", "skipped": "SKIPPED"}
 STATUS_SYMBOL = {"pass": "✓", "warn": "!", "fail": "✗", "error": "⚠", "skipped": "–"}
 
 
@@ -46,8 +62,11 @@ def gate_status_of(cell: dict[str, Any]) -> str:
 
 
 #: What a control cell's status means, for people.
-CONTROL_TEXT = {"expected": "expected of a control", "unexpected": "a control passed: check unreliable",
-                "reference": "control, for reference"}
+CONTROL_TEXT = {
+    "expected": "expected of a control",
+    "unexpected": "a control passed: check unreliable",
+    "reference": "control, for reference",
+}
 
 
 def control_text(cell: dict[str, Any]) -> str:
@@ -140,20 +159,26 @@ def check_order(doc: dict[str, Any]) -> list[str]:
 
 def method_order(doc: dict[str, Any]) -> list[str]:
     """Methods in the order of ``methods`` (the configured order), then as the cells name them."""
-    names = [str(m.get("method")) for m in as_list(doc.get("methods"))
-             if isinstance(m, dict) and m.get("method")]
-    names += [str(c.get("method")) for c in as_list(doc.get("checks"))
-              if isinstance(c, dict) and c.get("method")]
+    names = [
+        str(m.get("method")) for m in as_list(doc.get("methods")) if isinstance(m, dict) and m.get("method")
+    ]
+    names += [
+        str(c.get("method")) for c in as_list(doc.get("checks")) if isinstance(c, dict) and c.get("method")
+    ]
     return list(dict.fromkeys(names))
 
 
 def psi_methods(doc: dict[str, Any]) -> list[str]:
     """Methods whose variants are ψ presets (FullGrad): ``option`` ``psi`` in ``methods``, or,
     in results without it, a method with a cell that has a ``psi``."""
-    names = {str(m.get("method")) for m in as_list(doc.get("methods"))
-             if isinstance(m, dict) and m.get("option") == "psi"}
-    names |= {str(c.get("method")) for c in as_list(doc.get("checks"))
-              if isinstance(c, dict) and c.get("psi")}
+    names = {
+        str(m.get("method"))
+        for m in as_list(doc.get("methods"))
+        if isinstance(m, dict) and m.get("option") == "psi"
+    }
+    names |= {
+        str(c.get("method")) for c in as_list(doc.get("checks")) if isinstance(c, dict) and c.get("psi")
+    }
     return [m for m in method_order(doc) if m in names]
 
 
@@ -173,14 +198,25 @@ def verdict_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(c, dict):
             continue
         key = cell_key(c)
-        row = rows.setdefault(key, {"method": key[0], "variant": key[1],
-                                    "label": variant_label(c), "cells": {}})
+        row = rows.setdefault(
+            key, {"method": key[0], "variant": key[1], "label": variant_label(c), "cells": {}}
+        )
         row["cells"].setdefault(str(c.get("check", "?")), c)
     morder = {m: i for i, m in enumerate(method_order(doc))}
     vrank = _variant_rank(doc)
     first = list(rows)
-    return [rows[k] for k in sorted(rows, key=lambda k: (
-        morder.get(k[0], 10_000), k[1] is not None, vrank.get(k[1] or "", 10_000), first.index(k)))]
+    return [
+        rows[k]
+        for k in sorted(
+            rows,
+            key=lambda k: (
+                morder.get(k[0], 10_000),
+                k[1] is not None,
+                vrank.get(k[1] or "", 10_000),
+                first.index(k),
+            ),
+        )
+    ]
 
 
 def fmt(v: Any, digits: int = 3) -> str:
@@ -197,5 +233,5 @@ def fmt(v: Any, digits: int = 3) -> str:
         a = abs(v)
         if a < 1e-2 or a >= 1e6:
             return f"{v:.{max(digits - 1, 0)}e}"
-        return f"{v:.0f}" if a >= 10 ** digits else f"{v:.{digits}g}"
+        return f"{v:.0f}" if a >= 10**digits else f"{v:.{digits}g}"
     return str(v)

@@ -30,8 +30,16 @@ from . import plots
 from .context import as_dict, as_list
 from .overlay import colormap, render_overlay
 
-__all__ = ["FigureMaker", "ranking", "colorbar", "clean_map", "compose_row", "png_uri", "jpeg_uri",
-           "figure_uri"]
+__all__ = [
+    "FigureMaker",
+    "ranking",
+    "colorbar",
+    "clean_map",
+    "compose_row",
+    "png_uri",
+    "jpeg_uri",
+    "figure_uri",
+]
 
 _DATA_URI = re.compile(r"data:image/(png|jpeg|gif|webp);base64,([A-Za-z0-9+/=\s]+)\Z")
 MAX_URI_CHARS = 4_000_000  # a thumbnail is a few kB; refuse anything absurd
@@ -43,8 +51,11 @@ def ranking(doc: dict[str, Any]) -> list[str]:
     """Images, most telling first: ``figures.ranking``, then the other images in audit order."""
     figures = as_dict(doc.get("figures"))
     order = [str(i) for i in as_list(figures.get("ranking")) if isinstance(i, str)]
-    known = [str(r.get("image")) for r in as_list(doc.get("images"))
-             if isinstance(r, dict) and r.get("image") is not None]
+    known = [
+        str(r.get("image"))
+        for r in as_list(doc.get("images"))
+        if isinstance(r, dict) and r.get("image") is not None
+    ]
     known += [str(k) for k in as_dict(figures.get("images"))]
     return list(dict.fromkeys(order + known))
 
@@ -74,8 +85,13 @@ def clean_map(data: Any) -> np.ndarray | None:
     if len(data) > MAX_MAP_SIDE or any(len(r) != len(data[0]) or len(r) > MAX_MAP_SIDE for r in data):
         return None
     try:
-        arr = np.array([[float(v) if v is not None and not isinstance(v, bool) else math.nan
-                         for v in row] for row in data], dtype=np.float64)
+        arr = np.array(
+            [
+                [float(v) if v is not None and not isinstance(v, bool) else math.nan for v in row]
+                for row in data
+            ],
+            dtype=np.float64,
+        )
     except (TypeError, ValueError):
         return None
     if arr.ndim != 2 or arr.size == 0:
@@ -94,8 +110,9 @@ def jpeg_uri(img: Image.Image, quality: int = 90) -> str:
     """Deterministic JPEG data URI of ``img`` (4:4:4, baseline): the PDF's photographic figure
     rows, 4-6× smaller than PNG and embedded by WeasyPrint without re-encoding."""
     buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="JPEG", quality=quality, subsampling=0, optimize=False,
-                            progressive=False)
+    img.convert("RGB").save(
+        buf, format="JPEG", quality=quality, subsampling=0, optimize=False, progressive=False
+    )
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -203,13 +220,18 @@ def compose_row(tiles: list[Image.Image | None], px: int, pad: int = 2) -> Image
 def _stops(name: str, n: int = 11) -> list[str]:
     lut = colormap(name)
     idx = [round(i * 255 / (n - 1)) for i in range(n)]
-    return ["#%02x%02x%02x" % tuple(int(c) for c in lut[i]) for i in idx]
+    return ["#{:02x}{:02x}{:02x}".format(*tuple(int(c) for c in lut[i])) for i in idx]
 
 
 def colorbar(signed: bool) -> Markup:
     """The colour bar of signed (diverging) or magnitude (sequential) overlays."""
     if signed:
-        return plots.colorbar(_stops("diverging"), signed=True, width=300,
-                              label="signed maps: blue against the class, red for it")
-    return plots.colorbar(_stops("sequential"), signed=False, width=300,
-                          label="magnitude maps: dark low, yellow high")
+        return plots.colorbar(
+            _stops("diverging"),
+            signed=True,
+            width=300,
+            label="signed maps: blue against the class, red for it",
+        )
+    return plots.colorbar(
+        _stops("sequential"), signed=False, width=300, label="magnitude maps: dark low, yellow high"
+    )

@@ -45,20 +45,30 @@ def subsample(n: int, limit: int) -> list[int]:
     return sorted({round(i * (n - 1) / (limit - 1)) for i in range(limit)})
 
 
-def figure_parts(doc: dict[str, Any], fm: FigureMaker, image: str, fig: dict[str, Any],
-               signed: bool, target: str) -> tuple[str, list[str], Any, bool]:
+def figure_parts(
+    doc: dict[str, Any], fm: FigureMaker, image: str, fig: dict[str, Any], signed: bool, target: str
+) -> tuple[str, list[str], Any, bool]:
     """("strip"|"pair", captions, build, shows maps) for one cell's figure of one image;
     ``build(px)`` gives the tiles as images."""
     if isinstance(fig.get("maps"), list):
         steps, maps = as_list(fig.get("steps")), fig["maps"]
         idx = subsample(len(maps), STRIP_MAX_PDF) if target == "pdf" else list(range(len(maps)))
         caps = [str(steps[i]) if i < len(steps) else f"step {i}" for i in idx]
-        return "strip", caps, lambda px: [fm.overlay_image(image, maps[i], signed=signed, px=px) for i in idx], True
+        return (
+            "strip",
+            caps,
+            lambda px: [fm.overlay_image(image, maps[i], signed=signed, px=px) for i in idx],
+            True,
+        )
     if isinstance(fig.get("perturbed"), list):
         pics, fr = fig["perturbed"], as_list(fig.get("fractions"))
         idx = subsample(len(pics), STRIP_MAX_PDF) if target == "pdf" else list(range(len(pics)))
-        caps = [f"{fr[i] * 100:.0f}% removed" if i < len(fr) and isinstance(fr[i], (int, float))
-                and not isinstance(fr[i], bool) else f"step {i}" for i in idx]
+        caps = [
+            f"{fr[i] * 100:.0f}% removed"
+            if i < len(fr) and isinstance(fr[i], (int, float)) and not isinstance(fr[i], bool)
+            else f"step {i}"
+            for i in idx
+        ]
         return "strip", caps, lambda px: [fm.picture_image(pics[i], px) for i in idx], False
     caps, parts = [], []
     for key, val in fig.items():
@@ -72,19 +82,23 @@ def figure_parts(doc: dict[str, Any], fm: FigureMaker, image: str, fig: dict[str
             parts.append(("pic", val))
 
     def build(px: int) -> list[Any]:
-        return [fm.overlay_image(image, v, signed=signed, px=px) if k == "map" else fm.picture_image(v, px)
-                for k, v in parts]
+        return [
+            fm.overlay_image(image, v, signed=signed, px=px) if k == "map" else fm.picture_image(v, px)
+            for k, v in parts
+        ]
+
     return ("strip" if len(parts) > 3 else "pair"), caps, build, any(k == "map" for k, _ in parts)
 
 
 def row_src(fm: FigureMaker, key: tuple, build: Any, px: int, target: str) -> str | None:
     """A figure row as a data URI; the composed image is shared by the HTML and the PDF."""
+
     def make() -> Any:
         tiles = build(px)
         return compose_row(tiles, px) if any(t is not None for t in tiles) else None
+
     img = fm.cached(("img",) + key + (px,), make)
-    return None if img is None else fm.cached(("uri", target) + key + (px,),
-                                              lambda: figure_uri(img, target))
+    return None if img is None else fm.cached(("uri", target) + key + (px,), lambda: figure_uri(img, target))
 
 
 def figure_cells_from_maps(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -94,8 +108,16 @@ def figure_cells_from_maps(doc: dict[str, Any]) -> list[dict[str, Any]]:
         if not isinstance(m, dict) or m.get("kind") not in ("top1", "lowest"):
             continue
         key = (str(m.get("method")), m.get("psi"), m.get("post"))
-        cell = cells.setdefault(key, {"method": key[0], "psi": key[1], "post": key[2],
-                                      "signed": m.get("signed"), "series": {"figures": {}}})
+        cell = cells.setdefault(
+            key,
+            {
+                "method": key[0],
+                "psi": key[1],
+                "post": key[2],
+                "signed": m.get("signed"),
+                "series": {"figures": {}},
+            },
+        )
         fig = cell["series"]["figures"].setdefault(str(m.get("image")), {})
         fig[m["kind"]] = m.get("data")
         if m["kind"] == "lowest":
@@ -104,8 +126,15 @@ def figure_cells_from_maps(doc: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(cells.values(), key=lambda c: morder.get(c["method"], 10_000))
 
 
-def example_figures(doc: dict[str, Any], fm: FigureMaker, cells: list[dict[str, Any]], target: str,
-             examples: int, examples_html: int, tag: str) -> dict[str, Any]:
+def example_figures(
+    doc: dict[str, Any],
+    fm: FigureMaker,
+    cells: list[dict[str, Any]],
+    target: str,
+    examples: int,
+    examples_html: int,
+    tag: str,
+) -> dict[str, Any]:
     ranked = ranking(doc)
     with_figs = {im for c in cells for im in as_dict(as_dict(c.get("series")).get("figures"))}
     order = [im for im in ranked if im in with_figs] + sorted(with_figs - set(ranked))
@@ -119,7 +148,7 @@ def example_figures(doc: dict[str, Any], fm: FigureMaker, cells: list[dict[str, 
                     parts.setdefault(im, []).append((ci, c, kind, caps, build, maps))
     strip_images = [im for im in order if any(p[2] == "strip" for p in parts.get(im, []))][:examples]
     pair_images = [im for im in order if any(p[2] == "pair" for p in parts.get(im, []))]
-    pair_images = pair_images[:examples if target == "pdf" else max(examples, examples_html)]
+    pair_images = pair_images[: examples if target == "pdf" else max(examples, examples_html)]
     kinds_signed: set[bool] = set()
     strips = []
     for im in strip_images:
@@ -131,16 +160,27 @@ def example_figures(doc: dict[str, Any], fm: FigureMaker, cells: list[dict[str, 
             if maps:
                 kinds_signed.add(is_signed(c))
             src = row_src(fm, (tag, "strip", im, ci, len(caps)), build, TILE_PX["strip"], target)
-            rows.append({"label": variant_label(c), "src": src, "n": len(caps),
-                         "alt": f"{variant_label(c)}: " + ", ".join(caps)})
+            rows.append(
+                {
+                    "label": variant_label(c),
+                    "src": src,
+                    "n": len(caps),
+                    "alt": f"{variant_label(c)}: " + ", ".join(caps),
+                }
+            )
         columns = columns or []
-        strips.append({"head": image_head(doc, fm, im, TILE_PX["pair"]), "columns": columns,
-                       "width_mm": LABEL_MM + TILE_MM[target]["strip"] * len(columns),
-                       "rows": [r for r in rows if r["n"] == len(columns)]})
+        strips.append(
+            {
+                "head": image_head(doc, fm, im, TILE_PX["pair"]),
+                "columns": columns,
+                "width_mm": LABEL_MM + TILE_MM[target]["strip"] * len(columns),
+                "rows": [r for r in rows if r["n"] == len(columns)],
+            }
+        )
     pairs = []
     chunk = PAIR_CHUNK[target]
     for start in range(0, len(pair_images), chunk):
-        ims = pair_images[start:start + chunk]
+        ims = pair_images[start : start + chunk]
         by_cell: dict[int, dict[str, Any]] = {}
         captions: dict[str, list[str]] = {}
         for im in ims:
@@ -154,13 +194,23 @@ def example_figures(doc: dict[str, Any], fm: FigureMaker, cells: list[dict[str, 
                 if caps == captions[im]:
                     row["by_image"][im] = row_src(fm, (tag, "pair", im, ci), build, TILE_PX["pair"], target)
         width = max((len(v) for v in captions.values()), default=1)
-        rows = [{"label": r["label"], "cells": [r["by_image"].get(im) for im in ims]}
-                for _, r in sorted(by_cell.items())]
-        pairs.append({"heads": [image_head(doc, fm, im, TILE_PX["pair"]) for im in ims],
-                      "subcols": [captions.get(im, []) + [""] * (width - len(captions.get(im, [])))
-                                  for im in ims],
-                      "width": width, "rows": rows,
-                      "width_mm": LABEL_MM + max(TILE_MM[target]["pair"] * width, 18) * len(ims)})
+        rows = [
+            {"label": r["label"], "cells": [r["by_image"].get(im) for im in ims]}
+            for _, r in sorted(by_cell.items())
+        ]
+        pairs.append(
+            {
+                "heads": [image_head(doc, fm, im, TILE_PX["pair"]) for im in ims],
+                "subcols": [captions.get(im, []) + [""] * (width - len(captions.get(im, []))) for im in ims],
+                "width": width,
+                "rows": rows,
+                "width_mm": LABEL_MM + max(TILE_MM[target]["pair"] * width, 18) * len(ims),
+            }
+        )
     bars = [colorbar(s) for s in sorted(kinds_signed, reverse=True)]
-    return {"strips": strips, "pairs": pairs, "colorbars": bars,
-            "count": len(set(strip_images) | set(pair_images))}
+    return {
+        "strips": strips,
+        "pairs": pairs,
+        "colorbars": bars,
+        "count": len(set(strip_images) | set(pair_images)),
+    }

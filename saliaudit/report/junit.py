@@ -17,8 +17,7 @@ import re
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from .context import (as_dict, as_list, check_info, control_text, fmt, gate_status_of, status_of,
-                      variant_label)
+from .context import as_dict, as_list, check_info, control_text, fmt, gate_status_of, status_of, variant_label
 
 __all__ = ["render_junit", "xml_text"]
 
@@ -46,9 +45,14 @@ def render_junit(doc: dict[str, Any]) -> str:
     cells = [c for c in as_list(doc.get("checks")) if isinstance(c, dict)]
     counts = {s: sum(1 for c in cells if gate_status_of(c) == s) for s in ("fail", "error", "skipped")}
     run, model, summary = as_dict(doc.get("run")), as_dict(doc.get("model")), as_dict(doc.get("summary"))
-    attrs = {"name": "saliaudit", "tests": len(cells), "failures": counts["fail"],
-             "errors": counts["error"], "skipped": counts["skipped"],
-             "time": _seconds(run.get("duration_s"))}
+    attrs = {
+        "name": "saliaudit",
+        "tests": len(cells),
+        "failures": counts["fail"],
+        "errors": counts["error"],
+        "skipped": counts["skipped"],
+        "time": _seconds(run.get("duration_s")),
+    }
     root = ET.Element("testsuites", {k: xml_text(v) for k, v in attrs.items()})
     suite_attrs = dict(attrs)
     if run.get("started_at"):
@@ -56,11 +60,15 @@ def render_junit(doc: dict[str, Any]) -> str:
     suite = _el(root, "testsuite", suite_attrs)
     props = _el(suite, "properties")
     tool = as_dict(doc.get("tool"))
-    for name, value in (("saliaudit.version", tool.get("version")), ("model", model.get("path")),
-                        ("model.sha256", model.get("sha256")), ("status", summary.get("status")),
-                        ("fail_on", summary.get("fail_on")),
-                        ("gate_failed", str(bool(summary.get("gate_failed"))).lower()),
-                        ("images", as_dict(doc.get("inputs")).get("loaded"))):
+    for name, value in (
+        ("saliaudit.version", tool.get("version")),
+        ("model", model.get("path")),
+        ("model.sha256", model.get("sha256")),
+        ("status", summary.get("status")),
+        ("fail_on", summary.get("fail_on")),
+        ("gate_failed", str(bool(summary.get("gate_failed"))).lower()),
+        ("images", as_dict(doc.get("inputs")).get("loaded")),
+    ):
         if value is not None:
             _el(props, "property", {"name": name, "value": value})
     infos: dict[str, dict[str, Any]] = {}
@@ -68,25 +76,35 @@ def render_junit(doc: dict[str, Any]) -> str:
         name = str(c.get("check", "?"))
         info = infos.setdefault(name, check_info(doc, name))
         status = gate_status_of(c)  # a control's expected FAIL is a passing test of the check
-        case = _el(suite, "testcase", {"classname": c.get("check", "?"), "name": variant_label(c),
-                                       "time": "0"})
+        case = _el(
+            suite, "testcase", {"classname": c.get("check", "?"), "name": variant_label(c), "time": "0"}
+        )
         value = c.get("value")
         message = str(c.get("message") or "")
         note = control_text(c)
-        detail = (f"{variant_label(c)} · {c.get('check')}: {status_of(c).upper()} "
-                  + (f"({note}) " if note else "")
-                  + f"{c.get('metric') or 'value'} = {fmt(value)}"
-                  + (f" (thresholds {as_dict(c.get('thresholds'))})" if c.get("thresholds") else "")
-                  + (f"\n{message}" if message else ""))
+        detail = (
+            f"{variant_label(c)} · {c.get('check')}: {status_of(c).upper()} "
+            + (f"({note}) " if note else "")
+            + f"{c.get('metric') or 'value'} = {fmt(value)}"
+            + (f" (thresholds {as_dict(c.get('thresholds'))})" if c.get("thresholds") else "")
+            + (f"\n{message}" if message else "")
+        )
         cprops = _el(case, "properties")
         _el(cprops, "property", {"name": "status", "value": status_of(c)})
         _el(cprops, "property", {"name": "check_title", "value": info["title"]})
-        _el(cprops, "property", {"name": "higher_is_better",
-                                 "value": str(bool(info["higher_is_better"])).lower()})
+        _el(
+            cprops,
+            "property",
+            {"name": "higher_is_better", "value": str(bool(info["higher_is_better"])).lower()},
+        )
         if c.get("control"):
             _el(cprops, "property", {"name": "control", "value": c["control"]})
         if value is not None:
-            _el(cprops, "property", {"name": "value", "value": repr(value) if isinstance(value, float) else value})
+            _el(
+                cprops,
+                "property",
+                {"name": "value", "value": repr(value) if isinstance(value, float) else value},
+            )
         if c.get("metric"):
             _el(cprops, "property", {"name": "metric", "value": c["metric"]})
         if status == "fail":

@@ -66,24 +66,29 @@ class OutputFolder:
         """Create the folder, or check that reusing it is safe; raises :class:`OutputError`."""
         p = self.path
         if p.exists() and not p.is_dir():
-            raise OutputError("the output path exists and is not a folder", path=p,
-                              hint="choose another -o")
+            raise OutputError("the output path exists and is not a folder", path=p, hint="choose another -o")
         if p.is_dir():
             try:
                 entries = [e.name for e in os.scandir(p)]
             except OSError as err:
-                raise OutputError(f"cannot read the output folder ({err.strerror})", path=p,
-                                  hint="choose another -o") from None
+                raise OutputError(
+                    f"cannot read the output folder ({err.strerror})", path=p, hint="choose another -o"
+                ) from None
             if entries and MARKER not in entries and not self.force:
                 raise OutputError(
-                    "the output folder is not empty and is not a saliaudit output", path=p,
-                    hint="choose another -o, or pass --force to write into it (nothing is deleted)")
+                    "the output folder is not empty and is not a saliaudit output",
+                    path=p,
+                    hint="choose another -o, or pass --force to write into it (nothing is deleted)",
+                )
         try:
             p.mkdir(parents=True, exist_ok=True)
             marker = p / MARKER
             if not marker.exists():
                 atomic_write(marker, "This folder was written by saliaudit.\n")
         except OSError as err:
-            raise OutputError(f"cannot create the output folder ({err.strerror})", path=p,
-                              hint="check the permissions or choose another -o") from None
+            raise OutputError(
+                f"cannot create the output folder ({err.strerror})",
+                path=p,
+                hint="check the permissions or choose another -o",
+            ) from None
         self.prepared = True

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import io
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -24,27 +24,61 @@ from PIL import Image, ImageDraw, ImageFont
 from ..result import MapRecord
 from .output import atomic_write
 
-__all__ = ["colormap", "display_image", "map_filename", "map_to_png_bytes", "normalize_map",
-           "render_overlay", "save_overlay", "write_overlays"]
+__all__ = [
+    "colormap",
+    "display_image",
+    "map_filename",
+    "map_to_png_bytes",
+    "normalize_map",
+    "render_overlay",
+    "save_overlay",
+    "write_overlays",
+]
 
-_RDBU_R = ("#053061", "#2166ac", "#4393c3", "#92c5de", "#d1e5f0", "#ffffff",
-           "#fddbc7", "#f4a582", "#d6604d", "#b2182b", "#67001f")
-_VIRIDIS = ("#440154", "#481a6c", "#472f7d", "#414487", "#39568c", "#31688e", "#2a788e",
-            "#23888e", "#1f988b", "#22a884", "#35b779", "#54c568", "#7ad151", "#a5db36",
-            "#d2e21b", "#fde725")
+_RDBU_R = (
+    "#053061",
+    "#2166ac",
+    "#4393c3",
+    "#92c5de",
+    "#d1e5f0",
+    "#ffffff",
+    "#fddbc7",
+    "#f4a582",
+    "#d6604d",
+    "#b2182b",
+    "#67001f",
+)
+_VIRIDIS = (
+    "#440154",
+    "#481a6c",
+    "#472f7d",
+    "#414487",
+    "#39568c",
+    "#31688e",
+    "#2a788e",
+    "#23888e",
+    "#1f988b",
+    "#22a884",
+    "#35b779",
+    "#54c568",
+    "#7ad151",
+    "#a5db36",
+    "#d2e21b",
+    "#fde725",
+)
 
 BAR_WIDTH = 12  # px, colour bar strip
 MARGIN = 4  # px, spacing around the colour bar, labels and title
 _WHITE = (255, 255, 255)
 _BLACK = (0, 0, 0)
 _XYZ_WHITE = np.array([0.95047, 1.0, 1.08883])
-_RGB2XYZ = np.array([[0.4124564, 0.3575761, 0.1804375],
-                     [0.2126729, 0.7151522, 0.0721750],
-                     [0.0193339, 0.1191920, 0.9503041]])
+_RGB2XYZ = np.array(
+    [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]]
+)
 
 
 def _hex(colours: tuple[str, ...]) -> np.ndarray:
-    return np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in colours], float) / 255.0
+    return np.array([[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in colours], float) / 255.0
 
 
 def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
@@ -57,7 +91,7 @@ def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
 def _lab_to_srgb(lab: np.ndarray) -> np.ndarray:
     fy = (lab[:, 0] + 16) / 116
     f = np.stack([fy + lab[:, 1] / 500, fy, fy - lab[:, 2] / 200], 1)
-    t = np.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29))
+    t = np.where(f > 6 / 29, f**3, 3 * (6 / 29) ** 2 * (f - 4 / 29))
     lin = np.clip(t * _XYZ_WHITE @ np.linalg.inv(_RGB2XYZ).T, 0.0, 1.0)
     return np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055)
 
@@ -67,7 +101,7 @@ def _interp(anchors: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return np.stack([np.interp(idx, positions, anchors[:, c]) for c in range(3)], 1)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _lut(name: str) -> np.ndarray:
     if name == "diverging":
         half = len(_RDBU_R) // 2
@@ -155,8 +189,8 @@ def _fmt(x: float) -> str:
 
 
 def _text_size(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) -> tuple[int, int]:
-    l, t, r, b = draw.textbbox((0, 0), text, font=font)
-    return int(r - l), int(b)
+    left, _top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    return int(right - left), int(bottom)
 
 
 def _colorbar(height: int, signed: bool, lo: float, hi: float) -> Image.Image:
@@ -178,8 +212,15 @@ def _colorbar(height: int, signed: bool, lo: float, hi: float) -> Image.Image:
     return strip
 
 
-def render_overlay(image: Image.Image, saliency: np.ndarray, *, signed: bool, alpha: float = 0.5,
-                   colorbar: bool = True, title: str | None = None) -> Image.Image:
+def render_overlay(
+    image: Image.Image,
+    saliency: np.ndarray,
+    *,
+    signed: bool,
+    alpha: float = 0.5,
+    colorbar: bool = True,
+    title: str | None = None,
+) -> Image.Image:
     """Blend a coloured saliency map over ``image``; optional colour bar (right) and title (top).
 
     Signed maps use the diverging map weighted by |normalized| (neutral areas keep the photo);
@@ -212,8 +253,9 @@ def render_overlay(image: Image.Image, saliency: np.ndarray, *, signed: bool, al
     return body
 
 
-def save_overlay(path: Path, image: Image.Image, saliency: np.ndarray, *, signed: bool,
-                 **kwargs: object) -> Path:
+def save_overlay(
+    path: Path, image: Image.Image, saliency: np.ndarray, *, signed: bool, **kwargs: object
+) -> Path:
     """Render an overlay and write it as PNG with :func:`~saliaudit.report.output.atomic_write`
     (temp file + ``os.replace``, the folder created, the user's file mode)."""
     rendered = render_overlay(image, saliency, signed=signed, **kwargs)  # type: ignore[arg-type]
@@ -222,8 +264,7 @@ def save_overlay(path: Path, image: Image.Image, saliency: np.ndarray, *, signed
     return atomic_write(Path(path), buf.getvalue())
 
 
-def map_to_png_bytes(saliency: np.ndarray, *, signed: bool,
-                     size: tuple[int, int] | None = None) -> bytes:
+def map_to_png_bytes(saliency: np.ndarray, *, signed: bool, size: tuple[int, int] | None = None) -> bytes:
     """PNG bytes of the coloured map alone; ``size`` is PIL's (width, height)."""
     v = normalize_map(_clean(saliency), signed=signed)
     if size is not None:
@@ -251,8 +292,9 @@ def display_image(image: Image.Image, short_side: int = 256, long_side: int = 51
     return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
 
 
-def write_overlays(batch: Any, images: list[Image.Image], maps: dict[Any, Any],
-                   out_dir: Path) -> list[MapRecord]:
+def write_overlays(
+    batch: Any, images: list[Image.Image], maps: dict[Any, Any], out_dir: Path
+) -> list[MapRecord]:
     """One PNG overlay per (image of ``batch``, map variant) under ``out_dir/maps``; the
     records the results list them by (paths relative to ``out_dir``)."""
     maps_dir = Path(out_dir) / "maps"
@@ -266,7 +308,12 @@ def write_overlays(batch: Any, images: list[Image.Image], maps: dict[Any, Any],
         for i, rel in enumerate(batch.images):
             t = int(batch.targets[i])
             name = map_filename(rel, v.method, variant)
-            save_overlay(maps_dir / name, display_image(images[i]), arr[i], signed=v.signed,
-                         title=f"{what} - {names[t]}")
+            save_overlay(
+                maps_dir / name,
+                display_image(images[i]),
+                arr[i],
+                signed=v.signed,
+                title=f"{what} - {names[t]}",
+            )
             records.append(MapRecord(rel, v.method, v.psi, t, f"maps/{name}", v.signed, v.post))
     return records

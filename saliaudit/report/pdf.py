@@ -22,9 +22,10 @@ import binascii
 import hashlib
 import os
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from ..errors import EXIT_CANNOT_RUN, SaliauditError
@@ -33,8 +34,9 @@ from .html import render_html
 
 __all__ = ["PdfUnavailableError", "load_weasyprint", "render_pdf", "data_url", "INSTALL_HINT"]
 
-INSTALL_HINT = ("pip install 'saliaudit[pdf]'; on Debian/Ubuntu also apt-get install "
-                "libpango-1.0-0 libpangoft2-1.0-0")
+INSTALL_HINT = (
+    "pip install 'saliaudit[pdf]'; on Debian/Ubuntu also apt-get install libpango-1.0-0 libpangoft2-1.0-0"
+)
 _DATA = re.compile(r"data:([^,;]*)((?:;[^,;]*)*?)(;base64)?,(.*)\Z", re.S | re.I)
 
 
@@ -67,8 +69,8 @@ def load_weasyprint() -> Any:
         except Exception as err:  # ImportError, or OSError when Pango's libraries are missing
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
             raise PdfUnavailableError(
-                f"cannot write report.pdf: WeasyPrint or Pango is not available ({first})",
-                hint=INSTALL_HINT) from None
+                f"cannot write report.pdf: WeasyPrint or Pango is not available ({first})", hint=INSTALL_HINT
+            ) from None
     return weasyprint
 
 
@@ -88,6 +90,7 @@ def data_url(url: str) -> tuple[bytes, str]:
 def _fetcher(weasyprint: Any) -> Any:
     urls = weasyprint.urls
     if hasattr(urls, "URLFetcher"):  # WeasyPrint >= 66
+
         class DataOnlyFetcher(urls.URLFetcher):
             def fetch(self, url: str, headers: Any = None) -> Any:
                 body, mime = data_url(url)
@@ -120,13 +123,26 @@ def pdf_dates(doc: dict[str, Any], environ: dict[str, str] | None = None) -> dic
     return {"created": started, "modified": _iso(datetime.now(timezone.utc).timestamp())}
 
 
-def render_pdf(doc: dict[str, Any], *, examples: int = 6, examples_html: int = 24,
-               page_size: str = "a4", figure_maker: FigureMaker | None = None,
-               environ: dict[str, str] | None = None) -> bytes:
+def render_pdf(
+    doc: dict[str, Any],
+    *,
+    examples: int = 6,
+    examples_html: int = 24,
+    page_size: str = "a4",
+    figure_maker: FigureMaker | None = None,
+    environ: dict[str, str] | None = None,
+) -> bytes:
     """The PDF bytes of the report of ``doc``; raises :class:`PdfUnavailableError`."""
     weasyprint = load_weasyprint()
-    html = render_html(doc, target="pdf", examples=examples, examples_html=examples_html,
-                       page_size=page_size, meta=pdf_dates(doc, environ), figure_maker=figure_maker)
+    html = render_html(
+        doc,
+        target="pdf",
+        examples=examples,
+        examples_html=examples_html,
+        page_size=page_size,
+        meta=pdf_dates(doc, environ),
+        figure_maker=figure_maker,
+    )
     options: dict[str, Any] = {}
     known = getattr(weasyprint, "DEFAULT_OPTIONS", {})
     ident = hashlib.sha256(html.encode("utf-8")).hexdigest()[:32].encode("ascii")

@@ -36,8 +36,9 @@ def _flat(items: list) -> bool:
 def _dump(obj: Any, level: int) -> str:
     if isinstance(obj, dict) and obj:
         pad = "  " * (level + 1)
-        body = ",\n".join(f"{pad}{json.dumps(str(k), ensure_ascii=False)}: {_dump(v, level + 1)}"
-                          for k, v in obj.items())
+        body = ",\n".join(
+            f"{pad}{json.dumps(str(k), ensure_ascii=False)}: {_dump(v, level + 1)}" for k, v in obj.items()
+        )
         return "{\n" + body + "\n" + "  " * level + "}"
     if isinstance(obj, (list, tuple)) and obj and not _flat(list(obj)):
         pad = "  " * (level + 1)
@@ -68,9 +69,16 @@ def report_settings(doc: dict[str, Any], **overrides: Any) -> dict[str, Any]:
     return out
 
 
-def write_outputs(doc: dict[str, Any], out_dir: Path, formats: list[str], *,
-                  examples: int | None = None, examples_html: int | None = None,
-                  page_size: str | None = None, environ: dict[str, str] | None = None) -> list[Path]:
+def write_outputs(
+    doc: dict[str, Any],
+    out_dir: Path,
+    formats: list[str],
+    *,
+    examples: int | None = None,
+    examples_html: int | None = None,
+    page_size: str | None = None,
+    environ: dict[str, str] | None = None,
+) -> list[Path]:
     """Write ``formats`` (json, junit, html, pdf) of ``doc`` into ``out_dir``; returns the paths."""
     out_dir = Path(out_dir)
     unknown = sorted(set(formats) - set(FILES))
@@ -118,23 +126,47 @@ def load_results(path: Path) -> dict[str, Any]:
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as err:
-        raise UsageError(f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})",
-                         path=path, hint=hint) from None
+        raise UsageError(
+            f"not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})", path=path, hint=hint
+        ) from None
     if not isinstance(doc, dict) or "schema_version" not in doc:
         raise UsageError("not a saliaudit results document (no schema_version)", path=path, hint=hint)
     version = str(doc.get("schema_version"))
     if version.split(".")[0] != "1":
-        raise UsageError(f"unsupported schema_version {version!r} (this saliaudit reads 1.x)",
-                         path=path, hint="render it with the saliaudit version that wrote it")
-    for key, kind in (("checks", list), ("summary", dict), ("model", dict), ("inputs", dict),
-                      ("config", dict), ("run", dict), ("tool", dict)):
+        raise UsageError(
+            f"unsupported schema_version {version!r} (this saliaudit reads 1.x)",
+            path=path,
+            hint="render it with the saliaudit version that wrote it",
+        )
+    for key, kind in (
+        ("checks", list),
+        ("summary", dict),
+        ("model", dict),
+        ("inputs", dict),
+        ("config", dict),
+        ("run", dict),
+        ("tool", dict),
+    ):
         if key in doc and doc[key] is not None and not isinstance(doc[key], kind):
-            raise UsageError(f"malformed results: {key} must be a{'n object' if kind is dict else ' list'}",
-                             path=path, hint=hint)
+            raise UsageError(
+                f"malformed results: {key} must be a{'n object' if kind is dict else ' list'}",
+                path=path,
+                hint=hint,
+            )
     for i, c in enumerate(doc.get("checks") or []):
-        if not isinstance(c, dict) or not isinstance(c.get("check"), str) or not isinstance(c.get("method"), str):
-            raise UsageError(f"malformed results: checks[{i}] needs a check and a method", path=path, hint=hint)
+        if (
+            not isinstance(c, dict)
+            or not isinstance(c.get("check"), str)
+            or not isinstance(c.get("method"), str)
+        ):
+            raise UsageError(
+                f"malformed results: checks[{i}] needs a check and a method", path=path, hint=hint
+            )
         if str(c.get("status")) not in STATUSES:
-            raise UsageError(f"malformed results: checks[{i}] has status {c.get('status')!r} "
-                             f"(expected one of {', '.join(STATUSES)})", path=path, hint=hint)
+            raise UsageError(
+                f"malformed results: checks[{i}] has status {c.get('status')!r} "
+                f"(expected one of {', '.join(STATUSES)})",
+                path=path,
+                hint=hint,
+            )
     return doc

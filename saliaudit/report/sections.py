@@ -8,18 +8,41 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .context import (ci_text, STATUS_TEXT, STATUSES, as_dict, as_list, check_info, check_order,
-                      control_text, fmt, method_order, psi_methods, status_of, variant_label,
-                      verdict_rows)
+from .context import (
+    STATUS_TEXT,
+    STATUSES,
+    as_dict,
+    as_list,
+    check_info,
+    check_order,
+    ci_text,
+    control_text,
+    fmt,
+    method_order,
+    psi_methods,
+    status_of,
+    variant_label,
+    verdict_rows,
+)
 
-__all__ = ["cover_view", "verdict_view", "caveats_view", "completeness_view", "problems_view",
-           "configuration_view", "cell_view", "text_of", "check_title", "numbers_text", "REFERENCES"]
+__all__ = [
+    "cover_view",
+    "verdict_view",
+    "caveats_view",
+    "completeness_view",
+    "problems_view",
+    "configuration_view",
+    "cell_view",
+    "text_of",
+    "check_title",
+    "numbers_text",
+    "REFERENCES",
+]
 
 PDF_TABLE_ROWS = 60  # long per-image tables in the PDF: the worst rows, the rest in the HTML
 
 REFERENCES = [
-    "Srinivas, S. & Fleuret, F. Full-Gradient Representation for Neural Network Visualization. "
-    "NeurIPS 2019.",
+    "Srinivas, S. & Fleuret, F. Full-Gradient Representation for Neural Network Visualization. NeurIPS 2019.",
     "Khakzar, A., Baselizadeh, S. & Navab, N. Rethinking Positive Aggregation and Propagation of "
     "Gradients in Gradient-based Saliency Methods. 2020.",
     "Ancona, M., Ceolini, E., Öztireli, C. & Gross, M. Towards better understanding of "
@@ -46,8 +69,14 @@ def numbers_text(v: Any, depth: int = 0, limit: int = 360) -> str:
     tables flattened (``paper FAIL 0.875, positive PASS 0.143``)."""
     if isinstance(v, dict):
         if "status" in v and set(v) <= {"status", "value", "message"}:
-            text = " ".join(x for x in (str(v.get("status", "")).upper(), fmt(v.get("value"))
-                                        if v.get("value") is not None else "") if x)
+            text = " ".join(
+                x
+                for x in (
+                    str(v.get("status", "")).upper(),
+                    fmt(v.get("value")) if v.get("value") is not None else "",
+                )
+                if x
+            )
         else:
             text = ", ".join(f"{k} {numbers_text(x, depth + 1)}" for k, x in v.items())
             text = f"({text})" if depth and len(v) > 1 else text
@@ -76,18 +105,27 @@ def cover_view(doc: dict[str, Any]) -> dict[str, Any]:
     undecided = int(summary.get("inconclusive") or 0)
     if undecided:
         need = summary.get("images_to_decide")
-        headline += (f"; {undecided} of them inconclusive (their 95 % interval lies across a "
-                     "threshold)" + (f"; the closest call would need about {need} images"
-                                     if isinstance(need, int) else ""))
-    controls = {k: int(as_dict(summary.get("controls")).get(k) or 0)
-                for k in ("expected", "unexpected", "reference")}
+        headline += f"; {undecided} of them inconclusive (their 95 % interval lies across a threshold)" + (
+            f"; the closest call would need about {need} images" if isinstance(need, int) else ""
+        )
+    controls = {
+        k: int(as_dict(summary.get("controls")).get(k) or 0) for k in ("expected", "unexpected", "reference")
+    }
     if any(controls.values()):
-        headline += (f"; controls (random, edge): {controls['expected']} failed as they must"
-                     + (f", {controls['unexpected']} PASSED a check they must fail (that check "
-                        "is unreliable here)" if controls["unexpected"] else "")
-                     + (f", {controls['reference']} for reference" if controls["reference"] else ""))
-    gate_text = (f"The gate --fail-on {fail_on} failed: saliaudit exits with code 1."
-                 if gate else f"The gate --fail-on {fail_on} passed.")
+        headline += (
+            f"; controls (random, edge): {controls['expected']} failed as they must"
+            + (
+                f", {controls['unexpected']} PASSED a check they must fail (that check is unreliable here)"
+                if controls["unexpected"]
+                else ""
+            )
+            + (f", {controls['reference']} for reference" if controls["reference"] else "")
+        )
+    gate_text = (
+        f"The gate --fail-on {fail_on} failed: saliaudit exits with code 1."
+        if gate
+        else f"The gate --fail-on {fail_on} passed."
+    )
     skipped = as_list(inputs.get("skipped"))
     size = model.get("input_size")
     rows = [
@@ -96,8 +134,11 @@ def cover_view(doc: dict[str, Any]) -> dict[str, Any]:
         ("Format", text_of(model.get("format")) + (f" ({model['arch']})" if model.get("arch") else "")),
         ("Classes", text_of(model.get("num_classes"))),
         ("Input size", "×".join(str(s) for s in size) if isinstance(size, list) else text_of(size)),
-        ("Images", f"{text_of(inputs.get('loaded'), '0')} audited of {text_of(inputs.get('found'), '0')} "
-                   f"found ({len(skipped)} skipped)" + (f" in {inputs['source']}" if inputs.get("source") else "")),
+        (
+            "Images",
+            f"{text_of(inputs.get('loaded'), '0')} audited of {text_of(inputs.get('found'), '0')} "
+            f"found ({len(skipped)} skipped)" + (f" in {inputs['source']}" if inputs.get("source") else ""),
+        ),
         ("Methods", text_of([m for m in method_order(doc)])),
         ("Checks", text_of(check_order(doc))),
         ("Date", text_of(run.get("started_at"))),
@@ -107,14 +148,23 @@ def cover_view(doc: dict[str, Any]) -> dict[str, Any]:
     stats = as_dict(run.get("statistics"))
     how = ""
     if stats:
-        how = (f"Each verdict rests on n images and a {stats.get('interval', '95 % interval')} of "
-               "its value: PASS or FAIL only when the whole interval lies on that side of the "
-               "threshold. A method must also beat the check's must-fail controls on the same "
-               f"images ({stats.get('test', 'paired test')}, {stats.get('adjustment', '')} "
-               f"adjusted over the audit's {stats.get('tests', 0)} tests) before it can PASS.")
-    return {"rows": rows, "status": status, "headline": headline, "gate_text": gate_text,
-            "gate_failed": gate, "reason": summary.get("reason"), "counts": counts,
-            "how": how}
+        how = (
+            f"Each verdict rests on n images and a {stats.get('interval', '95 % interval')} of "
+            "its value: PASS or FAIL only when the whole interval lies on that side of the "
+            "threshold. A method must also beat the check's must-fail controls on the same "
+            f"images ({stats.get('test', 'paired test')}, {stats.get('adjustment', '')} "
+            f"adjusted over the audit's {stats.get('tests', 0)} tests) before it can PASS."
+        )
+    return {
+        "rows": rows,
+        "status": status,
+        "headline": headline,
+        "gate_text": gate_text,
+        "gate_failed": gate,
+        "reason": summary.get("reason"),
+        "counts": counts,
+        "how": how,
+    }
 
 
 def cell_view(cell: dict[str, Any] | None) -> dict[str, Any]:
@@ -124,18 +174,29 @@ def cell_view(cell: dict[str, Any] | None) -> dict[str, Any]:
     note = control_text(cell)
     message = str(cell.get("message") or "")
     inconclusive = bool(cell.get("inconclusive"))
-    return {"status": s, "text": STATUS_TEXT[s], "value": fmt(cell.get("value")) if cell.get("value") is not None else "",
-            "message": f"{message} ({note})" if note else message, "control": cell.get("control"),
-            "note": note or ("inconclusive" if inconclusive else ""), "ci": ci_text(cell),
-            "inconclusive": inconclusive}
+    return {
+        "status": s,
+        "text": STATUS_TEXT[s],
+        "value": fmt(cell.get("value")) if cell.get("value") is not None else "",
+        "message": f"{message} ({note})" if note else message,
+        "control": cell.get("control"),
+        "note": note or ("inconclusive" if inconclusive else ""),
+        "ci": ci_text(cell),
+        "inconclusive": inconclusive,
+    }
 
 
 def verdict_view(doc: dict[str, Any], checks: list[str], info: dict[str, Any]) -> dict[str, Any]:
     """The methods × checks table; ``info``: check name -> :func:`check_info`."""
     rows = []
     for r in verdict_rows(doc):
-        rows.append({"method": r["method"], "variant": r["variant"] or "",
-                     "cells": [cell_view(r["cells"].get(c)) for c in checks]})
+        rows.append(
+            {
+                "method": r["method"],
+                "variant": r["variant"] or "",
+                "cells": [cell_view(r["cells"].get(c)) for c in checks],
+            }
+        )
     for i, r in enumerate(rows):
         r["first"] = i == 0 or rows[i - 1]["method"] != r["method"]
     heads = []
@@ -145,82 +206,126 @@ def verdict_view(doc: dict[str, Any], checks: list[str], info: dict[str, Any]) -
     return {"checks": heads, "rows": rows}
 
 
-def caveats_view(doc: dict[str, Any], checks: list[str],
-                 info: dict[str, Any] | None = None) -> dict[str, Any]:
+def caveats_view(
+    doc: dict[str, Any], checks: list[str], info: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The ψ matrix (every cell with a ``psi``: the methods whose variants are ψ presets),
     the decomposition cells of those methods, and the computed caveats."""
     by_psi = psi_methods(doc)
-    cells = [c for c in as_list(doc.get("checks")) if isinstance(c, dict)
-             and str(c.get("method")) in by_psi]
+    cells = [c for c in as_list(doc.get("checks")) if isinstance(c, dict) and str(c.get("method")) in by_psi]
     psis = []
-    for p in [*as_list(as_dict(as_dict(doc.get("config")).get("values")).get("psi")),
-              *[c.get("psi") for c in cells]]:
+    for p in [
+        *as_list(as_dict(as_dict(doc.get("config")).get("values")).get("psi")),
+        *[c.get("psi") for c in cells],
+    ]:
         if p and str(p) not in psis and any(c.get("psi") == p for c in cells):
             psis.append(str(p))
     cols = [c for c in checks if any(x.get("check") == c and x.get("psi") for x in cells)]
     matrix = None
     if psis and cols:
         first = by_psi[0]  # the ψ matrix shows one method: the first with ψ variants
-        lookup = {(str(c.get("psi")), str(c.get("check"))): c for c in cells
-                  if c.get("psi") and str(c.get("method")) == first}
+        lookup = {
+            (str(c.get("psi")), str(c.get("check"))): c
+            for c in cells
+            if c.get("psi") and str(c.get("method")) == first
+        }
         changes = []
         for col in cols:
             statuses = {status_of(lookup[(p, col)]) for p in psis if (p, col) in lookup}
             changes.append(len(statuses - {"skipped"}) > 1)
-        matrix = {"method": first,
-                  "checks": [{"name": c, "changes": ch} for c, ch in zip(cols, changes)],
-                  "rows": [{"psi": p, "cells": [cell_view(lookup.get((p, c))) for c in cols]}
-                           for p in psis]}
+        matrix = {
+            "method": first,
+            "checks": [{"name": c, "changes": ch} for c, ch in zip(cols, changes)],
+            "rows": [{"psi": p, "cells": [cell_view(lookup.get((p, c))) for c in cols]} for p in psis],
+        }
     decomposition = [cell_view(c) | {"check": str(c.get("check"))} for c in cells if not c.get("psi")]
     items = []
     for cv in as_list(doc.get("caveats")):
         if not isinstance(cv, dict):
             continue
         numbers = [(str(k), numbers_text(v)) for k, v in as_dict(cv.get("numbers")).items()]
-        items.append({"kind": str(cv.get("kind") or "caveat").replace("_", " "),
-                      "message": str(cv.get("message") or ""), "numbers": numbers})
+        items.append(
+            {
+                "kind": str(cv.get("kind") or "caveat").replace("_", " "),
+                "message": str(cv.get("message") or ""),
+                "numbers": numbers,
+            }
+        )
     return {"matrix": matrix, "findings": items, "decomposition": decomposition}
 
 
-def completeness_view(doc: dict[str, Any], target: str,
-                      info: dict[str, Any] | None = None) -> dict[str, Any]:
+def completeness_view(doc: dict[str, Any], target: str, info: dict[str, Any] | None = None) -> dict[str, Any]:
     """The per-image records of ``results["completeness"]`` and the cell of the check that
     judges them (the check whose ``records`` is ``completeness``)."""
     recs = [r for r in as_list(doc.get("completeness")) if isinstance(r, dict)]
     names = list(info or {}) or check_order(doc)
-    judge = [n for n in names if (as_dict((info or {}).get(n)) or check_info(doc, n)).get("records")
-             == "completeness"]
-    cell = next((c for c in as_list(doc.get("checks")) if isinstance(c, dict)
-                 and c.get("check") in judge), None)
+    judge = [
+        n
+        for n in names
+        if (as_dict((info or {}).get(n)) or check_info(doc, n)).get("records") == "completeness"
+    ]
+    cell = next(
+        (c for c in as_list(doc.get("checks")) if isinstance(c, dict) and c.get("check") in judge), None
+    )
     tol = as_dict(cell.get("thresholds")).get("fail") if cell else None
     if not isinstance(tol, (int, float)):
         tol = as_dict(as_dict(doc.get("config")).get("values")).get("completeness_tolerance")
     res = [r.get("relative_residual") for r in recs]
     finite = sorted(v for v in res if isinstance(v, (int, float)) and not isinstance(v, bool))
-    above = sum(1 for v in res if not (isinstance(v, (int, float)) and isinstance(tol, (int, float)) and v <= tol)) \
-        if isinstance(tol, (int, float)) else None
+    above = (
+        sum(
+            1 for v in res if not (isinstance(v, (int, float)) and isinstance(tol, (int, float)) and v <= tol)
+        )
+        if isinstance(tol, (int, float))
+        else None
+    )
     shown = recs
     note = None
     if target == "pdf" and len(recs) > PDF_TABLE_ROWS:
-        shown = sorted(recs, key=lambda r: -(r.get("relative_residual") if isinstance(
-            r.get("relative_residual"), (int, float)) else float("inf")))[:PDF_TABLE_ROWS]
-        note = (f"The {PDF_TABLE_ROWS} images with the largest residual of {len(recs)}; "
-                "report.html and results.json list every image.")
-    rows = [{"image": str(r.get("image", "")),
-             "target": text_of(r.get("target_name") or r.get("target")),
-             "logit": fmt(r.get("logit")), "reconstructed": fmt(r.get("reconstructed")),
-             "residual": fmt(r.get("relative_residual")),
-             "bad": isinstance(tol, (int, float)) and not (isinstance(r.get("relative_residual"), (int, float))
-                                                           and r["relative_residual"] <= tol),
-             "unaccounted": text_of(r.get("unaccounted"), "")} for r in shown]
+        shown = sorted(
+            recs,
+            key=lambda r: (
+                -(
+                    r.get("relative_residual")
+                    if isinstance(r.get("relative_residual"), (int, float))
+                    else float("inf")
+                )
+            ),
+        )[:PDF_TABLE_ROWS]
+        note = (
+            f"The {PDF_TABLE_ROWS} images with the largest residual of {len(recs)}; "
+            "report.html and results.json list every image."
+        )
+    rows = [
+        {
+            "image": str(r.get("image", "")),
+            "target": text_of(r.get("target_name") or r.get("target")),
+            "logit": fmt(r.get("logit")),
+            "reconstructed": fmt(r.get("reconstructed")),
+            "residual": fmt(r.get("relative_residual")),
+            "bad": isinstance(tol, (int, float))
+            and not (isinstance(r.get("relative_residual"), (int, float)) and r["relative_residual"] <= tol),
+            "unaccounted": text_of(r.get("unaccounted"), ""),
+        }
+        for r in shown
+    ]
     stats = None
     if finite:
-        stats = {"n": len(recs), "max": fmt(finite[-1]), "median": fmt(finite[len(finite) // 2]),
-                 "tol": fmt(tol) if isinstance(tol, (int, float)) else "–", "above": above}
-    return {"rows": rows, "stats": stats, "note": note,
-            "status": status_of(cell) if cell else None,
-            "message": str(cell.get("message") or "") if cell else "",
-            "others": _delta_rows(doc)}
+        stats = {
+            "n": len(recs),
+            "max": fmt(finite[-1]),
+            "median": fmt(finite[len(finite) // 2]),
+            "tol": fmt(tol) if isinstance(tol, (int, float)) else "–",
+            "above": above,
+        }
+    return {
+        "rows": rows,
+        "stats": stats,
+        "note": note,
+        "status": status_of(cell) if cell else None,
+        "message": str(cell.get("message") or "") if cell else "",
+        "others": _delta_rows(doc),
+    }
 
 
 def _delta_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -235,57 +340,102 @@ def _delta_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for (method, ref), vals in groups.items():
         vals.sort()
-        rows.append({"method": method, "reference": ref, "n": len(vals),
-                     "median": f"{100 * vals[len(vals) // 2]:.3g}%",
-                     "max": f"{100 * vals[-1]:.3g}%"})
+        rows.append(
+            {
+                "method": method,
+                "reference": ref,
+                "n": len(vals),
+                "median": f"{100 * vals[len(vals) // 2]:.3g}%",
+                "max": f"{100 * vals[-1]:.3g}%",
+            }
+        )
     return rows
 
 
 def problems_view(doc: dict[str, Any], target: str) -> dict[str, Any]:
     inputs = as_dict(doc.get("inputs"))
-    skipped = [{"path": str(s.get("path", "")), "reason": str(s.get("reason", ""))}
-               for s in as_list(inputs.get("skipped")) if isinstance(s, dict)]
+    skipped = [
+        {"path": str(s.get("path", "")), "reason": str(s.get("reason", ""))}
+        for s in as_list(inputs.get("skipped"))
+        if isinstance(s, dict)
+    ]
     note = None
     if target == "pdf" and len(skipped) > PDF_TABLE_ROWS:
         note = f"The first {PDF_TABLE_ROWS} of {len(skipped)} skipped inputs; results.json lists all."
         skipped = skipped[:PDF_TABLE_ROWS]
     cells = [c for c in as_list(doc.get("checks")) if isinstance(c, dict)]
-    errors = [{"check": str(c.get("check")), "variant": variant_label(c), "message": str(c.get("message") or "")}
-              for c in cells if status_of(c) == "error"]
+    errors = [
+        {"check": str(c.get("check")), "variant": variant_label(c), "message": str(c.get("message") or "")}
+        for c in cells
+        if status_of(c) == "error"
+    ]
     skip_groups: dict[tuple[str, str], list[str]] = {}
     for c in cells:
         if status_of(c) == "skipped":
-            skip_groups.setdefault((str(c.get("check")), str(c.get("message") or "")), []).append(variant_label(c))
-    skipped_cells = [{"check": k[0], "reason": k[1], "count": len(v),
-                      "variants": ", ".join(v) if len(v) <= 6 else ", ".join(v[:6]) + f" and {len(v) - 6} more"}
-                     for k, v in skip_groups.items()]
-    methods = [{"method": str(m.get("method")), "status": str(m.get("status")), "reason": text_of(m.get("reason"))}
-               for m in as_list(doc.get("methods")) if isinstance(m, dict) and m.get("status") not in (None, "ok")]
+            skip_groups.setdefault((str(c.get("check")), str(c.get("message") or "")), []).append(
+                variant_label(c)
+            )
+    skipped_cells = [
+        {
+            "check": k[0],
+            "reason": k[1],
+            "count": len(v),
+            "variants": ", ".join(v) if len(v) <= 6 else ", ".join(v[:6]) + f" and {len(v) - 6} more",
+        }
+        for k, v in skip_groups.items()
+    ]
+    methods = [
+        {"method": str(m.get("method")), "status": str(m.get("status")), "reason": text_of(m.get("reason"))}
+        for m in as_list(doc.get("methods"))
+        if isinstance(m, dict) and m.get("status") not in (None, "ok")
+    ]
     model = as_dict(doc.get("model"))
-    notes = [str(n) for n in as_list(model.get("limitations"))] + [str(n) for n in as_list(model.get("notes"))]
-    image_notes = [{"image": str(r.get("image")), "notes": text_of(r.get("notes"))}
-                   for r in as_list(doc.get("images")) if isinstance(r, dict) and as_list(r.get("notes"))]
+    notes = [str(n) for n in as_list(model.get("limitations"))] + [
+        str(n) for n in as_list(model.get("notes"))
+    ]
+    image_notes = [
+        {"image": str(r.get("image")), "notes": text_of(r.get("notes"))}
+        for r in as_list(doc.get("images"))
+        if isinstance(r, dict) and as_list(r.get("notes"))
+    ]
     if target == "pdf":
         image_notes = image_notes[:PDF_TABLE_ROWS]
     reason = as_dict(doc.get("summary")).get("reason")
-    return {"skipped": skipped, "skipped_note": note, "errors": errors, "skipped_cells": skipped_cells,
-            "methods": methods, "model_notes": notes, "image_notes": image_notes,
-            "reason": str(reason) if reason else None}
+    return {
+        "skipped": skipped,
+        "skipped_note": note,
+        "errors": errors,
+        "skipped_cells": skipped_cells,
+        "methods": methods,
+        "model_notes": notes,
+        "image_notes": image_notes,
+        "reason": str(reason) if reason else None,
+    }
 
 
 def configuration_view(doc: dict[str, Any]) -> dict[str, Any]:
     config = as_dict(doc.get("config"))
     values, sources = as_dict(config.get("values")), as_dict(config.get("sources"))
-    rows = [{"name": str(k), "value": text_of(v), "source": text_of(sources.get(k), "default")}
-            for k, v in values.items()]
+    rows = [
+        {"name": str(k), "value": text_of(v), "source": text_of(sources.get(k), "default")}
+        for k, v in values.items()
+    ]
     run = as_dict(doc.get("run"))
     env = [(str(k), text_of(v)) for k, v in as_dict(run.get("versions")).items()]
-    env += [("device", text_of(run.get("device"))), ("seed", text_of(run.get("seed"))),
-            ("started at", text_of(run.get("started_at"))),
-            ("duration", (fmt(run["duration_s"]) + " s") if isinstance(run.get("duration_s"), (int, float)) else "–")]
+    env += [
+        ("device", text_of(run.get("device"))),
+        ("seed", text_of(run.get("seed"))),
+        ("started at", text_of(run.get("started_at"))),
+        (
+            "duration",
+            (fmt(run["duration_s"]) + " s") if isinstance(run.get("duration_s"), (int, float)) else "–",
+        ),
+    ]
     timings = as_dict(doc.get("timings"))
-    stages = [(str(k), fmt(v) + " s" if isinstance(v, (int, float)) else text_of(v))
-              for k, v in as_dict(timings.get("per_stage")).items()]
+    stages = [
+        (str(k), fmt(v) + " s" if isinstance(v, (int, float)) else text_of(v))
+        for k, v in as_dict(timings.get("per_stage")).items()
+    ]
     refs = list(REFERENCES)
     for info in as_dict(doc.get("check_info")).values():
         if isinstance(info, dict) and info.get("reference"):
@@ -293,5 +443,10 @@ def configuration_view(doc: dict[str, Any]) -> dict[str, Any]:
     for m in as_list(doc.get("methods")):
         if isinstance(m, dict) and m.get("reference") and str(m.get("reference")) not in ("control",):
             refs.append(f"{m.get('method')}: {m['reference']}")
-    return {"rows": rows, "file": text_of(config.get("file"), ""), "environment": env,
-            "stages": stages, "references": list(dict.fromkeys(refs))}
+    return {
+        "rows": rows,
+        "file": text_of(config.get("file"), ""),
+        "environment": env,
+        "stages": stages,
+        "references": list(dict.fromkeys(refs)),
+    }

@@ -7,14 +7,28 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
 from ..result import AuditResult
-from .context import (STATUS_TEXT, check_info, check_order, fmt, gate_status_of, status_of,
-                      variant_label, verdict_rows)
+from .context import (
+    STATUS_TEXT,
+    check_info,
+    check_order,
+    fmt,
+    gate_status_of,
+    status_of,
+    variant_label,
+    verdict_rows,
+)
 from .output import FILES
 
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "red", "error": "magenta", "skipped": "dim"}
@@ -26,8 +40,14 @@ def progress_bar(console: Console, quiet: bool) -> Iterator:
     if quiet:
         yield None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=False) as bar:
         tasks: dict[str, int] = {}
 
@@ -55,7 +75,13 @@ def _cell(cell: dict | None, with_value: bool, letters: bool = False) -> Text:
     text += "?" if cell.get("inconclusive") and not control else ""
     if with_value and cell.get("value") is not None:
         text += f" {fmt(cell.get('value'), 2)}"
-    style = "dim" if control in ("expected", "reference") else "bold yellow" if control == "unexpected" else _STYLE[st]
+    style = (
+        "dim"
+        if control in ("expected", "reference")
+        else "bold yellow"
+        if control == "unexpected"
+        else _STYLE[st]
+    )
     return Text(text, style=style)
 
 
@@ -70,13 +96,24 @@ def verdict_table(doc: dict, width: int) -> tuple[Table, str] | None:
     label_w = max(len(r["label"]) for r in rows)
     short = {c: check_info(doc, c)["short"] for c in checks}  # column heads of narrow tables
     cells = {(i, c): r["cells"].get(c) for i, r in enumerate(rows) for c in checks}
-    forms = (("full", True, False), ("short", True, False), ("status", False, False),
-             ("letters", False, True))
+    forms = (
+        ("full", True, False),
+        ("short", True, False),
+        ("status", False, False),
+        ("letters", False, True),
+    )
     for form, with_value, letters in forms:
-        heads = ([c for c in checks] if form == "full" else
-                 [str(k + 1) for k in range(len(checks))] if letters else [short[c] for c in checks])
-        widths = [max(len(h), *(len(_cell(cells[(i, c)], with_value, letters).plain) for i in range(len(rows))))
-                  for h, c in zip(heads, checks)]
+        heads = (
+            [c for c in checks]
+            if form == "full"
+            else [str(k + 1) for k in range(len(checks))]
+            if letters
+            else [short[c] for c in checks]
+        )
+        widths = [
+            max(len(h), *(len(_cell(cells[(i, c)], with_value, letters).plain) for i in range(len(rows))))
+            for h, c in zip(heads, checks)
+        ]
         if label_w + 3 + sum(w + 3 for w in widths) + 1 <= width:
             break
     table = Table(title="saliaudit verdicts", show_lines=False, pad_edge=False)
@@ -88,8 +125,13 @@ def verdict_table(doc: dict, width: int) -> tuple[Table, str] | None:
     return table, form
 
 
-def print_summary(console: Console, result: AuditResult | dict, out: Path,
-                  formats: list[str] | None = None, max_findings: int = 12) -> None:
+def print_summary(
+    console: Console,
+    result: AuditResult | dict,
+    out: Path,
+    formats: list[str] | None = None,
+    max_findings: int = 12,
+) -> None:
     """Verdict table (methods × checks), the worst findings, the overall line and the files.
 
     Every text from the results goes through :class:`rich.text.Text`, so a file name or a
@@ -106,19 +148,26 @@ def print_summary(console: Console, result: AuditResult | dict, out: Path,
         if form in ("short", "status"):
             lines.append(", ".join(f"{check_info(doc, c)['short']} = {c}" for c in check_order(doc)))
         elif form == "letters":
-            lines.append(", ".join(f"{k + 1} = {c}" for k, c in enumerate(check_order(doc)))
-                         + " · P pass, W warn, F fail, E error, s skipped")
+            lines.append(
+                ", ".join(f"{k + 1} = {c}" for k, c in enumerate(check_order(doc)))
+                + " · P pass, W warn, F fail, E error, s skipped"
+            )
         if any(isinstance(c, dict) and c.get("control") for c in doc.get("checks") or []):
-            lines.append("* a control (random, edge): a check must not pass it, so its FAIL shows "
-                         "the check working · ! a control passed: that check is unreliable here")
+            lines.append(
+                "* a control (random, edge): a check must not pass it, so its FAIL shows "
+                "the check working · ! a control passed: that check is unreliable here"
+            )
         if any(isinstance(c, dict) and c.get("inconclusive") for c in doc.get("checks") or []):
             need = (doc.get("summary") or {}).get("images_to_decide")
-            lines.append("? inconclusive: the 95 % interval of the value lies across a threshold"
-                         + (f"; about {need} images would decide every such verdict"
-                            if isinstance(need, int) else ""))
+            lines.append(
+                "? inconclusive: the 95 % interval of the value lies across a threshold"
+                + (f"; about {need} images would decide every such verdict" if isinstance(need, int) else "")
+            )
         if lines:
             console.print(Text("\n".join(lines), style="dim"), soft_wrap=True)
-    bad = [c for c in doc.get("checks") or [] if isinstance(c, dict) and gate_status_of(c) in ("fail", "error")]
+    bad = [
+        c for c in doc.get("checks") or [] if isinstance(c, dict) and gate_status_of(c) in ("fail", "error")
+    ]
     for c in bad[:max_findings]:
         st = status_of(c)
         line = Text()
@@ -128,8 +177,11 @@ def print_summary(console: Console, result: AuditResult | dict, out: Path,
     if len(bad) > max_findings:
         console.print(f"… {len(bad) - max_findings} more FAIL/ERROR cells in the report", markup=False)
     inputs = doc.get("inputs") or {}
-    console.print(f"images: {inputs.get('loaded', 0)} audited, {len(inputs.get('skipped', []))} "
-                  f"skipped of {inputs.get('found', 0)} found", markup=False)
+    console.print(
+        f"images: {inputs.get('loaded', 0)} audited, {len(inputs.get('skipped', []))} "
+        f"skipped of {inputs.get('found', 0)} found",
+        markup=False,
+    )
     s = doc.get("summary") or {}
     status = str(s.get("status") or "error")
     gate = "FAILED" if s.get("gate_failed") else "passed"
@@ -137,7 +189,8 @@ def print_summary(console: Console, result: AuditResult | dict, out: Path,
     line.append(STATUS_TEXT.get(status, status.upper()), style=_STYLE.get(status, ""))
     line.append(f" · gate (--fail-on {s.get('fail_on')}) {gate} · results: {out / 'results.json'}")
     console.print(line, soft_wrap=True)
-    files = [out / FILES[f] for f in (formats or []) if f in FILES and f != "json"
-             and (out / FILES[f]).exists()]
+    files = [
+        out / FILES[f] for f in (formats or []) if f in FILES and f != "json" and (out / FILES[f]).exists()
+    ]
     if files:
         console.print("report: " + ", ".join(str(f) for f in files), markup=False, soft_wrap=True)

@@ -72,7 +72,8 @@ class OfficialFullGrad:
         cam = self.post_process(input_grad * image).sum(1, keepdim=True)
         for t in terms:
             if t.dim() == image.dim():
-                up = F.interpolate(self.post_process(t), size=image.shape[2:], mode="bilinear",
-                                   align_corners=True)
+                up = F.interpolate(
+                    self.post_process(t), size=image.shape[2:], mode="bilinear", align_corners=True
+                )
                 cam = cam + up.sum(1, keepdim=True)
         return cam[:, 0]
