@@ -3,7 +3,8 @@
 Never boilerplate: each caveat is produced only when its numbers support it and it carries
 them. Kinds:
 
-- ``abs_discards``: the share of FullGrad's bias-gradient mass whose sign ``abs`` throws away
+- ``abs_discards``: the share of FullGrad's gradient mass (input-gradient and bias terms)
+  whose sign ``abs`` throws away
   (the negative part of each layer's term, Σ max(−t, 0) / Σ |t|), per layer.
 - ``psi_changes_verdict``: a check whose decisive verdicts for a method with ψ variants
   (FullGrad) differ between ψ presets, with a paired difference over the same images whose

@@ -101,6 +101,13 @@ class LoadedModel:
             return self.static_batch, self.static_batch
         return (self.max_batch or max(n, 1)), self.min_batch
 
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable logits ``(B, K)`` of preprocessed ``x`` (chunked as the graph needs;
+        a module left in training mode runs as an eval-mode copy): what a method calls."""
+        from .methods.common import forward_fn
+
+        return forward_fn(self)(x.to(self.device))
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Run the module without gradients, in chunks the graph accepts; returns (B, K)."""
         x = x.to(self.device)

@@ -50,6 +50,7 @@ def register_method(
     reference: str = "",
     needs_internals: bool = False,
     summary: str = "",
+    reference_input: Callable[..., torch.Tensor] | None = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Decorator: register ``fn(model, x, targets, **params) -> (B, C, H, W)`` as a method.
 
@@ -60,8 +61,11 @@ def register_method(
         reference: the paper or source, shown in the report.
         needs_internals: the method needs layer internals (skipped on TorchScript models).
         summary: one line for ``saliaudit methods`` (default: the docstring's first line).
+        reference_input: for a method whose attributions should sum to ``f(x) − f(x̄)``,
+            ``fn(model, x, **params) -> (K, B, C, H, W)`` giving ``x̄``; the audit then reports
+            its summation-to-delta per image.
 
-    ``fn`` gets the model (call it as ``model(x)``; the loaded model wraps the user's module),
+    ``fn`` gets the model (``model(x)`` gives differentiable logits; the loaded model wraps the user's module),
     images ``x`` ``(B, C, H, W)`` preprocessed on the model's device and the target classes
     ``(B,)``; its keyword-only arguments with defaults are the method's parameters. It returns
     a signed attribution at input resolution, post-processed like the built-in methods
@@ -76,6 +80,7 @@ def register_method(
         reference=reference,
         summary=summary,
         origin=_origin.get() or _caller_module(),
+        reference_input=reference_input,
     )
 
 

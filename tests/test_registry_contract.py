@@ -123,7 +123,7 @@ def audit_doc() -> dict:
     result = saliaudit.audit(
         MODEL,
         IMAGES,
-        methods=["fullgrad", "gradient", "random", "edge"],
+        methods=["fullgrad", "gradient", "random", "edge", "edge_signed"],
         psi=["paper", "signed"],
         max_images=8,
         masks=str(MASKS),

@@ -38,6 +38,9 @@ def _load() -> None:
     for info in pkgutil.iter_modules(__path__):
         if not info.name.startswith("_"):
             importlib.import_module(f"{__name__}.{info.name}")
+    from ..plugins import load_entry_points
+
+    load_entry_points("saliaudit.checks")
 
 
 def check_names() -> list[str]:
@@ -48,10 +51,13 @@ def check_names() -> list[str]:
 
 def get_check(name: str) -> type[Check]:
     """A check class by name; :class:`~saliaudit.errors.UsageError` lists the valid ones."""
-    from ..errors import UsageError
+    from ..errors import UsageError, suggest
 
     _load()
     try:
         return CHECKS[name]
     except KeyError:
-        raise UsageError(f"unknown check {name!r}", hint="choose from " + ", ".join(check_names())) from None
+        raise UsageError(
+            f"unknown check {name!r}" + suggest(name, check_names()),
+            hint="choose from " + ", ".join(check_names()),
+        ) from None

@@ -261,6 +261,7 @@ class Check:
             "aggregate": cls.aggregate,
             "compares_psi": bool(cls.compares_psi),
             "interval_verdict": bool(cls.interval_verdict),
+            "verdict_from_controls": bool(cls.verdict_from_controls),
             "value_range": list(cls.value_range) if cls.value_range else None,
             "origin": getattr(cls, "origin", "builtin"),
         }
@@ -442,6 +443,12 @@ def generic_info(name: str) -> dict[str, Any]:
         "shows_class_maps": False,
         "informational": False,
         "records": None,
+        "aggregate": "mean",
+        "interval_verdict": False,
+        "value_range": None,
+        "verdict_from_controls": False,
+        "compares_psi": True,
+        "origin": "unknown",
     }
 
 

@@ -240,7 +240,11 @@ class Randomization(Check):
         2018, guided backprop in Fig. 2) and ``resembles_edge`` (maps more alike the
         model-independent edge control than their own maps on the fully randomized model)."""
         out = [c for c in (_survivor(c) for c in cells) if c is not None]
-        rand = {c.variant: c.value for c in cells if c.value is not None}
+        rand = {}
+        for c in cells:
+            final = (c.series.get("final") or {}).get(c.series.get("verdict_metric", "spearman_abs"))
+            if isinstance(final, (int, float)):
+                rand[c.variant] = float(final)
         for variant, sim_edge in sorted(context.get("edge_similarity", {}).items()):
             if variant.startswith("edge/") or variant not in rand:
                 continue

@@ -2,7 +2,7 @@
 
 An exception inside one (check, method) pair becomes ERROR for that pair's cells and the
 audit goes on; a check that cannot apply is SKIPPED with the reason. Out-of-memory on the
-device retries the batch in halves before the cell fails (docs/checks.md, "How a verdict is decided"; issue 6).
+device retries the batch in halves before the cell fails (docs/checks.md, "How verdicts are decided"; issue 6).
 """
 
 from __future__ import annotations

@@ -22,8 +22,10 @@ Verdict: "better than random" = the mean advantage exceeds ``min_advantage`` and
 rank test of :func:`~saliaudit.checks.removal.better_than_random` (the map's order beats the
 random orders more often than a random order would) gives p < ``alpha``. FAIL when not better;
 WARN when better but the map beats fewer than ``warn_win_rate`` (75 %) of the random orders
-(better on average, inconsistent across images); PASS otherwise. A model-independent control
-has ``D = 0`` (a constant map ranked by the seeded tie-break, i.e. a random order) and fails.
+(better on average, inconsistent across images); PASS otherwise. A control whose map does not
+depend on the class (``random``, ``edge``) has ``D = 0``: no pixel is evidence for ``c`` over
+``c′``, nothing is removed, and it fails. (``edge_signed`` flips sign with the class, so
+``D = 2E > 0``: it is a reference here, not a must-fail control.)
 
 As DeepLIFT defines it, only pixels where ``D > 0`` are removed (up to each fraction's
 budget; the random orders remove as many pixels), so a map with no evidence for ``c`` over

@@ -92,7 +92,7 @@ def edge(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @register(
     "edge_signed",
     family="control",
-    reference="control for sign flips (Khakzar et al. 2021; edge baseline of Adebayo et al. 2018)",
+    reference="control for sign flips (Khakzar et al. 2020; edge baseline of Adebayo et al. 2018)",
     summary="control: the edge map, negated for every class but the top-1 (evidence "
     "in the same place for every class, only its sign changes)",
 )
@@ -108,7 +108,7 @@ def edge_signed(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     Parameters: none.
     Returns: ``(B, 1, H, W)`` on ``x``'s device.
     Reference: the sign-flip trap of class sensitivity for signed maps (Khakzar, Baselizadeh
-    & Navab 2021), built on the edge baseline of Adebayo et al. 2018.
+    & Navab 2020), built on the edge baseline of Adebayo et al. 2018.
     """
     t = as_targets(targets, x)
     with torch.no_grad():

@@ -113,7 +113,7 @@ def cover_view(doc: dict[str, Any]) -> dict[str, Any]:
     }
     if any(controls.values()):
         headline += (
-            f"; controls (random, edge): {controls['expected']} failed as they must"
+            f"; controls (model-independent maps): {controls['expected']} failed as they must"
             + (
                 f", {controls['unexpected']} PASSED a check they must fail (that check is unreliable here)"
                 if controls["unexpected"]
