@@ -96,15 +96,38 @@ def _define_toy() -> type[Check]:
     return ToyMeanAbs
 
 
+TOY_METHOD = "toy_centre_map"
+
+
+def _define_toy_method() -> None:
+    """A toy method, registered with the public decorator from this test module."""
+    import saliaudit
+
+    @saliaudit.register_method(TOY_METHOD, family="gradient", reference="a test of the registry")
+    def toy_centre(model, x, targets, *, width: float = 0.25):
+        """A centred Gaussian bump scaled by the target logit (toy)."""
+        h, w = x.shape[2:]
+        yy = torch.linspace(-1, 1, h).view(-1, 1)
+        xx = torch.linspace(-1, 1, w).view(1, -1)
+        bump = torch.exp(-(xx**2 + yy**2) / width)
+        logit = model(x).gather(1, targets.view(-1, 1)).detach()
+        return (bump * logit.view(-1, 1, 1)).unsqueeze(1)
+
+
 @pytest.fixture
 def toy() -> Iterator[type[Check]]:
+    from saliaudit.methods import METHODS, method_names
+
     check_names()  # the built-in checks first
+    method_names()
     cls = _define_toy()
+    _define_toy_method()
     try:
         yield cls
     finally:
         CHECKS.pop(TOY, None)
-    assert TOY not in check_names()
+        METHODS.pop(TOY_METHOD, None)
+    assert TOY not in check_names() and TOY_METHOD not in method_names()
 
 
 @pytest.fixture
@@ -124,7 +147,7 @@ def audited(toy, tmp_path, monkeypatch) -> dict[str, Any]:
             "-o",
             str(out),
             "--methods",
-            "gradient,random",
+            f"gradient,random,{TOY_METHOD}",
             "--checks",
             TOY,
             "--max-images",
@@ -180,8 +203,15 @@ def test_toy_check_everywhere(audited, toy):
     # results.json: cells and check_info
     cells = [c for c in doc["checks"] if c["check"] == TOY]
     assert {(c["method"], c["post"]) for c in cells} == {
-        (m, p) for m in ("gradient", "random") for p in ("signed", "abs")
+        (m, p) for m in ("gradient", "random", TOY_METHOD) for p in ("signed", "abs")
     }
+    # the toy method: in the results, the terminal table, the HTML, JUnit and the listing
+    entry = next(m for m in doc["methods"] if m["method"] == TOY_METHOD)
+    assert entry["status"] == "ok" and entry["params"] == {"width": 0.25}
+    assert f"{TOY_METHOD}/signed" in output
+    methods_listing = CliRunner().invoke(app, ["methods"])
+    assert methods_listing.exit_code == 0 and TOY_METHOD in methods_listing.output
+    assert "A centred Gaussian bump" in methods_listing.output
     assert all(c["status"] == "pass" and c["value"] > 0 for c in cells)
     info = doc["check_info"][TOY]
     assert set(FIELDS) <= set(info)
@@ -201,7 +231,9 @@ def test_toy_check_everywhere(audited, toy):
     # JUnit: one test case per cell, named by the check, with its title
     root = ET.fromstring((out / "junit.xml").read_text(encoding="utf-8"))
     cases = [c for c in root.iter("testcase") if c.get("classname") == TOY]
-    assert len(cases) == 4
+    assert len(cases) == 6
+    assert any(TOY_METHOD in (c.get("name") or "") for c in cases)
+    assert TOY_METHOD in (out / "report.html").read_text(encoding="utf-8")
     props = {p.get("name"): p.get("value") for p in cases[0].iter("property")}
     assert props["check_title"] == toy.title and props["higher_is_better"] == "true"
     # saliaudit checks lists it

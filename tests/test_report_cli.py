@@ -144,7 +144,7 @@ def test_report_without_pdf_backend_exits_3(assets, tmp_path, monkeypatch):
     out = tmp_path / "out"
     result = audit(assets, out, "--format", "html,pdf,json", "-q")
     line = one_error_line(result, 3)
-    assert "pip install 'saliaudit[pdf]'" in line and "libpango-1.0-0 libpangoft2-1.0-0" in line
+    assert "saliaudit doctor" in line and "libpango-1.0-0 libpangoft2-1.0-0" in line
     assert (out / "report.html").is_file() and (out / "results.json").is_file()
     assert not (out / "report.pdf").exists()
     doc = json.loads((out / "results.json").read_text(encoding="utf-8"))

@@ -203,7 +203,7 @@ def test_missing_weasyprint_writes_the_rest(tmp_path, monkeypatch):
         write_outputs(doc, tmp_path, ["html", "pdf", "json", "junit"], examples=1, examples_html=1)
     message = str(err.value)
     assert err.value.exit_code == 3 and "\n" not in message
-    assert "pip install 'saliaudit[pdf]'" in message and "libpango-1.0-0 libpangoft2-1.0-0" in message
+    assert "saliaudit doctor" in message and "libpango-1.0-0 libpangoft2-1.0-0" in message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junit.xml", "report.html", "results.json"]
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 

@@ -35,7 +35,8 @@ from .html import render_html
 __all__ = ["PdfUnavailableError", "load_weasyprint", "render_pdf", "data_url", "INSTALL_HINT"]
 
 INSTALL_HINT = (
-    "pip install 'saliaudit[pdf]'; on Debian/Ubuntu also apt-get install libpango-1.0-0 libpangoft2-1.0-0"
+    "WeasyPrint needs the Pango libraries: on Debian/Ubuntu apt-get install libpango-1.0-0 "
+    "libpangoft2-1.0-0, on macOS brew install pango; saliaudit doctor says what is missing"
 )
 _DATA = re.compile(r"data:([^,;]*)((?:;[^,;]*)*?)(;base64)?,(.*)\Z", re.S | re.I)
 
