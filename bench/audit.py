@@ -213,6 +213,11 @@ def main() -> int:
     print(f"{'stage':<32}{'s':>9}{'× floor':>10}")
     for stage, sec in sorted(full["per_stage"].items(), key=lambda kv: -kv[1]):
         print(f"{stage:<32}{sec:>9.2f}{sec / floor:>10.1f}")
+    stats_s = full["per_stage"].get("statistics", float("nan"))
+    print(
+        f"statistics of the verdicts (intervals, paired tests against the controls, FDR): "
+        f"{stats_s:.2f} s = {100 * stats_s / full['wall_s']:.2f}% of the audit"
+    )
 
     print(
         "\nmatching checks on gradient maps (saliaudit --methods gradient --post abs) vs Quantus 'Saliency':"

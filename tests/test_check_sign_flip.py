@@ -229,5 +229,6 @@ def test_baseline_dependent_caveat():
         },
     )
     (cav,) = SignFlip.caveats([cell, same], {})
-    assert cav["kind"] == "baseline_dependent" and cav["variant"] == "gradient/signed"
-    assert "PASS with mean removal but FAIL with black removal" in cav["message"]
+    assert cav["kind"] == "baseline_dependent" and list(cav["numbers"]) == ["gradient/signed"]
+    assert "1 of 2 maps" in cav["message"]
+    assert "gradient/signed: PASS with mean, FAIL with black" in cav["message"]

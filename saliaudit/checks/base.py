@@ -16,6 +16,7 @@ may stop measuring once it has seen ``params["max_images"]`` images (expensive c
 from __future__ import annotations
 
 import statistics
+import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -235,6 +236,7 @@ class Check:
         self.seen = 0  # images measured so far (for max_images)
         #: The images to measure, when the audit drew a sample for ``max_images``.
         self.sample: set[str] | None = None
+        self.stats_seconds = 0.0  # time spent on intervals (the statistics of the verdicts)
 
     @classmethod
     def describe(cls) -> dict[str, Any]:
@@ -373,6 +375,13 @@ class Check:
         return cell
 
     def _with_interval(self, cell: CheckResult, m: Measurement, variant: Variant) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._interval(cell, m, variant)
+        finally:
+            self.stats_seconds += time.perf_counter() - t0
+
+    def _interval(self, cell: CheckResult, m: Measurement, variant: Variant) -> None:
         from .. import stats
 
         value = float(cell.value)  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ device retries the batch in halves before the cell fails (docs/checks.md, "How v
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -203,7 +204,9 @@ class CheckRunner:
                             cells.append(check.judge(v, self.acc[(check.name, v)]))
                         except Exception as err:
                             cells.append(self._plain(check, v, "error", _error_text(err)))
+        t0 = time.perf_counter()
         self.calibration = calibrate(cells, self._by_name)
+        self.timings["statistics"] = time.perf_counter() - t0 + sum(c.stats_seconds for c in self.checks)
         for cell in cells:
             cell.control = control_expectation(cell, self._by_name[cell.check])
         return cells

@@ -391,32 +391,46 @@ class SignFlip(Check):
 
     @classmethod
     def caveats(cls, cells: list[CheckResult], context: dict[str, Any]) -> list[dict[str, Any]]:
-        """``baseline_dependent``: a cell whose verdict changes with the removal value."""
-        out = []
-        for c in cells:
-            other = c.series.get("other") or {}
-            if c.series.get("baseline_dependent") and c.status in ("pass", "warn", "fail"):
-                out.append(
-                    {
-                        "kind": "baseline_dependent",
-                        "check": c.check,
-                        "variant": c.variant,
-                        "numbers": {
-                            "baseline": c.series.get("baseline"),
-                            "status": c.status,
-                            "other_baseline": other.get("baseline"),
-                            "other_status": other.get("status"),
-                        },
-                        "message": (
-                            f"{c.check} of {c.variant}: {c.status.upper()} with "
-                            f"{c.series.get('baseline')} removal but "
-                            f"{str(other.get('status')).upper()} with {other.get('baseline')} "
-                            "removal. The removal value, not the map alone, decides this "
-                            "verdict (out-of-distribution pixels)."
-                        ),
-                    }
-                )
-        return out
+        """``baseline_dependent``: the maps whose verdict changes with the removal value (one
+        caveat listing them all, with each verdict under both values)."""
+        changed = [
+            c
+            for c in cells
+            if c.series.get("baseline_dependent")
+            and c.status in ("pass", "warn", "fail")
+            and c.control is None
+        ]
+        if not changed:
+            return []
+        judged = [c for c in cells if c.status in ("pass", "warn", "fail") and c.control is None]
+        rows = {
+            c.variant: {
+                "baseline": c.series.get("baseline"),
+                "status": c.status,
+                "other_baseline": (c.series.get("other") or {}).get("baseline"),
+                "other_status": (c.series.get("other") or {}).get("status"),
+            }
+            for c in changed
+        }
+        shown = "; ".join(
+            f"{v}: {r['status'].upper()} with {r['baseline']}, "
+            f"{str(r['other_status']).upper()} with {r['other_baseline']}"
+            for v, r in list(rows.items())[:8]
+        )
+        more = f"; and {len(rows) - 8} more" if len(rows) > 8 else ""
+        return [
+            {
+                "kind": "baseline_dependent",
+                "check": cells[0].check,
+                "numbers": rows,
+                "message": (
+                    f"{cells[0].check}: the verdict of {len(rows)} of {len(judged)} "
+                    "maps changes with the value removed pixels take, so the removal "
+                    "value, not the map alone, decides it (out-of-distribution pixels): "
+                    f"{shown}{more}."
+                ),
+            }
+        ]
 
 
 def _notes(m: Measurement) -> str:
