@@ -18,7 +18,15 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .errors import EXIT_CANNOT_RUN, EXIT_GATE, EXIT_INTERRUPTED, EXIT_OK, SaliauditError, UsageError
+from .errors import (
+    EXIT_CANNOT_RUN,
+    EXIT_GATE,
+    EXIT_INTERRUPTED,
+    EXIT_NO_VERDICT,
+    EXIT_OK,
+    SaliauditError,
+    UsageError,
+)
 
 if TYPE_CHECKING:
     from .report.output import OutputFolder
@@ -241,6 +249,11 @@ def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
         if pdf_error is not None:
             err_console.print(f"saliaudit: error: {pdf_error}", markup=False, soft_wrap=True)
             return pdf_error.exit_code
+        if result.summary.get("no_verdict") and cfg.fail_on != "never":
+            err_console.print(
+                f"saliaudit: no verdict: {result.summary.get('reason')}", markup=False, soft_wrap=True
+            )
+            return EXIT_NO_VERDICT
         return EXIT_GATE if result.summary.get("gate_failed") else EXIT_OK
     except (KeyboardInterrupt, Interrupted):
         reason = "interrupted by SIGTERM" if sys.exc_info()[0] is Interrupted else "interrupted (Ctrl-C)"

@@ -16,6 +16,7 @@ EXIT_GATE = 1
 EXIT_USAGE = 2
 EXIT_CANNOT_RUN = 3
 EXIT_NO_IMAGES = 4
+EXIT_NO_VERDICT = 5  # the audit ran, but no check judged any method: nothing to gate on
 EXIT_INTERRUPTED = 130
 
 

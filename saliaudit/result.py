@@ -51,6 +51,10 @@ class CheckResult:
     #: than every control cannot PASS.
     controls: dict[str, Any] = field(default_factory=dict)
     signed: bool | None = None  # the judged map keeps negative evidence
+    #: Share of the images whose value rests on a convention (a constant map, whose
+    #: similarity is defined rather than measured); above the check's
+    #: ``max_degenerate_share`` a PASS becomes WARN.
+    degenerate: float | None = None
 
     @property
     def variant(self) -> str:
@@ -139,12 +143,21 @@ class AuditResult:
         if "error" in gated and overall == "fail" and "fail" not in gated:
             overall = "error"
         needed = [c.images_needed for c in inconclusive if c.images_needed]
+        judged = [c for c in self.checks if c.control is None and c.status in ("pass", "warn", "fail")]
+        no_verdict = not judged
+        if no_verdict and status is None:
+            overall = "skipped"
+            reason = reason or (
+                "no check judged any method: the selected checks do not apply to the selected "
+                "methods, or only controls were audited (see saliaudit checks and saliaudit methods)"
+            )
         self.summary = {
             "status": status or overall,
             "fail_on": fail_on,
             "counts": counts,
             "controls": controls,
-            "gate_failed": gate_failed(self.checks, fail_on),
+            "gate_failed": gate_failed(self.checks, fail_on) or (no_verdict and fail_on != "never"),
+            "no_verdict": no_verdict,
             "inconclusive": len(inconclusive),
             "images_to_decide": max(needed) if needed else None,
         }

@@ -374,6 +374,23 @@ class Check:
             self._with_interval(cell, m, variant)
         return cell
 
+    def mark_degenerate(self, cell: CheckResult, count: int, n: int) -> CheckResult:
+        """Record that ``count`` of ``n`` images rest on a convention (constant maps); a PASS
+        with a larger share than ``params["max_degenerate_share"]`` becomes WARN."""
+        if n <= 0 or cell.status in ("error", "skipped"):
+            return cell
+        share = count / n
+        cell.degenerate = share
+        limit = self.p.get("max_degenerate_share")
+        if cell.status == "pass" and limit is not None and share > float(limit):
+            cell.status = "warn"
+            cell.message = (
+                f"rests on a convention: {count} of {n} images had a constant map, whose "
+                f"similarity is defined, not measured ({share:.0%} > max_degenerate_share "
+                f"{float(limit):.0%}). {cell.message}"
+            )
+        return cell
+
     def _with_interval(self, cell: CheckResult, m: Measurement, variant: Variant) -> None:
         t0 = time.perf_counter()
         try:

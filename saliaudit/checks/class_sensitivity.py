@@ -87,6 +87,8 @@ class ClassSensitivity(Check):
         "metric": "hog",
         "max_images": None,  # all images
         "figure_images": 3,  # example images (first by name) whose two maps are stored
+        # a PASS resting on constant maps for more than this share of the images is a WARN
+        "max_degenerate_share": 0.25,
     }
 
     def __init__(
@@ -249,4 +251,5 @@ class ClassSensitivity(Check):
             msg += f"; top-1 vs runner-up {ru:.2f}"
         if notes:
             msg += "; " + "; ".join(notes)
-        return self.result(variant, m, status, value, msg, **series)
+        cell = self.result(variant, m, status, value, msg, **series)
+        return self.mark_degenerate(cell, int(sum(bool(d) for d in degenerate)), n)

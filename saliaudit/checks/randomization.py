@@ -123,6 +123,8 @@ class Randomization(Check):
         "independent": True,  # also independent (one group at a time) randomization
         "max_images": 16,  # expensive: steps × methods map computations per image
         "figure_images": 3,  # example images (first by name) that get a cascade strip
+        # a PASS resting on constant maps for more than this share of the images is a WARN
+        "max_degenerate_share": 0.25,
     }
 
     def __init__(
@@ -216,6 +218,15 @@ class Randomization(Check):
             final = curve.mean(1) if self.p["verdict"] == "mean" else curve[:, -1]
             extra: dict[str, Any] = {
                 "degenerate_final": [bool(d) for d in degenerate[v][f"cascading_{metric}"][:, -1]],
+                # per image: does its verdict value rest on a constant map (any cascade step)?
+                "degenerate_verdict": [
+                    bool(d)
+                    for d in (
+                        degenerate[v][f"cascading_{metric}"].any(1)
+                        if self.p["verdict"] == "mean"
+                        else degenerate[v][f"cascading_{metric}"][:, -1]
+                    )
+                ],
                 "degenerate_pairs": [int(sum(d[i].sum() for d in degenerate[v].values())) for i in range(n)],
             }
             for m in METRICS:
@@ -269,6 +280,7 @@ class Randomization(Check):
         metric = self.p["metric"]
         n = len(m.values)
         deg_final = m.extra.pop("degenerate_final", [])
+        deg_verdict = m.extra.pop("degenerate_verdict", [])
         deg_pairs = m.extra.pop("degenerate_pairs", [])
         finals = {k: m.extra.pop(f"final_{k}", []) for k in METRICS}
         figs = self._figures.get(variant) or m.extra.get("figures")
@@ -329,7 +341,8 @@ class Randomization(Check):
             msg = "no finite similarity was measured"
         if notes:
             msg += "; " + "; ".join(notes)
-        return self.result(variant, m, status, value, msg, **series)
+        cell = self.result(variant, m, status, value, msg, **series)
+        return self.mark_degenerate(cell, int(sum(bool(d) for d in deg_verdict)), n)
 
 
 def _is_control(method: str) -> bool:

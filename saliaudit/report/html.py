@@ -231,6 +231,15 @@ def _charts(
     return groups, omitted
 
 
+def _cell_notes(c: dict[str, Any]) -> str:
+    """``inconclusive`` and the share of constant maps a verdict rests on, for the tables."""
+    notes = ["inconclusive"] if c.get("inconclusive") else []
+    deg = c.get("degenerate")
+    if isinstance(deg, (int, float)) and deg > 0:
+        notes.append(f"{deg:.0%} constant maps")
+    return "; ".join(notes)
+
+
 def _control_counts(cells: list[dict[str, Any]]) -> str:
     """``"4 failed as they must"`` for the controls' cells, never counted as verdicts."""
     ctl = [c for c in cells if c.get("control")]
@@ -336,7 +345,7 @@ def _section(
                 "n": text_of(c.get("n")),
                 "ci": f"[{fmt(ci[0], 2)}, {fmt(ci[1], 2)}]" if ci else "–",
                 "control": bool(c.get("control")),
-                "note": control_text(c) or ("inconclusive" if c.get("inconclusive") else ""),
+                "note": control_text(c) or _cell_notes(c),
                 "extra": [fmt(series.get(k)) for k in scalar_cols],
                 "message": str(c.get("message") or ""),
             }

@@ -174,13 +174,15 @@ def cell_view(cell: dict[str, Any] | None) -> dict[str, Any]:
     note = control_text(cell)
     message = str(cell.get("message") or "")
     inconclusive = bool(cell.get("inconclusive"))
+    deg = cell.get("degenerate")
+    conv = f"{deg:.0%} constant maps" if isinstance(deg, (int, float)) and deg > 0 else ""
     return {
         "status": s,
         "text": STATUS_TEXT[s],
         "value": fmt(cell.get("value")) if cell.get("value") is not None else "",
         "message": f"{message} ({note})" if note else message,
         "control": cell.get("control"),
-        "note": note or ("inconclusive" if inconclusive else ""),
+        "note": note or "; ".join(x for x in ("inconclusive" if inconclusive else "", conv) if x),
         "ci": ci_text(cell),
         "inconclusive": inconclusive,
     }

@@ -73,6 +73,8 @@ def _cell(cell: dict | None, with_value: bool, letters: bool = False) -> Text:
     text = (_LETTER if letters else _CODE)[st]
     text += "*" if control in ("expected", "reference") else "!" if control == "unexpected" else ""
     text += "?" if cell.get("inconclusive") and not control else ""
+    deg = cell.get("degenerate")
+    text += "~" if isinstance(deg, (int, float)) and deg > 0 and not control else ""
     if with_value and cell.get("value") is not None:
         text += f" {fmt(cell.get('value'), 2)}"
     style = (
@@ -163,6 +165,11 @@ def print_summary(
                 "? inconclusive: the 95 % interval of the value lies across a threshold"
                 + (f"; about {need} images would decide every such verdict" if isinstance(need, int) else "")
             )
+        if any(
+            isinstance(c, dict) and (c.get("degenerate") or 0) > 0 and not c.get("control")
+            for c in doc.get("checks") or []
+        ):
+            lines.append("~ rests partly on constant maps (a similarity defined, not measured)")
         if lines:
             console.print(Text("\n".join(lines), style="dim"), soft_wrap=True)
     bad = [
