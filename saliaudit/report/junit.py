@@ -107,6 +107,13 @@ def render_junit(doc: dict[str, Any]) -> str:
             )
         if c.get("metric"):
             _el(cprops, "property", {"name": "metric", "value": c["metric"]})
+        if isinstance(c.get("n"), int):
+            _el(cprops, "property", {"name": "n", "value": str(c["n"])})
+        ci = c.get("ci")
+        if isinstance(ci, list) and len(ci) == 2:
+            _el(cprops, "property", {"name": "ci95", "value": f"[{ci[0]!r}, {ci[1]!r}]"})
+        if c.get("inconclusive"):
+            _el(cprops, "property", {"name": "inconclusive", "value": "true"})
         if status == "fail":
             _el(case, "failure", {"message": message or "FAIL", "type": "fail"}, detail)
         elif status == "error":
