@@ -147,6 +147,11 @@ def test_check_contract(audit_doc, check):
     for c in cells:
         assert c["status"] in ("pass", "warn", "fail", "error", "skipped")
         assert c["status"] != "error", c["message"]
+        if c["status"] in ("pass", "warn", "fail") and c["value"] is not None:
+            # every judged cell: n and a 95 % interval that holds its value
+            assert isinstance(c["n"], int) and c["n"] >= 1, c
+            lo, hi = c["ci"]
+            assert lo <= c["value"] <= hi and c["ci_method"], c
         for p in c.get("per_image", []):
             assert p["value"] is None or isinstance(p["value"], (int, float))
     for control in get_check(check).controls_must_fail:
