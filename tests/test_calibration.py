@@ -148,3 +148,48 @@ def test_completeness_of_the_other_methods_is_reported(tmp_path):
     files = saliaudit.render(result, tmp_path / "out", formats=["html"])
     html = files[0].read_text(encoding="utf-8")
     assert "Summation to delta of the other methods" in html and "integrated_gradients" in html
+
+
+@pytest.mark.slow
+def test_null_maps_rarely_pass_pixel_perturbation_over_40_seeds():
+    """A true null end to end: maps that are noise (independent of the model, seeded by the
+    seed and the image) judged by the perturbation check and calibrated against the random
+    control on the same images. Over 40 seeds the share of PASS verdicts stays at most α plus
+    sampling error."""
+    import dataclasses
+
+    import torch
+
+    from saliaudit.checks import get_check
+    from saliaudit.maps import MapSource
+    from saliaudit.methods import build_source
+    from tests.checks_util import SAMPLES, make_batch
+
+    batch = make_batch(SAMPLES / "digits_cnn.pt2", SAMPLES / "images" / "digits", n=12)
+
+    class Noise(MapSource):
+        method = "null_noise"
+
+        def __init__(self, seed: int):
+            self.seed = seed
+            self.variants = [Variant("null_noise", post="abs")]
+
+        def maps(self, model, x, targets):
+            gen = torch.Generator().manual_seed(self.seed)
+            return {self.variants[0]: torch.rand(x.shape[0], *x.shape[2:], generator=gen)}
+
+    control = build_source("random", post=["abs"])
+    passes = 0
+    seeds = 40
+    for seed in range(seeds):
+        check = get_check("perturbation")(params={"random_orders": 3})
+        b = dataclasses.replace(batch, seed=seed)
+        src = Noise(seed)
+        cells = []
+        for source in (src, control):
+            maps = source.maps(b.model, b.x, b.targets)
+            for v, m in check.measure(b, source, maps).items():
+                cells.append(check.judge(v, m))
+        calibrate(cells, {"perturbation": check})
+        passes += cells[0].status == "pass"
+    assert passes / seeds <= ALPHA + 2 * math.sqrt(ALPHA * (1 - ALPHA) / seeds), passes
