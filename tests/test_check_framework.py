@@ -249,6 +249,8 @@ def test_no_psi_named_better_from_noise():
 def test_caveat_resembles_edge_only_when_measured_so():
     cells = [_cell("randomization", None, "pass", 0.1, method="gradient")]
     cells[0].post = "abs"
+    # the fully randomized model's value (the cell's value is the cascade mean)
+    cells[0].series = {"verdict_metric": "spearman_abs", "final": {"spearman_abs": 0.1}}
     yes = compute_caveats(cells, None, {"gradient/abs": 0.6})
     no = compute_caveats(cells, None, {"gradient/abs": 0.05})
     assert [c["kind"] for c in yes] == ["resembles_edge"]

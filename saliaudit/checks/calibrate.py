@@ -92,6 +92,8 @@ def calibrate(
         cell.controls[name].update(p_adjusted=q, better=bool(q < alpha))
     for cell in cells:
         check = checks.get(cell.check)
+        if _is_control(cell.method):
+            continue  # a control is never held to the controls
         if (
             cell.status == "pass"
             and not cell.controls
