@@ -226,7 +226,7 @@ def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
     from .engine import new_result, run_audit
     from .model import resolve_device
     from .report.output import OutputFolder
-    from .report.terminal import print_summary, progress_bar
+    from .report.terminal import print_summary, progress_bar, quiet_line
 
     out = OutputFolder(Path(cfg.output), force=cfg.force)
     result = None
@@ -241,20 +241,29 @@ def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
         result = new_result(cfg, datetime.now(timezone.utc), resolve_device(cfg.device))
         with progress_bar(err_console, quiet) as progress:
             run_audit(model, images, cfg, out.path, progress=progress, result=result)
-        doc = result.to_dict()
-        _, pdf_error = write_results(out, doc, cfg.format)  # on pdf_error, the rest is written
+            doc = result.to_dict()
+            hook = progress.rendering(cfg.format) if progress else None
+            # on pdf_error, the rest is written
+            _, pdf_error = write_results(out, doc, cfg.format, on_format=hook)
+            if progress:
+                progress.finish()
         _ci_outputs(doc, cfg.annotations)
         if not quiet:
             print_summary(err_console, doc, out.path, cfg.format)
         if pdf_error is not None:
             err_console.print(f"saliaudit: error: {pdf_error}", markup=False, soft_wrap=True)
             return pdf_error.exit_code
-        if result.summary.get("no_verdict") and cfg.fail_on != "never":
+        code = EXIT_GATE if result.summary.get("gate_failed") else EXIT_OK
+        no_verdict = result.summary.get("no_verdict") and cfg.fail_on != "never"
+        if no_verdict:
+            code = EXIT_NO_VERDICT
+        if quiet:  # exactly one line: the verdict, the gate and the results file
+            err_console.print(quiet_line(doc, out.path, code), markup=False, soft_wrap=True)
+        elif no_verdict:
             err_console.print(
                 f"saliaudit: no verdict: {result.summary.get('reason')}", markup=False, soft_wrap=True
             )
-            return EXIT_NO_VERDICT
-        return EXIT_GATE if result.summary.get("gate_failed") else EXIT_OK
+        return code
     except (KeyboardInterrupt, Interrupted):
         reason = "interrupted by SIGTERM" if sys.exc_info()[0] is Interrupted else "interrupted (Ctrl-C)"
         if result is not None:
@@ -527,9 +536,15 @@ def explain(
     model: Path = typer.Argument(..., help="Model file (as for report)."),
     image: Path = typer.Argument(..., help="One image file."),
     method: str = typer.Option("fullgrad", "--method", help="Method name (saliaudit methods)."),
-    psi: str = typer.Option("paper", "--psi", help="ψ preset for fullgrad."),
-    post: str = typer.Option("signed", "--post", help="signed or abs, for the other methods."),
-    target: int | None = typer.Option(None, "--target", help="Class index [default: the top-1 class]."),
+    psi: str | None = typer.Option(
+        None, "--psi", help="ψ preset, only for methods with ψ presets (fullgrad) [default: paper]."
+    ),
+    post: str | None = typer.Option(
+        None, "--post", help="signed or abs, only for the other methods [default: signed]."
+    ),
+    target: str | None = typer.Option(
+        None, "--target", help="Class name or index [default: the top-1 class]."
+    ),
     output: Path = typer.Option(Path("map.png"), "-o", "--output", help="PNG file to write."),
     arch: str | None = typer.Option(None, "--arch", help="torchvision architecture of a state_dict."),
     num_classes: int | None = typer.Option(None, "--num-classes", help="Classes of a state_dict head."),
@@ -544,7 +559,7 @@ def explain(
         help="Module or .py file that registers methods or checks (repeatable; runs its code).",
     ),
 ) -> None:
-    """Write one saliency map of IMAGE as a PNG overlay."""
+    """Write one saliency map of IMAGE as a PNG: the image and its map side by side."""
     from .explain import explain_image
 
     _load_plugins(plugin)

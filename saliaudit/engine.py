@@ -38,7 +38,11 @@ from .sampling import stratified_sample
 __all__ = ["Audit", "Progress", "run_audit", "new_result", "environment_versions"]
 
 Progress = Callable[[str, int, int | None], None]
-"""Progress callback: ``(stage description, done, total or None)``."""
+"""Progress callback: ``(description, done, total or None)``. The description names what
+runs (``batch 2/3 · method fullgrad``, ``batch 2/3 · check randomization``, ``judging``);
+``done`` and ``total`` count work units: per batch one unit per method (its maps) and one
+per (method, check), plus one for judging, so ``total`` is known once the audit is planned
+and ``done`` only grows."""
 
 
 class Timer:
@@ -191,6 +195,11 @@ class Audit:
         )
         decomposes = any("decomposition" in s.provides for s in self.sources)
         self.discards = AbsDiscards() if decomposes else None
+        # progress units: per batch, each method's maps and each of its checks; then judging
+        self.n_batches = -(-len(self.listing.entries) // max(int(cfg.batch_size), 1))
+        self.per_source = 1 + len(self.runner.checks)
+        self.units_total = self.n_batches * len(self.sources) * self.per_source + 1
+        self.units_done, self.batch_no = 0, 0
 
     def _draw_samples(self) -> None:
         """Capped checks measure a seeded class-stratified sample of the images (the folder's
@@ -280,19 +289,22 @@ class Audit:
     # ------------------------------------------------------------------------------- run
     def run(self) -> AuditResult:
         """Stream the images through every method and check; judge; the filled result."""
-        result, total, done = self.result, len(self.listing.entries), 0
+        result = self.result
         decoded = iter_decoded(self.listing, max_pixels=self.cfg.max_pixels)
-        self._progress(0, total)
         while True:
+            if self.batch_no < self.n_batches:
+                self.batch_no += 1
+                self._step("decoding images")
             with self.timer.stage("decode_images"):
                 items = next_batch(decoded, self.cfg.batch_size, self.skipped)
             if not items:
                 break
             self._run_batch(items)
-            done += len(items)
             self._record_inputs()
-            self._progress(done + len(self.skipped) - len(self.listing.skipped), total)
         self._record_inputs()
+        # batches of images that could not be decoded never ran: their units are done
+        self.units_done = self.units_total - 1
+        self._step("judging", batch=False)
         if not result.images:
             first = self.skipped[0] if self.skipped else None
             raise NoImagesError(
@@ -314,11 +326,15 @@ class Audit:
             "per_stage": {k: round(v, 4) for k, v in per_stage.items()},
         }
         result.run["duration_s"] = result.timings["total_s"]
+        self.units_done = self.units_total
+        self._step("audited", batch=False)
         return result
 
-    def _progress(self, done: int, total: int) -> None:
+    def _step(self, what: str, batch: bool = True) -> None:
+        """Report progress: ``what`` runs now, ``self.units_done`` units are done."""
         if self.progress:
-            self.progress("Auditing", done, total)
+            text = f"batch {self.batch_no}/{self.n_batches} · {what}" if batch else what
+            self.progress(text, min(self.units_done, self.units_total), self.units_total)
 
     def _record_inputs(self) -> None:
         self.result.inputs["loaded"] = len(self.result.images)
@@ -326,6 +342,7 @@ class Audit:
 
     def _run_batch(self, items: list) -> None:
         """Predict one batch, run every source and check on it; the batch lands whole."""
+        self._step("predicting")
         with self.timer.stage("predict"):
             pred = predict_batch(
                 self.lm,
@@ -338,16 +355,23 @@ class Audit:
                 on_retry=self.runner.count_retry,
             )
         self.skipped.extend(pred.dropped)
+        start = self.units_done
         if pred.batch is None:  # every image of the batch gave NaN/Inf logits
+            self.units_done = start + len(self.sources) * self.per_source
             return
         batch = pred.batch
         self.figures.add_images(batch, pred.images, self.lm.class_names, pred.probs)
         edges = self._edge_maps(batch) if self.sources else None
         complete: list[CompletenessRecord] = []
-        for source in self.sources:
+        for k, source in enumerate(self.sources):
+            base = start + k * self.per_source
+            self.units_done = base
+            self._step(f"method {source.method}")
             maps = self._maps(source, batch, complete)
+            self.units_done = base + 1
             if maps is not None:
-                self._use_maps(source, batch, pred, maps, edges)
+                self._use_maps(source, batch, pred, maps, edges, on_check=self._check_step(base + 1))
+            self.units_done = base + self.per_source
             source.forget()
         self.runner.end_batch(batch)
         # a batch lands in the results whole (an interrupted run keeps consistent records)
@@ -464,8 +488,10 @@ class Audit:
         pred: Predicted,
         maps: dict[Variant, torch.Tensor],
         edges: torch.Tensor | None,
+        on_check: Callable[[str], None] | None = None,
     ) -> None:
-        """Edge similarity, example figures, overlays and every check of one method's maps."""
+        """Edge similarity, example figures, overlays and every check of one method's maps
+        (``on_check(name)`` before each check: progress)."""
         if edges is not None:
             from .checks.similarity import spearman
 
@@ -488,7 +514,19 @@ class Audit:
         if self.cfg.overlays:
             with self.timer.stage("overlays"):
                 self.result.maps.extend(write_overlays(batch, pred.images, maps, self.out_dir))
-        self.runner.run(batch, source, maps)
+        self.runner.run(batch, source, maps, on_check=on_check)
+
+    def _check_step(self, first: int) -> Callable[[str], None]:
+        """The ``on_check`` progress hook of one (batch, method): the n-th check starts with
+        ``first + n`` units done."""
+        count = {"n": 0}
+
+        def on_check(name: str) -> None:
+            self.units_done = first + count["n"]
+            count["n"] += 1
+            self._step(f"check {name}")
+
+        return on_check
 
     def _edge_maps(self, batch: Batch) -> torch.Tensor | None:
         """The edge control's magnitude maps (for the resembles-edge caveat)."""

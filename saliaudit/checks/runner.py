@@ -120,12 +120,21 @@ class CheckRunner:
         for check in self.checks:
             where.setdefault((check.name, source.method), reason)
 
-    def run(self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]) -> None:
-        """Measure every check on ``batch`` for ``source`` (its top-1 ``maps``)."""
+    def run(
+        self,
+        batch: Batch,
+        source: MapSource,
+        maps: dict[Variant, torch.Tensor],
+        on_check: Callable[[str], None] | None = None,
+    ) -> None:
+        """Measure every check on ``batch`` for ``source`` (its top-1 ``maps``);
+        ``on_check(name)`` is called before each check, also one that is skipped (progress)."""
         import time
 
         self.add_source(source)
         for check in self.checks:
+            if on_check is not None:
+                on_check(check.name)
             key = (check.name, source.method)
             if key in self.errors or key in self.skips:
                 continue

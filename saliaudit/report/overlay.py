@@ -30,8 +30,11 @@ __all__ = [
     "map_filename",
     "map_to_png_bytes",
     "normalize_map",
+    "render_explanation",
     "render_overlay",
+    "save_explanation",
     "save_overlay",
+    "wrap_text",
     "write_overlays",
 ]
 
@@ -193,6 +196,47 @@ def _text_size(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) 
     return int(right - left), int(bottom)
 
 
+def _font(size: int | None = None) -> Any:
+    """Pillow's bundled font: the bitmap default when ``size`` is None, else the scalable
+    default (Aileron, FreeType) at ``size`` px; Pillow < 10.1 without a scalable default
+    falls back to the bitmap font (text is measured with whatever font is drawn)."""
+    if size is None:
+        return ImageFont.load_default()
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow < 10.1, or no FreeType
+        return ImageFont.load_default()
+
+
+def wrap_text(text: str, font: Any, width: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` px in ``font`` (measured, not estimated):
+    broken at spaces, a word wider than a line broken between characters. Joining the lines
+    with single spaces gives ``text`` back when it has no run of spaces and no long word."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def fits(t: str) -> bool:
+        return _text_size(probe, t, font)[0] <= width
+
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        candidate = f"{line} {word}" if line else word
+        if fits(candidate):
+            line = candidate
+            continue
+        if line:
+            lines.append(line)
+        line = ""
+        while not fits(word) and len(word) > 1:  # a word wider than the line: cut it
+            cut = max(1, max(k for k in range(1, len(word) + 1) if k == 1 or fits(word[:k])))
+            lines.append(word[:cut])
+            word = word[cut:]
+        line = word
+    if line or not lines:
+        lines.append(line)
+    return lines
+
+
 def _colorbar(height: int, signed: bool, lo: float, hi: float) -> Image.Image:
     """A vertical colour bar strip with tick labels, ``height`` pixels tall."""
     font = ImageFont.load_default()
@@ -242,13 +286,17 @@ def render_overlay(
         canvas.paste(body, (0, 0))
         canvas.paste(strip, (body.width, 0))
         body = canvas
-    if title:
-        font = ImageFont.load_default()
+    if title:  # wrapped to the canvas width, so that it is never clipped
+        font = _font()
         probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-        band = _text_size(probe, title, font)[1] + 2 * MARGIN
+        lines = wrap_text(title, font, max(body.width - 2 * MARGIN, 1))
+        line_h = max(_text_size(probe, t, font)[1] for t in lines) + 2
+        band = line_h * len(lines) + 2 * MARGIN
         canvas = Image.new("RGB", (body.width, body.height + band), _WHITE)
         canvas.paste(body, (0, band))
-        ImageDraw.Draw(canvas).text((MARGIN, MARGIN), title, fill=_BLACK, font=font)
+        draw = ImageDraw.Draw(canvas)
+        for k, text in enumerate(lines):
+            draw.text((MARGIN, MARGIN + k * line_h), text, fill=_BLACK, font=font)
         body = canvas
     return body
 
@@ -262,6 +310,146 @@ def save_overlay(
     buf = io.BytesIO()
     rendered.save(buf, format="PNG", compress_level=1)  # 10x faster to encode, ~1.5x larger
     return atomic_write(Path(path), buf.getvalue())
+
+
+EXPLAIN_SIZE = 512  # px, long side of each panel of ``saliaudit explain``
+_EXPLAIN_MARGIN = 12
+_TITLE_PX, _LABEL_PX = 18, 14  # font sizes of the title and of the captions and bar labels
+_EXPLAIN_BAR = 20  # px, width of the colour bar strip of ``explain``
+
+
+def _panel_size(size: tuple[int, int], long_side: int) -> tuple[int, int]:
+    w, h = size
+    scale = long_side / max(w, h, 1)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _fit_photo(photo: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Nearest neighbour when enlarging (every input pixel a visible block, nothing
+    invented), Lanczos when reducing."""
+    if photo.size == size:
+        return photo
+    enlarge = size[0] >= photo.width and size[1] >= photo.height
+    return photo.resize(size, Image.Resampling.NEAREST if enlarge else Image.Resampling.LANCZOS)
+
+
+def _fit_map(v: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The normalized map at PIL ``size``: nearest neighbour when enlarging, so each value of
+    the map (computed at the model's input resolution) is one flat block and the map shows
+    its true resolution; bilinear when reducing (:func:`_resize`)."""
+    if v.size == 0:
+        return np.zeros((size[1], size[0]))
+    if size[0] >= v.shape[1] and size[1] >= v.shape[0]:
+        rows = np.minimum((np.arange(size[1]) * v.shape[0]) // size[1], v.shape[0] - 1)
+        cols = np.minimum((np.arange(size[0]) * v.shape[1]) // size[0], v.shape[1] - 1)
+        return v[rows][:, cols]
+    return _resize(v, size)
+
+
+def _bar_labels(signed: bool, lo: float, hi: float) -> tuple[list[str], list[float]]:
+    """Labels of the colour bar, top to bottom, and their positions in [0, 1] from the top."""
+    if signed:
+        return [f"+{_fmt(hi)} for the class", "0", f"-{_fmt(hi)} against it"], [0.0, 0.5, 1.0]
+    return [f"{_fmt(hi)} high", f"{_fmt(lo)} low"], [0.0, 1.0]
+
+
+def render_explanation(
+    image: Image.Image,
+    saliency: np.ndarray,
+    *,
+    signed: bool,
+    title: str,
+    size: int = EXPLAIN_SIZE,
+    percentile: float = 99.5,
+) -> tuple[Image.Image, list[str]]:
+    """The figure of ``saliaudit explain``: the title, then the image and its map side by
+    side, and the map's colour bar with labelled ends. Returns the RGB image and the title's
+    lines as drawn.
+
+    Layout and why:
+
+    * Both panels are ``size`` px on the long side (512 by default), whatever the input size:
+      a 64×64 input is enlarged 8×. Enlarging uses **nearest neighbour** for the map and
+      the image, so each value of the map (at the model's input resolution) is one flat
+      block: a smooth-looking map would claim a resolution the method does not have.
+      Reducing a large image uses Lanczos (image) and bilinear (map).
+    * **Side by side** rather than one blend: a faint overlay hides weak attributions, a
+      strong one hides the image. The left panel is the untouched image; the right panel is
+      the map at full strength over a faded grey copy of the image (its outlines only, so
+      that positions can be read without the photo's colours competing with the map's).
+      A signed map is weighted by its own magnitude (zero shows the faded image, the
+      strongest values full colour: RdBu_r, blue negative, red positive); a magnitude map
+      colours every pixel (viridis).
+    * The colour bar labels its ends (and 0 of a signed map) with the map's values: the
+      normalization scales by the ``percentile`` of |map| (of the map for magnitudes), and
+      values beyond it are shown at the end colour.
+    * The title is wrapped at spaces to the canvas width, measured with the font it is drawn
+      in, so it is never clipped; a word wider than the canvas is broken between characters.
+    """
+    if size < 16:
+        raise ValueError(f"size must be at least 16 px, got {size}")
+    photo = image.convert("RGB")
+    s = _clean(saliency)
+    lo, hi = _scale(s, signed, percentile)
+    pw, ph = _panel_size(photo.size, size)
+    left = _fit_photo(photo, (pw, ph))
+    v = _fit_map(_apply(s, signed, lo, hi), (pw, ph))
+    grey = np.asarray(left.convert("L"), dtype=np.float64)[..., None]
+    faded = 255.0 - 0.5 * (255.0 - grey)  # half the contrast, towards white
+    weight = (np.abs(v) if signed else np.full_like(v, 0.7))[..., None]
+    mixed = (1.0 - weight) * faded + weight * _colour(v, signed).astype(np.float64)
+    right = Image.fromarray(np.clip(np.round(mixed), 0, 255).astype(np.uint8))
+
+    label_font, title_font = _font(_LABEL_PX), _font(_TITLE_PX)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    m = _EXPLAIN_MARGIN
+    labels, where = _bar_labels(signed, lo, max(hi, lo))
+    label_w = max(_text_size(probe, t, label_font)[0] for t in labels)
+    captions = ["image", "map" + (" (signed)" if signed else " (magnitude)") + " over the faded image"]
+    caption_h = max(_text_size(probe, t, label_font)[1] for t in captions) + m // 2
+    width = m + pw + m + pw + m + _EXPLAIN_BAR + m // 2 + label_w + m
+    lines = wrap_text(title, title_font, width - 2 * m)
+    line_h = max(_text_size(probe, t or "Ag", title_font)[1] for t in lines) + 4
+    top = m + line_h * len(lines) + m
+    label_h = _text_size(probe, "0", label_font)[1]
+    height = top + caption_h + ph + label_h // 2 + m
+    canvas = Image.new("RGB", (width, height), _WHITE)
+    draw = ImageDraw.Draw(canvas)
+    for k, text in enumerate(lines):
+        draw.text((m, m + k * line_h), text, fill=_BLACK, font=title_font)
+    y0 = top + caption_h
+    for x, panel, caption in ((m, left, captions[0]), (2 * m + pw, right, captions[1])):
+        draw.text((x, top), caption, fill=_BLACK, font=label_font)
+        canvas.paste(panel, (x, y0))
+    bar_x = 3 * m + 2 * pw
+    ramp = np.linspace(1.0, -1.0 if signed else 0.0, ph)[:, None].repeat(_EXPLAIN_BAR, 1)
+    canvas.paste(Image.fromarray(_colour(ramp, signed)), (bar_x, y0))
+    draw.rectangle((bar_x, y0, bar_x + _EXPLAIN_BAR - 1, y0 + ph - 1), outline=(120, 120, 120))
+    for text, pos in zip(labels, where):
+        th = _text_size(probe, text, label_font)[1]
+        y = int(min(max(y0 + pos * (ph - 1) - th / 2, top), height - th - 1))
+        draw.text((bar_x + _EXPLAIN_BAR + m // 2, y), text, fill=_BLACK, font=label_font)
+    return canvas, lines
+
+
+def save_explanation(
+    path: Path, image: Image.Image, saliency: np.ndarray, *, signed: bool, title: str, **kwargs: Any
+) -> list[str]:
+    """:func:`render_explanation` written as PNG (atomically); the full title is recorded in
+    the PNG's ``Title`` text chunk and the drawn lines in ``saliaudit:title_lines`` (JSON).
+    Returns the title's lines as drawn."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    rendered, lines = render_explanation(image, saliency, signed=signed, title=title, **kwargs)
+    info = PngInfo()
+    info.add_itxt("Title", title)
+    info.add_itxt("saliaudit:title_lines", json.dumps(lines, ensure_ascii=False))
+    buf = io.BytesIO()
+    rendered.save(buf, format="PNG", pnginfo=info)
+    atomic_write(Path(path), buf.getvalue())
+    return lines
 
 
 def map_to_png_bytes(saliency: np.ndarray, *, signed: bool, size: tuple[int, int] | None = None) -> bytes:

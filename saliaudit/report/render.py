@@ -9,6 +9,7 @@ are already on disk when :class:`~saliaudit.report.pdf.PdfUnavailableError` (exi
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +79,10 @@ def write_outputs(
     examples_html: int | None = None,
     page_size: str | None = None,
     environ: dict[str, str] | None = None,
+    on_format: Callable[[str], None] | None = None,
 ) -> list[Path]:
-    """Write ``formats`` (json, junit, html, pdf) of ``doc`` into ``out_dir``; returns the paths."""
+    """Write ``formats`` (json, junit, html, pdf) of ``doc`` into ``out_dir``; returns the paths.
+    ``on_format(name)`` is called before each format is rendered (progress)."""
     out_dir = Path(out_dir)
     unknown = sorted(set(formats) - set(FILES))
     if unknown:
@@ -91,6 +94,8 @@ def write_outputs(
         if fmt_name not in formats:
             continue
         path = out_dir / FILES[fmt_name]
+        if on_format is not None:
+            on_format(fmt_name)
         if fmt_name == "json":
             data: str | bytes = results_json(doc)
         elif fmt_name == "junit":

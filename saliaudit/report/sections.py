@@ -415,13 +415,42 @@ def problems_view(doc: dict[str, Any], target: str) -> dict[str, Any]:
     }
 
 
+#: Settings the loaded model resolves when they are not given (flag, environment or config
+#: file): their effective value and its source are in ``results["model"]``.
+MODEL_SETTINGS = ("input_size", "mean", "std")
+
+#: How the report names the model's sources (``results["model"]["sources"]``).
+MODEL_SOURCES = {
+    "pt2 metadata": ".pt2 metadata",
+    "graph": ".pt2 graph (static input size)",
+    "torchvision weights": "torchvision weights",
+    "default": "default",
+    "flag": "flag",
+}
+
+
+def _setting_row(name: str, value: Any, source: Any, model: dict[str, Any]) -> dict[str, str]:
+    """One row of the configuration table: the effective value and where it came from. A
+    setting the model resolves (:data:`MODEL_SETTINGS`) that was not given takes the loaded
+    model's value and source (``.pt2`` metadata, torchvision weights, default)."""
+    given = source not in (None, "", "default")
+    model_sources = as_dict(model.get("sources"))
+    if name in MODEL_SETTINGS and not given and model.get(name) is not None:
+        effective = model[name]
+        if name == "input_size" and isinstance(effective, (list, tuple)) and len(effective) == 2:
+            text = "×".join(text_of(v) for v in effective)
+        else:
+            text = text_of(effective)
+        how = model_sources.get(name)
+        return {"name": name, "value": text, "source": MODEL_SOURCES.get(str(how), text_of(how, "default"))}
+    return {"name": name, "value": text_of(value), "source": text_of(source, "default")}
+
+
 def configuration_view(doc: dict[str, Any]) -> dict[str, Any]:
     config = as_dict(doc.get("config"))
     values, sources = as_dict(config.get("values")), as_dict(config.get("sources"))
-    rows = [
-        {"name": str(k), "value": text_of(v), "source": text_of(sources.get(k), "default")}
-        for k, v in values.items()
-    ]
+    model = as_dict(doc.get("model"))
+    rows = [_setting_row(str(k), v, sources.get(k), model) for k, v in values.items()]
     run = as_dict(doc.get("run"))
     env = [(str(k), text_of(v)) for k, v in as_dict(run.get("versions")).items()]
     env += [

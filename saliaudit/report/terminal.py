@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,9 +34,44 @@ from .output import FILES
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "red", "error": "magenta", "skipped": "dim"}
 
 
+class StageProgress:
+    """The ``(description, done, total)`` callback of an audit, driving one Rich bar: the
+    description names what runs (``batch 2/3 · check randomization``), ``done`` and ``total``
+    count work units, and Rich's columns add the elapsed time and an ETA. It remembers the
+    last position, so that the CLI can append the rendering stages (:meth:`rendering`)."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.task = bar.add_task("planning", total=None)
+        self.description, self.done, self.total = "planning", 0, None
+
+    def __call__(self, description: str, done: int, total: int | None) -> None:
+        self.description, self.done, self.total = description, done, total
+        self.bar.update(self.task, description=description, completed=done, total=total)
+
+    def rendering(self, formats: list[str]) -> Callable[[str], None]:
+        """A hook for :func:`saliaudit.report.render.write_outputs` (``on_format``): each
+        format written is one more unit after the audit's, named ``rendering html``."""
+        base = self.done
+        total = (self.total or base) + len(formats)
+        count = {"n": 0}
+
+        def on_format(name: str) -> None:
+            self(f"rendering {name}", base + count["n"], total)
+            count["n"] += 1
+
+        return on_format
+
+    def finish(self) -> None:
+        """Mark the bar complete (the last unit is done when the last file is written)."""
+        if self.total is not None:
+            self("done", self.total, self.total)
+
+
 @contextmanager
-def progress_bar(console: Console, quiet: bool) -> Iterator:
-    """Yield a ``(stage, done, total)`` callback that drives a progress bar (or nothing)."""
+def progress_bar(console: Console, quiet: bool) -> Iterator[StageProgress | None]:
+    """Yield a :class:`StageProgress` (a ``(description, done, total)`` callback) that drives
+    a progress bar on ``console``, or ``None`` when ``quiet``."""
     if quiet:
         yield None
         return
@@ -49,14 +84,21 @@ def progress_bar(console: Console, quiet: bool) -> Iterator:
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False) as bar:
-        tasks: dict[str, int] = {}
+        yield StageProgress(bar)
 
-        def update(stage: str, done: int, total: int | None) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
 
-        yield update
+def quiet_line(doc: dict, out: Path, code: int) -> str:
+    """The one line of ``report -q``: the overall verdict, the gate and the results file,
+    e.g. ``saliaudit: FAIL · gate --fail-on fail failed (exit 1) · results: out/results.json``."""
+    s = doc.get("summary") or {}
+    status = str(s.get("status") or "error")
+    gate = "failed" if s.get("gate_failed") else "passed"
+    if s.get("no_verdict"):
+        gate = "failed: no check judged any method"
+    return (
+        f"saliaudit: {STATUS_TEXT.get(status, status.upper())} · gate --fail-on {s.get('fail_on')} "
+        f"{gate} (exit {code}) · results: {out / 'results.json'}"
+    )
 
 
 _CODE = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "error": "ERR", "skipped": "skip"}
