@@ -167,7 +167,9 @@ def _version(value: bool) -> None:
 
 def _sentence(text: str) -> str:
     first = text.split(" ", 1)[0]
-    if first.islower() and first.replace("-", "").isalpha():  # not a name such as sign_flip, cpu or ::error::
+    if (
+        first.islower() and first.rstrip(":").replace("-", "").isalpha()
+    ):  # not a name such as sign_flip, cpu or ::error::
         text = text[:1].upper() + text[1:]
     return text if text.endswith(".") else f"{text}."
 
@@ -181,7 +183,8 @@ def _help(text: str, default: str | None = None) -> str:
 def _setting(name: str, *decls: str, metavar: str | None = None) -> Any:
     """A ``report`` option for the setting ``name``: its help and the default shown by
     ``--help`` come from :data:`saliaudit.config.SETTINGS`, which also supplies the value when
-    the flag is not given (``None`` here means "not given")."""
+    the flag is not given (``None`` here means "not given"). Numbers are taken as text and
+    parsed by the setting, so ``--batch-size abc`` is reported like ``SALIAUDIT_BATCH_SIZE=abc``."""
     setting = SETTINGS[name]
     return typer.Option(
         None,
@@ -246,24 +249,24 @@ def report(
     method_param: list[str] | None = _setting("method_params", "--method-param", metavar="METHOD.NAME=VALUE"),
     flip: str | None = _setting("flip", metavar="C:C'"),
     masks: str | None = _setting("masks", metavar="FOLDER"),
-    max_images: int | None = _setting("max_images", metavar="N"),
-    sample: int | None = _setting("sample", metavar="N"),
-    batch_size: int | None = _setting("batch_size", metavar="N"),
-    seed: int | None = _setting("seed", metavar="INTEGER"),
+    max_images: str | None = _setting("max_images", metavar="N"),
+    sample: str | None = _setting("sample", metavar="N"),
+    batch_size: str | None = _setting("batch_size", metavar="N"),
+    seed: str | None = _setting("seed", metavar="INTEGER"),
     device: str | None = _setting("device", metavar="DEVICE"),
     fail_on: str | None = _setting("fail_on", metavar="LEVEL"),
     arch: str | None = _setting("arch", metavar="NAME"),
-    num_classes: int | None = _setting("num_classes", metavar="K"),
+    num_classes: str | None = _setting("num_classes", metavar="K"),
     input_size: str | None = _setting("input_size", metavar="H,W"),
     mean: str | None = _setting("mean", metavar="R,G,B"),
     std: str | None = _setting("std", metavar="R,G,B"),
     labels: str | None = _setting("labels", metavar="FILE"),
     trust_model: bool | None = _setting("trust_model"),
-    max_pixels: int | None = _setting("max_pixels", metavar="N"),
+    max_pixels: str | None = _setting("max_pixels", metavar="N"),
     overlays: bool | None = _setting("overlays", "--overlays/--no-overlays"),
     force: bool | None = _setting("force"),
-    examples: int | None = _setting("examples", metavar="K"),
-    examples_html: int | None = _setting("examples_html", metavar="K"),
+    examples: str | None = _setting("examples", metavar="K"),
+    examples_html: str | None = _setting("examples_html", metavar="K"),
     page_size: str | None = _setting("page_size", metavar="SIZE"),
     annotations: bool | None = _setting("annotations", "--annotations/--no-annotations"),
     plugin: list[str] | None = _setting("plugins", "--plugin", metavar="MODULE"),
@@ -706,7 +709,6 @@ def explain(
 
     _load_plugins(plugin)
     try:
-        _check_inputs(model=model, image=image)
         for flag, value, choices in (("--psi", psi, list(PSI_PRESETS)), ("--post", post, ["signed", "abs"])):
             if value not in choices:
                 raise UsageError(
@@ -714,6 +716,7 @@ def explain(
                 )
         for flag, value in (("--input-size", input_size), ("--mean", mean), ("--std", std)):
             _parse_option(flag, value, SETTINGS[flag[2:].replace("-", "_")].parse)
+        _check_inputs(model=model, image=image)
         text = explain_image(
             model,
             image,
