@@ -12,20 +12,32 @@ import sys
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
+
+try:  # Typer >= 0.20 vendors Click; its exceptions are the ones raised
+    from typer._click import exceptions as click
+except ImportError:  # pragma: no cover - older Typer on the Click package
+    from click import exceptions as click
 
 from . import __version__
+from .config import SETTINGS
 from .errors import (
     EXIT_CANNOT_RUN,
     EXIT_GATE,
     EXIT_INTERRUPTED,
+    EXIT_NO_IMAGES,
     EXIT_NO_VERDICT,
     EXIT_OK,
+    EXIT_USAGE,
+    ImageError,
     SaliauditError,
     UsageError,
+    suggest,
 )
 
 if TYPE_CHECKING:
@@ -33,27 +45,114 @@ if TYPE_CHECKING:
     from .report.pdf import PdfUnavailableError
     from .result import AuditResult
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="Audit whether the saliency maps of a PyTorch image classifier can be trusted.",
-)
 err_console = Console(stderr=True, highlight=False)
 _DEBUG = {"on": False}
+
+
+def _error_line(message: str) -> None:
+    err_console.print(f"saliaudit: error: {message}", markup=False, soft_wrap=True)
+
+
+def _click_message(err: click.ClickException) -> str:
+    """Click's own usage errors (unknown option, bad value, missing argument) in saliaudit's
+    one-line style: ``message (hint)``."""
+    ctx = getattr(err, "ctx", None)
+    where = f"run '{ctx.command_path} --help'" if ctx is not None else "run 'saliaudit --help'"
+    if isinstance(err, click.NoSuchOption):
+        known = [o for p in ctx.command.params for o in p.opts + p.secondary_opts] if ctx else []
+        return f"unknown option {err.option_name}{suggest(err.option_name, known)} ({where})"
+    if isinstance(err, click.UsageError) and "No such command" in err.message and ctx is not None:
+        word = err.message.split("'")[1] if "'" in err.message else ""
+        commands = getattr(ctx.command, "commands", {})
+        return f"unknown command {word!r}{suggest(word, commands)} ({where})"
+    message = err.format_message().strip().rstrip(".")
+    message = message[:1].lower() + message[1:]
+    return f"{message} ({where})" if isinstance(err, click.UsageError) else message
+
+
+class _Group(TyperGroup):
+    """The ``saliaudit`` group: Click's usage errors print one ``saliaudit: error:`` line and
+    exit 2, like every other usage error (no boxed panel)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
+        try:
+            rv = super().main(
+                args=args,
+                prog_name=prog_name or "saliaudit",
+                complete_var=complete_var,
+                standalone_mode=False,
+                **extra,
+            )
+        except click.NoArgsIsHelpError as err:
+            click.echo(err.ctx.get_help())
+            rv = EXIT_OK
+        except click.ClickException as err:
+            if _DEBUG["on"]:
+                err_console.print(traceback.format_exc(), markup=False)
+            _error_line(_click_message(err))
+            rv = err.exit_code if isinstance(err, click.UsageError) else EXIT_USAGE
+        except typer.Abort:
+            err_console.print("saliaudit: interrupted", markup=False)
+            rv = EXIT_INTERRUPTED
+        except UsageError as err:  # raised before a command body runs
+            _error_line(str(err))
+            rv = err.exit_code
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
+
+class _Command(TyperCommand):
+    """A command whose help names its arguments by their metavar (``MODEL IMAGES``, not
+    ``{model} {images}`` or ``MODEL <path>``)."""
+
+    def collect_usage_pieces(self, ctx):  # noqa: D102
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for p in self.get_params(ctx):
+            if p.param_type_name == "argument":
+                name = p.metavar or str(p.name).upper()
+                pieces.append(name if p.required else f"[{name}]")
+        return pieces
+
+    def format_options(self, ctx, formatter):  # noqa: D102
+        args, opts = [], []
+        for p in self.get_params(ctx):
+            record = p.get_help_record(ctx)
+            if record is None:
+                continue
+            if p.param_type_name == "argument":
+                args.append((p.metavar or str(p.name).upper(), getattr(p, "help", None) or ""))
+            else:
+                opts.append(record)
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+app = typer.Typer(
+    name="saliaudit",
+    cls=_Group,
+    rich_markup_mode=None,
+    add_completion=False,
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Audit whether the saliency maps of a PyTorch image classifier can be trusted.",
+)
 
 
 class Interrupted(BaseException):
     """Raised from the SIGTERM handler (Ctrl-C raises KeyboardInterrupt)."""
 
 
-def _fail(err: BaseException, code: int) -> None:
+def _fail(err: BaseException, code: int) -> NoReturn:
     if _DEBUG["on"]:
         err_console.print(traceback.format_exc(), markup=False)
-    err_console.print(f"saliaudit: error: {err}", markup=False, soft_wrap=True)
+    _error_line(str(err))
     raise typer.Exit(code)
 
 
-def _bug(err: Exception) -> None:
+def _bug(err: Exception) -> NoReturn:
     """An unexpected exception (a bug in saliaudit): one line and exit 3, the traceback with --debug."""
     _fail(
         RuntimeError(f"unexpected {type(err).__name__}: {err} (rerun with --debug and report it)"),
@@ -67,117 +166,119 @@ def _version(value: bool) -> None:
         raise typer.Exit(EXIT_OK)
 
 
+def _sentence(text: str) -> str:
+    first = text.split(" ", 1)[0]
+    if (
+        first.islower() and first.rstrip(":").replace("-", "").isalpha()
+    ):  # not a name such as sign_flip, cpu or ::error::
+        text = text[:1].upper() + text[1:]
+    return text if text.endswith(".") else f"{text}."
+
+
+def _help(text: str, default: str | None = None) -> str:
+    """Help text as a sentence, with the default (Typer would put a ``show_default`` string in
+    parentheses, and Rich markup would swallow a literal ``[default: ...]``)."""
+    return _sentence(text) + (f" Default: {default}." if default is not None else "")
+
+
+def _setting(name: str, *decls: str, metavar: str | None = None) -> Any:
+    """A ``report`` option for the setting ``name``: its help and the default shown by
+    ``--help`` come from :data:`saliaudit.config.SETTINGS`, which also supplies the value when
+    the flag is not given (``None`` here means "not given"). Numbers are taken as text and
+    parsed by the setting, so ``--batch-size abc`` is reported like ``SALIAUDIT_BATCH_SIZE=abc``."""
+    setting = SETTINGS[name]
+    return typer.Option(
+        None,
+        *(decls or (f"--{name.replace('_', '-')}",)),
+        help=_help(setting.help, setting.default_text()),
+        show_default=False,
+        metavar=metavar,
+    )
+
+
+def _like(name: str, *decls: str, metavar: str | None = None, default: str | None = None) -> Any:
+    """An option of another command that means what the setting ``name`` means."""
+    setting = SETTINGS[name]
+    shown = (
+        default if default is not None else (setting.default_text() if setting.default is not None else None)
+    )
+    return typer.Option(None, *decls, help=_help(setting.help, shown), show_default=False, metavar=metavar)
+
+
 @app.callback()
 def main_options(
     version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        False, "--version", "-V", callback=_version, is_eager=True, help="Print the version and exit."
     ),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors."),
 ) -> None:
     _DEBUG["on"] = debug
 
 
-@app.command()
+_CONFIG_HELP = _help("TOML configuration file", "the nearest saliaudit.toml or pyproject.toml upwards")
+_MODEL_HELP = (
+    "Model file: .pt2, state_dict (.pt/.pth/.safetensors with --arch), TorchScript, "
+    "or a pickled module with --trust-model."
+)
+
+
+@app.command(cls=_Command, short_help="Audit MODEL on IMAGES and write the report.")
 def report(
-    model: Path = typer.Argument(
-        ...,
-        help="Model file: .pt2, state_dict (.pt/.pth/.safetensors with --arch), TorchScript, or a pickled module with --trust-model.",
-    ),
+    model: Path = typer.Argument(..., metavar="MODEL", help=_MODEL_HELP, show_default=False),
     images: Path = typer.Argument(
-        ..., help="Image folder (recursive; ImageFolder layout gives labels) or a list file."
+        ...,
+        metavar="IMAGES",
+        help="Image folder (recursive; ImageFolder layout gives labels), a list file or one image.",
+        show_default=False,
     ),
-    output: str | None = typer.Option(
-        None, "-o", "--output", help="Output folder [default: saliaudit-report]."
-    ),
-    format: str | None = typer.Option(
+    output: str | None = _setting("output", "-o", "--output", metavar="FOLDER"),
+    format: str | None = _setting("format", metavar="LIST"),
+    config: Path | None = typer.Option(
         None,
-        "--format",
-        help="Comma-separated output formats: html, pdf, json, junit [default: html,pdf,json].",
+        "--config",
+        metavar="FILE",
+        help=_CONFIG_HELP,
+        show_default=False,
     ),
-    config: Path | None = typer.Option(None, "--config", help="TOML configuration file."),
-    methods: str | None = typer.Option(
-        None,
-        "--methods",
-        help="Comma-separated methods: fullgrad and those of `saliaudit methods` [default: fullgrad, 8 comparison methods, random, edge].",
-    ),
-    psi: str | None = typer.Option(None, "--psi", help="Comma-separated ψ presets [default: all]."),
-    post: str | None = typer.Option(
-        None, "--post", help="Post-processing of comparison methods: signed,abs [default: both]."
-    ),
-    cam_layer: str | None = typer.Option(
-        None, "--cam-layer", help="Layer of the CAM methods [default: automatic]."
-    ),
-    checks: str | None = typer.Option(
-        None, "--checks", help="Comma-separated checks of `saliaudit checks` [default: all]."
-    ),
-    threshold: list[str] | None = typer.Option(
-        None,
-        "--threshold",
-        help="Check threshold CHECK.NAME=VALUE, e.g. class_sensitivity.fail=0.8 (repeatable).",
-    ),
-    check_param: list[str] | None = typer.Option(
-        None,
-        "--check-param",
-        help="Check parameter CHECK.NAME=VALUE, e.g. randomization.granularity=layers (repeatable).",
-    ),
-    flip: str | None = typer.Option(
-        None, "--flip", help="sign_flip class pairs C:C', e.g. 8:3 [default: runner-up]."
-    ),
-    masks: str | None = typer.Option(
-        None,
-        "--masks",
-        help="Folder of object masks MASKS/<image path without extension>/<class>.png (pointing games).",
-    ),
-    max_images: int | None = typer.Option(None, "--max-images", help="Audit at most N images."),
-    sample: int | None = typer.Option(
-        None, "--sample", help="Audit a reproducible random subset of N images."
-    ),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per batch [default: 8]."),
-    seed: int | None = typer.Option(None, "--seed", help="Random seed [default: 0]."),
-    device: str | None = typer.Option(
-        None, "--device", help="auto, cpu, cuda, cuda:N or mps [default: auto]."
-    ),
-    fail_on: str | None = typer.Option(None, "--fail-on", help="fail, warn or never [default: fail]."),
-    arch: str | None = typer.Option(None, "--arch", help="torchvision architecture of a state_dict."),
-    num_classes: int | None = typer.Option(None, "--num-classes", help="Classes of a state_dict head."),
-    input_size: str | None = typer.Option(None, "--input-size", help="Input size: 224 or H,W."),
-    mean: str | None = typer.Option(None, "--mean", help="Normalization mean, e.g. 0.485,0.456,0.406."),
-    std: str | None = typer.Option(None, "--std", help="Normalization std, e.g. 0.229,0.224,0.225."),
-    labels: str | None = typer.Option(None, "--labels", help="Class names file, one per line."),
-    trust_model: bool | None = typer.Option(
-        None, "--trust-model", help="Allow unpickling a pickled model (runs code from the file)."
-    ),
-    max_pixels: int | None = typer.Option(
-        None, "--max-pixels", help="Refuse larger images [default: 64000000]."
-    ),
-    overlays: bool | None = typer.Option(
-        None, "--overlays/--no-overlays", help="Write PNG overlays [default: on]."
-    ),
-    force: bool | None = typer.Option(
-        None, "--force", help="Write into a non-empty folder that is not a saliaudit output."
-    ),
-    examples: int | None = typer.Option(
-        None, "--examples", help="Example images per check in the PDF, most telling first [default: 6]."
-    ),
-    examples_html: int | None = typer.Option(
-        None, "--examples-html", help="Example images per check in the HTML [default: 24]."
-    ),
-    page_size: str | None = typer.Option(
-        None, "--page-size", help="PDF page size: a4 or letter [default: a4]."
-    ),
-    annotations: bool | None = typer.Option(
-        None,
-        "--annotations/--no-annotations",
-        help="Print ::error::/::warning:: annotations for GitHub Actions on stdout [default: off].",
-    ),
-    plugin: list[str] | None = typer.Option(
-        None,
-        "--plugin",
-        help="Module or .py file that registers methods or checks (repeatable; runs its code).",
-    ),
+    methods: str | None = _setting("methods", metavar="LIST"),
+    psi: str | None = _setting("psi", metavar="LIST"),
+    post: str | None = _setting("post", metavar="LIST"),
+    cam_layer: str | None = _setting("cam_layer", metavar="NAME"),
+    checks: str | None = _setting("checks", metavar="LIST"),
+    threshold: list[str] | None = _setting("thresholds", "--threshold", metavar="CHECK.NAME=VALUE"),
+    check_param: list[str] | None = _setting("check_params", "--check-param", metavar="CHECK.NAME=VALUE"),
+    method_param: list[str] | None = _setting("method_params", "--method-param", metavar="METHOD.NAME=VALUE"),
+    flip: str | None = _setting("flip", metavar="C:C'"),
+    masks: str | None = _setting("masks", metavar="FOLDER"),
+    max_images: str | None = _setting("max_images", metavar="N"),
+    sample: str | None = _setting("sample", metavar="N"),
+    batch_size: str | None = _setting("batch_size", metavar="N"),
+    seed: str | None = _setting("seed", metavar="INTEGER"),
+    device: str | None = _setting("device", metavar="DEVICE"),
+    fail_on: str | None = _setting("fail_on", metavar="LEVEL"),
+    arch: str | None = _setting("arch", metavar="NAME"),
+    num_classes: str | None = _setting("num_classes", metavar="K"),
+    input_size: str | None = _setting("input_size", metavar="H,W"),
+    mean: str | None = _setting("mean", metavar="R,G,B"),
+    std: str | None = _setting("std", metavar="R,G,B"),
+    labels: str | None = _setting("labels", metavar="FILE"),
+    trust_model: bool | None = _setting("trust_model"),
+    max_pixels: str | None = _setting("max_pixels", metavar="N"),
+    overlays: bool | None = _setting("overlays", "--overlays/--no-overlays"),
+    force: bool | None = _setting("force"),
+    examples: str | None = _setting("examples", metavar="K"),
+    examples_html: str | None = _setting("examples_html", metavar="K"),
+    page_size: str | None = _setting("page_size", metavar="SIZE"),
+    annotations: bool | None = _setting("annotations", "--annotations/--no-annotations"),
+    plugin: list[str] | None = _setting("plugins", "--plugin", metavar="MODULE"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table on the terminal."),
 ) -> None:
-    """Audit MODEL on IMAGES and write the results (and maps) to the output folder."""
+    """Audit MODEL on IMAGES and write the results (and maps) to the output folder.
+
+    Every option can also be set as SALIAUDIT_NAME in the environment or in saliaudit.toml;
+    exit codes: 0 pass, 1 the --fail-on gate failed, 2 usage error, 3 the audit could not run,
+    4 no usable images, 130 interrupted.
+    """
     from .config import resolve_config
 
     flags: dict[str, Any] = dict(
@@ -190,6 +291,7 @@ def report(
         checks=checks,
         thresholds=threshold or None,
         check_params=check_param or None,
+        method_params=method_param or None,
         flip=flip,
         masks=masks,
         max_images=max_images,
@@ -216,10 +318,34 @@ def report(
     )
     try:
         cfg = resolve_config(flags, config_file=config)
+        _check_inputs(model=model, images=images)
     except SaliauditError as err:
         _fail(err, err.exit_code)
     code = _run_report(model, images, cfg, quiet)
     raise typer.Exit(code)
+
+
+def _check_inputs(
+    *, model: Path | None = None, images: Path | None = None, image: Path | None = None
+) -> None:
+    """The paths the user named exist and are of the right kind (usage errors, exit 2), before
+    a model is loaded or anything is written."""
+    from .model_formats import inspect_file
+
+    if model is not None and (not model.exists() or not model.is_file()):
+        inspect_file(model)  # its message: not found, or a folder
+    if images is not None and not images.exists():
+        hint = "broken symbolic link" if images.is_symlink() else "check the IMAGES path"
+        raise UsageError("image source does not exist", path=images, hint=hint)
+    if image is not None:
+        if not image.exists():
+            raise UsageError("image file not found", path=image, hint="check the IMAGE path")
+        if image.is_dir():
+            raise UsageError(
+                "is a folder, not an image file",
+                path=image,
+                hint="pass one image; saliaudit report audits a folder",
+            )
 
 
 def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
@@ -329,31 +455,37 @@ def _ci_outputs(doc: dict[str, Any], annotations: bool) -> None:
         emit_annotations(doc, typer.echo)
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Rebuild the report from a results.json.")
 def render(
-    results: Path = typer.Argument(..., help="results.json written by saliaudit report."),
+    results: Path = typer.Argument(
+        ..., metavar="RESULTS", help="results.json written by saliaudit report.", show_default=False
+    ),
     output: str | None = typer.Option(
-        None, "-o", "--output", help="Output folder [default: the folder of RESULTS]."
+        None,
+        "-o",
+        "--output",
+        metavar="FOLDER",
+        help=_help("output folder", "the folder of RESULTS"),
+        show_default=False,
     ),
     format: str = typer.Option(
-        "html,pdf", "--format", help="Comma-separated: html, pdf, json, junit [default: html,pdf]."
+        "html,pdf",
+        "--format",
+        metavar="LIST",
+        help=_help(SETTINGS["format"].help, "html,pdf"),
+        show_default=False,
     ),
-    page_size: str | None = typer.Option(
-        None, "--page-size", help="PDF page size a4 or letter [default: as in the results, else a4]."
+    page_size: str | None = _like(
+        "page_size", "--page-size", metavar="SIZE", default="as in the results, else a4"
     ),
-    examples: int | None = typer.Option(
-        None, "--examples", help="Example images in the PDF [default: as in the results, else 6]."
+    examples: int | None = _like("examples", "--examples", metavar="K", default="as in the results, else 6"),
+    examples_html: int | None = _like(
+        "examples_html", "--examples-html", metavar="K", default="as in the results, else 24"
     ),
-    examples_html: int | None = typer.Option(
-        None, "--examples-html", help="Example images in the HTML [default: as in the results, else 24]."
-    ),
-    force: bool = typer.Option(
-        False, "--force", help="Write into a non-empty folder that is not a saliaudit output."
-    ),
+    force: bool = typer.Option(False, "--force", help=_help(SETTINGS["force"].help), show_default=False),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not list the files written."),
 ) -> None:
     """Rebuild the HTML/PDF (and JSON/JUnit) report from a results.json, without the model."""
-    from .config import SETTINGS
     from .report.output import OutputFolder
     from .report.render import load_results
 
@@ -390,50 +522,77 @@ def _parse_option(flag: str, value: Any, parse: Any) -> Any:
         raise UsageError(f"invalid {flag}: {err}") from None
 
 
-@app.command("methods")
+_PLUGIN_HELP = _sentence(SETTINGS["plugins"].help)
+
+
+def _print_block(console: Console, text: str | Text, indent: int = 0, style: str = "") -> None:
+    """``text`` wrapped to the terminal width, every line (continuation lines included)
+    indented by ``indent``."""
+    body = text if isinstance(text, Text) else Text(text, style=style)
+    for line in body.wrap(console, max(console.width - indent, 20)):
+        line.rstrip()
+        console.print(Text(" " * indent) + line, soft_wrap=True)
+
+
+@app.command("methods", cls=_Command, short_help="List the saliency methods and their parameters.")
 def methods_command(
     model: Path | None = typer.Option(
-        None, "--model", help="Also show the layers the CAM methods would use on this model."
+        None, "--model", metavar="MODEL", help="Also show the layers the CAM methods would use on this model."
     ),
-    arch: str | None = typer.Option(None, "--arch", help="torchvision architecture of a state_dict model."),
-    input_size: str | None = typer.Option(None, "--input-size", help="Model input size."),
-    plugin: list[str] | None = typer.Option(
-        None,
-        "--plugin",
-        help="Module or .py file that registers methods or checks (repeatable; runs its code).",
-    ),
+    arch: str | None = _like("arch", "--arch", metavar="NAME"),
+    input_size: str | None = _like("input_size", "--input-size", metavar="H,W"),
+    plugin: list[str] | None = typer.Option(None, "--plugin", metavar="MODULE", help=_PLUGIN_HELP),
 ) -> None:
     """List the saliency methods with their parameters (and, for a model, the CAM layers)."""
+    from .config import DEFAULT_METHODS
     from .methods import METHODS, method_names
     from .psi import PSI_PRESETS
 
     _load_plugins(plugin)
+    lm = None
+    if model is not None:  # a bad --model fails before the listing
+        from .model import load_model
 
-    console = Console()
+        try:
+            _check_inputs(model=model)
+            lm = load_model(model, arch=arch, input_size=input_size)
+        except SaliauditError as err:
+            _fail(err, err.exit_code)
+
+    console = Console(highlight=False)
     for name in method_names():
         m = METHODS[name]
-        params = ", ".join(f"{k}={v!r}" for k, v in m.params.items()) or "no parameters"
+        params = ", ".join(f"{k}={v!r}" for k, v in m.params.items()) or "none"
         needs = " · needs layer internals" if m.needs_internals else ""
         if m.option == "psi":
             params += "; ψ presets (--psi): " + ", ".join(
                 f"{p.name} ({p.description})" for p in PSI_PRESETS.values() if p.name in m.choices
             )
-        console.print(
-            f"[bold]{m.name}[/]  [dim]({m.family}{needs}; {m.reference})[/]\n    {m.summary}\n    {params}",
-            soft_wrap=True,
+        mark = " *" if name in DEFAULT_METHODS else ""
+        _print_block(
+            console,
+            Text.assemble((m.name, "bold"), mark, "  ", (f"({m.family}{needs}; {m.reference})", "dim")),
         )
-    if model is None:
+        _print_block(console, m.summary, indent=4)
+        _print_block(console, f"parameters: {params}", indent=4)
+    console.print()
+    _print_block(
+        console,
+        "* audited by default; choose the methods with --methods LIST (or methods = [...] in the config file).",
+    )
+    _print_block(
+        console,
+        "Change a parameter with --method-param METHOD.NAME=VALUE (repeatable), e.g. "
+        "--method-param integrated_gradients.steps=64, or in the config file as a "
+        "[method_params.METHOD] table; --cam-layer NAME sets the layer of every CAM method.",
+    )
+    if lm is None:
         return
-    try:
-        import torch
+    import torch
 
-        from .errors import DecompositionError
-        from .methods.layers import cam_layers, find_cam_layer
-        from .model import load_model
+    from .errors import DecompositionError
+    from .methods.layers import cam_layers, find_cam_layer
 
-        lm = load_model(model, arch=arch, input_size=input_size)
-    except SaliauditError as err:
-        _fail(err, err.exit_code)
     cam = [m.name for m in METHODS.values() if m.family == "cam"]
     internals = [m.name for m in METHODS.values() if m.needs_internals and m.family != "cam"]
     # as the audit plans them: on TorchScript, methods that need layer internals are SKIPPED
@@ -451,6 +610,7 @@ def methods_command(
             reason = str(err)
         except UsageError as err:
             _fail(err, err.exit_code)
+    console.print()
     if reason is not None:
         if lm.format == "torchscript":
             tail = (
@@ -459,37 +619,28 @@ def methods_command(
             )
         else:
             tail = "the CAM methods cannot run on this model: " + ", ".join(cam) + "."
-        console.print(
-            f"\nCAM layer for {model}: not available: {reason}; {tail}",
-            soft_wrap=True,
-            markup=False,
-            highlight=False,
-        )
+        _print_block(console, f"CAM layer for {model}: not available: {reason}; {tail}")
         return
-    console.print(
-        f"\nCAM layer for {model}: [bold]{layer}[/] (override with --cam-layer); "
-        "spatial layers: " + ", ".join(layers),
-        soft_wrap=True,
-        highlight=False,
+    _print_block(
+        console,
+        Text.assemble(
+            f"CAM layer for {model}: ",
+            (str(layer), "bold"),
+            " (override with --cam-layer); spatial layers: " + ", ".join(layers),
+        ),
     )
 
 
-@app.command("checks")
+@app.command("checks", cls=_Command, short_help="List the sanity checks, thresholds and parameters.")
 def checks_command(
-    plugin: list[str] | None = typer.Option(
-        None,
-        "--plugin",
-        help="Module or .py file that registers methods or checks (repeatable; runs its code).",
-    ),
+    plugin: list[str] | None = typer.Option(None, "--plugin", metavar="MODULE", help=_PLUGIN_HELP),
 ) -> None:
     """List the sanity checks: what each measures, its thresholds and parameters."""
-    from rich.text import Text
-
     from .checks import check_names, get_check
 
     _load_plugins(plugin)
 
-    console = Console()
+    console = Console(highlight=False)
     for name in check_names():
         info = get_check(name).describe()
         scope = f" · needs a method that provides {', '.join(info['requires'])}" if info["requires"] else ""
@@ -498,72 +649,97 @@ def checks_command(
         thresholds = ", ".join(f"{k}={v!r}" for k, v in info["thresholds"].items()) or "none"
         thresholds += " (informational unless set)" if info["informational"] else ""
         params = ", ".join(f"{k}={v!r}" for k, v in info["params"].items()) or "none"
-        controls = ", ".join(info["controls_must_fail"])
-        controls = f"    controls it must not pass: {controls}\n" if controls else ""
-        curves = ", ".join(info["curves"])
-        curves = f"    curves: {curves}\n" if curves else ""
-        console.print(
-            Text.assemble(
-                (name, "bold"),
-                f" ({info['short']})  ",
-                (f"{info['title']}", ""),
-                "\n",
-                (f"    {info['metric']}, {direction}{scope}", "dim"),
-                f"\n    {info['summary']}\n    thresholds: {thresholds}\n"
-                f"    parameters: {params}\n{controls}{curves}",
-                (f"    {info['reference']}", "dim"),
-            ),
-            soft_wrap=True,
-        )
-    console.print(
-        "\nA control (random, edge) ignores the model: its FAIL on a check it must not "
+        _print_block(console, Text.assemble((name, "bold"), f" ({info['short']})  {info['title']}"))
+        _print_block(console, f"{info['metric']}, {direction}{scope}", indent=4, style="dim")
+        _print_block(console, info["summary"], indent=4)
+        _print_block(console, f"thresholds: {thresholds}", indent=4)
+        _print_block(console, f"parameters: {params}", indent=4)
+        if info["controls_must_fail"]:
+            _print_block(console, "controls it must not pass: " + ", ".join(info["controls_must_fail"]), 4)
+        if info["curves"]:
+            _print_block(console, "curves: " + ", ".join(info["curves"]), indent=4)
+        _print_block(console, info["reference"], indent=4, style="dim")
+        console.print()
+    _print_block(
+        console,
+        "A control (random, edge) ignores the model: its FAIL on a check it must not "
         "pass shows the check working and never fails the gate; a control that passes "
         "counts as a WARN and the report says that check is unreliable on the model.",
-        soft_wrap=True,
-        markup=False,
     )
-    console.print(
-        "\nSet thresholds with --threshold CHECK.NAME=VALUE and parameters with "
+    console.print()
+    _print_block(
+        console,
+        "Set thresholds with --threshold CHECK.NAME=VALUE and parameters with "
         "--check-param CHECK.NAME=VALUE, or in the config file as [thresholds.CHECK] "
         "and [check_params.CHECK] tables.",
-        soft_wrap=True,
-        markup=False,
     )
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Write one saliency map of one image as a PNG.")
 def explain(
-    model: Path = typer.Argument(..., help="Model file (as for report)."),
-    image: Path = typer.Argument(..., help="One image file."),
-    method: str = typer.Option("fullgrad", "--method", help="Method name (saliaudit methods)."),
+    model: Path = typer.Argument(..., metavar="MODEL", help=_MODEL_HELP, show_default=False),
+    image: Path = typer.Argument(..., metavar="IMAGE", help="One image file.", show_default=False),
+    method: str = typer.Option(
+        "fullgrad",
+        "--method",
+        metavar="NAME",
+        help=_help("method (saliaudit methods)", "fullgrad"),
+        show_default=False,
+    ),
     psi: str | None = typer.Option(
-        None, "--psi", help="ψ preset, only for methods with ψ presets (fullgrad) [default: paper]."
+        None,
+        "--psi",
+        metavar="PRESET",
+        help=_help("ψ preset, only for methods with ψ presets (fullgrad)", "paper"),
+        show_default=False,
     ),
     post: str | None = typer.Option(
-        None, "--post", help="signed or abs, only for the other methods [default: signed]."
+        None,
+        "--post",
+        metavar="POST",
+        help=_help("signed or abs, only for the other methods", "signed"),
+        show_default=False,
     ),
     target: str | None = typer.Option(
-        None, "--target", help="Class name or index [default: the top-1 class]."
-    ),
-    output: Path = typer.Option(Path("map.png"), "-o", "--output", help="PNG file to write."),
-    arch: str | None = typer.Option(None, "--arch", help="torchvision architecture of a state_dict."),
-    num_classes: int | None = typer.Option(None, "--num-classes", help="Classes of a state_dict head."),
-    input_size: str | None = typer.Option(None, "--input-size", help="Input size: 224 or H,W."),
-    mean: str | None = typer.Option(None, "--mean", help="Normalization mean."),
-    std: str | None = typer.Option(None, "--std", help="Normalization std."),
-    cam_layer: str | None = typer.Option(None, "--cam-layer", help="Layer of the CAM methods."),
-    trust_model: bool = typer.Option(False, "--trust-model", help="Allow unpickling a pickled model."),
-    plugin: list[str] | None = typer.Option(
         None,
-        "--plugin",
-        help="Module or .py file that registers methods or checks (repeatable; runs its code).",
+        "--target",
+        metavar="C",
+        help=_help("class name or index", "the top-1 class"),
+        show_default=False,
     ),
+    output: Path = typer.Option(
+        Path("map.png"),
+        "-o",
+        "--output",
+        metavar="FILE",
+        help=_help("PNG file to write", "map.png"),
+        show_default=False,
+    ),
+    arch: str | None = _like("arch", "--arch", metavar="NAME"),
+    num_classes: int | None = _like("num_classes", "--num-classes", metavar="K"),
+    input_size: str | None = _like("input_size", "--input-size", metavar="H,W"),
+    mean: str | None = _like("mean", "--mean", metavar="R,G,B"),
+    std: str | None = _like("std", "--std", metavar="R,G,B"),
+    cam_layer: str | None = _like("cam_layer", "--cam-layer", metavar="NAME"),
+    trust_model: bool = typer.Option(
+        False, "--trust-model", help=_help(SETTINGS["trust_model"].help), show_default=False
+    ),
+    plugin: list[str] | None = typer.Option(None, "--plugin", metavar="MODULE", help=_PLUGIN_HELP),
 ) -> None:
     """Write one saliency map of IMAGE as a PNG: the image and its map side by side."""
     from .explain import explain_image
+    from .psi import PSI_PRESETS
 
     _load_plugins(plugin)
     try:
+        for flag, value, choices in (("--psi", psi, list(PSI_PRESETS)), ("--post", post, ["signed", "abs"])):
+            if value is not None and value not in choices:
+                raise UsageError(
+                    f"invalid {flag}: expected one of {', '.join(choices)}, got {value!r}{suggest(value, choices)}"
+                )
+        for flag, value in (("--input-size", input_size), ("--mean", mean), ("--std", std)):
+            _parse_option(flag, value, SETTINGS[flag[2:].replace("-", "_")].parse)
+        _check_inputs(model=model, image=image)
         text = explain_image(
             model,
             image,
@@ -580,6 +756,8 @@ def explain(
             cam_layer=cam_layer,
             trust_model=trust_model,
         )
+    except ImageError as err:  # IMAGE exists but cannot be decoded: no usable image
+        _fail(err, EXIT_NO_IMAGES)
     except SaliauditError as err:
         _fail(err, err.exit_code)
     except Exception as err:  # an unexpected bug: one line, the traceback with --debug
@@ -597,7 +775,7 @@ def _load_plugins(specs: list[str] | None) -> None:
         _fail(err, err.exit_code)
 
 
-@app.command()
+@app.command(cls=_Command, short_help="Check the environment (torch, devices, PDF backend).")
 def doctor() -> None:
     """Check the environment: Python, torch, devices, PDF backend, fonts."""
     from .doctor import run_doctor
@@ -606,9 +784,5 @@ def doctor() -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
-    try:
-        app()
-    except UsageError as err:  # raised before a command body runs
-        err_console.print(f"saliaudit: error: {err}", markup=False)
-        sys.exit(err.exit_code)
+    """Console-script entry point (``saliaudit`` and ``python -m saliaudit``)."""
+    app(prog_name="saliaudit")

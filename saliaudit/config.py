@@ -22,7 +22,7 @@ else:  # Python 3.10 (requires-python >= 3.10): the same parser, as a package
     import tomli as tomllib
 
 from . import validate
-from .errors import UsageError
+from .errors import SaliauditError, UsageError, suggest
 from .psi import PSI_PRESETS
 
 __all__ = ["Setting", "SETTINGS", "AuditConfig", "resolve_config", "find_config_file"]
@@ -45,7 +45,12 @@ DEFAULT_METHODS = (
     "edge_signed",
 )
 #: Command-line spellings that differ from the setting name.
-_FLAG_NAMES = {"thresholds": "--threshold", "check_params": "--check-param", "plugins": "--plugin"}
+_FLAG_NAMES = {
+    "thresholds": "--threshold",
+    "check_params": "--check-param",
+    "method_params": "--method-param",
+    "plugins": "--plugin",
+}
 #: Settings that only the user's own command line or environment may set (never a file).
 FLAG_OR_ENV_ONLY = ("trust_model",)
 
@@ -79,7 +84,13 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 
 def _choice(*choices: str) -> Callable[[Any], str]:
-    return lambda v: _reworded(lambda raw: validate.choice("value", str(raw).strip().lower(), choices), v)
+    def parse(v: Any) -> str:
+        word = str(v).strip().lower()
+        if word not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {v!r}{suggest(word, choices)}")
+        return word
+
+    return parse
 
 
 def _list_of(*choices: str) -> Callable[[Any], list[str]]:
@@ -88,10 +99,29 @@ def _list_of(*choices: str) -> Callable[[Any], list[str]]:
         out = [str(i).strip() for i in items if str(i).strip()]
         bad = [i for i in out if i not in choices]
         if bad or not out:
-            raise ValueError(f"expected a comma-separated list of {', '.join(choices)}, got {v!r}")
+            hint = suggest(bad[0], choices) if bad else ""
+            raise ValueError(f"expected a comma-separated list of {', '.join(choices)}, got {v!r}{hint}")
         return list(dict.fromkeys(out))
 
     return parse
+
+
+def _model_option(name: str) -> Callable[[Any], Any]:
+    """``input_size``, ``mean``, ``std``: checked as the model loader will parse them (so a bad
+    value fails before anything is written), kept as given."""
+
+    def parse(v: Any) -> Any:
+        from .model_formats import parse_size, parse_triple
+
+        try:
+            parse_size(v) if name == "input_size" else parse_triple(v, name)
+        except SaliauditError as err:
+            text = str(err).removesuffix(f" ({err.hint})") if err.hint else str(err)
+            detail = text.split(": ", 1)[-1]
+            raise ValueError(f"{detail}, got {v!r}" + (f" ({err.hint})" if err.hint else "")) from None
+        return v
+
+    return _optional(parse)
 
 
 def _bool(v: Any) -> bool:
@@ -111,12 +141,25 @@ def _text(v: Any) -> str:
 
 @dataclass(frozen=True)
 class Setting:
-    """One configurable value: its parser, default and help text."""
+    """One configurable value: its parser, default and help text (the command line's help
+    shows both, so help and behaviour cannot drift). ``shown`` describes a default that is
+    not a plain value (``None`` meaning "automatic", "all", ...)."""
 
     name: str
     parse: Callable[[Any], Any]
     default: Any
     help: str
+    shown: str | None = None
+
+    def default_text(self) -> str:
+        """The default as ``--help`` shows it: ``html,pdf,json``, ``8``, ``on``, ``automatic``."""
+        if self.shown is not None:
+            return self.shown
+        if isinstance(self.default, bool):
+            return "on" if self.default else "off"
+        if isinstance(self.default, (list, tuple)):
+            return ", ".join(map(str, self.default)) or "none"
+        return "none" if self.default is None else str(self.default)
 
 
 SETTINGS: dict[str, Setting] = {
@@ -127,74 +170,135 @@ SETTINGS: dict[str, Setting] = {
             "plugins",
             lambda v: _plugins(v),
             [],
-            "plugin modules or .py files that register methods and checks",
+            "module or .py file that registers methods or checks (repeatable; runs its code)",
         ),
         Setting("output", _text, "saliaudit-report", "output folder"),
-        Setting("format", _list_of(*FORMATS), ["html", "pdf", "json"], "output formats"),
-        Setting("psi", _list_of(*PSI_PRESETS), list(PSI_PRESETS), "FullGrad post-processings ψ"),
+        Setting(
+            "format",
+            _list_of(*FORMATS),
+            ["html", "pdf", "json"],
+            "comma-separated output formats: " + ", ".join(FORMATS),
+        ),
+        Setting(
+            "psi", _list_of(*PSI_PRESETS), list(PSI_PRESETS), "comma-separated FullGrad post-processings ψ"
+        ),
         Setting(
             "methods",
             lambda v: _methods(v),
             list(DEFAULT_METHODS),
-            "saliency methods: fullgrad and the comparison methods (saliaudit methods)",
+            "comma-separated saliency methods (saliaudit methods)",
         ),
         Setting(
-            "post", _list_of("signed", "abs"), ["signed", "abs"], "post-processings of the comparison methods"
+            "post",
+            _list_of("signed", "abs"),
+            ["signed", "abs"],
+            "post-processings of the comparison methods: signed, abs",
         ),
-        Setting("cam_layer", _optional(_text), None, "layer of the CAM methods (default: automatic)"),
-        Setting("max_images", _optional(_int(1)), None, "audit at most this many images"),
-        Setting("sample", _optional(_int(1)), None, "audit a reproducible random subset of N images"),
+        Setting("cam_layer", _optional(_text), None, "layer of the CAM methods", "automatic"),
+        Setting("max_images", _optional(_int(1)), None, "audit at most N images", "all"),
+        Setting("sample", _optional(_int(1)), None, "audit a reproducible random subset of N images", "all"),
         Setting("batch_size", _int(1, 4096), 8, "images per forward/backward batch"),
         Setting("seed", _int(0, 2**64 - 1), 0, "seed for every random choice"),
-        Setting("device", _text, "auto", "auto, cpu, cuda, cuda:N or mps"),
-        Setting("fail_on", _choice(*FAIL_ON), "fail", "lowest verdict that makes the exit code 1"),
-        Setting("arch", _optional(_text), None, "torchvision architecture of a state_dict"),
-        Setting("num_classes", _optional(_int(1)), None, "number of classes of a state_dict head"),
-        Setting("input_size", _optional(_text), None, "model input size, H or H,W"),
-        Setting("mean", _optional(_text), None, "normalization mean, three comma-separated values"),
-        Setting("std", _optional(_text), None, "normalization std, three comma-separated values"),
-        Setting("labels", _optional(_text), None, "class names file, one per line"),
-        Setting("trust_model", _bool, False, "allow unpickling a pickled nn.Module (runs code)"),
-        Setting("max_pixels", _int(1), 64_000_000, "refuse images with more pixels (bombs)"),
+        Setting("device", _text, "auto", "device: auto, cpu, cuda, cuda:N or mps"),
+        Setting(
+            "fail_on",
+            _choice(*FAIL_ON),
+            "fail",
+            "lowest verdict that makes the exit code 1: fail, warn, never",
+        ),
+        Setting("arch", _optional(_text), None, "architecture of a state_dict: a torchvision model name"),
+        Setting(
+            "num_classes",
+            _optional(_int(1)),
+            None,
+            "number of classes of a state_dict head",
+            "from the weights",
+        ),
+        Setting(
+            "input_size",
+            _model_option("input_size"),
+            None,
+            "model input size, H or H,W",
+            "from the model, else 224",
+        ),
+        Setting(
+            "mean",
+            _model_option("mean"),
+            None,
+            "normalization mean, three comma-separated values",
+            "from the model, else ImageNet's",
+        ),
+        Setting(
+            "std",
+            _model_option("std"),
+            None,
+            "normalization std, three comma-separated values",
+            "from the model, else ImageNet's",
+        ),
+        Setting("labels", _optional(_text), None, "class names file, one per line", "from the model"),
+        Setting(
+            "trust_model", _bool, False, "allow unpickling a pickled nn.Module (runs code from the file)"
+        ),
+        Setting("max_pixels", _int(1), 64_000_000, "refuse images with more pixels (decompression bombs)"),
         Setting(
             "completeness_tolerance",
             lambda v: _positive_float(v),
             1e-3,
-            "FAIL completeness when a relative residual exceeds this",
+            "FAIL completeness when a relative residual exceeds this (config file or environment only)",
         ),
         Setting(
             "checks",
             _optional(lambda v: _checks(v)),
             None,
-            "sanity checks to run (saliaudit checks) [default: all]",
+            "comma-separated sanity checks to run (saliaudit checks)",
+            "all",
         ),
         Setting(
             "thresholds",
             lambda v: _check_options(v, "thresholds"),
             {},
-            "check thresholds, CHECK.NAME=VALUE (e.g. class_sensitivity.fail=0.8)",
+            "check threshold CHECK.NAME=VALUE, e.g. class_sensitivity.fail=0.8 (repeatable)",
+            "those of saliaudit checks",
         ),
         Setting(
             "check_params",
             lambda v: _check_options(v, "params"),
             {},
-            "check parameters, CHECK.NAME=VALUE (e.g. randomization.granularity=layers)",
+            "check parameter CHECK.NAME=VALUE, e.g. randomization.granularity=layers (repeatable)",
+            "those of saliaudit checks",
+        ),
+        Setting(
+            "method_params",
+            lambda v: _method_options(v),
+            {},
+            "method parameter METHOD.NAME=VALUE, e.g. integrated_gradients.steps=64 (repeatable)",
+            "those of saliaudit methods",
         ),
         Setting(
             "flip",
             _optional(lambda v: _flip(v)),
             None,
-            "sign_flip class pairs C:C' (indices or names), e.g. 8:3",
+            "class pairs C:C' (indices or names) of sign_flip, e.g. 8:3",
+            "top-1 vs runner-up",
         ),
         Setting(
-            "masks", _optional(_text), None, "folder of per-image, per-class object masks (pointing games)"
+            "masks",
+            _optional(_text),
+            None,
+            "folder of object masks MASKS/<image path without extension>/<class>.png (pointing games)",
+            "none",
         ),
-        Setting("overlays", _bool, True, "write a PNG overlay per image and ψ"),
+        Setting("overlays", _bool, True, "write a PNG overlay per image and map"),
         Setting("force", _bool, False, "write into a non-empty folder that is not a saliaudit output"),
-        Setting("examples", _int(0, 1000), 6, "example images (most telling first) in the PDF report"),
-        Setting("examples_html", _int(0, 1000), 24, "example images in the HTML report"),
+        Setting("examples", _int(0, 1000), 6, "example images per check in the PDF, most telling first"),
+        Setting("examples_html", _int(0, 1000), 24, "example images per check in the HTML"),
         Setting("page_size", _choice("a4", "letter"), "a4", "PDF page size: a4 or letter"),
-        Setting("annotations", _bool, False, "print ::warning::/::error:: annotations for GitHub Actions"),
+        Setting(
+            "annotations",
+            _bool,
+            False,
+            "print ::error::/::warning:: annotations for GitHub Actions on stdout",
+        ),
     ]
 }
 
@@ -266,42 +370,80 @@ def _scalar(text: Any, default: Any) -> Any:
     return value
 
 
-def _check_options(v: Any, kind: str) -> dict[str, dict[str, Any]]:
-    """``a.b=1,c.d=x`` (flags, environment) or ``{check: {name: value}}`` (config file)."""
-    from .checks import check_names, get_check
-
+def _option_items(v: Any, what: str) -> list[tuple[str, Any]]:
+    """``a.b=1,c.d=x`` (flags, environment) or ``{a: {b: value}}`` (config file) as
+    ``[("a.b", value), ...]``."""
     if isinstance(v, dict):
-        items = [
+        return [
             (f"{c}.{k}", val)
             for c, sub in v.items()
             for k, val in (sub.items() if isinstance(sub, dict) else [(None, sub)])
         ]
-    else:
-        raw = v if isinstance(v, (list, tuple)) else [v]
-        items = []
-        for chunk in raw:
-            for part in str(chunk).split(","):
-                if part.strip():
-                    key, sep, val = part.partition("=")
-                    if not sep:
-                        raise ValueError(f"expected CHECK.NAME=VALUE, got {part.strip()!r}")
-                    items.append((key.strip(), val.strip()))
+    raw = v if isinstance(v, (list, tuple)) else [v]
+    items = []
+    for chunk in raw:
+        for part in str(chunk).split(","):
+            if part.strip():
+                key, sep, val = part.partition("=")
+                if not sep:
+                    raise ValueError(f"expected {what}.NAME=VALUE, got {part.strip()!r}")
+                items.append((key.strip(), val.strip()))
+    return items
+
+
+def _split_key(key: Any, what: str, names: list[str]) -> tuple[str, str]:
+    """``"CHECK.NAME"`` -> ``(check, name)``, the first part one of ``names``."""
+    owner, dot, name = str(key).partition(".")
+    if not dot or owner not in names or not name or name == "None":
+        raise ValueError(
+            f"expected {what}.NAME=VALUE with {what} one of {', '.join(names)}, got {key!r}"
+            + (suggest(owner, names) if owner not in names else "")
+        )
+    return owner, name
+
+
+def _unknown_name(owner_kind: str, owner: str, kind: str, name: str, defaults: Mapping[str, Any]) -> str:
+    return f"{owner_kind} {owner} has no {kind} {name!r} (it has: {', '.join(defaults) or 'none'})" + suggest(
+        name, defaults
+    )
+
+
+def _check_options(v: Any, kind: str) -> dict[str, dict[str, Any]]:
+    """``a.b=1,c.d=x`` (flags, environment) or ``{check: {name: value}}`` (config file)."""
+    from .checks import check_names, get_check
+
     out: dict[str, dict[str, Any]] = {}
-    for key, val in items:
-        check, dot, name = str(key).partition(".")
-        if not dot or check not in check_names() or not name or name == "None":
-            raise ValueError(
-                f"expected CHECK.NAME=VALUE with CHECK one of {', '.join(check_names())}, got {key!r}"
-            )
+    for key, val in _option_items(v, "CHECK"):
+        check, name = _split_key(key, "CHECK", check_names())
         defaults = getattr(get_check(check), kind)
         if name not in defaults:
-            raise ValueError(
-                f"check {check} has no {kind[:-1]} {name!r} (it has: {', '.join(defaults) or 'none'})"
-            )
+            raise ValueError(_unknown_name("check", check, kind[:-1], name, defaults))
         default = defaults[name]
         if kind == "thresholds" and default is None:
             default = 0.0
         out.setdefault(check, {})[name] = _scalar(val, default)
+    return out
+
+
+def _method_options(v: Any) -> dict[str, dict[str, Any]]:
+    """``integrated_gradients.steps=64`` (flags, environment) or ``{method: {name: value}}``
+    (config file): values of the parameters ``saliaudit methods`` lists, of their default's type."""
+    from .methods import METHODS, method_names
+
+    out: dict[str, dict[str, Any]] = {}
+    for key, val in _option_items(v, "METHOD"):
+        method, name = _split_key(key, "METHOD", method_names())
+        defaults = METHODS[method].params
+        if name not in defaults:
+            raise ValueError(_unknown_name("method", method, "parameter", name, defaults))
+        default = defaults[name]
+        if isinstance(default, str) and isinstance(val, str):
+            value: Any = val.strip()
+        else:
+            value = _scalar(val, default)
+            if type(default) is int and type(value) is not int:
+                raise ValueError(f"{method}.{name}: expected an integer, got {val!r}")
+        out.setdefault(method, {})[name] = value
     return out
 
 
@@ -413,12 +555,13 @@ def resolve_config(
     for source, layer in layers[1:]:
         unknown = sorted(set(layer) - set(SETTINGS))
         if unknown:
-            what = (
-                f"environment variable SALIAUDIT_{unknown[0].upper()}"
-                if source == "environment"
-                else f"setting {unknown[0]} in {source}"
-            )
-            raise UsageError(f"unknown {what}", hint="valid settings: " + ", ".join(SETTINGS))
+            if source == "environment":
+                what = f"environment variable SALIAUDIT_{unknown[0].upper()}"
+                close = suggest(what.split()[-1], [f"SALIAUDIT_{k.upper()}" for k in SETTINGS])
+            else:
+                what = f"setting {unknown[0]} in {source}"
+                close = suggest(unknown[0], SETTINGS)
+            raise UsageError(f"unknown {what}{close}", hint="valid settings: " + ", ".join(SETTINGS))
         if source != "environment" and any(k in layer for k in FLAG_OR_ENV_ONLY):
             key = next(k for k in FLAG_OR_ENV_ONLY if k in layer)
             raise UsageError(

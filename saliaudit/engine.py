@@ -260,6 +260,8 @@ class Audit:
             params = dict(method.params)
             if "layer" in params and cfg.cam_layer:
                 params["layer"] = cfg.cam_layer
+            # --method-param METHOD.NAME=VALUE (validated by the config) overrides both
+            params.update((cfg.values.get("method_params") or {}).get(name, {}))
             source = build_source(name, psi=list(cfg.psi), post=list(cfg.post), params=params)
             entry = {
                 "method": name,

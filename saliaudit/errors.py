@@ -1,8 +1,18 @@
 """Errors raised by saliaudit.
 
 Every error carries a one-line message that names the file involved and says what to do,
-and the exit code the CLI maps it to (docs/report.md, "Exit codes"): 2 usage, 3 the audit could not run,
-4 no usable images. ``cli.py`` is the only place that catches them.
+and the exit code the CLI maps it to (docs/report.md, "Exit codes"). The rule:
+
+* 2, usage: what the user typed cannot be acted on: an unknown option, command or name, an
+  invalid value or config entry, a path the user named that does not exist or is of the wrong
+  kind (a folder for a file), or a flag the input needs (a state_dict without ``--arch``, a
+  pickled model without ``--trust-model``). Nothing is written.
+* 3, cannot run: the named files exist but the audit cannot be done with them: a model that
+  does not load or does not behave like a classifier, an unusable output folder, a missing
+  PDF backend, an internal error.
+* 4, no usable images: IMAGES (or explain's IMAGE) exists, but no image in it can be decoded.
+
+``cli.py`` is the only place that catches them.
 """
 
 from __future__ import annotations
@@ -47,7 +57,10 @@ class ModelLoadError(SaliauditError):
 
 
 class UntrustedPickleError(ModelLoadError):
-    """A pickled model was refused because unpickling can run arbitrary code (exit 3)."""
+    """A pickled model was refused because unpickling can run arbitrary code: it needs
+    ``--trust-model``, a usage error (exit 2) like a state_dict without ``--arch``."""
+
+    exit_code = EXIT_USAGE
 
 
 class ImageError(SaliauditError):

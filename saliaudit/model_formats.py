@@ -142,9 +142,9 @@ def _detect_format(path: Path) -> str:
 def inspect_file(path: Path) -> tuple[str, str]:
     """(sha256, format) of an existing, non-empty regular file; see :func:`_detect_format`."""
     if not path.exists():
-        raise ModelLoadError("model file not found", path=path, hint="check the MODEL path")
+        raise UsageError("model file not found", path=path, hint="check the MODEL path")
     if not path.is_file():
-        raise ModelLoadError("is not a file", path=path, hint="pass the model file itself, not a folder")
+        raise UsageError("is not a file", path=path, hint="pass the model file itself, not a folder")
     try:
         if path.stat().st_size == 0:
             raise ModelLoadError("model file is empty", path=path, hint="re-save or re-download the model")

@@ -400,10 +400,12 @@ def test_all_images_bad_exit_4(runner, assets, tmp_path):
 # --------------------------------------------------------------------------- models
 
 
-def test_missing_model_exit_3(runner, assets, tmp_path):
+def test_missing_model_exit_2(runner, assets, tmp_path):
+    """A path the user named that does not exist is a usage error, found before anything is written."""
     missing = tmp_path / "no_such_model.pt2"
     result = report(runner, missing, assets["images"], tmp_path / "out")
-    assert_one_line_error(result, 3, "no_such_model.pt2")
+    assert_one_line_error(result, 2, "no_such_model.pt2")
+    assert not (tmp_path / "out").exists()
 
 
 def test_truncated_pt2_exit_3(runner, assets, tmp_path):
@@ -415,18 +417,19 @@ def test_truncated_pt2_exit_3(runner, assets, tmp_path):
         assert_one_line_error(result, 3, name)
 
 
-def test_directory_as_model_exit_3(runner, assets, tmp_path):
+def test_directory_as_model_exit_2(runner, assets, tmp_path):
     folder = tmp_path / "model_folder"
     folder.mkdir()
     result = report(runner, folder, assets["images"], tmp_path / "out")
-    assert_one_line_error(result, 3, "model_folder")
+    assert_one_line_error(result, 2, "model_folder")
+    assert not (tmp_path / "out").exists()
 
 
 def test_pickled_module_refused_without_trust(runner, assets, tmp_path):
     path = tmp_path / "pickled.pt"
     torch.save(tiny_cnn(), path)
     result = report(runner, path, assets["images"], tmp_path / "out")
-    assert_one_line_error(result, 3, "pickled.pt", "--trust-model")
+    assert_one_line_error(result, 2, "pickled.pt", "--trust-model")  # a flag the input needs: usage
     # with --trust-model the same file is audited
     result = report(
         runner,
@@ -470,7 +473,7 @@ def test_malicious_pickle_never_runs(runner, assets, tmp_path):
             pickle.loads((tmp_path / "plain.pkl").read_bytes())
             assert check.exists()
         result = report(runner, path, assets["images"], tmp_path / f"out{i}")
-        assert_one_line_error(result, 3, path.name, "--trust-model")
+        assert_one_line_error(result, 2, path.name, "--trust-model")
         assert not marker.exists()
 
 

@@ -413,10 +413,11 @@ def test_broken_files(tmp_path, resnet):
         assert_one_line(e.value, name)
     d = tmp_path / "adir.pt"
     d.mkdir()
-    with pytest.raises(ModelLoadError) as e:
+    # a folder or a missing path: a usage error (exit 2), like any path the user named wrongly
+    with pytest.raises(UsageError) as e:
         load_model(d)
     assert_one_line(e.value, "adir.pt")
-    with pytest.raises(ModelLoadError) as e:
+    with pytest.raises(UsageError) as e:
         load_model(tmp_path / "nope.pt2")
     assert_one_line(e.value, "nope.pt2")
 

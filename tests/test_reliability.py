@@ -260,13 +260,14 @@ def _oom_at_load(tmp, assets):
     return export(Gated(limit=0), tmp / "huge.pt2"), []
 
 
-# (id, builder, exit code, what the one line must say besides the file name: the problem and the remedy)
+# (id, builder, exit code, what the one line must say besides the file name: the problem and the remedy);
+# a path that is missing or a folder, or a flag the file needs (--arch, --trust-model): usage, 2
 MODEL_CORPUS = [
     ("truncated_pt2", _truncated_pt2, 3, ["truncated or corrupt", "re-save or re-download"]),
     ("truncated_state_dict", _truncated_state_dict, 3, ["truncated", "re-save or re-download"]),
     ("empty", _empty, 3, ["empty", "re-save or re-download"]),
-    ("directory", _directory, 3, ["not a file", "not a folder"]),
-    ("missing", _missing, 3, ["not found", "check the MODEL path"]),
+    ("directory", _directory, 2, ["not a file", "not a folder"]),
+    ("missing", _missing, 2, ["not found", "check the MODEL path"]),
     ("unsupported_type", _unsupported, 3, ["unsupported", ".pt2"]),
     ("wrong_arch", _wrong_arch, 3, ["does not match --arch resnet18", "check --arch"]),
     ("wrong_num_classes", _wrong_num_classes, 3, ["3 classes", "--num-classes"]),
@@ -276,8 +277,8 @@ MODEL_CORPUS = [
     ("outputs_inf", _bad_output("inf"), 3, ["NaN/Inf", "check the weights"]),
     ("output_not_batch_classes", _bad_output("3d"), 3, ["(batch, classes)", "wrap the model"]),
     ("output_tuple", _bad_output("tuple"), 3, ["(batch, classes)", "wrap the model"]),
-    ("pickled_module_untrusted", _pickled_module, 3, ["runs code", "--trust-model", "torch.export"]),
-    ("malicious_pickle", _malicious, 3, ["runs code", "--trust-model"]),
+    ("pickled_module_untrusted", _pickled_module, 2, ["runs code", "--trust-model", "torch.export"]),
+    ("malicious_pickle", _malicious, 2, ["runs code", "--trust-model"]),
     ("out_of_memory_at_load", _oom_at_load, 3, ["out of memory", "--device cpu"]),
 ]
 
