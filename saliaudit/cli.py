@@ -727,7 +727,7 @@ def explain(
     plugin: list[str] | None = typer.Option(None, "--plugin", metavar="MODULE", help=_PLUGIN_HELP),
 ) -> None:
     """Write one saliency map of IMAGE as a PNG: the image and its map side by side."""
-    from .explain import explain_image
+    from .explain_png import explain_image
     from .psi import PSI_PRESETS
 
     _load_plugins(plugin)

@@ -143,10 +143,14 @@ class AuditResult:
         if "error" in gated and overall == "fail" and "fail" not in gated:
             overall = "error"
         needed = [c.images_needed for c in inconclusive if c.images_needed]
-        judged = [c for c in self.checks if c.control is None and c.status in ("pass", "warn", "fail")]
+        # an ERROR gates on its own; "no verdict" is an audit that judged nothing at all
+        judged = [
+            c for c in self.checks if c.control is None and c.status in ("pass", "warn", "fail", "error")
+        ]
         no_verdict = not judged
-        if no_verdict and status is None:
+        if no_verdict and status is None and overall == "pass":
             overall = "skipped"
+        if no_verdict and status is None:
             reason = reason or (
                 "no check judged any method: the selected checks do not apply to the selected "
                 "methods, or only controls were audited (see saliaudit checks and saliaudit methods)"

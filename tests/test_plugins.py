@@ -221,3 +221,12 @@ def test_public_api_audit_render_explain(tmp_path):
         "register_check",
         "Check",
     }
+
+
+def test_no_submodule_shadows_a_public_function():
+    """Importing ``saliaudit.X`` binds the submodule to the package attribute ``X``: a module
+    named like a public function would replace it (``saliaudit.explain`` became a module)."""
+    import pkgutil
+
+    modules = {m.name for m in pkgutil.iter_modules(saliaudit.__path__)}
+    assert not modules & set(saliaudit.__all__), modules & set(saliaudit.__all__)

@@ -242,7 +242,7 @@ def test_method_params_reach_the_audit(tmp_path):
             "--method-param",
             "integrated_gradients.steps=3",
             "--checks",
-            "completeness",
+            "class_sensitivity",
             "--format",
             "json",
             "--max-images",
