@@ -106,3 +106,24 @@ def test_quick_start_audit_of_the_sample_model(tmp_path):
     variants = {(m["method"], m["psi"] or m["post"]) for m in doc["maps"]}
     assert len(variants) >= 6 + 2 * (len(doc["methods"]) - 1)  # every ψ and post of every method
     assert len(list((out / "maps").glob("*.png"))) == len(variants) * len(imgs)
+    # verdicts an auditor can defend, on the sample model: n and intervals, the same location
+    # metric for signed and paper ψ, guided backprop not passing the cascade, sign flip with
+    # both removal values, edge_signed failing class sensitivity
+    cells = {(c["check"], c["method"], c["psi"] or c["post"]): c for c in doc["checks"]}
+    assert cells[("class_sensitivity", "edge_signed", "signed")]["status"] == "fail"
+    sig, pap = (
+        cells[("class_sensitivity", "fullgrad", "signed")],
+        cells[("class_sensitivity", "fullgrad", "paper")],
+    )
+    assert sig["metric"] == pap["metric"]
+    assert all(cells[("randomization", "guided_backprop", p)]["status"] != "pass" for p in ("signed", "abs"))
+    flips = [
+        c for c in doc["checks"] if c["check"] == "sign_flip" and c["status"] in ("pass", "warn", "fail")
+    ]
+    assert flips and all(c["series"]["other"]["baseline"] != c["series"]["baseline"] for c in flips)
+    for c in doc["checks"]:
+        if c["status"] in ("pass", "warn", "fail") and c["value"] is not None:
+            assert c["n"] >= 1 and c["ci"][0] <= c["value"] <= c["ci"][1], (
+                c["variant"] if "variant" in c else c
+            )
+    assert doc["check_info"]["randomization"]["sample"]["stratified_by"] == "folder label"
