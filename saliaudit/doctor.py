@@ -21,8 +21,10 @@ from .errors import EXIT_CANNOT_RUN, EXIT_OK
 
 PDF_ROW = "PDF (WeasyPrint/Pango)"
 WEASYPRINT_INSTALL = "pip install 'weasyprint>=60' (a dependency of saliaudit: pip install -e . installs it)"
-PANGO_INSTALL = ("Debian/Ubuntu: apt-get install libpango-1.0-0 libpangoft2-1.0-0; "
-                 "macOS: brew install pango; Windows: see WeasyPrint's installation guide")
+PANGO_INSTALL = (
+    "Debian/Ubuntu: apt-get install libpango-1.0-0 libpangoft2-1.0-0; "
+    "macOS: brew install pango; Windows: see WeasyPrint's installation guide"
+)
 
 
 def pango_install_hint(platform_name: str | None = None) -> str:
@@ -31,8 +33,10 @@ def pango_install_hint(platform_name: str | None = None) -> str:
     if name == "darwin":
         return "brew install pango (Debian/Ubuntu: apt-get install libpango-1.0-0 libpangoft2-1.0-0)"
     if name.startswith("linux"):
-        return ("Debian/Ubuntu: apt-get install libpango-1.0-0 libpangoft2-1.0-0 "
-                "(Fedora: dnf install pango; macOS: brew install pango)")
+        return (
+            "Debian/Ubuntu: apt-get install libpango-1.0-0 libpangoft2-1.0-0 "
+            "(Fedora: dnf install pango; macOS: brew install pango)"
+        )
     return PANGO_INSTALL
 
 
@@ -57,16 +61,34 @@ def pdf_backend() -> tuple[str, str, str]:
     except ImportError as err:
         if err.name == "weasyprint":
             return PDF_ROW, "missing", f"WeasyPrint is not installed; install it: {WEASYPRINT_INSTALL}"
-        return PDF_ROW, "missing", (f"WeasyPrint is installed but cannot be imported ({_first(err)}); "
-                                    f"reinstall it: pip install --force-reinstall 'weasyprint>=60'")
+        return (
+            PDF_ROW,
+            "missing",
+            (
+                f"WeasyPrint is installed but cannot be imported ({_first(err)}); "
+                f"reinstall it: pip install --force-reinstall 'weasyprint>=60'"
+            ),
+        )
     except OSError as err:  # cffi could not load a system library: Pango or GLib/GObject
         lib = re.search(r"cannot load library '([^']+)'", str(err))
         what = f"the system library {lib.group(1)} is missing" if lib else _first(err)
-        return PDF_ROW, "missing", (f"Pango is not available ({what}); WeasyPrint needs it to write "
-                                    f"report.pdf; install it: {pango_install_hint()}")
+        return (
+            PDF_ROW,
+            "missing",
+            (
+                f"Pango is not available ({what}); WeasyPrint needs it to write "
+                f"report.pdf; install it: {pango_install_hint()}"
+            ),
+        )
     except Exception as err:  # any other failure while WeasyPrint loads its libraries
-        return PDF_ROW, "missing", (f"WeasyPrint cannot load: {type(err).__name__}: {_first(err)}; "
-                                    f"check Pango: {pango_install_hint()}")
+        return (
+            PDF_ROW,
+            "missing",
+            (
+                f"WeasyPrint cannot load: {type(err).__name__}: {_first(err)}; "
+                f"check Pango: {pango_install_hint()}"
+            ),
+        )
     return PDF_ROW, "ok", str(getattr(weasyprint, "__version__", "unknown version"))
 
 
@@ -75,16 +97,21 @@ def _first(err: BaseException) -> str:
 
 
 def _probe() -> list[tuple[str, str, str]]:
-    rows: list[tuple[str, str, str]] = [("saliaudit", "ok", __version__),
-                                        ("python", "ok", platform.python_version())]
+    rows: list[tuple[str, str, str]] = [
+        ("saliaudit", "ok", __version__),
+        ("python", "ok", platform.python_version()),
+    ]
     try:
         import torch
         import torchvision
 
         rows.append(("torch", "ok", f"{torch.__version__} (torchvision {torchvision.__version__})"))
         cuda = torch.cuda.is_available()
-        devices = ["cpu"] + ([f"cuda:{i} {torch.cuda.get_device_name(i)}"
-                              for i in range(torch.cuda.device_count())] if cuda else [])
+        devices = ["cpu"] + (
+            [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+            if cuda
+            else []
+        )
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             devices.append("mps")
         rows.append(("devices", "ok", ", ".join(devices)))
@@ -94,8 +121,9 @@ def _probe() -> list[tuple[str, str, str]]:
     rows.append(pdf_backend())
     if shutil.which("fc-list"):
         try:
-            n = len(subprocess.run(["fc-list"], capture_output=True, text=True, timeout=20)
-                    .stdout.splitlines())
+            n = len(
+                subprocess.run(["fc-list"], capture_output=True, text=True, timeout=20).stdout.splitlines()
+            )
             rows.append(("fonts", "ok" if n else "missing", f"{n} system fonts"))
         except (OSError, subprocess.SubprocessError) as err:
             rows.append(("fonts", "unknown", str(err)))
@@ -116,6 +144,10 @@ def run_doctor(console: Console) -> int:
     console.print(table)
     pdf = next((r for r in rows if r[0] == PDF_ROW and r[1] != "ok"), None)
     if pdf:
-        console.print(f"[red]report.pdf cannot be written[/]: {escape(pdf[2])}. The other formats work "
-                      "(--format html,json).", markup=True, highlight=False)
+        console.print(
+            f"[red]report.pdf cannot be written[/]: {escape(pdf[2])}. The other formats work "
+            "(--format html,json).",
+            markup=True,
+            highlight=False,
+        )
     return EXIT_CANNOT_RUN if any(r[0] == "torch" and r[1] != "ok" for r in rows) else EXIT_OK

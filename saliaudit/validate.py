@@ -68,8 +68,15 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
-def integer(name: str, value: Any, *, min: int | None = None, max: int | None = None,
-            allow_none: bool = False, hint: str | None = None) -> int | None:
+def integer(
+    name: str,
+    value: Any,
+    *,
+    min: int | None = None,
+    max: int | None = None,
+    allow_none: bool = False,
+    hint: str | None = None,
+) -> int | None:
     """``value`` as an ``int`` with ``min <= value <= max`` (either bound optional)."""
     if value is None and allow_none:
         return None
@@ -78,9 +85,17 @@ def integer(name: str, value: Any, *, min: int | None = None, max: int | None = 
     return int(value)
 
 
-def number(name: str, value: Any, *, min: float | None = None, max: float | None = None,
-           min_open: bool = False, max_open: bool = False, allow_none: bool = False,
-           hint: str | None = None) -> float | None:
+def number(
+    name: str,
+    value: Any,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    min_open: bool = False,
+    max_open: bool = False,
+    allow_none: bool = False,
+    hint: str | None = None,
+) -> float | None:
     """``value`` as a finite ``float`` within ``[min, max]`` (``min_open``/``max_open``: the
     bound itself is excluded, e.g. ``min=0, min_open=True`` for a positive number)."""
     if value is None and allow_none:
@@ -92,8 +107,9 @@ def number(name: str, value: Any, *, min: float | None = None, max: float | None
         ok = value < max if max_open else value <= max
     if not ok:
         kind = "a positive number" if (min == 0 and min_open and max is None) else "a number"
-        bounds = "" if kind == "a positive number" else _bounds(min, max, min_open=min_open,
-                                                                  max_open=max_open)
+        bounds = (
+            "" if kind == "a positive number" else _bounds(min, max, min_open=min_open, max_open=max_open)
+        )
         raise InvalidValue(name, value, _expected(kind, bounds, allow_none), hint)
     return float(value)
 
@@ -111,8 +127,9 @@ def fractions(name: str, value: Any, *, hint: str | None = None) -> list[float]:
     else:
         items = list(items)
     if not items or not all(_is_number(f) and math.isfinite(f) and 0 < f <= 1 for f in items):
-        raise InvalidValue(name, value, "a list of fractions in (0, 1]",
-                           hint or f"e.g. {name}=[0.01 0.05 0.1]")
+        raise InvalidValue(
+            name, value, "a list of fractions in (0, 1]", hint or f"e.g. {name}=[0.01 0.05 0.1]"
+        )
     return sorted({float(f) for f in items})
 
 

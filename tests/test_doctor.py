@@ -42,10 +42,13 @@ def test_weasyprint_dependency_missing(monkeypatch):
     assert "cannot be imported" in text and "pydyf" in text and "--force-reinstall" in text
 
 
-@pytest.mark.parametrize("platform_name, first", [
-    ("linux", "install it: Debian/Ubuntu: apt-get install libpango-1.0-0 libpangoft2-1.0-0"),
-    ("darwin", "install it: brew install pango"),
-])
+@pytest.mark.parametrize(
+    "platform_name, first",
+    [
+        ("linux", "install it: Debian/Ubuntu: apt-get install libpango-1.0-0 libpangoft2-1.0-0"),
+        ("darwin", "install it: brew install pango"),
+    ],
+)
 def test_pango_missing(monkeypatch, platform_name, first):
     def no_pango():
         raise OSError("cannot load library 'pango-1.0-0': pango-1.0-0: cannot open shared object file")
@@ -82,8 +85,9 @@ def test_real_weasyprint_import_without_pango():
         main()
     """)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "400"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert "Pango is not available" in out and "pango-1.0-0" in out, out

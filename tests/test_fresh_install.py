@@ -30,9 +30,12 @@ NEEDED_BYTES = 8 * 1024**3
 #: pip output that means no index could be reached at all, not a broken project: connection
 #: errors, or not even the build backend (the first thing ``pip install -e .`` fetches) found.
 #: A missing torch or WeasyPrint release is a real failure, never a skip.
-UNREACHABLE = re.compile(r"Failed to establish a new connection|Temporary failure in name resolution|"
-                         r"Network is unreachable|ProxyError|"
-                         r"No matching distribution found for (setuptools|pip)\b", re.I)
+UNREACHABLE = re.compile(
+    r"Failed to establish a new connection|Temporary failure in name resolution|"
+    r"Network is unreachable|ProxyError|"
+    r"No matching distribution found for (setuptools|pip)\b",
+    re.I,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -50,9 +53,12 @@ def readme_commands() -> tuple[str, int]:
 def _clean_env(venv: Path) -> dict[str, str]:
     """The environment of a fresh shell with ``venv`` activated: no PYTHONPATH pointing at a
     checkout, pip's own configuration (mirror, constraints) kept."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "VIRTUAL_ENV")
-           and not k.startswith("SALIAUDIT_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "VIRTUAL_ENV")
+        and not k.startswith("SALIAUDIT_")
+    }
     bindir = venv / ("Scripts" if os.name == "nt" else "bin")
     env["PATH"] = f"{bindir}{os.pathsep}{env.get('PATH', '')}"
     env["VIRTUAL_ENV"] = str(venv)
@@ -78,16 +84,20 @@ def test_readme_first_command_in_a_fresh_venv(tmp_path, record_property):
     args[out_index] = str(report_dir)
 
     if shutil.disk_usage(tmp_path).free < NEEDED_BYTES:
-        pytest.skip(f"fresh-install test needs {NEEDED_BYTES / 1024**3:.0f} GB free in {tmp_path} "
-                    f"(PyTorch is copied into the environment)")
+        pytest.skip(
+            f"fresh-install test needs {NEEDED_BYTES / 1024**3:.0f} GB free in {tmp_path} "
+            f"(PyTorch is copied into the environment)"
+        )
     venv = tmp_path / "venv"
     started = time.monotonic()
     try:
-        made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True,
-                              timeout=300)
+        made = subprocess.run(
+            [sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True, timeout=300
+        )
         if made.returncode != 0:
-            pytest.skip(f"cannot build a virtual environment here (python -m venv failed: "
-                        f"{_tail(made, 400).strip()})")
+            pytest.skip(
+                f"cannot build a virtual environment here (python -m venv failed: {_tail(made, 400).strip()})"
+            )
         env = _clean_env(venv)
         python = str(venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
 
@@ -98,15 +108,31 @@ def test_readme_first_command_in_a_fresh_venv(tmp_path, record_property):
         if got.returncode != 0:
             pytest.skip(f"the new environment has no pip (ensurepip missing?): {_tail(got, 400)}")
         if f"pip {pip.__version__} " not in got.stdout:
-            same = _run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                         f"pip=={pip.__version__}"], env, tmp_path, 600)
+            same = _run(
+                [
+                    python,
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--disable-pip-version-check",
+                    f"pip=={pip.__version__}",
+                ],
+                env,
+                tmp_path,
+                600,
+            )
             if same.returncode != 0 and UNREACHABLE.search(_tail(same)):
                 pytest.skip(f"no package index reachable (no network, no mirror): {_tail(same, 600)}")
             assert same.returncode == 0, _tail(same)
 
         # the README's `pip install -e .`: the project only, no extras
-        install = _run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                        "-e", str(ROOT)], env, ROOT, 2400)
+        install = _run(
+            [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-e", str(ROOT)],
+            env,
+            ROOT,
+            2400,
+        )
         installed = time.monotonic()
         if install.returncode != 0 and UNREACHABLE.search(_tail(install)):
             pytest.skip(f"no package index reachable (no network, no mirror): {_tail(install, 600)}")
@@ -124,13 +150,16 @@ def test_readme_first_command_in_a_fresh_venv(tmp_path, record_property):
 
         pdf = report_dir / "report.pdf"
         assert audit.returncode == documented_exit, (
-            f"README says exit {documented_exit}, got {audit.returncode}: {_tail(audit)}")
+            f"README says exit {documented_exit}, got {audit.returncode}: {_tail(audit)}"
+        )
         assert pdf.is_file(), f"no report.pdf: {_tail(audit)}"
         assert pdf.read_bytes()[:4] == b"%PDF"
         for name in ("report.html", "results.json"):
             assert (report_dir / name).is_file(), name
-        timing = (f"venv + pip install -e .: {installed - started:.0f} s, "
-                  f"saliaudit report: {done - installed:.0f} s, total {done - started:.0f} s")
+        timing = (
+            f"venv + pip install -e .: {installed - started:.0f} s, "
+            f"saliaudit report: {done - installed:.0f} s, total {done - started:.0f} s"
+        )
         record_property("fresh_install_timing", timing)
         print(f"\nfresh install: {timing}")
     finally:

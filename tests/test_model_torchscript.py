@@ -12,9 +12,13 @@ from saliaudit.model import load_model
 
 def _scripted(path):
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
-                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                              torch.nn.Linear(4, 3)).eval()
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    ).eval()
     with warnings.catch_warnings():  # the test's own use of TorchScript may warn
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.script(net).save(str(path))
@@ -28,7 +32,9 @@ def test_loading_torchscript_emits_no_future_warning(tmp_path):
         lm = load_model(path, input_size=16)
         logits = lm.logits(torch.zeros(2, 3, 16, 16))
     assert lm.format == "torchscript" and logits.shape == (2, 3)
-    future = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if issubclass(w.category, FutureWarning)]
+    future = [
+        f"{w.filename}:{w.lineno}: {w.message}" for w in caught if issubclass(w.category, FutureWarning)
+    ]
     assert not future, future
 
 

@@ -77,7 +77,8 @@ class ClassSensitivity(Check):
         for key in ("metric", "signed_metric"):
             validate.choice(f"class_sensitivity.{key}", self.p[key], METRICS)
         validate.integer("class_sensitivity.figure_images", self.p["figure_images"], min=0, hint="0: no figures")
-        validate.integer("class_sensitivity.max_images", self.p["max_images"], min=1, allow_none=True, hint="null: all images")
+        validate.integer("class_sensitivity.max_images", self.p["max_images"], min=1, allow_none=True,
+                         hint="null: all images")
         name = "Spearman of HOG features" if self.p["metric"] == "hog" else METRIC_NAMES[self.p["metric"]]
         self.metric = f"{name}, top-1 vs lowest class"
         self._figures: dict[Variant, dict[str, Any]] = {}

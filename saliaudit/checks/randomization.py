@@ -82,7 +82,8 @@ class Randomization(Check):
             validate.choice(f"randomization.{key}", self.p[key], choices)
         validate.boolean("randomization.independent", self.p["independent"])
         validate.integer("randomization.figure_images", self.p["figure_images"], min=0, hint="0: no strips")
-        validate.integer("randomization.max_images", self.p["max_images"], min=1, allow_none=True, hint="null: all images")
+        validate.integer("randomization.max_images", self.p["max_images"], min=1, allow_none=True,
+                         hint="null: all images")
         where = ("mean over the cascade steps" if self.p["verdict"] == "mean"
                  else "fully randomized model")
         self.metric = (f"{METRIC_NAMES[self.p['metric']]}, original vs randomized model, {where} "
