@@ -73,6 +73,8 @@ def lazy_importorskip(name: str):
 
     class _Lazy:
         def __getattr__(self, attr: str):
+            if attr.startswith(("_", "pytest")):  # pytest inspects module globals when collecting
+                raise AttributeError(attr)
             return getattr(pytest.importorskip(name), attr)
 
     return _Lazy()
