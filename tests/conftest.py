@@ -55,6 +55,17 @@ def hook_counts(model: torch.nn.Module) -> int:
     return total
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_intra_op_thread():
+    """The test models are tiny (32-64 px images, small CNNs): one intra-op thread is as fast,
+    and on a shared or oversubscribed CI box (2 cores, other jobs) OpenMP's spinning threads
+    made the suite several times slower. Subprocess tests keep PyTorch's default."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -68,6 +79,8 @@ def lazy_importorskip(name: str):
 
     class _Lazy:
         def __getattr__(self, attr: str):
+            if attr.startswith(("_", "pytest")):  # pytest inspects module globals when collecting
+                raise AttributeError(attr)
             return getattr(pytest.importorskip(name), attr)
 
     return _Lazy()
