@@ -55,6 +55,31 @@ _SHORT = {
 _PAIRS = ("lowest", "runner_up")
 
 
+def pair_message(
+    other: str, short: str, value: float | None, status: str, t: dict[str, Any], empty: str
+) -> str:
+    """The verdict sentence of a top-1 vs ``other`` map similarity (lower is better)."""
+    fail, warn = t.get("fail"), t.get("warn")
+    if status == "fail":
+        return (
+            f"maps for the top-1 and {other} are alike ({short} {value:.2f} ≥ {fail:g}): "
+            "the map does not depend on the class"
+        )
+    if status == "warn":
+        return (
+            f"maps for the top-1 and {other} are partly alike ({short} {value:.2f} ≥ "
+            f"{warn:g}): the map depends only weakly on the class"
+        )
+    if status == "pass":
+        bound = warn if warn is not None else fail
+        return (
+            f"maps for the top-1 and {other} differ ({short} {value:.2f}"
+            + (f" < {bound:g}" if bound is not None else "")
+            + "): the map depends on the class"
+        )
+    return empty
+
+
 @register
 class ClassSensitivity(Check):
     name = "class_sensitivity"
@@ -217,27 +242,14 @@ class ClassSensitivity(Check):
             notes.append(
                 f"{sum(bool(x) for x in no_lowest)} images where every class scores the same were left out"
             )
-        short = _SHORT[metric]
-        fail, warn = self.t.get("fail"), self.t.get("warn")
-        if status == "fail":
-            msg = (
-                f"maps for the top-1 and the lowest class are alike ({short} {value:.2f} ≥ "
-                f"{fail:g}): the map does not depend on the class"
-            )
-        elif status == "warn":
-            msg = (
-                f"maps for the top-1 and the lowest class are partly alike ({short} "
-                f"{value:.2f} ≥ {warn:g}): the map depends only weakly on the class"
-            )
-        elif status == "pass":
-            bound = warn if warn is not None else fail
-            msg = (
-                f"maps for the top-1 and the lowest class differ ({short} {value:.2f}"
-                + (f" < {bound:g}" if bound is not None else "")
-                + "): the map depends on the class"
-            )
-        else:
-            msg = "no finite similarity was measured (every class scores the same on every image)"
+        msg = pair_message(
+            "the lowest class",
+            _SHORT[metric],
+            value,
+            status,
+            self.t,
+            "no finite similarity was measured (every class scores the same on every image)",
+        )
         signed_rho = series["lowest"].get("spearman")
         if variant.signed and signed_rho is not None and metric != "spearman":
             msg += f"; signed Spearman {signed_rho:.2f}"

@@ -32,6 +32,7 @@ from .. import validate
 from ..errors import UsageError
 from ..result import CheckResult
 from .base import Batch, Check, MapSource, Measurement, Variant, higher_is_worse, register
+from .class_sensitivity import pair_message
 from .removal import image_generator
 from .similarity import METRIC_NAMES, METRICS, Maps, similarity
 
@@ -153,27 +154,9 @@ class RandomLogit(Check):
             return self.result(variant, m, "skipped", None, "no image was measured", **series)
         value = m.mean()
         status = higher_is_worse(value, self.t)
-        short = _SHORT[metric]
-        fail, warn = self.t.get("fail"), self.t.get("warn")
-        if status == "fail":
-            msg = (
-                f"maps for the top-1 and a random other class are alike ({short} {value:.2f} ≥ "
-                f"{fail:g}): the map does not depend on the class"
-            )
-        elif status == "warn":
-            msg = (
-                f"maps for the top-1 and a random other class are partly alike ({short} "
-                f"{value:.2f} ≥ {warn:g}): the map depends only weakly on the class"
-            )
-        elif status == "pass":
-            bound = warn if warn is not None else fail
-            msg = (
-                f"maps for the top-1 and a random other class differ ({short} {value:.2f}"
-                + (f" < {bound:g}" if bound is not None else "")
-                + "): the map depends on the class"
-            )
-        else:
-            msg = "no finite similarity was measured"
+        msg = pair_message(
+            "a random other class", _SHORT[metric], value, status, self.t, "no finite similarity was measured"
+        )
         signed_rho = series["means"].get("spearman")
         if variant.signed and signed_rho is not None and metric != "spearman":
             msg += f"; signed Spearman {signed_rho:.2f}"
