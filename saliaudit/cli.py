@@ -253,6 +253,8 @@ def report(
     max_images: str | None = _setting("max_images", metavar="N"),
     sample: str | None = _setting("sample", metavar="N"),
     batch_size: str | None = _setting("batch_size", metavar="N"),
+    profile: str | None = _setting("profile", metavar="NAME"),
+    budget: str | None = _setting("budget", metavar="DURATION"),
     seed: str | None = _setting("seed", metavar="INTEGER"),
     device: str | None = _setting("device", metavar="DEVICE"),
     fail_on: str | None = _setting("fail_on", metavar="LEVEL"),
@@ -297,6 +299,8 @@ def report(
         max_images=max_images,
         sample=sample,
         batch_size=batch_size,
+        profile=profile,
+        budget=budget,
         seed=seed,
         device=device,
         fail_on=fail_on,
@@ -365,8 +369,15 @@ def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
     try:
         out.prepare()
         result = new_result(cfg, datetime.now(timezone.utc), resolve_device(cfg.device))
+        from .report.plan_text import plan_lines
+
+        def show_plan(plan) -> None:
+            if not quiet:
+                for line in plan_lines(result.plan):
+                    err_console.print(line, markup=False, soft_wrap=True)
+
         with progress_bar(err_console, quiet) as progress:
-            run_audit(model, images, cfg, out.path, progress=progress, result=result)
+            run_audit(model, images, cfg, out.path, progress=progress, result=result, on_plan=show_plan)
             doc = result.to_dict()
             hook = progress.rendering(cfg.format) if progress else None
             # on pdf_error, the rest is written

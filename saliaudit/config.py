@@ -198,6 +198,20 @@ SETTINGS: dict[str, Setting] = {
         Setting("max_images", _optional(_int(1)), None, "audit at most N images", "all"),
         Setting("sample", _optional(_int(1)), None, "audit a reproducible random subset of N images", "all"),
         Setting("batch_size", _int(1, 4096), 8, "images per forward/backward batch"),
+        Setting(
+            "profile",
+            _choice("quick", "standard", "thorough"),
+            "standard",
+            "images, steps and perturbations of the expensive checks: quick, standard or thorough",
+        ),
+        Setting(
+            "budget",
+            _optional(lambda v: _duration(v)),
+            None,
+            "fit the audit into this time, e.g. 10m or 90s (the expensive checks measure fewer "
+            "images; the report says what was reduced)",
+            "none",
+        ),
         Setting("seed", _int(0, 2**64 - 1), 0, "seed for every random choice"),
         Setting("device", _text, "auto", "device: auto, cpu, cuda, cuda:N or mps"),
         Setting(
@@ -301,6 +315,12 @@ SETTINGS: dict[str, Setting] = {
         ),
     ]
 }
+
+
+def _duration(v: Any) -> float:
+    from .plan import parse_duration
+
+    return parse_duration(v)
 
 
 def _plugins(v: Any) -> list[str]:

@@ -25,12 +25,14 @@ from .batches import OOM_HINT, Predicted, first_line, is_oom, next_batch, predic
 from .caveats import AbsDiscards, compute_caveats
 from .checks.runner import CheckRunner, oom_split
 from .config import AuditConfig
+from .cost import PassCounter, Passes, calibrate, peak_rss_bytes, rows_limit
 from .data import ImageListing, Skipped, find_images, iter_decoded, require_images
 from .errors import NoImagesError, SaliauditError, UsageError
 from .figures import ExampleFigures, choose_examples
 from .maps import Batch, MapSource, Variant
 from .methods import build_source, get_method, postprocess
 from .model import LoadedModel, load_model, resolve_device
+from .plan import Plan, SourceCost, build_stages, fit, profile_params
 from .report.overlay import write_overlays
 from .result import AuditResult, CompletenessRecord
 from .sampling import stratified_sample
@@ -123,14 +125,15 @@ def run_audit(
     out_dir: Path,
     progress: Progress | None = None,
     result: AuditResult | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
 ) -> AuditResult:
     """Audit ``model_path`` on ``images``: maps of every method and variant, the checks,
     caveats. ``result`` (from :func:`new_result`) is filled in place, so that a caller
     interrupted half-way still holds everything measured so far. Overlays go to
     ``out_dir/maps``. Raises :mod:`saliaudit.errors` subclasses for an unusable model
     (exit 3) or image set (exit 4); a failing method or check cell is recorded and the audit
-    goes on."""
-    audit = Audit(cfg, out_dir, progress=progress, result=result)
+    goes on. ``on_plan(plan)`` is called once the plan is made, before any map is computed."""
+    audit = Audit(cfg, out_dir, progress=progress, result=result, on_plan=on_plan)
     audit.plan(model_path, images)
     return audit.run()
 
@@ -145,8 +148,11 @@ class Audit:
         *,
         progress: Progress | None = None,
         result: AuditResult | None = None,
+        on_plan: Callable[[Plan], None] | None = None,
     ):
         self.cfg, self.out_dir, self.progress = cfg, Path(out_dir), progress
+        self.on_plan = on_plan
+        self.counter = PassCounter()
         self.timer = Timer()
         self.started = time.perf_counter()
         torch.manual_seed(cfg.seed)
@@ -186,13 +192,19 @@ class Audit:
         self.runner = CheckRunner(
             cfg.checks, _thresholds(cfg), _check_params(cfg), self.masks_dir is not None
         )
-        self.result.check_info = self.runner.info()
-        with self.timer.stage("sample"):
-            self._draw_samples()
+        self.runner.counter = self.counter
         self.sources = self._plan_sources()
         self.figures = ExampleFigures(
             choose_examples([e.rel for e in self.listing.entries], int(cfg.examples_html), cfg.seed)
         )
+        with self.timer.stage("calibrate"):
+            self.plan_ = self._make_plan()
+        self.result.plan = self.plan_.to_dict()
+        if self.on_plan is not None:
+            self.on_plan(self.plan_)
+        self.result.check_info = self.runner.info()
+        with self.timer.stage("sample"), self.counter.active(), self.counter.at("sample"):
+            self._draw_samples()
         decomposes = any("decomposition" in s.provides for s in self.sources)
         self.discards = AbsDiscards() if decomposes else None
         # progress units: per batch, each method's maps and each of its checks; then judging
@@ -200,6 +212,78 @@ class Audit:
         self.per_source = 1 + len(self.runner.checks)
         self.units_total = self.n_batches * len(self.sources) * self.per_source + 1
         self.units_done, self.batch_no = 0, 0
+
+    def _make_plan(self) -> Plan:
+        """Measure a pass of the model, count every stage's passes and, with ``--budget``,
+        reduce the most expensive checks until the estimate fits (docs/usage.md, "Cost")."""
+        cfg, n = self.cfg, len(self.listing.entries)
+        rows = max(1, min(int(cfg.batch_size), n))
+        cal = calibrate(self.lm, rows)
+        with rows_limit(cal.rows()):
+            costs = self._source_costs(rows)
+        labelled = all(e.label is not None for e in self.listing.entries)
+        has_masks = self.masks_dir is not None
+
+        def estimate(checks: list) -> list:
+            capped = any(c.p.get("max_images") is not None and int(c.p["max_images"]) < n for c in checks)
+            return build_stages(
+                costs,
+                checks,
+                n,
+                cal,
+                self.lm,
+                extra_predict=capped and not labelled,
+                has_masks=has_masks,
+                examples=len(self.figures.names),
+            )
+
+        reductions: list[dict[str, Any]] = []
+        fits = True
+        budget = cfg.values.get("budget")
+        if budget is not None:
+            left = float(budget) - (time.perf_counter() - self.started)
+            checks, _, reductions, fits = fit(
+                list(self.runner.checks), estimate, left, n, self.runner.rebuild
+            )
+            self.runner.replace(checks)
+        stages = estimate(self.runner.checks)
+        peak = _peak_estimate(
+            cal, int(cfg.batch_size), any(c.name == "randomization" for c in self.runner.checks)
+        )
+        return Plan(cal, stages, cfg.values.get("profile") or "standard", budget, reductions, peak, fits)
+
+    def _source_costs(self, rows: int) -> list[SourceCost]:
+        """Each method's declared passes and its measured seconds per image for one map
+        computation (timed on ``rows`` seeded random images after a one-image warm-up)."""
+        size = tuple(self.lm.input_size)
+        h, w = size
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        x = torch.randn(rows, 3, h, w, generator=gen).to(self.device)
+        targets = torch.zeros(rows, dtype=torch.long, device=self.device)
+        costs = []
+        for s in self.sources:
+            method = get_method(s.method)
+            params = getattr(s, "params", {})
+            passes = method.passes(params, size)
+            refs = int(params.get("n_baselines", 1)) if method.reference_input is not None else 0
+            seconds = None
+            if not passes.empty:
+                try:
+                    s.maps(self.lm, x[:1], targets[:1])
+                    t0 = time.perf_counter()
+                    s.maps(self.lm, x, targets)
+                    seconds = (time.perf_counter() - t0) / rows
+                except Exception:  # the audit records the method's error; plan from its passes
+                    seconds = None
+                finally:
+                    s.forget()
+            signed = sum(1 for v in s.variants if v.signed)
+            costs.append(
+                SourceCost(
+                    s.method, passes, len(s.variants), signed, bool(s.model_independent), s, seconds, refs
+                )
+            )
+        return costs
 
     def _draw_samples(self) -> None:
         """Capped checks measure a seeded class-stratified sample of the images (the folder's
@@ -258,6 +342,7 @@ class Audit:
         for name in cfg.methods:
             method = get_method(name)
             params = dict(method.params)
+            params.update(profile_params(cfg.values.get("profile") or "standard", "methods").get(name, {}))
             if "layer" in params and cfg.cam_layer:
                 params["layer"] = cfg.cam_layer
             # --method-param METHOD.NAME=VALUE (validated by the config) overrides both
@@ -291,7 +376,11 @@ class Audit:
     # ------------------------------------------------------------------------------- run
     def run(self) -> AuditResult:
         """Stream the images through every method and check; judge; the filled result."""
-        result = self.result
+        with self.counter.active(), rows_limit(self.plan_.calibration.rows()):
+            self._run_batches()
+        return self._finish()
+
+    def _run_batches(self) -> None:
         decoded = iter_decoded(self.listing, max_pixels=self.cfg.max_pixels)
         while True:
             if self.batch_no < self.n_batches:
@@ -303,6 +392,10 @@ class Audit:
                 break
             self._run_batch(items)
             self._record_inputs()
+
+    def _finish(self) -> AuditResult:
+        """Judge, caveats, figures, timings and the plan against what was measured."""
+        result = self.result
         self._record_inputs()
         # batches of images that could not be decoded never ran: their units are done
         self.units_done = self.units_total - 1
@@ -328,9 +421,38 @@ class Audit:
             "per_stage": {k: round(v, 4) for k, v in per_stage.items()},
         }
         result.run["duration_s"] = result.timings["total_s"]
+        result.plan = self._plan_record(per_stage)
         self.units_done = self.units_total
         self._step("audited", batch=False)
         return result
+
+    def _plan_record(self, per_stage: dict[str, float]) -> dict[str, Any]:
+        """The plan with, per stage, the measured seconds, the counted passes and the ratios
+        measured / floor and measured / estimate; totals over the planned stages."""
+        doc = self.plan_.to_dict()
+        for name, st in doc["stages"].items():
+            measured = per_stage.get(name)
+            counted = self.counter.passes(name)
+            st["measured_s"] = None if measured is None else round(measured, 3)
+            st["counted"] = counted.to_dict()
+            st["floor_measured_s"] = round(self.plan_.calibration.floor(counted), 3)
+            st["ratio_to_floor"] = _ratio(measured, st["floor_s"])
+            st["ratio_to_estimate"] = _ratio(measured, st["estimated_s"])
+        planned = [v["measured_s"] for v in doc["stages"].values() if v["measured_s"] is not None]
+        doc["measured_s"] = round(sum(planned), 3)
+        doc["ratio_to_estimate"] = _ratio(doc["measured_s"], doc["estimated_s"])
+        doc["unplanned_s"] = {
+            k: round(v, 3) for k, v in per_stage.items() if k not in doc["stages"] and v >= 0.01
+        }
+        doc["total_s"] = round(time.perf_counter() - self.started, 3)
+        doc["peak_rss_bytes"] = peak_rss_bytes()
+        unplanned = {k: v.to_dict() for k, v in self._unplanned_counts(doc["stages"]).items()}
+        if unplanned:
+            doc["unplanned_passes"] = unplanned
+        return doc
+
+    def _unplanned_counts(self, planned: dict[str, Any]) -> dict[str, Passes]:
+        return {k: self.counter.passes(k) for k in self.counter.counts if k not in planned}
 
     def _step(self, what: str, batch: bool = True) -> None:
         """Report progress: ``what`` runs now, ``self.units_done`` units are done."""
@@ -345,7 +467,7 @@ class Audit:
     def _run_batch(self, items: list) -> None:
         """Predict one batch, run every source and check on it; the batch lands whole."""
         self._step("predicting")
-        with self.timer.stage("predict"):
+        with self.timer.stage("predict"), self.counter.at("predict"):
             pred = predict_batch(
                 self.lm,
                 items,
@@ -393,7 +515,7 @@ class Audit:
             return None
         retry = self.runner.count_retry
         try:
-            with self.timer.stage(f"method:{source.method}"):
+            with self.timer.stage(f"method:{source.method}"), self.counter.at(f"method:{source.method}"):
                 if "decomposition" in source.provides:  # once (halved on OOM), then reused
                     fg = oom_split(
                         lambda b, _m: source.decompose(b.model, b.x, b.targets),
@@ -415,7 +537,8 @@ class Audit:
                     if collect:
                         source.collect = False  # type: ignore[attr-defined]
             if collect:
-                self._record_delta(source, batch, source.pop_totals())
+                with self.counter.at(f"method:{source.method}"):
+                    self._record_delta(source, batch, source.pop_totals())
             return maps
         except Exception as err:  # one method failing must not stop the audit
             reason = (
@@ -501,7 +624,7 @@ class Audit:
                 if bool(torch.isfinite(m).all()):  # NaN maps are the checks' business
                     values, _ = spearman(m, edges, absolute=True)
                     self.edge_sim.setdefault(v.label, []).extend(float(s) for s in values)
-        with self.timer.stage("figures"):
+        with self.timer.stage("figures"), self.counter.at("figures"):
             try:  # halved on out-of-memory like the maps; the example figures are optional
                 oom_split(
                     lambda b, m: self.figures.add_maps(b, source, m),
@@ -538,6 +661,18 @@ class Audit:
             return None
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else round(float(a) / float(b), 3)
+
+
+def _peak_estimate(cal: Any, rows: int, randomizes: bool) -> int:
+    """Peak memory: the process after loading, the activations of one batch's backward
+    pass (kept activations plus their gradients), and the randomization's working copy and
+    randomized values of the parameters."""
+    copies = 2 * cal.parameter_bytes if randomizes else 0
+    return int(cal.base_rss + 2 * rows * cal.activation_bytes + copies)
+
+
 def _cat_maps(a: dict, b: dict) -> dict:
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
@@ -568,7 +703,10 @@ def _thresholds(cfg: AuditConfig) -> dict[str, dict[str, Any]]:
 
 
 def _check_params(cfg: AuditConfig) -> dict[str, dict[str, Any]]:
-    p = {k: dict(v) for k, v in cfg.check_params.items()}
+    """The checks' parameters: the profile's, overridden by the user's."""
+    p = profile_params(cfg.values.get("profile") or "standard", "checks")
+    for k, v in cfg.check_params.items():
+        p.setdefault(k, {}).update(v)
     if cfg.flip:
         p.setdefault("sign_flip", {})["pairs"] = [list(x) for x in cfg.flip]
     return p

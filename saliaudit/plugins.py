@@ -51,6 +51,7 @@ def register_method(
     needs_internals: bool = False,
     summary: str = "",
     reference_input: Callable[..., torch.Tensor] | None = None,
+    cost: Any = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Decorator: register ``fn(model, x, targets, **params) -> (B, C, H, W)`` as a method.
 
@@ -64,6 +65,9 @@ def register_method(
         reference_input: for a method whose attributions should sum to ``f(x) − f(x̄)``,
             ``fn(model, x, **params) -> (K, B, C, H, W)`` giving ``x̄``; the audit then reports
             its summation-to-delta per image.
+        cost: model passes of one map computation per image, a
+            :class:`saliaudit.cost.Passes` or ``cost(params, (H, W)) -> Passes`` (default: one
+            forward+backward row): what the audit's plan and ``--budget`` count.
 
     ``fn`` gets the model (``model(x)`` gives differentiable logits; the loaded model wraps the user's module),
     images ``x`` ``(B, C, H, W)`` preprocessed on the model's device and the target classes
@@ -81,6 +85,7 @@ def register_method(
         summary=summary,
         origin=_origin.get() or _caller_module(),
         reference_input=reference_input,
+        cost=cost,
     )
 
 

@@ -125,6 +125,9 @@ class AuditResult:
     #: Summation-to-delta of the methods with a reference input (integrated gradients,
     #: DeepLIFT, ε-LRP, gradient × input), per image: informational, never gated.
     attribution_completeness: list[dict[str, Any]] = field(default_factory=list)
+    #: The audit's plan (profile, budget and what it reduced, calibration, per stage the
+    #: planned passes, floor and estimate) with the measured time and counted passes.
+    plan: dict[str, Any] = field(default_factory=dict)
 
     def summarize(self, fail_on: str, status: str | None = None, reason: str | None = None) -> None:
         """Fill ``summary``: counts per status (controls apart) and the overall status of the

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..cost import CostContext, Passes
 from ..maps import Batch, MapSource, Variant, small_map
 from ..result import CheckResult
 
@@ -320,6 +321,25 @@ class Check:
     def variants(self, source: MapSource) -> list[Variant]:
         """The cells this check produces for ``source`` (default: one per map variant)."""
         return list(source.variants)
+
+    # ------------------------------------------------------------------------- cost
+    def cost(self, ctx: CostContext) -> Passes:
+        """Work this check adds per measured image for one method, on top of the method's
+        own maps: ``ctx.method`` is one map computation of that method per image, so a check
+        that recomputes the maps for two other classes declares ``2 * ctx.method`` (plus its
+        map comparisons). Counted by the audit's plan and ``--budget``; default: nothing."""
+        return Passes()
+
+    def shared_cost(self, ctx: CostContext) -> Passes:
+        """Work per measured image that the check does once for all methods (outputs that do
+        not depend on the map, cached per image). Default: nothing."""
+        return Passes()
+
+    def reductions(self) -> list[dict[str, Any]]:
+        """Parameter changes, cheapest loss first, that ``--budget`` may apply to this check
+        (besides measuring fewer images): ``[{"param": name, "value": new, "why": text}]``.
+        Default: none."""
+        return []
 
     def take(self, batch: Batch) -> list[int] | None:
         """Positions of ``batch`` to measure: those in the check's :attr:`sample` when the

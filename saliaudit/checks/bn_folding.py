@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.fx
 
+from ..cost import CostContext, Passes
 from ..graph import get_graph, module_path, op_name
 from ..methods.biases import _BN_OPS, _CONV_OPS
 from ..methods.fullgrad import BiasTerm, FullGradients
@@ -283,6 +284,10 @@ class BNFolding(Check):
         except Exception:  # measure() looks again and reports the error in the cell
             return None
         return _no_pairs(pairs)
+
+    def cost(self, ctx: CostContext) -> Passes:
+        """One decomposition of the folded model (a forward and backward row)."""
+        return Passes(backward=1, compare=2 * ctx.variants)
 
     def measure(
         self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from .. import validate
+from ..cost import CostContext, Passes
 from ..errors import UsageError
 from ..result import CheckResult
 from .base import Batch, Check, MapSource, Measurement, Variant, higher_is_worse, register, small_map
@@ -140,6 +141,10 @@ class ClassSensitivity(Check):
         if k is not None and k < 2:
             return "needs a model with at least 2 classes"
         return super().skip_reason(source, model, has_masks)
+
+    def cost(self, ctx: CostContext) -> Passes:
+        """The maps of the lowest and the runner-up class, each compared by every measure."""
+        return Passes(maps=2, compare=2 * ctx.variants * len(METRICS))
 
     def measure(
         self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]

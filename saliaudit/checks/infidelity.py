@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .. import validate
+from ..cost import CostContext, Passes, rows_per_pass
 from ..result import CheckResult
 from .base import Batch, Check, Measurement, Variant, higher_is_worse, register
 from .removal import image_generator
@@ -84,7 +85,7 @@ class Infidelity(Check):
     params = {
         "sigma": 0.01,  # std of the per-pixel Gaussian perturbation, model input space (small: local)
         "n_perturb": 16,  # perturbations per image
-        "chunk": 64,  # perturbed images per forward pass
+        "chunk": None,  # rows per pass (None: the audit's batch size)
         "max_images": 16,
     }
 
@@ -93,7 +94,9 @@ class Infidelity(Check):
     ):
         super().__init__(params, thresholds)
         validate.integer("infidelity.n_perturb", self.p["n_perturb"], min=2)
-        validate.integer("infidelity.chunk", self.p["chunk"], min=1)
+        validate.integer(
+            "infidelity.chunk", self.p["chunk"], min=1, allow_none=True, hint="null: the batch size"
+        )
         validate.integer(
             "infidelity.max_images", self.p["max_images"], min=1, allow_none=True, hint="null: all images"
         )
@@ -118,12 +121,18 @@ class Infidelity(Check):
             x = batch.x[todo]
             xp = (x[:, None] - pert[:, :, None].to(x.device, x.dtype)).reshape(-1, *x.shape[1:])
             t = batch.targets[todo].to(x.device)
-            f0 = _top1(batch.model, x, t, int(self.p["chunk"]))
-            fp = _top1(batch.model, xp, t.repeat_interleave(n), int(self.p["chunk"])).view(len(todo), n)
+            f0 = _top1(batch.model, x, t, rows_per_pass(self.p["chunk"], "forward"))
+            fp = _top1(
+                batch.model, xp, t.repeat_interleave(n), rows_per_pass(self.p["chunk"], "forward")
+            ).view(len(todo), n)
             for k, i in enumerate(todo):
                 self._deltas[batch.images[i]] = (pert[k], f0[k] - fp[k])
         got = [self._deltas[name] for name in batch.images]
         return torch.stack([g[0] for g in got]), torch.stack([g[1] for g in got])
+
+    def shared_cost(self, ctx: CostContext) -> Passes:
+        """``f(x)`` and ``f(x − I)`` for every perturbation, once per image."""
+        return Passes(forward=1 + int(self.p["n_perturb"]))
 
     def measure(
         self, batch: Batch, source: Any, maps: dict[Variant, torch.Tensor]

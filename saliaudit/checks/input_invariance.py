@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import validate
+from ..cost import CostContext, Passes
 from ..errors import DecompositionError
 from ..graph import get_graph, module_path, op_name
 from ..result import CheckResult
@@ -326,6 +327,10 @@ class InputInvariance(Check):
             if isinstance(got, str):
                 return got
         return super().skip_reason(source, model, has_masks)
+
+    def cost(self, ctx: CostContext) -> Passes:
+        """The maps on the shifted model and input, and the logits of both (exactness)."""
+        return Passes(maps=1, forward=2, compare=ctx.variants * len(METRICS))
 
     def measure(
         self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]

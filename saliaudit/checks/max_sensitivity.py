@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .. import validate
+from ..cost import CostContext, Passes, rows_per_pass
 from ..result import CheckResult
 from .base import Batch, Check, MapSource, Measurement, Variant, higher_is_worse, register
 from .removal import image_generator
@@ -76,7 +77,7 @@ class MaxSensitivity(Check):
     params = {
         "radius": 0.02,  # L∞ radius of the uniform perturbation, model input space (Captum)
         "n_perturb": 10,  # perturbations per image (Captum's default)
-        "chunk": 32,  # perturbed images per map computation
+        "chunk": None,  # rows per pass (None: the audit's batch size)
         "max_images": 8,  # every perturbation costs one map: a class-stratified sample
     }
 
@@ -85,7 +86,9 @@ class MaxSensitivity(Check):
     ):
         super().__init__(params, thresholds)
         validate.integer("max_sensitivity.n_perturb", self.p["n_perturb"], min=1)
-        validate.integer("max_sensitivity.chunk", self.p["chunk"], min=1)
+        validate.integer(
+            "max_sensitivity.chunk", self.p["chunk"], min=1, allow_none=True, hint="null: the batch size"
+        )
         validate.integer(
             "max_sensitivity.max_images",
             self.p["max_images"],
@@ -94,6 +97,18 @@ class MaxSensitivity(Check):
             hint="null: all images",
         )
         validate.number("max_sensitivity.radius", self.p["radius"], min=0.0, min_open=True)
+
+    def cost(self, ctx: CostContext) -> Passes:
+        """The maps of every perturbed copy."""
+        return Passes(maps=int(self.p["n_perturb"]))
+
+    def reductions(self) -> list[dict[str, Any]]:
+        n = int(self.p["n_perturb"])
+        return (
+            [{"param": "n_perturb", "value": max(3, n // 2), "why": "fewer perturbations per image"}]
+            if n > 3
+            else []
+        )
 
     def measure(
         self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]
@@ -106,7 +121,7 @@ class MaxSensitivity(Check):
         )
         xp = (batch.x[:, None] + delta.to(batch.x.device, batch.x.dtype)).reshape(-1, *shape)
         targets = batch.targets.to(batch.x.device).repeat_interleave(n)
-        chunk = int(self.p["chunk"])
+        chunk = rows_per_pass(self.p["chunk"])
         parts: dict[Variant, list[torch.Tensor]] = {v: [] for v in maps}
         for s in range(0, xp.shape[0], chunk):
             got = source.maps(batch.model, xp[s : s + chunk], targets[s : s + chunk])

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from .. import validate
+from ..cost import CostContext, Passes, rows_per_pass
 from ..result import CheckResult
 from .base import Batch, Check, Curve, MapSource, Measurement, Variant, register
 from .removal import (
@@ -128,7 +129,7 @@ class Perturbation(Check):
         "baseline": "mean",  # per-image mean colour; or black (FullGrad §5.1), zero, blur
         "blur_sigma": 5.0,  # σ in pixels of the blur baseline
         "random_orders": 3,  # random orders per image, averaged
-        "chunk": 64,  # perturbed images per forward pass
+        "chunk": None,  # rows per pass (None: the audit's batch size)
         "max_images": None,
     }
 
@@ -140,7 +141,9 @@ class Perturbation(Check):
         validate.choice("perturbation.output", self.p["output"], OUTPUTS)
         check_baseline(self.p)
         validate.integer("perturbation.random_orders", self.p["random_orders"], min=1)
-        validate.integer("perturbation.chunk", self.p["chunk"], min=1)
+        validate.integer(
+            "perturbation.chunk", self.p["chunk"], min=1, allow_none=True, hint="null: the batch size"
+        )
         self._random: dict[tuple[Any, ...], np.ndarray] = {}  # image key -> (R, K) outputs
 
     # ----------------------------------------------------------------------------------------
@@ -170,11 +173,25 @@ class Perturbation(Check):
                     self._columns(int(batch.targets[i])),
                 )
             )
-        outs = run_removals(batch.model, batch.x, base, jobs, chunk=int(self.p["chunk"]))
+        outs = run_removals(batch.model, batch.x, base, jobs, chunk=rows_per_pass(self.p["chunk"], "forward"))
         for i, out in zip(todo, outs):
             vals = self._outputs(out, int(batch.targets[i])).cpu().numpy()
             self._random[keys[i]] = vals.reshape(draws, len(counts))
         return np.stack([self._random[k] for k in keys])
+
+    def cost(self, ctx: CostContext) -> Passes:
+        """LeRF and MoRF removal at every fraction for every variant (forward rows)."""
+        return Passes(forward=ctx.variants * 2 * len(self.fractions))
+
+    def shared_cost(self, ctx: CostContext) -> Passes:
+        """The random removal orders at every fraction, once per image."""
+        return Passes(forward=int(self.p["random_orders"]) * len(self.fractions))
+
+    def reductions(self) -> list[dict[str, Any]]:
+        if len(self.fractions) <= 3:
+            return []
+        keep = [self.fractions[0], self.fractions[len(self.fractions) // 2], self.fractions[-1]]
+        return [{"param": "fractions", "value": keep, "why": "three removal fractions"}]
 
     def measure(
         self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]
@@ -207,7 +224,7 @@ class Perturbation(Check):
                         self._columns(int(batch.targets[i])),
                     )
                 )
-        outs = run_removals(batch.model, x, base, jobs, chunk=int(self.p["chunk"]))
+        outs = run_removals(batch.model, x, base, jobs, chunk=rows_per_pass(self.p["chunk"], "forward"))
 
         denom = np.maximum(np.abs(f0), 1e-12)[:, None]
         with np.errstate(all="ignore"):

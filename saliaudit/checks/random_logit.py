@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .. import validate
+from ..cost import CostContext, Passes
 from ..errors import UsageError
 from ..result import CheckResult
 from .base import Batch, Check, MapSource, Measurement, Variant, higher_is_worse, register
@@ -108,6 +109,10 @@ class RandomLogit(Check):
         if k is not None and k < 2:
             return "needs a model with at least 2 classes"
         return super().skip_reason(source, model, has_masks)
+
+    def cost(self, ctx: CostContext) -> Passes:
+        """The map of one random other class, compared by every measure."""
+        return Passes(maps=1, compare=ctx.variants * len(METRICS))
 
     def measure(
         self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .. import validate
+from ..cost import CostContext, Passes
 from ..result import CheckResult
 from .base import Batch, Check, Curve, MapSource, Measurement, Variant, higher_is_worse, register, small_map
 from .reinit import (
@@ -167,6 +168,24 @@ class Randomization(Check):
     def release(self) -> None:
         """Free the working copy and the randomized values."""
         self._models = None
+
+    def cost(self, ctx: CostContext) -> Passes:
+        """The maps on every randomization step (cascading, and independent when on), each
+        compared with the original by every measure."""
+        runs = self.steps(ctx.model) * (2 if self.p["independent"] else 1)
+        return Passes(maps=runs, compare=runs * ctx.variants * len(METRICS))
+
+    def steps(self, model: Any) -> int:
+        """Randomization steps of ``model`` at the configured granularity."""
+        module = getattr(model, "module", model)
+        if not isinstance(module, torch.nn.Module):
+            return 1
+        return max(1, len(group_parameters(module, self.p["granularity"])))
+
+    def reductions(self) -> list[dict[str, Any]]:
+        if not self.p["independent"]:
+            return []
+        return [{"param": "independent", "value": False, "why": "cascading randomization only"}]
 
     def measure(
         self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]

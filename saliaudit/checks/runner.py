@@ -7,6 +7,7 @@ device retries the batch in halves before the cell fails (docs/checks.md, "How v
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -107,6 +108,16 @@ class CheckRunner:
         self.oom_retries = 0
         self.timings: dict[str, float] = {}
         self.calibration: dict[str, Any] = {}
+        self.counter: Any = None  # a saliaudit.cost.PassCounter: passes per check
+
+    def rebuild(self, check: Check, params: dict[str, Any]) -> Check:
+        """A new instance of ``check`` with ``params`` changed (validated as usual)."""
+        return type(check)(params={**check.p, **params}, thresholds=dict(check.t))
+
+    def replace(self, checks: list[Check]) -> None:
+        """Use ``checks`` (the same names, e.g. rebuilt by a budget) from now on."""
+        self.checks = list(checks)
+        self._by_name = {c.name: c for c in self.checks}
 
     def add_source(self, source: MapSource) -> None:
         if source not in self.sources:
@@ -152,14 +163,16 @@ class CheckRunner:
                 pos = torch.as_tensor(idx, dtype=torch.long)
                 sub_maps = {v: m[pos.to(m.device)] for v, m in maps.items()}
             t0 = time.perf_counter()
+            counting = self.counter.at(f"check:{check.name}") if self.counter else contextlib.nullcontext()
             try:
-                out = oom_split(
-                    lambda b, mp, c=check: c.measure(b, source, mp),
-                    sub,
-                    sub_maps,
-                    _merge_measurements,
-                    self.count_retry,
-                )
+                with counting:
+                    out = oom_split(
+                        lambda b, mp, c=check: c.measure(b, source, mp),
+                        sub,
+                        sub_maps,
+                        _merge_measurements,
+                        self.count_retry,
+                    )
             except Exception as err:  # one cell failing must not stop the audit
                 self.errors[key] = _error_text(err)
                 for v in [v for (c, v) in self.acc if c == check.name and v.method == source.method]:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .. import validate
+from ..cost import CostContext, Passes, rows_per_pass
 from ..result import CheckResult
 from .base import Batch, Check, Curve, MapSource, Measurement, Variant, register
 from .removal import (
@@ -95,7 +96,7 @@ class SensitivityN(Check):
         "subsets": 100,  # random subsets per n and image (Ancona et al.)
         "baseline": "zero",  # zero (model input 0), black, mean or blur
         "blur_sigma": 5.0,
-        "chunk": 64,  # perturbed images per forward pass
+        "chunk": None,  # rows per pass (None: the audit's batch size)
         "max_images": 16,
     }
 
@@ -107,7 +108,9 @@ class SensitivityN(Check):
         check_baseline(self.p)
         validate.integer("sensitivity_n.points", self.p["points"], min=1)
         validate.integer("sensitivity_n.subsets", self.p["subsets"], min=3)
-        validate.integer("sensitivity_n.chunk", self.p["chunk"], min=1)
+        validate.integer(
+            "sensitivity_n.chunk", self.p["chunk"], min=1, allow_none=True, hint="null: the batch size"
+        )
         if self.p["patch"] is not None:
             validate.integer("sensitivity_n.patch", self.p["patch"], min=1)
         validate.fraction("sensitivity_n.max_fraction", self.p["max_fraction"], hint="e.g. max_fraction=0.8")
@@ -162,12 +165,25 @@ class SensitivityN(Check):
                         [t],
                     )
                 )
-        outs = run_removals(batch.model, batch.x, base, jobs, chunk=int(self.p["chunk"]))
+        outs = run_removals(batch.model, batch.x, base, jobs, chunk=rows_per_pass(self.p["chunk"], "forward"))
         for j, i in enumerate(todo):
             f0 = float(batch.logits[i, int(batch.targets[i])].double())
             rows = [f0 - outs[j * len(ns) + q][:, 0].double().cpu().numpy() for q in range(len(ns))]
             self._changes[keys[i]] = np.stack(rows)
         return np.stack([self._changes[k] for k in keys])
+
+    def shared_cost(self, ctx: CostContext) -> Passes:
+        """``subsets`` removals at each of ``points`` sizes n, once per image (every method's
+        correlation uses the same output changes)."""
+        return Passes(forward=int(self.p["points"]) * int(self.p["subsets"]))
+
+    def reductions(self) -> list[dict[str, Any]]:
+        subsets = int(self.p["subsets"])
+        return (
+            [{"param": "subsets", "value": subsets // 2, "why": "half the random subsets per n"}]
+            if subsets >= 40
+            else []
+        )
 
     def measure(
         self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]

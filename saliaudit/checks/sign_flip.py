@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from .. import validate
+from ..cost import CostContext, Passes, rows_per_pass
 from ..errors import UsageError
 from ..result import CheckResult
 from .base import Batch, Check, Curve, MapSource, Measurement, Variant, register
@@ -108,7 +109,7 @@ class SignFlip(Check):
         "other_baseline": "auto",  # measured too (black for mean, mean otherwise); none: skip
         "blur_sigma": 5.0,
         "random_orders": 3,
-        "chunk": 64,
+        "chunk": None,  # rows per pass (None: the audit's batch size)
         "max_images": None,
     }
 
@@ -122,7 +123,9 @@ class SignFlip(Check):
             if value not in ("auto", None, "none"):
                 check_baseline({"baseline": value, "blur_sigma": self.p["blur_sigma"]})
         validate.integer("sign_flip.random_orders", self.p["random_orders"], min=1)
-        validate.integer("sign_flip.chunk", self.p["chunk"], min=1)
+        validate.integer(
+            "sign_flip.chunk", self.p["chunk"], min=1, allow_none=True, hint="null: the batch size"
+        )
         self.raw_pairs = _parse_pairs(self.p["pairs"])
         self._pairs: list[tuple[int, int]] | None = None
         self._pair_notes: list[str] = []
@@ -222,12 +225,28 @@ class SignFlip(Check):
             )
             for r in todo
         ]
-        outs = run_removals(batch.model, batch.x, base, jobs, chunk=int(self.p["chunk"]))
+        outs = run_removals(batch.model, batch.x, base, jobs, chunk=rows_per_pass(self.p["chunk"], "forward"))
         for r, out in zip(todo, outs):
             d0 = float(batch.logits[idx[r], cps[r]].double() - batch.logits[idx[r], cs[r]].double())
             o = out.to(torch.float64).cpu().numpy()
             self._random[rkeys[r]] = ((o[:, 1] - o[:, 0]) - d0).reshape(draws, counts.shape[1])
         return np.stack([self._random[k] for k in rkeys]) if rkeys else np.zeros((0, draws, counts.shape[1]))
+
+    def cost(self, ctx: CostContext) -> Passes:
+        """The maps of the contrast class, then for every variant and removal baseline the
+        removals at each fraction (forward rows)."""
+        bases = 2 if self.p["other_baseline"] else 1
+        draws = int(self.p["random_orders"]) * len(self.fractions)
+        # random orders are re-run where a signed map has fewer positive pixels than a
+        # fraction removes (about half of the signed maps, measured on the sample model)
+        return Passes(
+            maps=1, forward=ctx.variants * bases * len(self.fractions) + 0.5 * ctx.signed * bases * draws
+        )
+
+    def shared_cost(self, ctx: CostContext) -> Passes:
+        """The random removal orders per baseline and fraction (cached per image)."""
+        bases = 2 if self.p["other_baseline"] else 1
+        return Passes(forward=bases * int(self.p["random_orders"]) * len(self.fractions))
 
     def measure(
         self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]
@@ -279,7 +298,9 @@ class SignFlip(Check):
                     )
                     for r in range(n)
                 ]
-                outs = run_removals(batch.model, x, base, jobs, chunk=int(self.p["chunk"]))
+                outs = run_removals(
+                    batch.model, x, base, jobs, chunk=rows_per_pass(self.p["chunk"], "forward")
+                )
                 o = torch.stack(outs).to(torch.float64).cpu().numpy()  # (rows, K, 2)
                 delta = (o[:, :, 1] - o[:, :, 0]) - d0[:, None]
                 rand_mean = rand.mean(1)

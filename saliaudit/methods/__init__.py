@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..cost import Passes
 from ..errors import UsageError
 from ..maps import MapSource, Variant
 
@@ -64,6 +65,10 @@ class Method:
             (summation-to-delta), ``fn(model, x, **params) -> (K, B, C, H, W)``: the reference
             inputs ``x̄`` (averaged over K); the audit reports the completeness delta.
         origin: ``builtin`` or where a plugin came from.
+        cost: the model passes of one map computation per image
+            (:class:`~saliaudit.cost.Passes`), or ``cost(params, (H, W)) -> Passes``;
+            ``None``: one forward+backward row (none for controls). The audit's plan and
+            ``--budget`` are built from it (:meth:`passes`).
     """
 
     name: str
@@ -78,6 +83,16 @@ class Method:
     source: Any = None
     origin: str = "builtin"
     reference_input: Any = None
+    cost: Any = None
+
+    def passes(self, params: dict[str, Any] | None = None, size: tuple[int, int] = (224, 224)) -> Passes:
+        """Model passes of one map computation per image with ``params`` (defaults filled in)
+        at input ``size``: what the audit's plan counts for this method."""
+        if isinstance(self.cost, Passes):
+            return self.cost
+        if callable(self.cost):
+            return self.cost({**self.params, **(params or {})}, tuple(size))
+        return Passes() if self.family == "control" else Passes(backward=1)
 
     def __call__(self, model: Any, x: torch.Tensor, targets: torch.Tensor, **params: Any) -> torch.Tensor:
         unknown = sorted(set(params) - set(self.params))
@@ -106,6 +121,7 @@ def register(
     source: Any = None,
     origin: str = "builtin",
     reference_input: Any = None,
+    cost: Any = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Decorator: register ``fn(model, x, targets, *, param=default, ...)`` under ``name``.
 
@@ -134,6 +150,7 @@ def register(
             source,
             origin,
             reference_input,
+            cost,
         )
         return fn
 

@@ -32,7 +32,7 @@ def forward_fn(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     A module left in training mode runs as an eval-mode copy.
     """
     module = getattr(model, "module", model)
-    if isinstance(module, torch.nn.Module) and module.training:
+    if isinstance(module, torch.nn.Module) and module.training and _mode_matters(module):
         import copy
 
         module = copy.deepcopy(module).eval()
@@ -51,6 +51,24 @@ def forward_fn(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         return torch.cat(outs)
 
     return run
+
+
+def _mode_matters(module: torch.nn.Module) -> bool:
+    """Whether train/eval mode can change ``module``'s output: not for a graph (torch.export,
+    fx) whose submodules are only graphs and attribute holders (its ops were fixed when it
+    was captured), so such a graph is used as it is, without a copy per call."""
+    import torch.fx
+
+    def inert(m: torch.nn.Module) -> bool:
+        # attribute holders, graphs, and torch.export's own helpers (its guard function)
+        kind = type(m)
+        return (
+            kind is torch.nn.Module
+            or isinstance(m, torch.fx.GraphModule)
+            or kind.__module__.startswith(("torch.export", "torch._export", "torch.fx"))
+        )
+
+    return not all(inert(m) for m in module.modules())
 
 
 def picked(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

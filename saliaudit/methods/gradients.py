@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from .. import validate
+from ..cost import Passes, rows_per_pass
 from ..errors import UsageError
 from . import register
 from .baselines import BASELINES, black_value, gaussian_blur, generator, make_baselines
@@ -196,7 +197,7 @@ def _ig(
 ) -> torch.Tensor:
     """IG averaged over baselines ``bases`` (K, B, C, H, W)."""
     sizes, alphas = quadrature(steps, method)
-    internal_batch = validate.integer("internal_batch", internal_batch, min=1)
+    internal_batch = validate.integer("internal_batch", rows_per_pass(internal_batch), min=1)
     forward = forward_fn(model)
     x = x.detach()
     k, b = bases.shape[0], x.shape[0]
@@ -230,6 +231,7 @@ def _ig(
     reference="Sundararajan, Taly & Yan 2017, ICML",
     summary="integrated gradients from a baseline (black/mean/blur/uniform-noise), optionally averaged",
     reference_input=ig_reference,
+    cost=lambda p, _size: Passes(backward=int(p["steps"]) * int(p["n_baselines"])),
 )
 def integrated_gradients(
     model: Any,
@@ -242,7 +244,7 @@ def integrated_gradients(
     integration: str = "riemann_trapezoid",
     blur_sigma: float = 5.0,
     seed: int = 0,
-    internal_batch: int = 64,
+    internal_batch: int | None = None,
 ) -> torch.Tensor:
     """Integrated gradients, signed, optionally averaged over several sampled baselines.
 
@@ -262,7 +264,7 @@ def integrated_gradients(
             (Captum's ``method``, renamed: ``explain(..., method=...)`` names the method;
             our trapezoid weights sum to 1, Captum's to ``1 − 1/steps``, see :func:`quadrature`).
         blur_sigma=5.0, seed=0: blur width; seed of the sampled baselines.
-        internal_batch=64: rows per forward+backward pass.
+        internal_batch=None: rows per forward+backward pass (default: the audit's batch size).
     Returns: ``(B, C, H, W)`` on ``x``'s device; cost ``steps × n_baselines`` gradient rows per image.
     Paper: Sundararajan, Taly & Yan, "Axiomatic Attribution for Deep Networks", ICML 2017.
     """
@@ -338,7 +340,7 @@ def _smooth(
     square: bool,
 ) -> torch.Tensor:
     targets = as_targets(targets, x)
-    internal_batch = validate.integer("internal_batch", internal_batch, min=1)
+    internal_batch = validate.integer("internal_batch", rows_per_pass(internal_batch), min=1)
     eps = smoothgrad_noise(x, samples, noise, seed)
     x = x.detach()
     b = x.shape[0]
@@ -361,6 +363,7 @@ def _smooth(
     family="gradient",
     reference="Smilkov et al. 2017, arXiv:1706.03825",
     summary="mean input gradient over gaussian-noised copies of the image",
+    cost=lambda p, _size: Passes(backward=int(p["samples"])),
 )
 def smoothgrad(
     model: Any,
@@ -370,7 +373,7 @@ def smoothgrad(
     samples: int = 16,
     noise: float = 0.15,
     seed: int = 0,
-    internal_batch: int = 64,
+    internal_batch: int | None = None,
 ) -> torch.Tensor:
     """SmoothGrad: the input gradient averaged over noisy copies, signed.
 
@@ -382,7 +385,7 @@ def smoothgrad(
     Parameters:
         samples=16: number of noisy copies n.
         noise=0.15: σ as a fraction of each image's value range.
-        seed=0: noise seed.  internal_batch=64: rows per forward+backward pass.
+        seed=0: noise seed.  internal_batch=None: rows per forward+backward pass (default: the audit's batch size).
     Returns: ``(B, C, H, W)`` on ``x``'s device; ``samples`` gradient rows per image.
     Paper: Smilkov, Thorat, Kim, Viégas & Wattenberg, "SmoothGrad: removing noise by adding noise", 2017.
     """
@@ -394,6 +397,7 @@ def smoothgrad(
     family="gradient",
     reference="Hooker et al. 2019, NeurIPS (ROAR)",
     summary="mean squared input gradient over gaussian-noised copies (SmoothGrad-Squared)",
+    cost=lambda p, _size: Passes(backward=int(p["samples"])),
 )
 def smoothgrad_sq(
     model: Any,
@@ -403,7 +407,7 @@ def smoothgrad_sq(
     samples: int = 16,
     noise: float = 0.15,
     seed: int = 0,
-    internal_batch: int = 64,
+    internal_batch: int | None = None,
 ) -> torch.Tensor:
     """SmoothGrad-Squared: the mean of squared gradients over noisy copies (≥ 0).
 
@@ -414,7 +418,7 @@ def smoothgrad_sq(
     Parameters:
         samples=16: number of noisy copies.
         noise=0.15: σ as a fraction of each image's value range.
-        seed=0: noise seed.  internal_batch=64: rows per forward+backward pass.
+        seed=0: noise seed.  internal_batch=None: rows per forward+backward pass (default: the audit's batch size).
     Returns: ``(B, C, H, W)`` on ``x``'s device.
     Paper: Hooker, Erhan, Kindermans & Kim, "A Benchmark for Interpretability Methods in Deep
     Neural Networks", NeurIPS 2019 (SG-SQ); noise model of Smilkov et al. 2017.

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .. import validate
+from ..cost import Passes, rows_per_pass
 from ..errors import UsageError
 from . import register
 from .baselines import make_baselines
@@ -38,11 +39,18 @@ def occlusion_windows(
     return (pos >= starts) & (pos < starts + patch)
 
 
+def _windows(size: tuple[int, int], patch: int, stride: int) -> int:
+    """Number of occlusion windows on an image of ``size`` (the forward rows per image)."""
+    h, w = size
+    return (math.ceil(max(h - patch, 0) / stride) + 1) * (math.ceil(max(w - patch, 0) / stride) + 1)
+
+
 @register(
     "occlusion",
     family="perturbation",
     reference="Zeiler & Fergus 2014, ECCV",
     summary="mean drop of the target logit when a sliding patch is replaced by a baseline",
+    cost=lambda p, size: Passes(forward=1 + _windows(size, int(p["patch"]), int(p["stride"]))),
 )
 def occlusion(
     model: Any,
@@ -53,7 +61,7 @@ def occlusion(
     stride: int = 4,
     baseline: str = "black",
     blur_sigma: float = 5.0,
-    internal_batch: int = 64,
+    internal_batch: int | None = None,
 ) -> torch.Tensor:
     """Occlusion: the average drop of the target logit over the patches covering a pixel.
 
@@ -71,14 +79,14 @@ def occlusion(
         baseline="black": ``black`` (the preprocessed black image: ``(0 − mean)/std`` for a
             LoadedModel, else zeros), ``mean`` (per-image channel mean) or ``blur``.
         blur_sigma=5.0: σ of the ``blur`` baseline.
-        internal_batch=64: occluded copies per forward pass.
+        internal_batch=None: occluded copies per forward pass (default: the audit's batch size).
     Returns: ``(B, C, H, W)`` on ``x``'s device; ``n_windows + 1`` forward rows per image.
     Paper: Zeiler & Fergus, "Visualizing and Understanding Convolutional Networks", ECCV 2014.
     """
     targets = as_targets(targets, x)
     patch = validate.integer("patch", patch, min=1)
     stride = validate.integer("stride", stride, min=1)
-    internal_batch = validate.integer("internal_batch", internal_batch, min=1)
+    internal_batch = validate.integer("internal_batch", rows_per_pass(internal_batch, "forward"), min=1)
     b, c, h, w = x.shape
     if patch > min(h, w):
         raise UsageError(f"occlusion patch {patch} exceeds the image size {h}×{w}")

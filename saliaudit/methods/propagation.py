@@ -52,6 +52,7 @@ import torch
 import torch.fx
 from torch.autograd.function import once_differentiable
 
+from ..cost import Passes
 from ..errors import DecompositionError, UsageError
 from ..graph import GraphRunner, get_graph, op_name
 from . import register
@@ -327,6 +328,7 @@ def epsilon_lrp(model: Any, x: torch.Tensor, targets: torch.Tensor, *, epsilon: 
     reference="Shrikumar et al., ICML 2017 (Rescale), via Ancona et al., ICLR 2018",
     summary="DeepLIFT Rescale: gradient with Δf/Δz at non-linearities, times x − x̄",
     reference_input=lambda model, x, baseline="black", **_: _baseline(model, x, baseline)[None],
+    cost=Passes(forward=1, backward=1),  # the reference's pre-activations, then x
 )
 def deeplift(model: Any, x: torch.Tensor, targets: torch.Tensor, *, baseline: str = "black") -> torch.Tensor:
     """DeepLIFT with the Rescale rule, as a modified gradient (Ancona et al. 2018).
