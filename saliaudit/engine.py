@@ -126,10 +126,10 @@ def run_audit(
 ) -> AuditResult:
     """Audit ``model_path`` on ``images``: maps of every method and variant, the checks,
     caveats. ``result`` (from :func:`new_result`) is filled in place, so that a caller
-    interrupted half-way still holds everything measured so far. Overlays go to
-    ``out_dir/maps``. Raises :mod:`saliaudit.errors` subclasses for an unusable model
-    (exit 3) or image set (exit 4); a failing method or check cell is recorded and the audit
-    goes on."""
+    interrupted half-way still holds everything measured so far. Overlays (``overlays``:
+    the example images, all or none) go to ``out_dir/maps``. Raises
+    :mod:`saliaudit.errors` subclasses for an unusable model (exit 3) or image set (exit 4);
+    a failing method or check cell is recorded and the audit goes on."""
     audit = Audit(cfg, out_dir, progress=progress, result=result)
     audit.plan(model_path, images)
     return audit.run()
@@ -191,7 +191,8 @@ class Audit:
             self._draw_samples()
         self.sources = self._plan_sources()
         self.figures = ExampleFigures(
-            choose_examples([e.rel for e in self.listing.entries], int(cfg.examples_html), cfg.seed)
+            choose_examples([e.rel for e in self.listing.entries], int(cfg.examples_html), cfg.seed),
+            with_maps=not _stores_class_maps(self.runner),
         )
         decomposes = any("decomposition" in s.provides for s in self.sources)
         self.discards = AbsDiscards() if decomposes else None
@@ -513,9 +514,10 @@ class Audit:
             except Exception as err:
                 if not is_oom(err):
                     raise
-        if self.cfg.overlays:
+        if self.cfg.overlays != "none":  # "examples": the report's example images only
+            only = None if self.cfg.overlays == "all" else self.figures.names
             with self.timer.stage("overlays"):
-                self.result.maps.extend(write_overlays(batch, pred.images, maps, self.out_dir))
+                self.result.maps.extend(write_overlays(batch, pred.images, maps, self.out_dir, only))
         self.runner.run(batch, source, maps, on_check=on_check)
 
     def _check_step(self, first: int) -> Callable[[str], None]:
@@ -536,6 +538,16 @@ class Audit:
             return postprocess(get_method("edge")(self.lm, batch.x, batch.targets), "abs")
         except Exception:  # the caveat is optional; the edge method is tested on its own
             return None
+
+
+def _stores_class_maps(runner: CheckRunner) -> bool:
+    """A check shows the top-1 and lowest-class maps in its own report section and stores
+    those of its figure images itself (class_sensitivity, uncapped): ``figures.maps`` would
+    only repeat them, for images the report does not show."""
+    return any(
+        c.shows_class_maps and int(c.p.get("figure_images") or 0) > 0 and c.p.get("max_images") is None
+        for c in runner.checks
+    )
 
 
 def _cat_maps(a: dict, b: dict) -> dict:
