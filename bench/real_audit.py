@@ -126,7 +126,11 @@ def show(arch: str, n: int, r: dict) -> None:
         f"(estimated {plan.get('estimated_peak_bytes', 0) / 1e9:.2f} GB)"
     )
     sizes = r["sizes"]
-    print("outputs: " + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sorted(sizes.items())) + f"; total {sum(sizes.values()) / 1e6:.2f} MB")
+    print(
+        "outputs: "
+        + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sorted(sizes.items()))
+        + f"; total {sum(sizes.values()) / 1e6:.2f} MB"
+    )
     for red in plan.get("reductions") or []:
         print(f"reduced: {red['check']}.{red['param']} {red['from']} → {red['to']} ({red['why']})")
 

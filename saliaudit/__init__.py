@@ -79,7 +79,7 @@ def audit(
 
     flags = {k: v for k, v in settings.items() if v is not None}
     if output is None:
-        flags.setdefault("overlays", False)
+        flags.setdefault("overlays", "none")
     cfg = resolve_config(flags, config_file=config)
     if output is not None:
         return run_audit(model, images, cfg, Path(output))

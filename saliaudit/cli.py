@@ -266,7 +266,8 @@ def report(
     labels: str | None = _setting("labels", metavar="FILE"),
     trust_model: bool | None = _setting("trust_model"),
     max_pixels: str | None = _setting("max_pixels", metavar="N"),
-    overlays: bool | None = _setting("overlays", "--overlays/--no-overlays"),
+    overlays: str | None = _setting("overlays", metavar="MODE"),
+    no_overlays: bool = typer.Option(False, "--no-overlays", help="Same as --overlays none."),
     force: bool | None = _setting("force"),
     examples: str | None = _setting("examples", metavar="K"),
     examples_html: str | None = _setting("examples_html", metavar="K"),
@@ -321,12 +322,27 @@ def report(
         plugins=plugin or None,
     )
     try:
+        flags["overlays"] = _overlays_flag(overlays, no_overlays)
         cfg = resolve_config(flags, config_file=config)
         _check_inputs(model=model, images=images)
     except SaliauditError as err:
         _fail(err, err.exit_code)
     code = _run_report(model, images, cfg, quiet)
     raise typer.Exit(code)
+
+
+def _overlays_flag(overlays: str | None, no_overlays: bool) -> str | None:
+    """``--overlays MODE``, with ``--no-overlays`` as ``--overlays none`` (both given: they
+    must agree)."""
+    if not no_overlays:
+        return overlays
+    try:
+        mode = None if overlays is None else SETTINGS["overlays"].parse(overlays)
+    except ValueError:
+        return overlays  # resolve_config reports the invalid value
+    if mode not in (None, "none"):
+        raise UsageError(f"--no-overlays contradicts --overlays {overlays}", hint="pass one of them")
+    return "none"
 
 
 def _check_inputs(

@@ -29,6 +29,8 @@ __all__ = ["Setting", "SETTINGS", "AuditConfig", "resolve_config", "find_config_
 
 FORMATS = ("html", "pdf", "json", "junit")  # renderers of report/ (render.FILES)
 FAIL_ON = ("fail", "warn", "never")
+#: ``overlays``: PNG overlays for the report's example images, every image, or none.
+OVERLAYS = ("examples", "all", "none")
 #: Methods audited by default: FullGrad, the comparison methods auditors know, the controls.
 DEFAULT_METHODS = (
     "fullgrad",
@@ -133,6 +135,20 @@ def _bool(v: Any) -> bool:
     if s in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"expected true or false, got {v!r}")
+
+
+def _overlays(v: Any) -> str:
+    """``examples``, ``all`` or ``none``; the former booleans still mean on (``examples``,
+    the default) and off (``none``)."""
+    if isinstance(v, str) and v.strip().lower() in OVERLAYS:
+        return v.strip().lower()
+    try:
+        return "examples" if _bool(v) else "none"
+    except ValueError:
+        word = str(v).strip().lower()
+        raise ValueError(
+            f"expected one of {', '.join(OVERLAYS)} (or true/false), got {v!r}{suggest(word, OVERLAYS)}"
+        ) from None
 
 
 def _text(v: Any) -> str:
@@ -302,7 +318,13 @@ SETTINGS: dict[str, Setting] = {
             "folder of object masks MASKS/<image path without extension>/<class>.png (pointing games)",
             "none",
         ),
-        Setting("overlays", _bool, True, "write a PNG overlay per image and map"),
+        Setting(
+            "overlays",
+            _overlays,
+            "examples",
+            "PNG overlays in maps/: examples (the report's example images), all (every image "
+            "and map) or none",
+        ),
         Setting("force", _bool, False, "write into a non-empty folder that is not a saliaudit output"),
         Setting("examples", _int(0, 1000), 6, "example images per check in the PDF, most telling first"),
         Setting("examples_html", _int(0, 1000), 24, "example images per check in the HTML"),

@@ -129,10 +129,11 @@ def run_audit(
 ) -> AuditResult:
     """Audit ``model_path`` on ``images``: maps of every method and variant, the checks,
     caveats. ``result`` (from :func:`new_result`) is filled in place, so that a caller
-    interrupted half-way still holds everything measured so far. Overlays go to
-    ``out_dir/maps``. Raises :mod:`saliaudit.errors` subclasses for an unusable model
-    (exit 3) or image set (exit 4); a failing method or check cell is recorded and the audit
-    goes on. ``on_plan(plan)`` is called once the plan is made, before any map is computed."""
+    interrupted half-way still holds everything measured so far. Overlays (``overlays``:
+    the example images, all or none) go to ``out_dir/maps``. Raises
+    :mod:`saliaudit.errors` subclasses for an unusable model (exit 3) or image set (exit 4);
+    a failing method or check cell is recorded and the audit goes on. ``on_plan(plan)`` is
+    called once the plan is made, before any map is computed."""
     audit = Audit(cfg, out_dir, progress=progress, result=result, on_plan=on_plan)
     audit.plan(model_path, images)
     return audit.run()
@@ -195,10 +196,12 @@ class Audit:
         self.runner.counter = self.counter
         self.sources = self._plan_sources()
         self.figures = ExampleFigures(
-            choose_examples([e.rel for e in self.listing.entries], int(cfg.examples_html), cfg.seed)
+            choose_examples([e.rel for e in self.listing.entries], int(cfg.examples_html), cfg.seed),
+            with_maps=not _stores_class_maps(self.runner.checks),
         )
         with self.timer.stage("calibrate"):
             self.plan_ = self._make_plan()
+        self.figures.with_maps = not _stores_class_maps(self.runner.checks)  # after a budget
         self.result.plan = self.plan_.to_dict()
         if self.on_plan is not None:
             self.on_plan(self.plan_)
@@ -234,7 +237,7 @@ class Audit:
                 self.lm,
                 extra_predict=capped and not labelled,
                 has_masks=has_masks,
-                examples=len(self.figures.names),
+                examples=0 if _stores_class_maps(checks) else len(self.figures.names),
             )
 
         reductions: list[dict[str, Any]] = []
@@ -636,9 +639,10 @@ class Audit:
             except Exception as err:
                 if not is_oom(err):
                     raise
-        if self.cfg.overlays:
+        if self.cfg.overlays != "none":  # "examples": the report's example images only
+            only = None if self.cfg.overlays == "all" else self.figures.names
             with self.timer.stage("overlays"):
-                self.result.maps.extend(write_overlays(batch, pred.images, maps, self.out_dir))
+                self.result.maps.extend(write_overlays(batch, pred.images, maps, self.out_dir, only))
         self.runner.run(batch, source, maps, on_check=on_check)
 
     def _check_step(self, first: int) -> Callable[[str], None]:
@@ -671,6 +675,16 @@ def _peak_estimate(cal: Any, rows: int, randomizes: bool) -> int:
     randomized values of the parameters."""
     copies = 2 * cal.parameter_bytes if randomizes else 0
     return int(cal.base_rss + 2 * rows * cal.activation_bytes + copies)
+
+
+def _stores_class_maps(checks: list) -> bool:
+    """A check shows the top-1 and lowest-class maps in its own report section and stores
+    those of its figure images itself (class_sensitivity, uncapped): ``figures.maps`` would
+    only repeat them, for images the report does not show."""
+    return any(
+        c.shows_class_maps and int(c.p.get("figure_images") or 0) > 0 and c.p.get("max_images") is None
+        for c in checks
+    )
 
 
 def _cat_maps(a: dict, b: dict) -> dict:

@@ -3,7 +3,8 @@
 For a seeded sample of the audited images (chosen from the listing before decoding, so the
 choice does not depend on the batch size) the results hold a thumbnail (PNG data URI) and,
 per method variant, the map for the top-1 and for the lowest-scoring class downsampled to at
-most 48 px. Checks add their own small arrays (randomization strips, perturbed images).
+most 48 px (unless a check stores them for the images its report section shows: class
+sensitivity). Checks add their own small arrays (randomization strips, perturbed images).
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ def thumbnail_uri(image: Image.Image, size: int = 128) -> str:
 
 
 class ExampleFigures:
-    """Collects thumbnails and small maps for the example images while the audit streams."""
+    """Collects thumbnails and small maps for the example images while the audit streams;
+    ``with_maps=False``: thumbnails only (a check stores the maps the report shows)."""
 
-    def __init__(self, names: set[str]):
+    def __init__(self, names: set[str], with_maps: bool = True):
         self.names = names
+        self.with_maps = with_maps
         self.images: dict[str, dict[str, Any]] = {}
         self.maps: list[dict[str, Any]] = []
 
@@ -70,7 +73,7 @@ class ExampleFigures:
     def add_maps(self, batch: Batch, source: MapSource, maps: dict[Any, torch.Tensor]) -> None:
         """Top-1 maps (given) and lowest-class maps (computed for the example images only)."""
         idx = [i for i, n in enumerate(batch.images) if n in self.names]
-        if not idx:
+        if not idx or not self.with_maps:
             return
         sub = batch.select(idx)
         lowest = sub.logits.argmin(1)

@@ -58,7 +58,6 @@ PROFILES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
     "standard": {
         "checks": {
             "randomization": {"max_images": 8, "independent": False},
-            "class_sensitivity": {"max_images": 16},
             "random_logit": {"max_images": 16},
             "input_invariance": {"max_images": 16},
             "perturbation": {"max_images": 16},

@@ -346,7 +346,7 @@ def test_no_overlays_writes_no_maps(runner, assets, tmp_path):
     assert result.exit_code == 0, result.output
     doc = load_results(out)
     assert doc["maps"] == []
-    assert doc["config"]["values"]["overlays"] is False
+    assert doc["config"]["values"]["overlays"] == "none"
     assert not (out / "maps").exists() or not any((out / "maps").iterdir())
     assert len(doc["completeness"]) == 3
 
@@ -592,7 +592,7 @@ def test_explicit_config_file(runner, assets, tmp_path):
     values, sources = doc["config"]["values"], doc["config"]["sources"]
     assert values["psi"] == ["signed"] and sources["psi"] == f"config file {cfg}"
     assert values["fail_on"] == "never" and sources["fail_on"] == f"config file {cfg}"
-    assert values["overlays"] is False
+    assert values["overlays"] == "none"
     assert values["seed"] == 0 and sources["seed"] == "default"
     assert doc["maps"] == []
 

@@ -48,7 +48,7 @@ def test_defaults(tmp_path):
     assert cfg.fail_on == "fail"
     assert cfg.max_images is None and cfg.sample is None and cfg.arch is None
     assert cfg.trust_model is False
-    assert cfg.overlays is True
+    assert cfg.overlays == "examples"
     assert cfg.force is False
     assert cfg.max_pixels == 64_000_000
     assert cfg.completeness_tolerance == 1e-3
@@ -107,7 +107,7 @@ def test_precedence_and_sources(tmp_path):
 def test_false_flag_is_given(tmp_path):
     write(tmp_path / "saliaudit.toml", "overlays = true\n")
     cfg = resolve({"overlays": False}, environ={"SALIAUDIT_OVERLAYS": "1"}, cwd=tmp_path)
-    assert cfg.overlays is False
+    assert cfg.overlays == "none"
     assert cfg.sources["overlays"] == "flag"
 
 
@@ -263,13 +263,38 @@ def test_optional_int_still_validated(tmp_path):
 )
 def test_parse_bools(tmp_path, raw, expected):
     cfg = resolve(environ={"SALIAUDIT_OVERLAYS": raw, "SALIAUDIT_FORCE": raw}, cwd=tmp_path)
-    assert cfg.overlays is expected and cfg.force is expected
+    assert cfg.force is expected
+    assert cfg.overlays == ("examples" if expected else "none")  # the former boolean setting
 
 
 def test_toml_bools(tmp_path):
     write(tmp_path / "saliaudit.toml", "overlays = false\nforce = true\n")
     cfg = resolve(cwd=tmp_path)
-    assert cfg.overlays is False and cfg.force is True
+    assert cfg.overlays == "none" and cfg.force is True
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("true", "examples"),
+        ("false", "none"),
+        ('"all"', "all"),
+        ('"None"', "none"),
+        ('"examples"', "examples"),
+    ],
+)
+def test_overlays_in_a_config_file_old_booleans_and_modes(tmp_path, text, expected):
+    write(tmp_path / "saliaudit.toml", f"overlays = {text}\n")
+    assert resolve(cwd=tmp_path).overlays == expected
+
+
+def test_overlays_flag_and_environment_modes(tmp_path):
+    assert resolve({"overlays": "ALL"}, cwd=tmp_path).overlays == "all"
+    assert resolve(environ={"SALIAUDIT_OVERLAYS": "none"}, cwd=tmp_path).overlays == "none"
+    message = usage_error({"overlays": "some"}, cwd=tmp_path)
+    assert message.startswith("invalid --overlays: expected one of examples, all, none")
+    message = usage_error(environ={"SALIAUDIT_OVERLAYS": "exampels"}, cwd=tmp_path)
+    assert "SALIAUDIT_OVERLAYS" in message and "did you mean 'examples'?" in message
 
 
 def test_trust_model_refused_in_config_file(tmp_path):

@@ -35,7 +35,9 @@ def _images(tmp_path: Path, n: int) -> Path:
 
 
 def _audit(tmp_path: Path, images: Path, **flags):
-    cfg = resolve_config({"overlays": False, "format": "json", "force": True, **flags}, cwd=tmp_path, environ={})
+    cfg = resolve_config(
+        {"overlays": False, "format": "json", "force": True, **flags}, cwd=tmp_path, environ={}
+    )
     return run_audit(MODEL, images, cfg, tmp_path / "out")
 
 
@@ -56,7 +58,9 @@ def test_rows_per_pass_bounds_the_chunks_of_integrated_gradients():
     """IG's steps go through the model in chunks of the audit's rows per pass."""
     from saliaudit.methods import get_method
 
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 3))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 3)
+    )
     x, t = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
     counter = PassCounter()
     sizes: list[int] = []
@@ -105,7 +109,9 @@ def test_declared_passes_are_the_passes_the_audit_runs(small_audit):
     declare (counted by the audit's own pass counter, stored in results.json)."""
     plan = small_audit.plan
     stages = plan["stages"]
-    assert {"predict", "method:gradient", "check:randomization", "check:sensitivity_n", "figures"} <= set(stages)
+    assert {"predict", "method:gradient", "check:randomization", "check:sensitivity_n", "figures"} <= set(
+        stages
+    )
     for name, st in stages.items():
         planned, counted = st["passes"], st["counted"]
         assert (counted["forward"], counted["backward"]) == (planned["forward"], planned["backward"]), name
@@ -149,7 +155,9 @@ def test_budget_reduces_the_expensive_checks_and_holds(tmp_path):
     reduced = {(r["check"], r["param"]) for r in plan["reductions"]}
     for check, param in reduced:
         if param == "max_images":
-            value = next(r["to"] for r in reversed(plan["reductions"]) if (r["check"], r["param"]) == (check, param))
+            value = next(
+                r["to"] for r in reversed(plan["reductions"]) if (r["check"], r["param"]) == (check, param)
+            )
             assert value >= MIN_IMAGES
             assert result.check_info[check]["params"]["max_images"] == value
     judged = [c for c in result.checks if c.status in ("pass", "warn", "fail") and c.value is not None]
@@ -159,11 +167,23 @@ def test_budget_reduces_the_expensive_checks_and_holds(tmp_path):
 def test_cli_prints_the_plan_and_rejects_a_bad_budget(tmp_path):
     images = _images(tmp_path, 2)
     base = [sys.executable, "-m", "saliaudit", "report", str(MODEL), str(images), "--format", "json"]
-    bad = subprocess.run([*base, "-o", str(tmp_path / "x"), "--budget", "soon"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [*base, "-o", str(tmp_path / "x"), "--budget", "soon"], capture_output=True, text=True
+    )
     assert bad.returncode == 2
     assert "budget" in bad.stderr and "Traceback" not in bad.stderr
     ok = subprocess.run(
-        [*base, "-o", str(tmp_path / "o"), "--methods", "gradient", "--checks", "randomization", "--budget", "5m"],
+        [
+            *base,
+            "-o",
+            str(tmp_path / "o"),
+            "--methods",
+            "gradient",
+            "--checks",
+            "randomization",
+            "--budget",
+            "5m",
+        ],
         capture_output=True,
         text=True,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Collection
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -481,25 +482,34 @@ def display_image(image: Image.Image, short_side: int = 256, long_side: int = 51
 
 
 def write_overlays(
-    batch: Any, images: list[Image.Image], maps: dict[Any, Any], out_dir: Path
+    batch: Any,
+    images: list[Image.Image],
+    maps: dict[Any, Any],
+    out_dir: Path,
+    only: Collection[str] | None = None,
 ) -> list[MapRecord]:
-    """One PNG overlay per (image of ``batch``, map variant) under ``out_dir/maps``; the
-    records the results list them by (paths relative to ``out_dir``)."""
+    """One PNG overlay per (image of ``batch``, map variant) under ``out_dir/maps``, for the
+    images named in ``only`` (``None``: every image); the records the results list them by
+    (paths relative to ``out_dir``)."""
+    chosen = [i for i, rel in enumerate(batch.images) if only is None or rel in only]
+    if not chosen:
+        return []
     maps_dir = Path(out_dir) / "maps"
     maps_dir.mkdir(parents=True, exist_ok=True)
     names = batch.model.class_names
     records = []
     for v, m in maps.items():
-        arr = m.detach().cpu().numpy()
+        arr = m[chosen].detach().cpu().numpy()
         variant = v.psi or v.post
         what = f"{v.method} psi={v.psi}" if v.psi else f"{v.method} {v.post}"
-        for i, rel in enumerate(batch.images):
+        for j, i in enumerate(chosen):
+            rel = batch.images[i]
             t = int(batch.targets[i])
             name = map_filename(rel, v.method, variant)
             save_overlay(
                 maps_dir / name,
                 display_image(images[i]),
-                arr[i],
+                arr[j],
                 signed=v.signed,
                 title=f"{what} - {names[t]}",
             )

@@ -34,8 +34,13 @@ def _flat(items: list) -> bool:
     return all(_scalar(v) or (isinstance(v, list) and all(_scalar(w) for w in v)) for v in items)
 
 
+def _record(v: Any) -> bool:
+    """A small dict of scalars (a per-image record such as ``{image, value}``): one line."""
+    return isinstance(v, dict) and 0 < len(v) <= 4 and all(_scalar(w) for w in v.values())
+
+
 def _dump(obj: Any, level: int) -> str:
-    if isinstance(obj, dict) and obj:
+    if isinstance(obj, dict) and obj and not (level > 1 and _record(obj)):
         pad = "  " * (level + 1)
         body = ",\n".join(
             f"{pad}{json.dumps(str(k), ensure_ascii=False)}: {_dump(v, level + 1)}" for k, v in obj.items()
@@ -49,7 +54,8 @@ def _dump(obj: Any, level: int) -> str:
 
 def results_json(doc: dict[str, Any]) -> str:
     """The results document as written to ``results.json``: UTF-8, finite numbers, indented by
-    two spaces, with lists of numbers (curves, small maps) kept on one line."""
+    two spaces, with lists of numbers (curves, small maps) and small records of scalars
+    (``per_image`` entries) kept on one line."""
     return _dump(doc, 0) + "\n"
 
 
