@@ -152,6 +152,12 @@ class Calibration:
     parameter_bytes: int
     base_rss: int  # the process after loading the model
     device: str = "cpu"
+    error: str | None = None  # why the passes could not be timed (the plan has no estimate)
+
+    @classmethod
+    def unmeasured(cls, batch: int, error: str) -> Calibration:
+        """A calibration whose passes could not be timed: every estimate is 0."""
+        return cls(batch, 0.0, 0.0, 0.0, 0, 0, 0, peak_rss_bytes(), error=error)
 
     def seconds(self, p: Passes) -> float:
         """Estimated seconds of ``p``."""
@@ -177,6 +183,7 @@ class Calibration:
             "parameter_bytes": int(self.parameter_bytes),
             "base_rss_bytes": int(self.base_rss),
             "device": self.device,
+            "error": self.error,
         }
 
 

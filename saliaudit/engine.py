@@ -25,7 +25,7 @@ from .batches import OOM_HINT, Predicted, first_line, is_oom, next_batch, predic
 from .caveats import AbsDiscards, compute_caveats
 from .checks.runner import CheckRunner, oom_split
 from .config import AuditConfig
-from .cost import PassCounter, Passes, calibrate, peak_rss_bytes, rows_limit
+from .cost import Calibration, PassCounter, Passes, calibrate, peak_rss_bytes, rows_limit
 from .data import ImageListing, Skipped, find_images, iter_decoded, require_images
 from .errors import NoImagesError, SaliauditError, UsageError
 from .figures import ExampleFigures, choose_examples
@@ -221,9 +221,12 @@ class Audit:
         reduce the most expensive checks until the estimate fits (docs/usage.md, "Cost")."""
         cfg, n = self.cfg, len(self.listing.entries)
         rows = max(1, min(int(cfg.batch_size), n))
-        cal = calibrate(self.lm, rows)
+        try:
+            cal = calibrate(self.lm, rows)
+        except Exception as err:  # e.g. out of memory: the audit records the failures itself
+            cal = Calibration.unmeasured(rows, f"{type(err).__name__}: {first_line(err)}")
         with rows_limit(cal.rows()):
-            costs = self._source_costs(rows)
+            costs = self._source_costs(rows) if cal.error is None else self._source_costs(rows, timed=False)
         labelled = all(e.label is not None for e in self.listing.entries)
         has_masks = self.masks_dir is not None
 
@@ -255,7 +258,7 @@ class Audit:
         )
         return Plan(cal, stages, cfg.values.get("profile") or "standard", budget, reductions, peak, fits)
 
-    def _source_costs(self, rows: int) -> list[SourceCost]:
+    def _source_costs(self, rows: int, timed: bool = True) -> list[SourceCost]:
         """Each method's declared passes and its measured seconds per image for one map
         computation (timed on ``rows`` seeded random images after a one-image warm-up)."""
         size = tuple(self.lm.input_size)
@@ -270,7 +273,7 @@ class Audit:
             passes = method.passes(params, size)
             refs = int(params.get("n_baselines", 1)) if method.reference_input is not None else 0
             seconds = None
-            if not passes.empty:
+            if timed and not passes.empty:
                 try:
                     s.maps(self.lm, x[:1], targets[:1])
                     t0 = time.perf_counter()

@@ -133,7 +133,7 @@ def test_boolean():
         (
             "perturbation",
             {"chunk": 3.0},
-            "invalid perturbation.chunk: expected an integer at least 1, got 3.0",
+            "invalid perturbation.chunk: expected an integer at least 1 or null, got 3.0",
         ),
         ("perturbation", {"random_orders": True}, "invalid perturbation.random_orders"),
         ("perturbation", {"fractions": [0.5, 2]}, "invalid perturbation.fractions"),
@@ -142,7 +142,7 @@ def test_boolean():
             {"output": "logits"},
             "invalid perturbation.output: expected one of logit, probability",
         ),
-        ("sign_flip", {"chunk": 0}, "invalid sign_flip.chunk: expected an integer at least 1, got 0"),
+        ("sign_flip", {"chunk": 0}, "invalid sign_flip.chunk: expected an integer at least 1 or null, got 0"),
         (
             "sign_flip",
             {"baseline": "blur", "blur_sigma": 0},

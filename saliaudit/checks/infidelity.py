@@ -85,7 +85,7 @@ class Infidelity(Check):
     params = {
         "sigma": 0.01,  # std of the per-pixel Gaussian perturbation, model input space (small: local)
         "n_perturb": 16,  # perturbations per image
-        "chunk": None,  # rows per pass (None: the audit's batch size)
+        "chunk": None,  # rows per pass (None: from the model's activation memory)
         "max_images": 16,
     }
 
@@ -95,7 +95,11 @@ class Infidelity(Check):
         super().__init__(params, thresholds)
         validate.integer("infidelity.n_perturb", self.p["n_perturb"], min=2)
         validate.integer(
-            "infidelity.chunk", self.p["chunk"], min=1, allow_none=True, hint="null: the batch size"
+            "infidelity.chunk",
+            self.p["chunk"],
+            min=1,
+            allow_none=True,
+            hint="null: set from the model's activation memory",
         )
         validate.integer(
             "infidelity.max_images", self.p["max_images"], min=1, allow_none=True, hint="null: all images"

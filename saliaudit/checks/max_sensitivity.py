@@ -77,7 +77,7 @@ class MaxSensitivity(Check):
     params = {
         "radius": 0.02,  # L∞ radius of the uniform perturbation, model input space (Captum)
         "n_perturb": 10,  # perturbations per image (Captum's default)
-        "chunk": None,  # rows per pass (None: the audit's batch size)
+        "chunk": None,  # rows per pass (None: from the model's activation memory)
         "max_images": 8,  # every perturbation costs one map: a class-stratified sample
     }
 
@@ -87,7 +87,11 @@ class MaxSensitivity(Check):
         super().__init__(params, thresholds)
         validate.integer("max_sensitivity.n_perturb", self.p["n_perturb"], min=1)
         validate.integer(
-            "max_sensitivity.chunk", self.p["chunk"], min=1, allow_none=True, hint="null: the batch size"
+            "max_sensitivity.chunk",
+            self.p["chunk"],
+            min=1,
+            allow_none=True,
+            hint="null: set from the model's activation memory",
         )
         validate.integer(
             "max_sensitivity.max_images",

@@ -129,7 +129,7 @@ class Perturbation(Check):
         "baseline": "mean",  # per-image mean colour; or black (FullGrad §5.1), zero, blur
         "blur_sigma": 5.0,  # σ in pixels of the blur baseline
         "random_orders": 3,  # random orders per image, averaged
-        "chunk": None,  # rows per pass (None: the audit's batch size)
+        "chunk": None,  # rows per pass (None: from the model's activation memory)
         "max_images": None,
     }
 
@@ -142,7 +142,11 @@ class Perturbation(Check):
         check_baseline(self.p)
         validate.integer("perturbation.random_orders", self.p["random_orders"], min=1)
         validate.integer(
-            "perturbation.chunk", self.p["chunk"], min=1, allow_none=True, hint="null: the batch size"
+            "perturbation.chunk",
+            self.p["chunk"],
+            min=1,
+            allow_none=True,
+            hint="null: set from the model's activation memory",
         )
         self._random: dict[tuple[Any, ...], np.ndarray] = {}  # image key -> (R, K) outputs
 

@@ -96,7 +96,7 @@ class SensitivityN(Check):
         "subsets": 100,  # random subsets per n and image (Ancona et al.)
         "baseline": "zero",  # zero (model input 0), black, mean or blur
         "blur_sigma": 5.0,
-        "chunk": None,  # rows per pass (None: the audit's batch size)
+        "chunk": None,  # rows per pass (None: from the model's activation memory)
         "max_images": 16,
     }
 
@@ -109,7 +109,11 @@ class SensitivityN(Check):
         validate.integer("sensitivity_n.points", self.p["points"], min=1)
         validate.integer("sensitivity_n.subsets", self.p["subsets"], min=3)
         validate.integer(
-            "sensitivity_n.chunk", self.p["chunk"], min=1, allow_none=True, hint="null: the batch size"
+            "sensitivity_n.chunk",
+            self.p["chunk"],
+            min=1,
+            allow_none=True,
+            hint="null: set from the model's activation memory",
         )
         if self.p["patch"] is not None:
             validate.integer("sensitivity_n.patch", self.p["patch"], min=1)

@@ -109,7 +109,7 @@ class SignFlip(Check):
         "other_baseline": "auto",  # measured too (black for mean, mean otherwise); none: skip
         "blur_sigma": 5.0,
         "random_orders": 3,
-        "chunk": None,  # rows per pass (None: the audit's batch size)
+        "chunk": None,  # rows per pass (None: from the model's activation memory)
         "max_images": None,
     }
 
@@ -124,7 +124,11 @@ class SignFlip(Check):
                 check_baseline({"baseline": value, "blur_sigma": self.p["blur_sigma"]})
         validate.integer("sign_flip.random_orders", self.p["random_orders"], min=1)
         validate.integer(
-            "sign_flip.chunk", self.p["chunk"], min=1, allow_none=True, hint="null: the batch size"
+            "sign_flip.chunk",
+            self.p["chunk"],
+            min=1,
+            allow_none=True,
+            hint="null: set from the model's activation memory",
         )
         self.raw_pairs = _parse_pairs(self.p["pairs"])
         self._pairs: list[tuple[int, int]] | None = None
