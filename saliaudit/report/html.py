@@ -39,6 +39,7 @@ from .context import (
 )
 from .figures import FigureMaker
 from .gallery import example_figures, figure_cells_from_maps
+from .plan_text import plan_view
 from .sections import (
     caveats_view,
     check_title,
@@ -450,6 +451,7 @@ def build_context(
         "completeness": completeness_view(doc, target, info),
         "problems": problems_view(doc, target),
         "configuration": configuration_view(doc),
+        "plan": plan_view(doc),
         "statuses": [{"status": s, "text": STATUS_TEXT[s], "symbol": STATUS_SYMBOL[s]} for s in STATUSES],
         "examples": examples,
         "examples_html": examples_html,

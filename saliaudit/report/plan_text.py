@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["duration", "plan_lines", "reduction_text", "memory"]
+__all__ = ["duration", "plan_lines", "reduction_text", "memory", "cover_text", "plan_view"]
 
 
 def duration(seconds: float | None) -> str:
@@ -71,3 +71,72 @@ def plan_lines(plan: dict[str, Any]) -> list[str]:
                 "  the budget cannot be met even with every reduction; the audit runs at its minimum"
             )
     return lines
+
+
+def cover_text(plan: dict[str, Any]) -> str:
+    """The cover's line on cost: profile, estimate against measured time, the budget."""
+    text = f"profile {plan.get('profile')}; estimated {duration(plan.get('estimated_s'))}"
+    if plan.get("measured_s") is not None:
+        text += f", took {duration(plan.get('measured_s'))}"
+    if plan.get("budget_s") is not None:
+        n = len(plan.get("reductions") or [])
+        text += f"; budget {duration(plan.get('budget_s'))}: " + (
+            f"{n} reduction(s), listed under Cost and plan" if n else "no reduction needed"
+        )
+    return text
+
+
+def plan_view(doc: dict[str, Any]) -> dict[str, Any] | None:
+    """The report's Cost and plan table: per stage the images, the planned passes, the floor,
+    the estimate and the measured time; the budget's reductions in words."""
+    plan = doc.get("plan") if isinstance(doc, dict) else None
+    if not isinstance(plan, dict) or not plan.get("stages"):
+        return None
+    rows = []
+    for name, st in plan["stages"].items():
+        p = st.get("passes") or {}
+        if not (st.get("estimated_s") or st.get("measured_s")):
+            continue
+        rows.append(
+            {
+                "stage": name,
+                "images": st.get("images"),
+                "forward": f"{p.get('forward', 0):.0f}",
+                "backward": f"{p.get('backward', 0):.0f}",
+                "compare": f"{p.get('compare', 0):.0f}",
+                "floor": duration(st.get("floor_s")),
+                "estimated": duration(st.get("estimated_s")),
+                "measured": duration(st.get("measured_s")),
+            }
+        )
+    cal = plan.get("calibration") or {}
+    intro = (
+        f"Before the audit, one pass of the model at {cal.get('batch')} images took "
+        f"{1000 * float(cal.get('forward_s_per_row') or 0):.1f} ms forward and "
+        f"{1000 * float(cal.get('backward_s_per_row') or 0):.1f} ms forward and backward per image; "
+        "each stage's passes are those its method and check declare, the floor is those passes "
+        "alone, the estimate adds the methods' measured time per map and the map comparisons. "
+        f"Estimated {duration(plan.get('estimated_s'))}, measured {duration(plan.get('measured_s'))} "
+        f"(profile {plan.get('profile')})."
+    )
+    if cal.get("error"):
+        intro += f" The passes could not be timed ({cal['error']}), so there is no estimate."
+    budget = None
+    if plan.get("budget_s") is not None:
+        reductions = [reduction_text(r) for r in plan.get("reductions") or []]
+        budget = {
+            "text": f"Budget {duration(plan.get('budget_s'))}: "
+            + (
+                "these reductions were made before the audit started, most expensive check first; "
+                "the verdicts of the reduced checks rest on the images and settings below."
+                if reductions
+                else "the audit fitted without reductions."
+            )
+            + (
+                ""
+                if plan.get("fits_budget", True)
+                else " Even with every reduction the estimate exceeded the budget."
+            ),
+            "reductions": reductions,
+        }
+    return {"intro": intro, "rows": rows, "budget": budget}

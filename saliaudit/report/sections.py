@@ -145,6 +145,11 @@ def cover_view(doc: dict[str, Any]) -> dict[str, Any]:
         ("Tool", f"{text_of(tool.get('name'), 'saliaudit')} {text_of(tool.get('version'))}"),
         ("Device · seed", f"{text_of(run.get('device'))} · {text_of(run.get('seed'))}"),
     ]
+    plan = as_dict(doc.get("plan"))
+    if plan:
+        from .plan_text import cover_text
+
+        rows.append(("Cost", cover_text(plan)))
     stats = as_dict(run.get("statistics"))
     how = ""
     if stats:
