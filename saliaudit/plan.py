@@ -43,7 +43,7 @@ MIN_IMAGES = 8
 PROFILES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
     "quick": {
         "checks": {
-            "randomization": {"max_images": 8, "independent": False},
+            "randomization": {"max_images": 8, "independent": False, "max_steps": 4},
             "class_sensitivity": {"max_images": 16},
             "random_logit": {"max_images": 8},
             "input_invariance": {"max_images": 8},
@@ -57,14 +57,14 @@ PROFILES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
     },
     "standard": {
         "checks": {
-            "randomization": {"max_images": 8, "independent": False},
+            "randomization": {"max_images": 8, "independent": False, "max_steps": 6},
             "random_logit": {"max_images": 16},
             "input_invariance": {"max_images": 16},
             "perturbation": {"max_images": 16},
             "sign_flip": {"max_images": 16},
             "sensitivity_n": {"max_images": 8, "subsets": 50},
             "infidelity": {"max_images": 16},
-            "max_sensitivity": {"max_images": 8, "n_perturb": 5},
+            "max_sensitivity": {"max_images": 8, "n_perturb": 3},
         },
         # the methods keep their defaults: fewer IG steps leave a visible completeness gap
         "methods": {},

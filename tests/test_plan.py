@@ -192,3 +192,58 @@ def test_cli_prints_the_plan_and_rejects_a_bad_budget(tmp_path):
     assert ok.stderr.index("plan · profile") < ok.stderr.index("saliaudit verdicts")
     doc = json.loads((tmp_path / "o" / "results.json").read_text())
     assert doc["plan"]["budget_s"] == 300 and doc["plan"]["stages"]["check:randomization"]["images"] == 2
+
+
+def test_report_shows_the_plan_and_what_a_budget_reduced(small_audit):
+    """The report's Cost and plan table lists the stages with their passes and times, and a
+    budgeted audit's reductions in words (rendered from the results only)."""
+    from saliaudit.report.html import render_html
+    from saliaudit.report.plan_text import plan_lines
+
+    doc = small_audit.to_dict()
+    doc["plan"] = {
+        **doc["plan"],
+        "budget_s": 60.0,
+        "budgeted": True,
+        "reductions": [
+            {
+                "check": "randomization",
+                "param": "max_images",
+                "from": 16,
+                "to": 8,
+                "why": "a class-stratified sample of 8 of the 16 images",
+            }
+        ],
+    }
+    html = render_html(doc)
+    assert "Cost and plan" in html and "check:randomization" in html
+    assert "randomization: max_images 16 → 8 (a class-stratified sample of 8 of the 16 images)" in html
+    assert "budget 1 min 00 s: 1 reduction(s)" in html  # the cover line
+    lines = plan_lines(doc["plan"])
+    assert lines[0].startswith("plan · profile standard")
+    assert any("check:randomization" in line for line in lines)
+    assert any("randomization: max_images 16 → 8" in line for line in lines)
+
+
+def test_randomization_max_steps_coarsens_the_cascade_over_the_same_parameters():
+    """``max_steps`` merges consecutive steps (the output layer stays alone); every parameter
+    is still randomized exactly once, in the same order; the check's declared cost follows."""
+    import torchvision
+
+    from saliaudit.checks import get_check
+    from saliaudit.checks.reinit import group_parameters
+    from saliaudit.cost import CostContext
+
+    model = torchvision.models.resnet18()
+    full = group_parameters(model, "blocks")
+    for k in (1, 2, 5, len(full), len(full) + 3):
+        coarse = group_parameters(model, "blocks", k)
+        assert len(coarse) == min(k, len(full))
+        assert [n for _, ns in coarse for n in ns] == [n for _, ns in full for n in ns]
+        if k > 1:
+            assert coarse[0] == full[0]
+    check = get_check("randomization")(params={"max_steps": 4, "independent": False})
+    ctx = CostContext(Passes(backward=3), variants=2, size=(224, 224), model=model)
+    assert check.cost(ctx) == Passes(maps=4, compare=4 * 2 * 4)
+    with pytest.raises(Exception, match="max_steps"):
+        get_check("randomization")(params={"max_steps": 0})

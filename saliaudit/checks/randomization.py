@@ -120,6 +120,7 @@ class Randomization(Check):
         # curve is in the results and the caveats name maps that survive the top layers.
         "verdict": "mean",
         "granularity": "blocks",  # blocks or layers
+        "max_steps": None,  # merge consecutive steps into at most this many (None: all)
         "reinit": "default",  # default (PyTorch reset_parameters) or normal
         "independent": True,  # also independent (one group at a time) randomization
         "max_images": 16,  # expensive: steps × methods map computations per image
@@ -140,6 +141,9 @@ class Randomization(Check):
         ):
             validate.choice(f"randomization.{key}", self.p[key], choices)
         validate.boolean("randomization.independent", self.p["independent"])
+        validate.integer(
+            "randomization.max_steps", self.p["max_steps"], min=1, allow_none=True, hint="null: every step"
+        )
         validate.integer("randomization.figure_images", self.p["figure_images"], min=0, hint="0: no strips")
         validate.integer(
             "randomization.max_images", self.p["max_images"], min=1, allow_none=True, hint="null: all images"
@@ -160,7 +164,7 @@ class Randomization(Check):
         if self._models is None or self._models.key != key or self._models.model is not batch.model:
             self._models = None
             self._models = RandomizedModels(
-                batch.model, batch.x, batch.seed, self.p["granularity"], self.p["reinit"]
+                batch.model, batch.x, batch.seed, self.p["granularity"], self.p["reinit"], self.p["max_steps"]
             )
             self._step_modules = self._models.modules
         return self._models
@@ -180,12 +184,15 @@ class Randomization(Check):
         module = getattr(model, "module", model)
         if not isinstance(module, torch.nn.Module):
             return 1
-        return max(1, len(group_parameters(module, self.p["granularity"])))
+        return max(1, len(group_parameters(module, self.p["granularity"], self.p["max_steps"])))
 
     def reductions(self) -> list[dict[str, Any]]:
-        if not self.p["independent"]:
-            return []
-        return [{"param": "independent", "value": False, "why": "cascading randomization only"}]
+        out = []
+        if self.p["independent"]:
+            out.append({"param": "independent", "value": False, "why": "cascading randomization only"})
+        if self.p["max_steps"] is None or int(self.p["max_steps"]) > 6:
+            out.append({"param": "max_steps", "value": 6, "why": "a cascade of at most 6 coarser steps"})
+        return out
 
     def measure(
         self, batch: Batch, source: MapSource, maps: dict[Variant, torch.Tensor]

@@ -123,9 +123,14 @@ def _first_use(module: torch.nn.Module, names: list[str]) -> dict[str, int] | No
     return first
 
 
-def group_parameters(module: torch.nn.Module, granularity: str = "blocks") -> list[tuple[str, list[str]]]:
+def group_parameters(
+    module: torch.nn.Module, granularity: str = "blocks", max_steps: int | None = None
+) -> list[tuple[str, list[str]]]:
     """The randomization steps of ``module``: ``[(step name, [parameter names])]`` ordered from
-    the output towards the input (see the module docstring)."""
+    the output towards the input (see the module docstring). With ``max_steps``, consecutive
+    steps are merged into at most that many (as even as possible, the output side first):
+    a coarser cascade over the same layers (the output layer stays alone), named
+    ``last…first`` of each merged run."""
     params = dict(module.named_parameters())
     names = list(params)
     if not names:
@@ -159,7 +164,26 @@ def group_parameters(module: torch.nn.Module, granularity: str = "blocks") -> li
             else:
                 merged.append((name, list(members)))
         forward = merged
-    return list(reversed(forward))
+    steps = list(reversed(forward))
+    if max_steps is not None and 0 < int(max_steps) < len(steps):
+        steps = _coarsen(steps, int(max_steps))
+    return steps
+
+
+def _coarsen(steps: list[tuple[str, list[str]]], k: int) -> list[tuple[str, list[str]]]:
+    """``steps`` merged into ``k`` consecutive runs: the output layer stays a step of its own
+    (randomizing it alone is the headline comparison), the rest is split into ``k − 1`` runs of
+    (nearly) equal length."""
+    if k == 1:
+        return [(f"{steps[0][0]}…{steps[-1][0]}", [n for _, members in steps for n in members])]
+    rest = steps[1:]
+    bounds = [round(i * len(rest) / (k - 1)) for i in range(k)]
+    out = [steps[0]]
+    for a, b in zip(bounds, bounds[1:]):
+        run = rest[a:b]
+        name = run[0][0] if len(run) == 1 else f"{run[0][0]}…{run[-1][0]}"
+        out.append((name, [n for _, members in run for n in members]))
+    return out
 
 
 def _sigma(t: torch.Tensor) -> float:
@@ -220,14 +244,20 @@ class RandomizedModels:
     """
 
     def __init__(
-        self, model: Any, x: torch.Tensor, seed: int, granularity: str = "blocks", reinit: str = "default"
+        self,
+        model: Any,
+        x: torch.Tensor,
+        seed: int,
+        granularity: str = "blocks",
+        reinit: str = "default",
+        max_steps: int | None = None,
     ):
         self.model, self.seed = model, int(seed)
         self.granularity, self.reinit = granularity, reinit
         self.key = (id(model), int(seed), x.dtype, x.device)
         self.module, self.originals = self._working_copy(model, x)
         self.params: dict[str, torch.nn.Parameter] = dict(self.module.named_parameters())
-        self.steps = group_parameters(self.module, granularity)
+        self.steps = group_parameters(self.module, granularity, max_steps)
         self.modules = {
             step: list(dict.fromkeys(_module_of(n) or n for n in names)) for step, names in self.steps
         }
