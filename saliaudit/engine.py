@@ -226,7 +226,7 @@ class Audit:
         except Exception as err:  # e.g. out of memory: the audit records the failures itself
             cal = Calibration.unmeasured(rows, f"{type(err).__name__}: {first_line(err)}")
         with rows_limit(cal.rows()):
-            costs = self._source_costs(rows) if cal.error is None else self._source_costs(rows, timed=False)
+            costs = self._source_costs(rows, cal if cal.error is None else None)
         labelled = all(e.label is not None for e in self.listing.entries)
         has_masks = self.masks_dir is not None
 
@@ -258,9 +258,11 @@ class Audit:
         )
         return Plan(cal, stages, cfg.values.get("profile") or "standard", budget, reductions, peak, fits)
 
-    def _source_costs(self, rows: int, timed: bool = True) -> list[SourceCost]:
+    def _source_costs(self, rows: int, cal: Calibration | None = None) -> list[SourceCost]:
         """Each method's declared passes and its measured seconds per image for one map
-        computation (timed on ``rows`` seeded random images after a one-image warm-up)."""
+        computation, timed on seeded random images: ``rows`` of them, or as few as keep the
+        timing of a method near 2 s by ``cal``'s pass times (graph methods after a one-image
+        warm-up that builds the graph); without ``cal``, untimed."""
         size = tuple(self.lm.input_size)
         h, w = size
         gen = torch.Generator().manual_seed(self.cfg.seed)
@@ -273,12 +275,15 @@ class Audit:
             passes = method.passes(params, size)
             refs = int(params.get("n_baselines", 1)) if method.reference_input is not None else 0
             seconds = None
-            if timed and not passes.empty:
+            if cal is not None and not passes.empty:
+                per_image = max(cal.floor(passes), 1e-9)
+                n = int(min(rows, max(1, 2.0 // per_image)))
                 try:
-                    s.maps(self.lm, x[:1], targets[:1])
+                    if method.needs_internals or s.provides:  # builds (and caches) the graph
+                        s.maps(self.lm, x[:1], targets[:1])
                     t0 = time.perf_counter()
-                    s.maps(self.lm, x, targets)
-                    seconds = (time.perf_counter() - t0) / rows
+                    s.maps(self.lm, x[:n], targets[:n])
+                    seconds = (time.perf_counter() - t0) / n
                 except Exception:  # the audit records the method's error; plan from its passes
                     seconds = None
                 finally:
