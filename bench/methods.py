@@ -189,7 +189,10 @@ def captum_reference(
         return None
     b = x.shape[0]
     tgt = targets.tolist()
-    per_eval = max(1, int(params.get("internal_batch", 64)) // b)
+    from saliaudit.cost import rows_per_pass
+
+    rows = rows_per_pass(params.get("internal_batch"))  # the same chunks as saliaudit's
+    per_eval = max(1, rows // b)
     if name == "gradient":
         s = ca.Saliency(model)
         return "Saliency(abs=False)", lambda: s.attribute(x, target=tgt, abs=False)
@@ -208,7 +211,7 @@ def captum_reference(
                 target=tgt,
                 n_steps=params["steps"],
                 method=params["integration"],
-                internal_batch_size=params["internal_batch"],
+                internal_batch_size=rows,
             ),
         )
     if name in ("smoothgrad", "smoothgrad_sq"):
