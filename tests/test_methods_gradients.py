@@ -416,7 +416,12 @@ def test_registry_lists_methods_with_params():
         "seed": 0,
         "internal_batch": None,
     }
-    assert get_method("smoothgrad").params == {"samples": 16, "noise": 0.15, "seed": 0, "internal_batch": None}
+    assert get_method("smoothgrad").params == {
+        "samples": 16,
+        "noise": 0.15,
+        "seed": 0,
+        "internal_batch": None,
+    }
     assert get_method("occlusion").params["patch"] == 8 and get_method("occlusion").params["stride"] == 4
     assert get_method("gradient").params == {} and get_method("random").params == {}
     for name in MINE:
