@@ -25,7 +25,7 @@ from .batches import OOM_HINT, Predicted, first_line, is_oom, next_batch, predic
 from .caveats import AbsDiscards, compute_caveats
 from .checks.runner import CheckRunner, oom_split
 from .config import AuditConfig
-from .cost import Calibration, PassCounter, Passes, calibrate, peak_rss_bytes, rows_limit
+from .cost import Calibration, PassCounter, calibrate, peak_rss_bytes, rows_limit
 from .data import ImageListing, Skipped, find_images, iter_decoded, require_images
 from .errors import NoImagesError, SaliauditError, UsageError
 from .figures import ExampleFigures, choose_examples
@@ -196,12 +196,12 @@ class Audit:
         self.runner.counter = self.counter
         self.sources = self._plan_sources()
         self.figures = ExampleFigures(
-            choose_examples([e.rel for e in self.listing.entries], int(cfg.examples_html), cfg.seed),
-            with_maps=not _stores_class_maps(self.runner.checks),
+            choose_examples([e.rel for e in self.listing.entries], int(cfg.examples_html), cfg.seed)
         )
         with self.timer.stage("calibrate"):
             self.plan_ = self._make_plan()
-        self.figures.with_maps = not _stores_class_maps(self.runner.checks)  # after a budget
+        # after the plan: a budget may have capped the check that stores the class maps
+        self.figures.with_maps = not _stores_class_maps(self.runner.checks)
         self.result.plan = self.plan_.to_dict()
         if self.on_plan is not None:
             self.on_plan(self.plan_)
@@ -254,9 +254,9 @@ class Audit:
             self.runner.replace(checks)
         stages = estimate(self.runner.checks)
         peak = _peak_estimate(
-            cal, int(cfg.batch_size), any(c.name == "randomization" for c in self.runner.checks)
+            cal, cal.rows()["backward"], any(c.name == "randomization" for c in self.runner.checks)
         )
-        return Plan(cal, stages, cfg.values.get("profile") or "standard", budget, reductions, peak, fits)
+        return Plan(cal, stages, _profile(cfg), budget, reductions, peak, fits)
 
     def _source_costs(self, rows: int, cal: Calibration | None = None) -> list[SourceCost]:
         """Each method's declared passes and its measured seconds per image for one map
@@ -353,7 +353,7 @@ class Audit:
         for name in cfg.methods:
             method = get_method(name)
             params = dict(method.params)
-            params.update(profile_params(cfg.values.get("profile") or "standard", "methods").get(name, {}))
+            params.update(profile_params(_profile(cfg), "methods").get(name, {}))
             if "layer" in params and cfg.cam_layer:
                 params["layer"] = cfg.cam_layer
             # --method-param METHOD.NAME=VALUE (validated by the config) overrides both
@@ -457,13 +457,12 @@ class Audit:
         }
         doc["total_s"] = round(time.perf_counter() - self.started, 3)
         doc["peak_rss_bytes"] = peak_rss_bytes()
-        unplanned = {k: v.to_dict() for k, v in self._unplanned_counts(doc["stages"]).items()}
+        unplanned = {
+            k: self.counter.passes(k).to_dict() for k in self.counter.counts if k not in doc["stages"]
+        }
         if unplanned:
             doc["unplanned_passes"] = unplanned
         return doc
-
-    def _unplanned_counts(self, planned: dict[str, Any]) -> dict[str, Passes]:
-        return {k: self.counter.passes(k) for k in self.counter.counts if k not in planned}
 
     def _step(self, what: str, batch: bool = True) -> None:
         """Report progress: ``what`` runs now, ``self.units_done`` units are done."""
@@ -673,6 +672,10 @@ class Audit:
             return None
 
 
+def _profile(cfg: AuditConfig) -> str:
+    return cfg.values.get("profile") or "standard"
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else round(float(a) / float(b), 3)
 
@@ -726,7 +729,7 @@ def _thresholds(cfg: AuditConfig) -> dict[str, dict[str, Any]]:
 
 def _check_params(cfg: AuditConfig) -> dict[str, dict[str, Any]]:
     """The checks' parameters: the profile's, overridden by the user's."""
-    p = profile_params(cfg.values.get("profile") or "standard", "checks")
+    p = profile_params(_profile(cfg), "checks")
     for k, v in cfg.check_params.items():
         p.setdefault(k, {}).update(v)
     if cfg.flip:

@@ -85,6 +85,12 @@ def integer(
     return int(value)
 
 
+def rows(name: str, value: Any) -> int | None:
+    """A ``chunk``-like parameter: rows per pass, at least 1, or ``None`` for the audit's
+    automatic rows per pass (:func:`saliaudit.cost.rows_per_pass`)."""
+    return integer(name, value, min=1, allow_none=True, hint="null: set from the model's activation memory")
+
+
 def number(
     name: str,
     value: Any,

@@ -325,9 +325,10 @@ class Check:
     # ------------------------------------------------------------------------- cost
     def cost(self, ctx: CostContext) -> Passes:
         """Work this check adds per measured image for one method, on top of the method's
-        own maps: ``ctx.method`` is one map computation of that method per image, so a check
-        that recomputes the maps for two other classes declares ``2 * ctx.method`` (plus its
-        map comparisons). Counted by the audit's plan and ``--budget``; default: nothing."""
+        own maps: a check that recomputes the maps for two other classes declares
+        ``Passes(maps=2)`` (plus its map comparisons); each map computation costs the passes
+        the method declares (``ctx.method``) and its measured time. Counted by the audit's plan
+        and ``--budget``; default: nothing."""
         return Passes()
 
     def shared_cost(self, ctx: CostContext) -> Passes:

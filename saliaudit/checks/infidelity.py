@@ -94,13 +94,7 @@ class Infidelity(Check):
     ):
         super().__init__(params, thresholds)
         validate.integer("infidelity.n_perturb", self.p["n_perturb"], min=2)
-        validate.integer(
-            "infidelity.chunk",
-            self.p["chunk"],
-            min=1,
-            allow_none=True,
-            hint="null: set from the model's activation memory",
-        )
+        validate.rows("infidelity.chunk", self.p["chunk"])
         validate.integer(
             "infidelity.max_images", self.p["max_images"], min=1, allow_none=True, hint="null: all images"
         )

@@ -86,13 +86,7 @@ class MaxSensitivity(Check):
     ):
         super().__init__(params, thresholds)
         validate.integer("max_sensitivity.n_perturb", self.p["n_perturb"], min=1)
-        validate.integer(
-            "max_sensitivity.chunk",
-            self.p["chunk"],
-            min=1,
-            allow_none=True,
-            hint="null: set from the model's activation memory",
-        )
+        validate.rows("max_sensitivity.chunk", self.p["chunk"])
         validate.integer(
             "max_sensitivity.max_images",
             self.p["max_images"],

@@ -141,13 +141,7 @@ class Perturbation(Check):
         validate.choice("perturbation.output", self.p["output"], OUTPUTS)
         check_baseline(self.p)
         validate.integer("perturbation.random_orders", self.p["random_orders"], min=1)
-        validate.integer(
-            "perturbation.chunk",
-            self.p["chunk"],
-            min=1,
-            allow_none=True,
-            hint="null: set from the model's activation memory",
-        )
+        validate.rows("perturbation.chunk", self.p["chunk"])
         self._random: dict[tuple[Any, ...], np.ndarray] = {}  # image key -> (R, K) outputs
 
     # ----------------------------------------------------------------------------------------

@@ -108,13 +108,7 @@ class SensitivityN(Check):
         check_baseline(self.p)
         validate.integer("sensitivity_n.points", self.p["points"], min=1)
         validate.integer("sensitivity_n.subsets", self.p["subsets"], min=3)
-        validate.integer(
-            "sensitivity_n.chunk",
-            self.p["chunk"],
-            min=1,
-            allow_none=True,
-            hint="null: set from the model's activation memory",
-        )
+        validate.rows("sensitivity_n.chunk", self.p["chunk"])
         if self.p["patch"] is not None:
             validate.integer("sensitivity_n.patch", self.p["patch"], min=1)
         validate.fraction("sensitivity_n.max_fraction", self.p["max_fraction"], hint="e.g. max_fraction=0.8")

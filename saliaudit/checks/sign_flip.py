@@ -123,13 +123,7 @@ class SignFlip(Check):
             if value not in ("auto", None, "none"):
                 check_baseline({"baseline": value, "blur_sigma": self.p["blur_sigma"]})
         validate.integer("sign_flip.random_orders", self.p["random_orders"], min=1)
-        validate.integer(
-            "sign_flip.chunk",
-            self.p["chunk"],
-            min=1,
-            allow_none=True,
-            hint="null: set from the model's activation memory",
-        )
+        validate.rows("sign_flip.chunk", self.p["chunk"])
         self.raw_pairs = _parse_pairs(self.p["pairs"])
         self._pairs: list[tuple[int, int]] | None = None
         self._pair_notes: list[str] = []
