@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from saliaudit.cli import app
 from saliaudit.config import resolve_config
 from saliaudit.errors import UsageError
 from saliaudit.figures import choose_examples
+from saliaudit.maps import decode_map
 from saliaudit.methods import build_source
 from saliaudit.result import CheckResult
 
@@ -276,9 +279,20 @@ def test_abs_discards_share_matches_a_direct_count(batch):
 
 
 def test_small_map_and_examples_are_bounded_and_seeded():
-    m = small_map(torch.arange(200 * 100, dtype=torch.float32).reshape(200, 100))
-    assert len(m) == 48 and len(m[0]) == 24
-    assert np.isfinite(np.array(m)).all()
+    src = torch.arange(200 * 100, dtype=torch.float32).reshape(200, 100)
+    src[0, 0] = float("nan")
+    m = small_map(src)
+    a = decode_map(m)
+    assert a.shape == (48, 24) and m["shape"] == [48, 24]
+    assert np.isfinite(a).all()
+    ref = torch.nn.functional.interpolate(
+        torch.nan_to_num(src).double()[None, None], size=(48, 24), mode="area"
+    )
+    assert np.allclose(a, ref[0, 0].numpy(), rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
+    # compact: under 3 characters a value, where decimal lists took about 9
+    assert len(json.dumps(m)) < 3 * 48 * 24
+    assert decode_map({**m, "f16": m["f16"][:-8]}) is None and decode_map({**m, "shape": [48, 0]}) is None
+    assert decode_map(small_map(torch.zeros(4, 4))).tolist() == [[0.0] * 4] * 4
     names = [f"img{i}.png" for i in range(100)]
     assert choose_examples(names, 10, 1) == choose_examples(list(reversed(names)), 10, 1)
     assert choose_examples(names, 10, 1) != choose_examples(names, 10, 2)

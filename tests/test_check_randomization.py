@@ -147,7 +147,7 @@ def test_results_record_steps_scheme_curves_and_figures(results, shapes):
     assert casc[0] > casc[-1] + 0.3
     fig = r.series["figures"][shapes.images[0]]
     assert fig["steps"] == ["original"] + steps and len(fig["maps"]) == len(steps) + 1
-    assert max(len(fig["maps"][0]), len(fig["maps"][0][0])) <= 32
+    assert max(fig["maps"][0]["shape"]) <= 32
     assert "degenerate_final" not in r.series and "final_spearman_abs" not in r.series
 
 

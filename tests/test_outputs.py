@@ -45,11 +45,14 @@ def audit(out: Path, images: Path, *extra: str) -> dict[str, Any]:
 
 
 def is_map(v: Any) -> bool:
+    """A stored small map: the compact float16 encoding (or nested lists, the older form)."""
+    if isinstance(v, dict):
+        return set(v) == {"shape", "scale", "f16"}
     return isinstance(v, list) and bool(v) and all(isinstance(r, list) for r in v)
 
 
 def stored_maps(doc: Any) -> int:
-    """How many 2-D maps (nested lists of numbers) the document holds."""
+    """How many 2-D maps the document holds."""
     if is_map(doc):
         return 1
     items = doc.values() if isinstance(doc, dict) else doc if isinstance(doc, list) else []
@@ -115,8 +118,8 @@ def test_results_grow_by_a_few_numbers_per_image_beyond_the_examples(tmp_path, f
     Measured: 0.29 kB per image (its ``images`` and ``completeness`` records and one
     one-line ``per_image`` entry per cell, 5 cells here; 364 cells with every default method
     and check). The bound, 1 kB, leaves room for other names and numbers and still catches a
-    single map stored per image: a 32-px randomization strip map is 1024 numbers (≥ 3 kB as
-    JSON), a 48-px figure map 2304."""
+    single map stored per image: a 32-px randomization strip map is 1024 values (≈ 2.7 kB
+    encoded), a 48-px figure map 2304 (≈ 6 kB)."""
     eight = shapes(tmp_path / "eight", 8)
     common = [
         "--methods",

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import math
 import re
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 from markupsafe import Markup
 from PIL import Image
 
+from ..maps import decode_map
 from . import plots
 from .context import as_dict, as_list
 from .overlay import colormap, render_overlay
@@ -44,7 +44,6 @@ __all__ = [
 _DATA_URI = re.compile(r"data:image/(png|jpeg|gif|webp);base64,([A-Za-z0-9+/=\s]+)\Z")
 MAX_URI_CHARS = 4_000_000  # a thumbnail is a few kB; refuse anything absurd
 MAX_SIDE = 1024
-MAX_MAP_SIDE = 512
 
 
 def ranking(doc: dict[str, Any]) -> list[str]:
@@ -79,24 +78,9 @@ def decode_image(uri: Any) -> Image.Image | None:
 
 
 def clean_map(data: Any) -> np.ndarray | None:
-    """A finite float (H, W) array from nested lists, or ``None`` when malformed."""
-    if not isinstance(data, list) or not data or not all(isinstance(r, list) for r in data):
-        return None
-    if len(data) > MAX_MAP_SIDE or any(len(r) != len(data[0]) or len(r) > MAX_MAP_SIDE for r in data):
-        return None
-    try:
-        arr = np.array(
-            [
-                [float(v) if v is not None and not isinstance(v, bool) else math.nan for v in row]
-                for row in data
-            ],
-            dtype=np.float64,
-        )
-    except (TypeError, ValueError):
-        return None
-    if arr.ndim != 2 or arr.size == 0:
-        return None
-    return np.nan_to_num(arr, nan=0.0, posinf=0.0, neginf=0.0)
+    """A finite float (H, W) array of a stored small map (:func:`saliaudit.maps.decode_map`:
+    the compact encoding, or nested lists from earlier results), or ``None`` when malformed."""
+    return decode_map(data)
 
 
 def png_uri(img: Image.Image) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..maps import is_stored_map
 from .context import as_dict, as_list, fmt, is_signed, method_order, variant_label
 from .figures import FigureMaker, colorbar, compose_row, figure_uri, ranking
 
@@ -74,7 +75,7 @@ def figure_parts(
     for key, val in fig.items():
         if key.endswith("_class") or key in ("steps", "fractions", "order"):
             continue
-        if isinstance(val, list) and val and isinstance(val[0], list):
+        if is_stored_map(val):
             caps.append({"top1": "top-1 class", "lowest": "lowest class"}.get(key, key.replace("_", " ")))
             parts.append(("map", val))
         elif isinstance(val, str) and val.startswith("data:"):
