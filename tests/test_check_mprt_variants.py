@@ -7,7 +7,6 @@ user's model is never modified."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import numpy as np
 import pytest
@@ -244,7 +243,7 @@ def test_emprt_judges_a_rise_and_reports_the_alternatives(emprt_cells):
     assert ms["emprt"]["entropy_randomized"] > ms["emprt"]["entropy_trained"]
     assert ms["mprt"]["computed"] and ms["mprt"]["n"] == 8 and not ms["mprt"]["selected"]
     assert len(ms["mprt"]["per_image"]) == 8 and ms["mprt"]["thresholds"] == {"fail": 0.7, "warn": 0.4}
-    assert ms["smprt"] == {**ms["smprt"], "computed": False} and "alternatives" in ms["smprt"]["why"]
+    assert ms["smprt"]["computed"] is False and "alternatives" in ms["smprt"]["why"]
     # the message names another measure's verdict exactly when it differs
     differs = ms["mprt"]["status"] != cell.status
     assert ms["mprt"]["differs"] is differs
@@ -383,7 +382,6 @@ def test_user_model_unchanged_and_no_hooks():
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert hook_counts(model) == hooks == 0 and not model.training
     assert torch.equal(x, x_before)
-    assert dataclasses.is_dataclass(lm)
 
 
 def test_audit_results_plan_and_report():
