@@ -10,7 +10,8 @@ them. Kinds:
   (FullGrad) differ between ψ presets, with a paired difference over the same images whose
   95 % interval excludes 0.
 - ``choose_psi_by_metric``: the ψ a check favours here (in the check's direction,
-  :attr:`~saliaudit.checks.base.Check.higher_is_better`), named only when its paired
+  :attr:`~saliaudit.checks.base.Check.higher_is_better`, or the cells' ``series["higher_is_better"]``
+  for a check whose direction depends on its parameters), named only when its paired
   difference with the next best ψ has a 95 % interval that excludes 0; otherwise
   ``no_better_psi`` says that no ψ is distinguishably better on these images. The FullGrad
   authors note that ψ must be chosen by the metric that matters (Srinivas & Fleuret 2019, §6).
@@ -212,6 +213,8 @@ def compute_caveats(
     for (check, method), cells in by_check.items():
         cls = _check_class(check)
         hib = bool(cls.higher_is_better) if cls is not None else False
+        # a check whose direction depends on its parameters (randomization's eMPRT) says so
+        hib = bool(cells[0].series.get("higher_is_better", hib))
         out += _psi_caveats(check, method, cells, hib)
     names = list(dict.fromkeys(c.check for c in checks))
     context = {"edge_similarity": dict(edge_similarity)}

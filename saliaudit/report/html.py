@@ -39,6 +39,7 @@ from .context import (
 )
 from .figures import FigureMaker
 from .gallery import example_figures, figure_cells_from_maps
+from .measures import measures_view
 from .plan_text import plan_view
 from .sections import (
     caveats_view,
@@ -390,6 +391,7 @@ def _section(
         "charts": charts,
         "charts_omitted": omitted,
         "figures": figs,
+        "measures": measures_view(cells, info),
     }
 
 
