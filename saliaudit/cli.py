@@ -1,8 +1,9 @@
 """The ``saliaudit`` command line: options → config → audit → render.
 
 This is the only place that catches errors and maps them to exit codes (docs/report.md, "Exit codes"):
-0 no check reached ``--fail-on`` · 1 the gate failed · 2 usage error · 3 the audit could not
-run · 4 no usable images · 130 interrupted (Ctrl-C or SIGTERM; a partial results.json is kept).
+0 no check reached ``--fail-on`` · 1 the gate failed (``compare``, ``--baseline``: a cell
+regressed) · 2 usage error · 3 the audit could not run · 4 no usable images · 5 no verdict ·
+130 interrupted (Ctrl-C or SIGTERM; a partial results.json is kept).
 """
 
 from __future__ import annotations
@@ -275,6 +276,17 @@ def report(
     annotations: bool | None = _setting("annotations", "--annotations/--no-annotations"),
     plugin: list[str] | None = _setting("plugins", "--plugin", metavar="MODULE"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table on the terminal."),
+    baseline: Path | None = typer.Option(
+        None,
+        "--baseline",
+        metavar="RESULTS",
+        help=_help(
+            "results.json of an earlier audit: compare with it (diff.json, compare.html, compare.pdf "
+            "in the output folder) and exit 1 on a regression unless --fail-on never",
+            "none",
+        ),
+        show_default=False,
+    ),
 ) -> None:
     """Audit MODEL on IMAGES and write the results (and maps) to the output folder.
 
@@ -325,9 +337,14 @@ def report(
         flags["overlays"] = _overlays_flag(overlays, no_overlays)
         cfg = resolve_config(flags, config_file=config)
         _check_inputs(model=model, images=images)
+        old = None
+        if baseline is not None:  # a bad baseline is a usage error, before the audit runs
+            from .compare import load_audit
+
+            old = (baseline, load_audit(baseline))
     except SaliauditError as err:
         _fail(err, err.exit_code)
-    code = _run_report(model, images, cfg, quiet)
+    code = _run_report(model, images, cfg, quiet, baseline=old)
     raise typer.Exit(code)
 
 
@@ -368,7 +385,9 @@ def _check_inputs(
             )
 
 
-def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
+def _run_report(
+    model: Path, images: Path, cfg, quiet: bool, baseline: tuple[Path, dict] | None = None
+) -> int:
     from .engine import new_result, run_audit
     from .model import resolve_device
     from .report.output import OutputFolder
@@ -403,9 +422,31 @@ def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
         _ci_outputs(doc, cfg.annotations)
         if not quiet:
             print_summary(err_console, doc, out.path, cfg.format)
+
+        def compared(code: int) -> int:  # --baseline: the worse of the two exit codes
+            if baseline is None:
+                return code
+            gate = "never" if cfg.fail_on == "never" else "regression"
+            try:  # the audit is done and written: a failing comparison does not change its results
+                other = _comparison(
+                    out.path,
+                    baseline,
+                    (out.path / "results.json", doc),
+                    cfg.format,
+                    gate,
+                    ("baseline", cfg.page_size),
+                    quiet,
+                )
+            except SaliauditError as err:
+                _error_line(f"the comparison with --baseline failed: {err}")
+                other = err.exit_code
+            return max(
+                code, other, key=lambda c: {EXIT_GATE: 1, EXIT_NO_VERDICT: 2, EXIT_CANNOT_RUN: 3}.get(c, 0)
+            )
+
         if pdf_error is not None:
             err_console.print(f"saliaudit: error: {pdf_error}", markup=False, soft_wrap=True)
-            return pdf_error.exit_code
+            return compared(pdf_error.exit_code)
         code = EXIT_GATE if result.summary.get("gate_failed") else EXIT_OK
         no_verdict = result.summary.get("no_verdict") and cfg.fail_on != "never"
         if no_verdict:
@@ -416,7 +457,7 @@ def _run_report(model: Path, images: Path, cfg, quiet: bool) -> int:
             err_console.print(
                 f"saliaudit: no verdict: {result.summary.get('reason')}", markup=False, soft_wrap=True
             )
-        return code
+        return compared(code)
     except (KeyboardInterrupt, Interrupted):
         reason = "interrupted by SIGTERM" if sys.exc_info()[0] is Interrupted else "interrupted (Ctrl-C)"
         if result is not None:
@@ -547,6 +588,96 @@ def _parse_option(flag: str, value: Any, parse: Any) -> Any:
         return parse(value)
     except ValueError as err:
         raise UsageError(f"invalid {flag}: {err}") from None
+
+
+@app.command(cls=_Command, short_help="Compare two audits: regressions, improvements, what differs.")
+def compare(
+    old: Path = typer.Argument(
+        ..., metavar="OLD", help="results.json of the earlier audit.", show_default=False
+    ),
+    new: Path = typer.Argument(
+        ..., metavar="NEW", help="results.json of the later audit.", show_default=False
+    ),
+    output: str = typer.Option(
+        "saliaudit-compare",
+        "-o",
+        "--output",
+        metavar="FOLDER",
+        help=_help("output folder", "saliaudit-compare"),
+        show_default=False,
+    ),
+    format: str = typer.Option(
+        "html,pdf,json",
+        "--format",
+        metavar="LIST",
+        help=_help("comma-separated output formats: html, pdf, json (diff.json), junit", "html, pdf, json"),
+        show_default=False,
+    ),
+    fail_on: str = typer.Option(
+        "regression",
+        "--fail-on",
+        metavar="LEVEL",
+        help=_help("when to exit 1: regression (a cell regressed) or never", "regression"),
+        show_default=False,
+    ),
+    page_size: str | None = _like("page_size", "--page-size", metavar="SIZE", default="a4"),
+    force: bool = typer.Option(False, "--force", help=_help(SETTINGS["force"].help), show_default=False),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only one line: the regressions and the gate."),
+) -> None:
+    """Compare two audits cell by cell: old and new verdicts and values, each change with its
+    95 % interval, what differs between the audits; exit 1 on a regression (--fail-on)."""
+    from .compare import FAIL_ON, load_audit
+    from .report.output import OutputFolder
+
+    try:
+        formats = _parse_option("--format", format, SETTINGS["format"].parse)
+        size = _parse_option("--page-size", page_size, SETTINGS["page_size"].parse) or "a4"
+        if fail_on not in FAIL_ON:
+            raise UsageError(
+                f"invalid --fail-on: expected regression or never, got {fail_on!r}{suggest(fail_on, FAIL_ON)}"
+            )
+        before, after = (old, load_audit(old)), (new, load_audit(new))
+        out = OutputFolder(Path(output), force=force)
+        out.prepare()
+        code = _comparison(out.path, before, after, formats, fail_on, ("compare", size), quiet)
+    except SaliauditError as err:
+        _fail(err, err.exit_code)
+    except typer.Exit:
+        raise
+    except Exception as err:  # an unexpected bug: one line, the traceback with --debug
+        _bug(err)
+    raise typer.Exit(code)
+
+
+def _comparison(
+    out: Path,
+    old: tuple[Path, dict],
+    new: tuple[Path, dict],
+    formats: list[str],
+    fail_on: str,
+    files: tuple[str, str],
+    quiet: bool,
+) -> int:
+    """Compare and write the comparison (``files``: ``compare`` or ``baseline`` names, page
+    size), print its summary; the exit code of its gate (3 without a PDF backend)."""
+    from .report.compare_html import compare_and_write
+
+    lines, code, pdf_error = compare_and_write(
+        old,
+        new,
+        out,
+        formats,
+        fail_on=fail_on,
+        baseline=files[0] == "baseline",
+        page_size=files[1],
+        quiet=quiet,
+    )
+    for line in lines:
+        err_console.print(line, markup=False, soft_wrap=True)
+    if pdf_error is not None:  # the other formats are written
+        err_console.print(f"saliaudit: error: {pdf_error}", markup=False, soft_wrap=True)
+        return pdf_error.exit_code
+    return code
 
 
 _PLUGIN_HELP = _sentence(SETTINGS["plugins"].help)

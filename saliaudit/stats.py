@@ -14,6 +14,8 @@ must-fail controls on the same images. Everything here calls ``scipy.stats``:
   method's per-image values are better than a control's on the same images.
 - :func:`adjust`: Benjamini–Hochberg adjusted p-values over all tests of an audit (false
   discovery rate; Benjamini & Hochberg 1995) via :func:`scipy.stats.false_discovery_control`.
+- :func:`difference_interval`: the change of a mean between two audits with a 95 % t interval,
+  paired by image (Student) or unpaired (Welch 1947), used by ``saliaudit compare``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "images_to_decide",
     "paired_better",
     "adjust",
+    "difference_interval",
     "CONFIDENCE",
     "ALPHA",
     "INTERVAL_METHOD",
@@ -187,3 +190,43 @@ def adjust(pvalues: Sequence[float]) -> list[float]:
     if len(pvalues) == 0:
         return []
     return [float(p) for p in stats.false_discovery_control(np.asarray(pvalues, dtype=float), method="bh")]
+
+
+def difference_interval(
+    old: Sequence[float] | np.ndarray, new: Sequence[float] | np.ndarray, *, paired: bool
+) -> Interval | None:
+    """The change ``mean(new) − mean(old)`` with a 95 % t interval.
+
+    ``paired``: ``old[i]`` and ``new[i]`` are the same image; the interval is Student's t
+    interval of the mean per-image difference (pairs with a non-finite side are dropped).
+    Unpaired: Welch's t interval for two means with unequal variances (Welch 1947). A t
+    interval rather than the bootstrap of :func:`mean_interval`: two audits often share only
+    the few images of a sampled check, and at n = 4 the bootstrap interval covers the true
+    change about 75 % of the time, the t interval about 93 % (tests/test_compare.py).
+    ``None`` with fewer than 2 pairs, or fewer than 2 finite values on a side: there is then no
+    interval to decide a change with. ``n`` is the number of pairs, or of values in both
+    samples together; ``sd`` the standard error of the change.
+    """
+    o = np.asarray(old, dtype=np.float64).ravel()
+    w = np.asarray(new, dtype=np.float64).ravel()
+    if paired:
+        if o.size != w.size:
+            raise ValueError(f"paired samples differ in length ({o.size} and {w.size})")
+        keep = np.isfinite(o) & np.isfinite(w)
+        d = w[keep] - o[keep]
+        if d.size < 2:
+            return None
+        est, se, df, n = float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size)), d.size - 1.0, int(d.size)
+        method = "Student t, paired"
+    else:
+        o, w = _finite(o), _finite(w)
+        if o.size < 2 or w.size < 2:
+            return None
+        vo, vw = float(o.var(ddof=1)) / o.size, float(w.var(ddof=1)) / w.size
+        est, se, n = float(w.mean() - o.mean()), math.sqrt(vo + vw), int(o.size + w.size)
+        df = (vo + vw) ** 2 / (vo**2 / (o.size - 1) + vw**2 / (w.size - 1)) if se > 0 else 1.0
+        method = "Welch t"
+    if se == 0.0:
+        return Interval(n, est, est, est, 0.0, "exact (all values equal)")
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, df)) * se
+    return Interval(n, est, est - half, est + half, se, method)

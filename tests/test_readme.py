@@ -20,8 +20,8 @@ from .test_cli import _clean_env  # noqa: F401  (autouse: no SALIAUDIT_* variabl
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-#: Exit codes the README documents for each command ("Exit codes"): report gates (0 or 1).
-EXPECTED = {"report": {0, 1}}
+#: Exit codes the README documents for each command ("Exit codes"): report and compare gate (0 or 1).
+EXPECTED = {"report": {0, 1}, "compare": {0, 1}}
 #: Appended to the README's report commands to keep this test short.
 CAP = ["--max-images", "2", "--no-overlays"]
 
@@ -106,6 +106,7 @@ def test_readme_defaults_are_those_of_the_settings():
         ["report", "--help"],
         ["report", "-h"],
         ["render", "--help"],
+        ["compare", "--help"],
         ["explain", "--help"],
         ["methods", "--help"],
         ["checks"],

@@ -32,7 +32,14 @@ from ..errors import EXIT_CANNOT_RUN, SaliauditError
 from .figures import FigureMaker
 from .html import render_html
 
-__all__ = ["PdfUnavailableError", "load_weasyprint", "render_pdf", "data_url", "INSTALL_HINT"]
+__all__ = [
+    "PdfUnavailableError",
+    "load_weasyprint",
+    "render_pdf",
+    "pdf_from_html",
+    "data_url",
+    "INSTALL_HINT",
+]
 
 INSTALL_HINT = (
     "WeasyPrint needs the Pango libraries: on Debian/Ubuntu apt-get install libpango-1.0-0 "
@@ -144,6 +151,13 @@ def render_pdf(
         meta=pdf_dates(doc, environ),
         figure_maker=figure_maker,
     )
+    return pdf_from_html(weasyprint, html, environ)
+
+
+def pdf_from_html(weasyprint: Any, html: str, environ: dict[str, str] | None = None) -> bytes:
+    """The PDF bytes of a self-contained HTML document (``data:`` URIs only, a file
+    identifier from the HTML, ``SOURCE_DATE_EPOCH`` honoured): the report's and the
+    comparison's one path through WeasyPrint."""
     options: dict[str, Any] = {}
     known = getattr(weasyprint, "DEFAULT_OPTIONS", {})
     ident = hashlib.sha256(html.encode("utf-8")).hexdigest()[:32].encode("ascii")

@@ -120,8 +120,11 @@ def write_outputs(
     return written
 
 
-def load_results(path: Path) -> dict[str, Any]:
-    """Read and validate a ``results.json``; :class:`UsageError` (exit 2) names the file."""
+def load_results(
+    path: Path, *, version_hint: str = "render it with the saliaudit version that wrote it"
+) -> dict[str, Any]:
+    """Read and validate a ``results.json``; :class:`UsageError` (exit 2) names the file.
+    ``version_hint`` says what to do with a file of an unsupported schema version."""
     path = Path(path)
     hint = "pass the results.json that saliaudit report wrote"
     try:
@@ -147,7 +150,7 @@ def load_results(path: Path) -> dict[str, Any]:
         raise UsageError(
             f"unsupported schema_version {version!r} (this saliaudit reads 1.x)",
             path=path,
-            hint="render it with the saliaudit version that wrote it",
+            hint=version_hint,
         )
     for key, kind in (
         ("checks", list),
