@@ -15,6 +15,7 @@ one pass may hold: the audit's ``--batch-size``, so that memory is bounded by th
 from __future__ import annotations
 
 import contextlib
+import gc
 import resource
 import statistics
 import sys
@@ -185,6 +186,32 @@ class Calibration:
             "device": self.device,
             "error": self.error,
         }
+
+
+def _libc_trim() -> Any:
+    """glibc's ``malloc_trim``, or ``None`` elsewhere (macOS, musl, Windows)."""
+    try:
+        import ctypes
+
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _libc_trim()
+
+
+def release_memory(collect: bool = True) -> None:
+    """Give memory that a finished stage freed back to the system: collect cyclic garbage and,
+    with glibc, return the allocator's free pages (``malloc_trim``). Without it, CPU memory a
+    stage freed stays resident in the allocator's arenas, so the process's peak becomes the
+    sum of fragments of earlier stages rather than the largest stage. Called between stages,
+    never inside hot loops; on CUDA the caching allocator keeps its blocks for reuse.
+    ``collect=False`` skips the garbage collection (about 0.1 s with torch loaded)."""
+    if collect:
+        gc.collect()
+    if _TRIM is not None:
+        _TRIM(0)
 
 
 def peak_rss_bytes() -> int:

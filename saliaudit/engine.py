@@ -25,7 +25,7 @@ from .batches import OOM_HINT, Predicted, first_line, is_oom, next_batch, predic
 from .caveats import AbsDiscards, compute_caveats
 from .checks.runner import CheckRunner, oom_split
 from .config import AuditConfig
-from .cost import Calibration, PassCounter, calibrate, peak_rss_bytes, rows_limit
+from .cost import Calibration, PassCounter, calibrate, peak_rss_bytes, release_memory, rows_limit
 from .data import ImageListing, Skipped, find_images, iter_decoded, require_images
 from .errors import NoImagesError, SaliauditError, UsageError
 from .figures import ExampleFigures, choose_examples
@@ -507,6 +507,8 @@ class Audit:
                 self._use_maps(source, batch, pred, maps, edges, on_check=self._check_step(base + 1))
             self.units_done = base + self.per_source
             source.forget()
+            del maps
+            release_memory()  # the next method starts from the memory this one really holds
         self.runner.end_batch(batch)
         # a batch lands in the results whole (an interrupted run keeps consistent records)
         self.result.images.extend(pred.records)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import warnings
 
 import pytest
@@ -14,6 +15,7 @@ from torch import nn
 import saliaudit
 from saliaudit.methods import explain, get_method
 from saliaudit.methods.propagation import NONLINEAR_OPS
+from saliaudit.model import wrap_module
 
 from .conftest import hook_counts, lazy_importorskip, randomize_batchnorm, real_images
 
@@ -503,3 +505,34 @@ def test_torchscript_needs_graph(cnns, x, targets):
     for method in ("guided_backprop", "epsilon_lrp", "deeplift"):
         with pytest.raises(DecompositionError, match="TorchScript"):
             explain(scripted, x, targets, method)
+
+
+@pytest.mark.parametrize("method", ["deeplift", "guided_backprop", "epsilon_lrp", "fullgrad", "gradcam"])
+def test_graph_methods_leave_no_reference_cycles(resnets, x, targets, method):
+    """The graph-interpreting methods free their activations when they return, without waiting
+    for the cyclic garbage collector: a per-op callback that referred to its own runner kept
+    DeepLIFT's reference activations (about 1 GB for 8 ResNet-50 rows) alive after the call."""
+    lm = wrap_module(resnets[0])  # one wrapper: its exported graph is cached across the calls
+    fn = get_method(method)
+    fn(lm, x, targets)  # warm-up: graph export and caches
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        gc.collect()
+        gc.garbage.clear()
+        fn(lm, x, targets)
+        gc.collect()
+        rows = x.shape[0]  # activations: (rows, C, H, W); evicted cached graphs' weights are not
+        tensors = [
+            o
+            for o in gc.garbage
+            if type(o) is torch.Tensor and o.dim() == 4  # not Parameters, not tracing's FakeTensors
+            if o.shape[0] == rows
+        ]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    # (graph tracing leaves cycles of small Python objects; no activation may be among them)
+    assert not tensors, f"{method} left {len(tensors)} tensors in reference cycles"

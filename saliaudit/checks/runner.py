@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import torch
 
 from ..batches import is_oom
+from ..cost import release_memory
 from ..errors import SaliauditError
 from ..maps import Batch, MapSource, Variant
 from ..result import CheckResult
@@ -179,6 +180,7 @@ class CheckRunner:
                     del self.acc[(check.name, v)]
                 continue
             finally:
+                release_memory(collect=False)  # transient buffers back to the system
                 name = f"check:{check.name}"
                 self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
             for v, m in out.items():
