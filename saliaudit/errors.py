@@ -12,7 +12,7 @@ and the exit code the CLI maps it to (docs/report.md, "Exit codes"). The rule:
   PDF backend, an internal error.
 * 4, no usable images: IMAGES (or explain's IMAGE) exists, but no image in it can be decoded.
 
-``cli.py`` is the only place that catches them.
+The command line (``cli.py`` and its ``cli_*`` modules) is the only place that catches them.
 """
 
 from __future__ import annotations
