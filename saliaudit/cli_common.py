@@ -235,3 +235,14 @@ def _load_plugins(specs: list[str] | None) -> None:
         load_plugins(specs or [])
     except SaliauditError as err:
         _fail(err, err.exit_code)
+
+
+def _folder_lines(out: Any, quiet: bool) -> None:
+    """What the output folder had to say: warnings (the user's files, a stale lock) always,
+    what was tidied unless ``--quiet``; each once."""
+    for line in out.warnings:
+        err_console.print(f"saliaudit: warning: {line}", markup=False, soft_wrap=True)
+    for line in out.notes if not quiet else []:
+        err_console.print(f"saliaudit: {line}", markup=False, soft_wrap=True)
+    out.warnings.clear()
+    out.notes.clear()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .cli_common import _bug, _fail, _help, _like, _parse_option, err_console
+from .cli_common import _bug, _fail, _folder_lines, _help, _like, _parse_option, err_console
 from .config import SETTINGS
 from .errors import SaliauditError, UsageError, suggest
 
@@ -47,8 +47,11 @@ def compare(
     """Compare two audits cell by cell: old and new verdicts and values, each change with its
     95 % interval, what differs between the audits; exit 1 on a regression (--fail-on)."""
     from .compare import FAIL_ON, load_audit
-    from .report.output import OutputFolder
+    from .preflight import check_environment, planned_files
+    from .report.compare_html import COMPARE_FILES
+    from .report.output import OutputFolder, Planned
 
+    out = None
     try:
         formats = _parse_option("--format", format, SETTINGS["format"].parse)
         size = _parse_option("--page-size", page_size, SETTINGS["page_size"].parse) or "a4"
@@ -57,8 +60,9 @@ def compare(
                 f"invalid --fail-on: expected regression or never, got {fail_on!r}{suggest(fail_on, FAIL_ON)}"
             )
         before, after = (old, load_audit(old)), (new, load_audit(new))
+        check_environment(formats)
         out = OutputFolder(Path(output), force=force)
-        out.prepare()
+        out.prepare(Planned(files=planned_files(formats, COMPARE_FILES)))
         code = _comparison(out.path, before, after, formats, fail_on, ("compare", size), quiet)
     except SaliauditError as err:
         _fail(err, err.exit_code)
@@ -66,6 +70,10 @@ def compare(
         raise
     except Exception as err:  # an unexpected bug: one line, the traceback with --debug
         _bug(err)
+    finally:
+        if out is not None:
+            out.close()
+            _folder_lines(out, quiet)
     raise typer.Exit(code)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .cli_common import _bug, _fail, _help, _like, _parse_option, err_console
+from .cli_common import _bug, _fail, _folder_lines, _help, _like, _parse_option, err_console
 from .cli_report import write_results
 from .config import SETTINGS
 from .errors import EXIT_OK, SaliauditError
@@ -42,17 +42,20 @@ def render(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Do not list the files written."),
 ) -> None:
     """Rebuild the HTML/PDF (and JSON/JUnit) report from a results.json, without the model."""
-    from .report.output import OutputFolder
+    from .preflight import check_environment, planned_files
+    from .report.output import OutputFolder, Planned
     from .report.render import load_results
 
+    out = None
     try:
         formats = _parse_option("--format", format, SETTINGS["format"].parse)
         size = _parse_option("--page-size", page_size, SETTINGS["page_size"].parse)
         n_pdf = _parse_option("--examples", examples, SETTINGS["examples"].parse)
         n_html = _parse_option("--examples-html", examples_html, SETTINGS["examples_html"].parse)
         doc = load_results(results)
+        check_environment(formats)
         out = OutputFolder(Path(output) if output else results.parent, force=force)
-        out.prepare()
+        out.prepare(Planned(files=planned_files(formats)))
         written, pdf_error = write_results(
             out, doc, formats, examples=n_pdf, examples_html=n_html, page_size=size
         )
@@ -66,4 +69,8 @@ def render(
         raise
     except Exception as err:  # an unexpected bug: one line, the traceback with --debug
         _bug(err)
+    finally:
+        if out is not None:
+            out.close()
+            _folder_lines(out, quiet)
     raise typer.Exit(EXIT_OK)

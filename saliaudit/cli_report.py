@@ -19,6 +19,7 @@ from .cli_common import (
     _check_inputs,
     _error_line,
     _fail,
+    _folder_lines,
     _help,
     _setting,
     err_console,
@@ -112,6 +113,7 @@ def report(
     4 no usable images, 130 interrupted.
     """
     from .config import resolve_config
+    from .preflight import check_environment
 
     flags: dict[str, Any] = dict(
         output=output,
@@ -154,6 +156,7 @@ def report(
         flags["overlays"] = _overlays_flag(overlays, no_overlays)
         cfg = resolve_config(flags, config_file=config)
         _check_inputs(model=model, images=images)
+        check_environment(cfg.format)  # SOURCE_DATE_EPOCH, before anything is written
         old = None
         if baseline is not None:  # a bad baseline is a usage error, before the audit runs
             from .compare import load_audit
@@ -184,6 +187,7 @@ def _run_report(
 ) -> int:
     from .engine import new_result, run_audit
     from .model import resolve_device
+    from .preflight import planned_report
     from .report.output import OutputFolder
     from .report.terminal import print_summary, progress_bar, quiet_line
 
@@ -196,7 +200,9 @@ def _run_report(
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        out.prepare()
+        # before the model is loaded: the folder is free, writable, ours to write, with room
+        out.prepare(planned_report(cfg, images, baseline=baseline is not None), owner=True)
+        _folder_lines(out, quiet)
         result = new_result(cfg, datetime.now(timezone.utc), resolve_device(cfg.device))
         from .report.plan_text import plan_lines
 
@@ -210,7 +216,7 @@ def _run_report(
             doc = result.to_dict()
             hook = progress.rendering(cfg.format) if progress else None
             # on pdf_error, the rest is written
-            _, pdf_error = write_results(out, doc, cfg.format, on_format=hook)
+            _, pdf_error = write_results(out, doc, cfg.format, on_format=hook, manifest=True)
             if progress:
                 progress.finish()
         _ci_outputs(doc, cfg.annotations)
@@ -240,32 +246,36 @@ def _run_report(
 
         if pdf_error is not None:
             err_console.print(f"saliaudit: error: {pdf_error}", markup=False, soft_wrap=True)
-            return compared(pdf_error.exit_code)
-        code = EXIT_GATE if result.summary.get("gate_failed") else EXIT_OK
-        no_verdict = result.summary.get("no_verdict") and cfg.fail_on != "never"
-        if no_verdict:
-            code = EXIT_NO_VERDICT
-        if quiet:  # exactly one line: the verdict, the gate and the results file
-            err_console.print(quiet_line(doc, out.path, code), markup=False, soft_wrap=True)
-        elif no_verdict:
-            err_console.print(
-                f"saliaudit: no verdict: {result.summary.get('reason')}", markup=False, soft_wrap=True
-            )
-        return compared(code)
+            code = compared(pdf_error.exit_code)
+        else:
+            code = EXIT_GATE if result.summary.get("gate_failed") else EXIT_OK
+            no_verdict = result.summary.get("no_verdict") and cfg.fail_on != "never"
+            if no_verdict:
+                code = EXIT_NO_VERDICT
+            if quiet:  # exactly one line: the verdict, the gate and the results file
+                err_console.print(quiet_line(doc, out.path, code), markup=False, soft_wrap=True)
+            elif no_verdict:
+                err_console.print(
+                    f"saliaudit: no verdict: {result.summary.get('reason')}", markup=False, soft_wrap=True
+                )
+            code = compared(code)
+        out.finish()
+        return code
     except (KeyboardInterrupt, Interrupted):
         reason = "interrupted by SIGTERM" if sys.exc_info()[0] is Interrupted else "interrupted (Ctrl-C)"
-        if result is not None:
+        if result is not None and out.prepared:
             result.inputs["loaded"] = len(result.images)
-            result.summarize(cfg.fail_on, status="error", reason=reason)
-            write_results(out, result, ["json"])
-        err_console.print(
-            f"saliaudit: {reason}; partial results in {out.path / 'results.json'}", markup=False
-        )
+            written = sorted(_write_partial(out, result, cfg, reason), key=lambda p: p.name != "results.json")
+            where = " and ".join(str(p) for p in written) or "no file"
+            err_console.print(
+                f"saliaudit: {reason}; partial results in {where}", markup=False, soft_wrap=True
+            )
+        else:
+            err_console.print(f"saliaudit: {reason}; nothing was written", markup=False)
         return EXIT_INTERRUPTED
     except SaliauditError as err:
         if result is not None and out.prepared:
-            result.summarize(cfg.fail_on, status="error", reason=str(err))
-            write_results(out, result, ["json"])
+            _write_partial(out, result, cfg, str(err))
         _fail(err, err.exit_code)
     except typer.Exit:
         raise
@@ -273,18 +283,41 @@ def _run_report(
         _bug(err)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        out.close()  # the lock is released on every path
+        _folder_lines(out, quiet)
     return EXIT_CANNOT_RUN
 
 
+def _write_partial(out: OutputFolder, result: AuditResult, cfg, reason: str) -> list[Path]:
+    """An audit that did not finish: results.json (always) and junit.xml (when asked for)
+    with what was measured, marked partial; then the earlier runs' files are tidied as after
+    a finished run. The paths written."""
+    result.summarize(cfg.fail_on, status="error", reason=reason, partial=True)
+    formats = ["json"] + (["junit"] if "junit" in cfg.format else [])
+    try:
+        written, _ = write_results(out, result, formats, manifest=True)
+    except (OSError, SaliauditError) as err:  # e.g. the disk is full: say so, keep the first error
+        _error_line(f"cannot write the partial results: {err}")
+        return []
+    out.finish()
+    return written
+
+
 def write_results(
-    out: OutputFolder, results: AuditResult | dict[str, Any], formats: list[str], **settings: Any
+    out: OutputFolder,
+    results: AuditResult | dict[str, Any],
+    formats: list[str],
+    *,
+    manifest: bool = False,
+    **settings: Any,
 ) -> tuple[list[Path], PdfUnavailableError | None]:
     """The CLI's one write path, used by ``report``, ``render`` and the partial results of an
     interrupted or failed audit: the requested ``formats`` of ``results`` (an
     :class:`~saliaudit.result.AuditResult` or its ``results.json`` dictionary) into the
     prepared output folder ``out``, with :func:`saliaudit.report.render.write_outputs` (each
     file atomically, the PDF last). ``settings`` override the report settings recorded in the
-    results (examples, examples_html, page_size).
+    results (examples, examples_html, page_size). ``manifest`` (a report run): results.json
+    is written last and lists the files the run wrote (:meth:`OutputFolder.manifest`).
 
     Returns the paths written and, when WeasyPrint or Pango is missing, the
     :class:`~saliaudit.report.pdf.PdfUnavailableError` (every other format is written by then)
@@ -294,8 +327,9 @@ def write_results(
     from .report.render import ORDER, write_outputs
 
     doc = results if isinstance(results, dict) else results.to_dict()
+    listing = out.manifest if manifest else None
     try:
-        return write_outputs(doc, out.path, formats, **settings), None
+        return write_outputs(doc, out.path, formats, manifest=listing, **settings), None
     except PdfUnavailableError as err:
         return [out.path / FILES[f] for f in ORDER if f in formats and f != "pdf"], err
 
