@@ -58,7 +58,10 @@ def audit(
         model: the model file (any format ``saliaudit report`` accepts).
         images: an image folder or a list file.
         output: folder for the PNG overlays (default ``None``: no overlays, nothing written).
-            Write the reports with :func:`render`.
+            Write the reports with :func:`render`. The folder is used as ``saliaudit report``
+            uses it (docs/usage.md, "The output folder"): locked while the audit runs, a
+            non-empty folder that saliaudit did not write needs ``force=True``, and a file
+            saliaudit did not write is never overwritten; nothing is removed.
         config: a TOML configuration file (default: the nearest ``saliaudit.toml`` or
             ``[tool.saliaudit]`` as for the CLI).
         **settings: any setting of the configuration by name, e.g. ``methods=["fullgrad",
@@ -82,7 +85,11 @@ def audit(
         flags.setdefault("overlays", "none")
     cfg = resolve_config(flags, config_file=config)
     if output is not None:
-        return run_audit(model, images, cfg, Path(output))
+        from .report.output import OutputFolder, Planned
+
+        with OutputFolder(Path(output), force=cfg.force) as out:
+            out.prepare(Planned(maps=cfg.overlays != "none"))
+            return run_audit(model, images, cfg, out.path)
     with tempfile.TemporaryDirectory(prefix="saliaudit-") as tmp:
         return run_audit(model, images, cfg, Path(tmp))
 
@@ -98,12 +105,12 @@ def render(
     path) to the folder ``output`` in ``formats`` (``html``, ``pdf``, ``json``, ``junit``);
     the files written. The folder is created; an existing folder that saliaudit did not
     write is refused unless ``force``."""
-    from .report.output import OutputFolder
+    from .report.output import FILES, OutputFolder, Planned
     from .report.render import load_results, write_outputs
 
     if isinstance(results, (str, Path)):
         results = load_results(Path(results))
     doc = results.to_dict() if isinstance(results, AuditResult) else dict(results)
-    out = OutputFolder(Path(output), force=force)
-    out.prepare()
-    return write_outputs(doc, out.path, list(formats))
+    with OutputFolder(Path(output), force=force) as out:
+        out.prepare(Planned(files=[FILES[f] for f in formats if f in FILES]))
+        return write_outputs(doc, out.path, list(formats))

@@ -325,7 +325,13 @@ SETTINGS: dict[str, Setting] = {
             "PNG overlays in maps/: examples (the report's example images), all (every image "
             "and map) or none",
         ),
-        Setting("force", _bool, False, "write into a non-empty folder that is not a saliaudit output"),
+        Setting(
+            "force",
+            _bool,
+            False,
+            "write into a non-empty folder that is not a saliaudit output; files saliaudit did not "
+            "write are never overwritten",
+        ),
         Setting("examples", _int(0, 1000), 6, "example images per check in the PDF, most telling first"),
         Setting("examples_html", _int(0, 1000), 24, "example images per check in the HTML"),
         Setting("page_size", _choice("a4", "letter"), "a4", "PDF page size: a4 or letter"),

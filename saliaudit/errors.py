@@ -4,15 +4,17 @@ Every error carries a one-line message that names the file involved and says wha
 and the exit code the CLI maps it to (docs/report.md, "Exit codes"). The rule:
 
 * 2, usage: what the user typed cannot be acted on: an unknown option, command or name, an
-  invalid value or config entry, a path the user named that does not exist or is of the wrong
+  invalid value or config entry (or environment setting such as ``SOURCE_DATE_EPOCH``), a
+  path the user named that does not exist or is of the wrong
   kind (a folder for a file), or a flag the input needs (a state_dict without ``--arch``, a
   pickled model without ``--trust-model``). Nothing is written.
 * 3, cannot run: the named files exist but the audit cannot be done with them: a model that
-  does not load or does not behave like a classifier, an unusable output folder, a missing
-  PDF backend, an internal error.
+  does not load or does not behave like a classifier, an unusable output folder (not
+  writable, in use by another run, too little free space, a file saliaudit did not write
+  where it would write), a missing PDF backend, an internal error.
 * 4, no usable images: IMAGES (or explain's IMAGE) exists, but no image in it can be decoded.
 
-``cli.py`` is the only place that catches them.
+The command line (``cli.py`` and its ``cli_*`` modules) is the only place that catches them.
 """
 
 from __future__ import annotations
@@ -78,7 +80,8 @@ class DecompositionError(SaliauditError):
 
 
 class OutputError(SaliauditError):
-    """The output folder cannot be written safely (exit 3)."""
+    """The output folder cannot be written safely: not writable, locked by another run, too
+    little free space, or a file saliaudit did not write where it would write (exit 3)."""
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:

@@ -129,9 +129,12 @@ class AuditResult:
     #: planned passes, floor and estimate) with the measured time and counted passes.
     plan: dict[str, Any] = field(default_factory=dict)
 
-    def summarize(self, fail_on: str, status: str | None = None, reason: str | None = None) -> None:
+    def summarize(
+        self, fail_on: str, status: str | None = None, reason: str | None = None, *, partial: bool = False
+    ) -> None:
         """Fill ``summary``: counts per status (controls apart) and the overall status of the
-        gate, which judges each cell by :func:`gate_status`."""
+        gate, which judges each cell by :func:`gate_status`; ``partial``: the audit did not
+        finish (interrupted or stopped on an error), the cells are those measured so far."""
         counts = {s: 0 for s in STATUSES}
         controls = {k: 0 for k in ("expected", "unexpected", "reference")}
         for c in self.checks:
@@ -167,6 +170,7 @@ class AuditResult:
             "no_verdict": no_verdict,
             "inconclusive": len(inconclusive),
             "images_to_decide": max(needed) if needed else None,
+            "partial": partial,
         }
         if reason:
             self.summary["reason"] = reason

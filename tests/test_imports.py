@@ -235,18 +235,28 @@ def test_report_does_not_import_the_audit() -> None:
     assert not bad, "saliaudit/report/ imports the audit layers:\n" + "\n".join(bad)
 
 
-def test_output_folder_is_a_leaf() -> None:
-    """``report/output.py`` owns the output folder and atomic writes; the renderers use it,
-    never the other way round (not even from inside a function)."""
-    path = ROOT / "report" / "output.py"
+def _package_imports(name: str) -> list[str]:
+    """The package modules ``saliaudit.report.<name>`` imports anywhere (also in functions)."""
+    path = ROOT / "report" / f"{name}.py"
     imported = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom):
-            imported.add(_resolve("saliaudit.report.output", False, node))
+            imported.add(_resolve(f"saliaudit.report.{name}", False, node))
         elif isinstance(node, ast.Import):
             imported.update(a.name for a in node.names)
-    inside = sorted(m for m in imported if m.startswith(PACKAGE))
-    assert inside == ["saliaudit.errors"], f"report/output.py imports {inside}"
+    return sorted(m for m in imported if m.startswith(PACKAGE))
+
+
+def test_output_folder_is_a_leaf() -> None:
+    """``report/output.py`` owns the output folder and atomic writes; the renderers use it,
+    never the other way round (not even from inside a function). Its lock and ledger are leaves
+    too."""
+    inside = _package_imports("output")
+    leaves = ["saliaudit.errors", "saliaudit.report.folder_lock", "saliaudit.report.ledger"]
+    assert inside == leaves, f"report/output.py imports {inside}"
+    inside = _package_imports("folder_lock")
+    assert inside == ["saliaudit.errors"], f"report/folder_lock.py imports {inside}"
+    assert _package_imports("ledger") == [], "report/ledger.py imports from the package"
 
 
 def test_main_module_is_guarded() -> None:

@@ -26,7 +26,7 @@ import saliaudit.data
 from saliaudit.checks.runner import is_oom, oom_split
 from saliaudit.cli import app
 from saliaudit.data import find_images
-from saliaudit.report.output import MARKER
+from saliaudit.report.output import LOCK, MARKER
 
 from . import test_cli as cli
 from .test_cli import (
@@ -154,11 +154,16 @@ def previous(assets, tmp_path_factory) -> Path:
 @pytest.fixture
 def prev_out(previous, tmp_path):
     """A copy of the previous output with a file of the user's in it; ``check()`` asserts that
-    nothing was lost or half-written."""
+    nothing of the user's was lost or changed, nothing is half-written, and the folder holds
+    exactly what the new results.json lists (the earlier run's files it did not rewrite are
+    gone)."""
     out = tmp_path / "previous_out"
     shutil.copytree(previous, out)
     (out / "my notes.txt").write_text("the user's own file\n", encoding="utf-8")
     before = snapshot(out)
+    ours = {m["path"] for m in load_results(out)["manifest"]} | {"results.json", MARKER}
+    users = set(before) - ours
+    assert users == {"my notes.txt"}
 
     class Folder:
         path = out
@@ -166,15 +171,19 @@ def prev_out(previous, tmp_path):
         @staticmethod
         def check() -> dict:
             after = snapshot(out)
-            assert set(before) <= set(after), sorted(set(before) - set(after))
-            for rel, fp in before.items():  # saliaudit's own results may be rewritten, the rest not
-                if rel != "results.json" and not rel.startswith("maps/"):
-                    assert after[rel] == fp, rel
+            for rel in users:  # saliaudit's own files may be rewritten or removed, the user's not
+                assert after.get(rel) == before[rel], rel
             assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+            assert not (out / LOCK).exists()
             for p in out.rglob("*.png"):
                 with Image.open(p) as im:
                     im.verify()
-            return load_results(out)  # complete, valid JSON
+            doc = load_results(out)  # complete, valid JSON
+            listed = {m["path"]: (m["sha256"], m["bytes"]) for m in doc["manifest"]}
+            assert set(listed) == set(after) - users - {"results.json", MARKER}
+            for rel, (digest, size) in listed.items():
+                assert after[rel][0] == digest and (out / rel).stat().st_size == size, rel
+            return doc
 
     return Folder()
 

@@ -9,6 +9,10 @@ must fail passes with ``control=unexpected`` like a WARN. Each test case carries
 title and the direction of its value (``higher_is_better``) from ``check_info``. Every
 string is stripped of the characters XML 1.0 forbids, so hostile file names or labels still
 give well-formed XML.
+
+An audit that did not finish (interrupted, or stopped on an error: ``summary.partial``) adds
+the suite property ``partial=true`` and one more test case, ``saliaudit``/``audit``, whose
+``<error>`` says why: a CI dashboard shows the run as broken, never as green.
 """
 
 from __future__ import annotations
@@ -45,11 +49,12 @@ def render_junit(doc: dict[str, Any]) -> str:
     cells = [c for c in as_list(doc.get("checks")) if isinstance(c, dict)]
     counts = {s: sum(1 for c in cells if gate_status_of(c) == s) for s in ("fail", "error", "skipped")}
     run, model, summary = as_dict(doc.get("run")), as_dict(doc.get("model")), as_dict(doc.get("summary"))
+    partial = bool(summary.get("partial"))  # the audit did not finish: one more test case, an error
     attrs = {
         "name": "saliaudit",
-        "tests": len(cells),
+        "tests": len(cells) + partial,
         "failures": counts["fail"],
-        "errors": counts["error"],
+        "errors": counts["error"] + partial,
         "skipped": counts["skipped"],
         "time": _seconds(run.get("duration_s")),
     }
@@ -68,9 +73,24 @@ def render_junit(doc: dict[str, Any]) -> str:
         ("fail_on", summary.get("fail_on")),
         ("gate_failed", str(bool(summary.get("gate_failed"))).lower()),
         ("images", as_dict(doc.get("inputs")).get("loaded")),
+        ("partial", "true" if partial else None),
     ):
         if value is not None:
             _el(props, "property", {"name": name, "value": value})
+    if partial:
+        reason = str(summary.get("reason") or "the audit did not finish")
+        case = _el(
+            suite,
+            "testcase",
+            {"classname": "saliaudit", "name": "audit", "time": _seconds(run.get("duration_s"))},
+        )
+        kind = "interrupted" if "interrupted" in reason else "error"
+        _el(
+            case,
+            "error",
+            {"message": f"the audit did not finish: {reason}", "type": kind},
+            f"{reason}\nThe results are partial: only the cells below were measured before it stopped.",
+        )
     infos: dict[str, dict[str, Any]] = {}
     for c in cells:
         name = str(c.get("check", "?"))

@@ -86,9 +86,14 @@ def write_outputs(
     page_size: str | None = None,
     environ: dict[str, str] | None = None,
     on_format: Callable[[str], None] | None = None,
+    manifest: Callable[[], list[dict[str, Any]]] | None = None,
 ) -> list[Path]:
     """Write ``formats`` (json, junit, html, pdf) of ``doc`` into ``out_dir``; returns the paths.
-    ``on_format(name)`` is called before each format is rendered (progress)."""
+    ``on_format(name)`` is called before each format is rendered (progress).
+
+    With ``manifest`` (a report run), ``results.json`` is written last, also when another
+    format failed, with ``manifest()`` (the files of the run written so far) as its
+    ``manifest``; without it, first and as ``doc`` is."""
     out_dir = Path(out_dir)
     unknown = sorted(set(formats) - set(FILES))
     if unknown:
@@ -96,14 +101,14 @@ def write_outputs(
     settings = report_settings(doc, examples=examples, examples_html=examples_html, page_size=page_size)
     written: list[Path] = []
     figures = FigureMaker(doc) if ("html" in formats or "pdf" in formats) else None
-    for fmt_name in ORDER:
-        if fmt_name not in formats:
-            continue
+    last = manifest is not None and "json" in formats
+
+    def write(fmt_name: str) -> None:
         path = out_dir / FILES[fmt_name]
         if on_format is not None:
             on_format(fmt_name)
         if fmt_name == "json":
-            data: str | bytes = results_json(doc)
+            data: str | bytes = results_json(doc if manifest is None else {**doc, "manifest": manifest()})
         elif fmt_name == "junit":
             from .junit import render_junit
 
@@ -117,6 +122,14 @@ def write_outputs(
 
             data = render_pdf(doc, figure_maker=figures, environ=environ, **settings)
         written.append(atomic_write(path, data))
+
+    try:
+        for fmt_name in ORDER:
+            if fmt_name in formats and not (last and fmt_name == "json"):
+                write(fmt_name)
+    finally:
+        if last:
+            write("json")
     return written
 
 
