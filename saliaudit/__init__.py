@@ -57,7 +57,7 @@ def audit(
     Args:
         model: the model file (any format ``saliaudit report`` accepts).
         images: an image folder or a list file.
-        output: folder for the PNG overlays (default ``None``: no overlays, nothing written).
+        output: folder for the JPEG overlays (default ``None``: no overlays, nothing written).
             Write the reports with :func:`render`. The folder is used as ``saliaudit report``
             uses it (docs/usage.md, "The output folder"): locked while the audit runs, a
             non-empty folder that saliaudit did not write needs ``force=True``, and a file

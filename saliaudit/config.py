@@ -29,7 +29,7 @@ __all__ = ["Setting", "SETTINGS", "AuditConfig", "resolve_config", "find_config_
 
 FORMATS = ("html", "pdf", "json", "junit")  # renderers of report/ (render.FILES)
 FAIL_ON = ("fail", "warn", "never")
-#: ``overlays``: PNG overlays for the report's example images, every image, or none.
+#: ``overlays``: JPEG overlays for the report's example images, every image, or none.
 OVERLAYS = ("examples", "all", "none")
 #: Methods audited by default: FullGrad, the comparison methods auditors know, the controls.
 DEFAULT_METHODS = (
@@ -322,7 +322,7 @@ SETTINGS: dict[str, Setting] = {
             "overlays",
             _overlays,
             "examples",
-            "PNG overlays in maps/: examples (the report's example images), all (every image "
+            "JPEG overlays in maps/: examples (the report's example images), all (every image "
             "and map) or none",
         ),
         Setting(

@@ -92,7 +92,7 @@ class ImageRecord:
 
 @dataclass
 class MapRecord:
-    """A saliency map written as a PNG overlay (path relative to the output folder)."""
+    """A saliency map written as a JPEG overlay (path relative to the output folder)."""
 
     image: str
     method: str

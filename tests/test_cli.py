@@ -255,7 +255,7 @@ def test_report_json_contract(runner, assets, tmp_path):
     maps = doc["maps"]
     assert len(maps) == 3 * len(PSI_PRESETS)
     assert {(m["image"], m["psi"]) for m in maps} == {(n, p) for n in names for p in PSI_PRESETS}
-    pngs = sorted((out / "maps").glob("*.png"))
+    pngs = sorted((out / "maps").glob("*.jpg"))
     assert len(pngs) == 3 * len(PSI_PRESETS)
     assert {(out / m["path"]).resolve() for m in maps} == {p.resolve() for p in pngs}
     for m in maps:
@@ -692,7 +692,7 @@ def test_rerun_into_previous_output(runner, assets, tmp_path):
         assert result.exit_code == 0, result.output
     doc = load_results(out)
     assert len(doc["maps"]) == 3
-    assert len(list((out / "maps").glob("*.png"))) == 3
+    assert len(list((out / "maps").glob("*.jpg"))) == 3
 
 
 def test_default_output_folder(runner, assets, tmp_path):
@@ -866,7 +866,7 @@ def test_interrupted_run_keeps_partial_results_exit_130(assets, tmp_path, signam
     deadline = time.monotonic() + 240
 
     def started() -> bool:  # overlays of the third image exist: two batches (of 1) are complete
-        return (out / "maps").is_dir() and len(list((out / "maps").glob("*.png"))) > 2 * 6
+        return (out / "maps").is_dir() and len(list((out / "maps").glob("*.jpg"))) > 2 * 6
 
     while not started():
         assert proc.poll() is None, proc.communicate()[1]

@@ -170,11 +170,11 @@ def test_a_users_file_in_maps_is_never_overwritten(runner, assets, tmp_path):
     """A name clash in maps/ cannot be foreseen before the audit: the write refuses it."""
     out = tmp_path / "mine"
     (out / "maps").mkdir(parents=True)
-    clash = out / "maps" / "img0.fullgrad.paper.png"
+    clash = out / "maps" / "img0.fullgrad.paper.jpg"
     clash.write_bytes(b"my own picture")
     result = report(runner, assets["model"], assets["images"], out, *PAPER, "--force")
     assert result.exit_code == 3
-    assert "img0.fullgrad.paper.png" in result.output and "not written by saliaudit" in result.output
+    assert "img0.fullgrad.paper.jpg" in result.output and "not written by saliaudit" in result.output
     assert clash.read_bytes() == b"my own picture"
     assert load_results(out)["summary"]["partial"] is True  # the failed run says so
 
@@ -189,25 +189,25 @@ def test_rerun_removes_the_earlier_runs_files_and_keeps_edited_ones(runner, asse
     first = consistent(out)
     assert {m["path"] for m in first["manifest"]} == {
         "junit.xml",
-        *(f"maps/img{i}.fullgrad.paper.png" for i in range(3)),
+        *(f"maps/img{i}.fullgrad.paper.jpg" for i in range(3)),
     }
-    edited = out / "maps" / "img2.fullgrad.paper.png"
+    edited = out / "maps" / "img2.fullgrad.paper.jpg"
     edited.write_bytes(edited.read_bytes() + b"my annotation")
     kept = sha256(edited)
     (out / "maps" / "my sketch.png").write_bytes(b"the user's")
     (out / ".results.json.abcd1234.tmp").write_bytes(b"half")  # left by a killed atomic write
-    (out / "maps" / ".img0.fullgrad.paper.png.k2j3h4g5.tmp").write_bytes(b"half")
+    (out / "maps" / ".img0.fullgrad.paper.jpg.k2j3h4g5.tmp").write_bytes(b"half")
 
     result = run(runner, "report", assets["model"], assets["images"], "-o", out, "--format", "json",
                  "--methods", "fullgrad", "--checks", "completeness", *PAPER, "--max-images", "1")  # fmt: skip
     assert result.exit_code == 0, result.output
-    doc = consistent(out, users={"maps/my sketch.png", "maps/img2.fullgrad.paper.png"})
-    assert [m["path"] for m in doc["manifest"]] == ["maps/img0.fullgrad.paper.png"]
-    assert not (out / "junit.xml").exists() and not (out / "maps" / "img1.fullgrad.paper.png").exists()
+    doc = consistent(out, users={"maps/my sketch.png", "maps/img2.fullgrad.paper.jpg"})
+    assert [m["path"] for m in doc["manifest"]] == ["maps/img0.fullgrad.paper.jpg"]
+    assert not (out / "junit.xml").exists() and not (out / "maps" / "img1.fullgrad.paper.jpg").exists()
     assert sha256(edited) == kept and (out / "maps" / "my sketch.png").read_bytes() == b"the user's"
     text = result.output
     assert "my sketch.png" in text and "left alone" in text  # flagged, not touched
-    assert "img2.fullgrad.paper.png" in text and "changed after saliaudit wrote them" in text
+    assert "img2.fullgrad.paper.jpg" in text and "changed after saliaudit wrote them" in text
     assert "removed 2 unfinished temporary file(s)" in text
     assert "removed 2 file(s) of an earlier run" in text  # junit.xml and img1's map
 
@@ -219,7 +219,7 @@ def test_folder_of_an_earlier_version_is_adopted(runner, assets, tmp_path):
     assert report(runner, assets["model"], assets["images"], out, *PAPER).exit_code == 0
     (out / MARKER).write_text("This folder was written by saliaudit.\n", encoding="utf-8")
     old = out / "maps" / "old_image.fullgrad.paper.png"
-    old.write_bytes((out / "maps" / "img0.fullgrad.paper.png").read_bytes())
+    old.write_bytes((out / "maps" / "img0.fullgrad.paper.jpg").read_bytes())  # an older .png name
     (out / "maps" / "my sketch.png").write_bytes(b"the user's")
     result = report(runner, assets["model"], assets["images"], out, *PAPER, "--format", "json,junit")
     assert result.exit_code == 0, result.output
@@ -250,12 +250,12 @@ def test_files_of_a_run_that_died_are_known_and_removed(runner, assets, tmp_path
         CliRunner().invoke(app, ["report", str(assets["model"]), str(images), "-o", str(out),
                            "--batch-size", "6", "--methods", "fullgrad", "--checks", "completeness",
                            "--format", "json", *PAPER, "-q"], catch_exceptions=False)  # fmt: skip
-    assert len(list((out / "maps").glob("*.png"))) == 6 and not (out / "results.json").exists()
+    assert len(list((out / "maps").glob("*.jpg"))) == 6 and not (out / "results.json").exists()
     monkeypatch.setattr(engine, "write_overlays", write_overlays)
     result = report(runner, assets["model"], assets["images"], out, *PAPER)
     assert result.exit_code == 0, result.output
     doc = consistent(out)
-    assert sorted(m["path"] for m in doc["manifest"]) == [f"maps/img{i}.fullgrad.paper.png" for i in range(3)]
+    assert sorted(m["path"] for m in doc["manifest"]) == [f"maps/img{i}.fullgrad.paper.jpg" for i in range(3)]
 
 
 @pytest.mark.slow  # a subprocess that imports torch: 5-10 s
@@ -272,20 +272,20 @@ def test_files_of_a_killed_run_are_known_and_removed(assets, runner, tmp_path):
            "--overlays", "all", *PAPER, "-q"]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
-    while not (out / "maps").is_dir() or len(list((out / "maps").glob("*.png"))) < 5:
+    while not (out / "maps").is_dir() or len(list((out / "maps").glob("*.jpg"))) < 5:
         assert proc.poll() is None, proc.communicate()[1]
         assert time.monotonic() < deadline, "the audit never started"
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
-    left = list((out / "maps").glob("*.png"))
+    left = list((out / "maps").glob("*.jpg"))
     assert 5 <= len(left) < 30 and not (out / "results.json").exists() and (out / LOCK).exists()
 
     result = report(runner, assets["model"], assets["images"], out, *PAPER)
     assert result.exit_code == 0, result.output
     assert f"pid {proc.pid}" in result.output  # the dead run's lock, taken over
     doc = consistent(out)
-    assert sorted(m["path"] for m in doc["manifest"]) == [f"maps/img{i}.fullgrad.paper.png" for i in range(3)]
+    assert sorted(m["path"] for m in doc["manifest"]) == [f"maps/img{i}.fullgrad.paper.jpg" for i in range(3)]
 
 
 def test_python_api_uses_the_folder_like_the_command_line(assets, tmp_path):
@@ -298,15 +298,15 @@ def test_python_api_uses_the_folder_like_the_command_line(assets, tmp_path):
     saliaudit.render(result, out, formats=["json"])
     assert not (out / LOCK).exists()
     ledger = {json.loads(ln)["path"] for ln in (out / MARKER).read_text(encoding="utf-8").splitlines()[1:]}
-    assert ledger == {"results.json", *(f"maps/img{i}.fullgrad.paper.png" for i in range(3))}
+    assert ledger == {"results.json", *(f"maps/img{i}.fullgrad.paper.jpg" for i in range(3))}
     mine = tmp_path / "mine"
     (mine / "maps").mkdir(parents=True)
-    (mine / "maps" / "img0.fullgrad.paper.png").write_bytes(b"mine")
+    (mine / "maps" / "img0.fullgrad.paper.jpg").write_bytes(b"mine")
     with pytest.raises(OutputError, match="not empty"):
         saliaudit.audit(assets["model"], assets["images"], output=mine, **pick)
     with pytest.raises(OutputError, match="not written by saliaudit"):
         saliaudit.audit(assets["model"], assets["images"], output=mine, force=True, **pick)
-    assert (mine / "maps" / "img0.fullgrad.paper.png").read_bytes() == b"mine"
+    assert (mine / "maps" / "img0.fullgrad.paper.jpg").read_bytes() == b"mine"
     assert not (mine / LOCK).exists()
 
 
@@ -409,7 +409,7 @@ def test_interrupt_writes_partial_results_json_and_junit(runner, assets, tmp_pat
     doc = consistent(out)
     summary = doc["summary"]
     assert summary["partial"] is True and summary["status"] == "error" and "interrupted" in summary["reason"]
-    assert {m["path"] for m in doc["manifest"]} == {"junit.xml", "maps/img0.fullgrad.paper.png"}
+    assert {m["path"] for m in doc["manifest"]} == {"junit.xml", "maps/img0.fullgrad.paper.jpg"}
     assert not (out / "report.html").exists()  # not machine-readable: not written on an interrupt
     suite = ET.parse(out / "junit.xml").getroot().find("testsuite")
     props = {p.get("name"): p.get("value") for p in suite.find("properties")}

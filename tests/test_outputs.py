@@ -1,4 +1,4 @@
-"""Outputs that scale with the number of images: PNG overlays for the report's example images
+"""Outputs that scale with the number of images: JPEG overlays for the report's example images
 only (``--overlays examples``, the default), every image (``all``) or none; results.json keeps
 maps for the example images only, so an image beyond them adds a few per-image numbers.
 

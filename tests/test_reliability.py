@@ -147,7 +147,7 @@ def previous(assets, tmp_path_factory) -> Path:
         app, ["report", str(assets["model"]), str(assets["images"]), "-o", str(out), *FAST, "--psi", "paper"]
     )
     assert result.exit_code == 0, result.output
-    assert (out / MARKER).is_file() and list((out / "maps").glob("*.png"))
+    assert (out / MARKER).is_file() and list((out / "maps").glob("*.jpg"))
     return out
 
 

@@ -109,7 +109,7 @@ def test_quick_start_audit_of_the_sample_model(tmp_path):
     assert sum(r["label"] == r["predicted"] for r in imgs) >= 0.95 * len(imgs)
     variants = {(m["method"], m["psi"] or m["post"]) for m in doc["maps"]}
     assert len(variants) >= 6 + 2 * (len(doc["methods"]) - 1)  # every ψ and post of every method
-    assert len(list((out / "maps").glob("*.png"))) == len(variants) * len(imgs)
+    assert len(list((out / "maps").glob("*.jpg"))) == len(variants) * len(imgs)
     # verdicts an auditor can defend, on the sample model: n and intervals, the same location
     # metric for signed and paper ψ, guided backprop not passing the cascade, sign flip with
     # both removal values, edge_signed failing class sensitivity

@@ -39,11 +39,12 @@ _LEGACY = (
     "compare.pdf",
     "compare-junit.xml",
 )
-#: An overlay's name (``report.overlay.map_filename``): ``STEM.METHOD.VARIANT.png``.
-_OVERLAY = re.compile(r"^[A-Za-z0-9._-]+\.[A-Za-z0-9_]+\.[A-Za-z0-9_-]+\.png$")
+#: An overlay's name (``report.overlay.map_filename``): ``STEM.METHOD.VARIANT.jpg`` (``.png``
+#: before saliaudit wrote JPEG overlays).
+_OVERLAY = re.compile(r"^[A-Za-z0-9._-]+\.[A-Za-z0-9_]+\.[A-Za-z0-9_-]+\.(?:png|jpg)$")
 #: ``.NAME.XXXXXXXX.tmp``: a temporary file of :func:`replace_file` (or the probe) left by a kill.
 _TMP = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
-_TMP_OF = (".json", ".xml", ".html", ".pdf", ".png", MARKER, "saliaudit-probe")
+_TMP_OF = (".json", ".xml", ".html", ".pdf", ".png", ".jpg", MARKER, "saliaudit-probe")
 
 
 def _umask() -> int:
