@@ -109,8 +109,11 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     ledger = (out / ".saliaudit-output").read_text(encoding="utf-8")
     assert f"{STATE}/units/000002.json" in ledger  # the ledger knows them: not foreign
 
-    html = (out / "report.html") if (out / "report.html").exists() else None
-    assert html is None  # an interrupted run writes results.json (and junit), not the report
+    assert not (out / "report.html").exists()  # an interrupt writes results.json (and junit)
+    shown = tmp_path / "shown"
+    r = CliRunner().invoke(app, ["render", str(out / "results.json"), "-o", str(shown), "--format", "html"])
+    assert r.exit_code == 0, r.output
+    assert "PARTIAL RESULTS" in (shown / "report.html").read_text(encoding="utf-8")
 
     saves = {"n": 0}
     original = AuditState.save
@@ -147,3 +150,24 @@ def test_resume_refuses_other_settings_and_missing_state(tmp_path, monkeypatch):
     errors = [ln for ln in r.output.splitlines() if ln.startswith("saliaudit: error:")]
     assert len(errors) == 1 and "cannot resume" in errors[0] and "seed" in errors[0], r.output
     assert (out / STATE / "units" / "000000.json").is_file()  # a refusal keeps the saved work
+
+
+def test_report_of_partial_results_says_it_is_partial():
+    from saliaudit.report.html import render_html
+
+    from .report_fixture import make_results
+
+    doc = make_results(6, n_examples=2)
+    for target in ("html", "pdf"):  # report.html and the PDF's input
+        whole = render_html(doc, target=target, examples=1, examples_html=1)
+        assert "PARTIAL RESULTS" not in whole and "(partial)" not in whole
+        doc["summary"] = {
+            **doc["summary"],
+            "partial": True,
+            "status": "error",
+            "reason": "interrupted (Ctrl-C)",
+        }
+        part = render_html(doc, target=target, examples=1, examples_html=1)
+        assert "PARTIAL RESULTS" in part and "saliaudit report (partial)" in part
+        assert "--resume" in part and "The audit did not finish: interrupted (Ctrl-C)" in part
+        doc["summary"]["partial"] = False
