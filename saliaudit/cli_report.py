@@ -213,12 +213,12 @@ def _run_report(
         raise Interrupted()
 
     signal.signal(signal.SIGTERM, on_term)
+    state = AuditState(out, resume=resume)
     try:
+        state.require()  # --resume without saved work: a usage error, before anything is touched
         # before the model is loaded: the folder is free, writable, ours to write, with room
         out.prepare(planned_report(cfg, images, baseline=baseline is not None), owner=True)
         _folder_lines(out, quiet)
-        state = AuditState(out, resume=resume)
-        state.require()  # --resume without saved work: a usage error, before the model loads
         result = new_result(cfg, datetime.now(timezone.utc), resolve_device(cfg.device))
         from .report.plan_text import plan_lines
 
