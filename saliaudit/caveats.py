@@ -42,6 +42,8 @@ class AbsDiscards:
     def __init__(self) -> None:
         self.neg: dict[str, float] = {}
         self.abs: dict[str, float] = {}
+        #: Each batch's ``[(layer, abs mass, negative mass)]``, in order (saved for --resume).
+        self.log: list[list[tuple[str, float, float]]] = []
 
     def add(self, fg: Any) -> None:
         """Add one batch's decomposition (:class:`~saliaudit.methods.fullgrad.FullGradients`)."""
@@ -49,11 +51,19 @@ class AbsDiscards:
 
         layers = [("input (∇ₓf ⊙ x)", TermStats(fg.input_term))]
         layers += [(t.name, t.stats) for t in fg.spatial_terms]
+        parts = []
         for name, st in layers:
             a = float(st.sum("abs").sum())
             s = float(st.sum("keep").sum())
+            parts.append((name, a, max(a - s, 0.0) / 2))
+        self.add_parts(parts)
+
+    def add_parts(self, parts: list[tuple[str, float, float]]) -> None:
+        """Add one batch's masses (what :meth:`add` computed; a resumed audit replays them)."""
+        self.log.append(list(parts))
+        for name, a, neg in parts:
             self.abs[name] = self.abs.get(name, 0.0) + a
-            self.neg[name] = self.neg.get(name, 0.0) + max(a - s, 0.0) / 2
+            self.neg[name] = self.neg.get(name, 0.0) + neg
 
     def per_layer(self) -> dict[str, float]:
         return {k: self.neg[k] / self.abs[k] for k in self.abs if self.abs[k] > 0}

@@ -32,6 +32,7 @@ from .errors import (
     EXIT_INTERRUPTED,
     EXIT_NO_VERDICT,
     EXIT_OK,
+    ResumeRefusedError,
     SaliauditError,
     UsageError,
 )
@@ -94,6 +95,12 @@ def report(
     annotations: bool | None = _setting("annotations", "--annotations/--no-annotations"),
     plugin: list[str] | None = _setting("plugins", "--plugin", metavar="MODULE"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or table on the terminal."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue the interrupted audit in the output folder (same model, images, settings "
+        "and seed, checked): reuse its saved work and compute only what is missing.",
+    ),
     baseline: Path | None = typer.Option(
         None,
         "--baseline",
@@ -164,7 +171,7 @@ def report(
             old = (baseline, load_audit(baseline))
     except SaliauditError as err:
         _fail(err, err.exit_code)
-    code = _run_report(model, images, cfg, quiet, baseline=old)
+    code = _run_report(model, images, cfg, quiet, baseline=old, resume=resume)
     raise typer.Exit(code)
 
 
@@ -183,23 +190,32 @@ def _overlays_flag(overlays: str | None, no_overlays: bool) -> str | None:
 
 
 def _run_report(
-    model: Path, images: Path, cfg, quiet: bool, baseline: tuple[Path, dict] | None = None
+    model: Path,
+    images: Path,
+    cfg,
+    quiet: bool,
+    baseline: tuple[Path, dict] | None = None,
+    resume: bool = False,
 ) -> int:
-    from .engine import new_result, run_audit
+    from .engine import Audit, new_result
     from .model import resolve_device
     from .preflight import planned_report
     from .report.output import OutputFolder
     from .report.terminal import print_summary, progress_bar, quiet_line
+    from .resume import AuditState
 
     out = OutputFolder(Path(cfg.output), force=cfg.force)
     result = None
+    audit = None
     previous = signal.getsignal(signal.SIGTERM)
 
     def on_term(signum, frame):  # noqa: ARG001
         raise Interrupted()
 
     signal.signal(signal.SIGTERM, on_term)
+    state = AuditState(out, resume=resume)
     try:
+        state.require()  # --resume without saved work: a usage error, before anything is touched
         # before the model is loaded: the folder is free, writable, ours to write, with room
         out.prepare(planned_report(cfg, images, baseline=baseline is not None), owner=True)
         _folder_lines(out, quiet)
@@ -212,11 +228,14 @@ def _run_report(
                     err_console.print(line, markup=False, soft_wrap=True)
 
         with progress_bar(err_console, quiet) as progress:
-            run_audit(model, images, cfg, out.path, progress=progress, result=result, on_plan=show_plan)
+            audit = Audit(cfg, out.path, progress=progress, result=result, on_plan=show_plan, state=state)
+            audit.plan(model, images)
+            audit.run()
             doc = result.to_dict()
             hook = progress.rendering(cfg.format) if progress else None
             # on pdf_error, the rest is written
             _, pdf_error = write_results(out, doc, cfg.format, on_format=hook, manifest=True)
+            state.remove()  # the audit is written: its saved work is no longer needed
             if progress:
                 progress.finish()
         _ci_outputs(doc, cfg.annotations)
@@ -265,16 +284,19 @@ def _run_report(
         reason = "interrupted by SIGTERM" if sys.exc_info()[0] is Interrupted else "interrupted (Ctrl-C)"
         if result is not None and out.prepared:
             result.inputs["loaded"] = len(result.images)
+            if audit is not None:
+                audit.judge_partial()
             written = sorted(_write_partial(out, result, cfg, reason), key=lambda p: p.name != "results.json")
             where = " and ".join(str(p) for p in written) or "no file"
+            again = " (continue it with the same command and --resume)" if audit is not None else ""
             err_console.print(
-                f"saliaudit: {reason}; partial results in {where}", markup=False, soft_wrap=True
+                f"saliaudit: {reason}; partial results in {where}{again}", markup=False, soft_wrap=True
             )
         else:
             err_console.print(f"saliaudit: {reason}; nothing was written", markup=False)
         return EXIT_INTERRUPTED
     except SaliauditError as err:
-        if result is not None and out.prepared:
+        if result is not None and out.prepared and not isinstance(err, ResumeRefusedError):
             _write_partial(out, result, cfg, str(err))
         _fail(err, err.exit_code)
     except typer.Exit:

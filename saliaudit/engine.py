@@ -35,6 +35,7 @@ from .model import LoadedModel, load_model, resolve_device
 from .plan import Plan, SourceCost, build_stages, fit, profile_params
 from .report.overlay import write_overlays
 from .result import AuditResult, CompletenessRecord
+from .resume import AuditState, Mark, audit_identity, restore_unit, unit_record
 from .sampling import stratified_sample
 
 __all__ = ["Audit", "Progress", "run_audit", "new_result", "environment_versions"]
@@ -150,8 +151,10 @@ class Audit:
         progress: Progress | None = None,
         result: AuditResult | None = None,
         on_plan: Callable[[Plan], None] | None = None,
+        state: AuditState | None = None,
     ):
         self.cfg, self.out_dir, self.progress = cfg, Path(out_dir), progress
+        self.state = state  # saved work (saliaudit.resume): each finished unit, --resume
         self.on_plan = on_plan
         self.counter = PassCounter()
         self.timer = Timer()
@@ -215,6 +218,15 @@ class Audit:
         self.per_source = 1 + len(self.runner.checks)
         self.units_total = self.n_batches * len(self.sources) * self.per_source + 1
         self.units_done, self.batch_no = 0, 0
+        if self.state is not None:
+            with self.timer.stage("resume_state"):
+                self.state.begin(audit_identity(self), self.result.run.get("started_at"))
+            if self.state.units:
+                self.result.run["resumed"] = {
+                    "from_started_at": self.state.previous.get("started_at"),
+                    "units_saved": len(self.state.units),
+                    "units_total": self.n_batches * len(self.sources),
+                }
 
     def _make_plan(self) -> Plan:
         """Measure a pass of the model, count every stage's passes and, with ``--budget``,
@@ -431,11 +443,31 @@ class Audit:
             "total_s": time.perf_counter() - self.started,
             "per_stage": {k: round(v, 4) for k, v in per_stage.items()},
         }
+        if self.state is not None and self.state.reused:
+            # the seconds the reused units took in the interrupted run (not spent in this one)
+            result.timings["reused_units"] = self.state.reused
+            result.timings["reused_s"] = {k: round(v, 4) for k, v in self.state.reused_s.items()}
+            result.run["resumed"]["units_reused"] = self.state.reused
+        if self.state is not None and self.state.broken:
+            result.run["resume_state"] = f"not saved after: {self.state.broken}"
         result.run["duration_s"] = result.timings["total_s"]
         result.plan = self._plan_record(per_stage)
         self.units_done = self.units_total
         self._step("audited", batch=False)
         return result
+
+    def judge_partial(self) -> None:
+        """An interrupted audit: judge what was measured so far (the cells of every finished
+        (batch, method) unit, and of the checks that finished in the unit that was running),
+        so that the partial results hold every number measured. Best effort: a failure
+        leaves the cells empty."""
+        if not hasattr(self, "runner"):
+            return
+        try:
+            self.result.checks = self.runner.results()
+            self.result.figures = self.figures.to_dict(self.result.checks)
+        except Exception:  # the partial results are still written, without cells
+            self.result.checks = []
 
     def _plan_record(self, per_stage: dict[str, float]) -> dict[str, Any]:
         """The plan with, per stage, the measured seconds, the counted passes and the ratios
@@ -495,19 +527,32 @@ class Audit:
             return
         batch = pred.batch
         self.figures.add_images(batch, pred.images, self.lm.class_names, pred.probs)
-        edges = self._edge_maps(batch) if self.sources else None
+        edges: list[torch.Tensor | None] = []  # computed once, when a method first needs them
         complete: list[CompletenessRecord] = []
         for k, source in enumerate(self.sources):
             base = start + k * self.per_source
             self.units_done = base
+            saved = self.state.take(self.batch_no, source.method, batch.images) if self.state else None
+            if saved is not None:  # --resume: this unit's numbers were saved by the earlier run
+                self._step(f"method {source.method} (saved)")
+                restore_unit(self, saved, source, complete)
+                self.units_done = base + self.per_source
+                self.runner.log.clear()
+                continue
+            mark = Mark(self, complete)
             self._step(f"method {source.method}")
             maps = self._maps(source, batch, complete)
             self.units_done = base + 1
             if maps is not None:
-                self._use_maps(source, batch, pred, maps, edges, on_check=self._check_step(base + 1))
+                if not edges:
+                    edges.append(self._edge_maps(batch))
+                self._use_maps(source, batch, pred, maps, edges[0], on_check=self._check_step(base + 1))
             self.units_done = base + self.per_source
             source.forget()
             del maps
+            if self.state is not None:  # saved as soon as it is finished
+                self.state.save(unit_record(self, mark, source, batch.images, complete))
+            self.runner.log.clear()
             release_memory()  # the next method starts from the memory this one really holds
         self.runner.end_batch(batch)
         # a batch lands in the results whole (an interrupted run keeps consistent records)

@@ -52,6 +52,11 @@ class UsageError(SaliauditError):
     exit_code = EXIT_USAGE
 
 
+class ResumeRefusedError(UsageError):
+    """``--resume`` cannot continue the saved audit (nothing saved, or it differs): exit 2,
+    and the output folder is left as it was."""
+
+
 class ModelLoadError(SaliauditError):
     """The model file cannot be loaded or does not behave like a classifier (exit 3)."""
 

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from saliaudit.cli import app
 from saliaudit.report.folder_lock import FolderLock
 from saliaudit.report.junit import render_junit
-from saliaudit.report.output import LOCK, MARKER
+from saliaudit.report.output import LOCK, MARKER, STATE
 
 from . import test_cli as cli
 from .report_fixture import make_results
@@ -46,17 +46,21 @@ def files(folder: Path) -> dict[str, str]:
 
 def consistent(out: Path, users: set[str] = frozenset()) -> dict:
     """The folder holds exactly what results.json's manifest lists (with those hashes and
-    sizes), plus results.json, the ledger and the user's files ``users``; no lock, no .tmp."""
+    sizes), plus results.json, the ledger, the user's files ``users`` and, after an interrupt
+    only, the saved work for --resume (in the ledger); no lock, no .tmp."""
     doc = load_results(out)
     listed = {m["path"]: (m["sha256"], m["bytes"]) for m in doc["manifest"]}
     present = files(out)
+    state = {k for k in present if k.startswith(STATE + "/")}
+    assert not state or doc["summary"]["partial"], sorted(state)
+    present = {k: v for k, v in present.items() if k not in state}
     assert set(listed) == set(present) - {"results.json", MARKER} - set(users), sorted(present)
     for rel, (digest, size) in listed.items():
         assert present[rel] == digest and (out / rel).stat().st_size == size, rel
     assert not (out / LOCK).exists()
     assert not [p for p in out.rglob("*.tmp")]
     ledger = [json.loads(ln) for ln in (out / MARKER).read_text(encoding="utf-8").splitlines()[1:]]
-    assert {e["path"] for e in ledger} >= set(listed) | {"results.json"}
+    assert {e["path"] for e in ledger} >= set(listed) | {"results.json"} | state
     return doc
 
 

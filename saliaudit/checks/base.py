@@ -212,6 +212,11 @@ class Check:
     shows_class_maps: ClassVar[bool] = False
     informational: ClassVar[bool] = False
     records: ClassVar[str | None] = None
+    #: Instance attributes the check accumulates across batches and reads when it judges
+    #: (figure maps, counts): saved with each finished unit of work (JSON, see
+    #: saliaudit.state_codec) and restored by ``saliaudit report --resume``. Caches that
+    #: measuring rebuilds (randomized model copies) are not state.
+    resume_state: ClassVar[tuple[str, ...]] = ()
 
     #: The verdict needs the controls: without a must-fail control measured on the same
     #: images, a cell cannot PASS (its number alone has no scale).

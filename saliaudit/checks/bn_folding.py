@@ -231,6 +231,7 @@ def _values(out: Any) -> torch.Tensor:
 @register
 class BNFolding(Check):
     name = "bn_folding"
+    resume_state = ("_figures", "_merged", "_pair_labels")
     title = "Invariance under batch-norm folding"
     summary = (
         "Are the FullGrad maps the same after folding every batch-norm into the "
@@ -261,6 +262,7 @@ class BNFolding(Check):
         self._pairs: dict[int, tuple[Any, list[FoldPair] | None]] = {}
         self._merged = 0
         self._figures: dict[Variant, dict[str, Any]] = {}
+        self._pair_labels: list[str] = []  # the folded pairs of the measured model
 
     def pairs(self, model: Any, example: torch.Tensor | None = None) -> list[FoldPair] | None:
         """The foldable pairs of ``model`` (cached per model); ``None`` without a graph."""
@@ -296,6 +298,7 @@ class BNFolding(Check):
         reason = _no_pairs(pairs)
         if reason:
             return {v: Measurement(notes=[reason]) for v in maps}
+        self._pair_labels = self._pair_labels or [p.label for p in pairs or []]
         fg = source.decompose(batch.model, batch.x, batch.targets)  # type: ignore[attr-defined]
         folded, merged = fold_decomposition(fg, pairs or [])
         self._merged = max(self._merged, merged)
@@ -334,9 +337,9 @@ class BNFolding(Check):
         return out
 
     def judge(self, variant: Variant, m: Measurement) -> CheckResult:
-        pairs = next((p for _, p in self._pairs.values() if p), None) or []
+        pairs = list(self._pair_labels)
         series = {
-            "folded_pairs": [p.label for p in pairs],
+            "folded_pairs": pairs,
             "merged_terms": self._merged,
             "figures": self._figures.get(variant, {}),
         }

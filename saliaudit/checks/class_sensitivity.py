@@ -84,6 +84,7 @@ def pair_message(
 @register
 class ClassSensitivity(Check):
     name = "class_sensitivity"
+    resume_state = ("_figures",)
     title = "Class sensitivity (top-1 vs lowest-scoring class)"
     summary = (
         "Does the map change when another class is explained? The maps for the top-1 "

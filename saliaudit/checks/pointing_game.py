@@ -103,6 +103,7 @@ def _check_mask(mask: np.ndarray, shape: tuple[int, int], image: str) -> np.ndar
 
 
 class _Game(Check):
+    resume_state = ("_figures",)
     metric = "hit rate"
     thresholds = {"fail": None, "warn": None}
     needs_masks = True

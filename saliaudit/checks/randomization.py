@@ -106,6 +106,7 @@ _STRIP_PX = 32  # cascade-strip maps: at most 32 px on the long side (8 maps per
 @register
 class Randomization(Check):
     name = "randomization"
+    resume_state = ("_figures", "_step_modules")
     title = "Model-parameter randomization (cascading and independent)"
     summary = (
         "Does the map change when the model's learned weights are replaced by random "

@@ -8,6 +8,7 @@ device retries the batch in halves before the cell fails (docs/checks.md, "How v
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -110,6 +111,9 @@ class CheckRunner:
         self.timings: dict[str, float] = {}
         self.calibration: dict[str, Any] = {}
         self.counter: Any = None  # a saliaudit.cost.PassCounter: passes per check
+        #: What :meth:`run` did, in order (see :meth:`apply`): the audit saves each
+        #: (batch, method)'s part of it for ``--resume`` (saliaudit.resume).
+        self.log: list[tuple[Any, ...]] = []
 
     def rebuild(self, check: Check, params: dict[str, Any]) -> Check:
         """A new instance of ``check`` with ``params`` changed (validated as usual)."""
@@ -152,7 +156,7 @@ class CheckRunner:
                 continue
             reason = check.skip_reason(source, batch.model, self.has_masks)
             if reason:
-                self.skips[key] = reason
+                self.apply(("skip", check.name, source.method, reason))
                 continue
             idx = check.take(batch)
             if idx is None:
@@ -175,19 +179,32 @@ class CheckRunner:
                         self.count_retry,
                     )
             except Exception as err:  # one cell failing must not stop the audit
-                self.errors[key] = _error_text(err)
-                for v in [v for (c, v) in self.acc if c == check.name and v.method == source.method]:
-                    del self.acc[(check.name, v)]
+                self.apply(("error", check.name, source.method, _error_text(err)))
                 continue
             finally:
                 release_memory(collect=False)  # transient buffers back to the system
                 name = f"check:{check.name}"
                 self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
-            for v, m in out.items():
-                if (check.name, v) in self.acc:
-                    self.acc[(check.name, v)].extend(m)
+            self.apply(("measure", check.name, out))
+
+    def apply(self, item: tuple[Any, ...]) -> None:
+        """Record one outcome of :meth:`run` (also when a resumed audit replays it):
+        ``("skip", check, method, reason)``, ``("error", check, method, text)`` (the cell's
+        measurements so far are dropped) or ``("measure", check, {variant: Measurement})``
+        (appended to the check's accumulated measurement of each variant)."""
+        self.log.append(item)
+        if item[0] == "skip":
+            self.skips[(item[1], item[2])] = item[3]
+        elif item[0] == "error":
+            self.errors[(item[1], item[2])] = item[3]
+            for v in [v for (c, v) in self.acc if c == item[1] and v.method == item[2]]:
+                del self.acc[(item[1], v)]
+        else:
+            for v, m in item[2].items():
+                if (item[1], v) in self.acc:
+                    self.acc[(item[1], v)].extend(m)
                 else:
-                    self.acc[(check.name, v)] = m
+                    self.acc[(item[1], v)] = copy.deepcopy(m)
 
     def caps(self) -> dict[str, int]:
         """``max_images`` of each check that has one."""

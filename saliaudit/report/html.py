@@ -430,8 +430,9 @@ def build_context(
         gallery = example_figures(
             doc, fm, figure_cells_from_maps(doc), target, examples, examples_html, "gallery"
         )
+    partial = " (partial)" if as_dict(doc.get("summary")).get("partial") else ""
     metadata = {
-        "title": f"saliaudit report: {model_name}",
+        "title": f"saliaudit report{partial}: {model_name}",
         "author": f"{tool.get('name') or 'saliaudit'} {tool.get('version') or ''}".strip(),
         "description": f"Saliency audit of {model.get('path') or 'a model'} "
         f"(sha256 {model.get('sha256') or 'unknown'})",

@@ -166,7 +166,8 @@ class Ledger:
         """Remove the ``.NAME.XXXXXXXX.tmp`` files that a killed run left in the folder and in
         ``maps/``; how many."""
         removed = 0
-        for folder in (self.folder, self.folder / "maps"):
+        state = self.folder / ".saliaudit-state"
+        for folder in (self.folder, self.folder / "maps", state, state / "units"):
             try:
                 names = [e.name for e in os.scandir(folder) if e.is_file(follow_symlinks=False)]
             except OSError:

@@ -36,10 +36,25 @@ from ..errors import OutputError
 from .folder_lock import LOCK, FolderLock, holder_text
 from .ledger import FILE_MODE, MARKER, Ledger, ours_unfinished, replace_file, sha256_file
 
-__all__ = ["FILES", "FILE_MODE", "LOCK", "MARKER", "OutputFolder", "Planned", "atomic_write", "human_bytes"]
+__all__ = [
+    "FILES",
+    "FILE_MODE",
+    "LOCK",
+    "MARKER",
+    "STATE",
+    "OutputFolder",
+    "Planned",
+    "atomic_write",
+    "human_bytes",
+]
 
 #: The file of each output format in the folder.
 FILES = {"json": "results.json", "html": "report.html", "pdf": "report.pdf", "junit": "junit.xml"}
+
+#: The folder of an audit's saved work (``--resume``; :mod:`saliaudit.resume`): written
+#: through the ledger like every output, never listed in the manifest, removed when the
+#: audit finishes.
+STATE = ".saliaudit-state"
 
 _ACTIVE: list[OutputFolder] = []
 
@@ -261,7 +276,49 @@ class OutputFolder:
 
     def manifest(self) -> list[dict[str, Any]]:
         """``[{path, sha256, bytes}]`` of every file this run wrote, but results.json."""
-        return [{"path": k, **v} for k, v in sorted(self.written.items()) if k != "results.json"]
+        return [
+            {"path": k, **v}
+            for k, v in sorted(self.written.items())
+            if k != "results.json" and not k.startswith(STATE + "/")
+        ]
+
+    def adopt(self, rel: str) -> None:
+        """Count ``rel``, a file an earlier run wrote here (it is in the ledger and unchanged
+        in size), as written by this run: :meth:`finish` keeps it (a resumed audit's reused
+        work)."""
+        entry = self.ledger.entries.get(rel)
+        f = self.path / rel
+        if entry is not None and f.is_file() and f.stat().st_size == entry.get("bytes"):
+            self.written[rel] = dict(entry)
+
+    def discard(self, prefix: str) -> int:
+        """Remove the files under ``prefix`` (a folder, relative) that saliaudit wrote (in the
+        ledger), and the folders left empty; how many files."""
+        removed = 0
+        for rel in sorted(set(self.ledger.entries) | set(self.written)):
+            if not rel.startswith(prefix.rstrip("/") + "/") and rel != prefix:
+                continue
+            try:
+                (self.path / rel).unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+            self.ledger.entries.pop(rel, None)
+            self.written.pop(rel, None)
+        root = self.path / prefix
+        if root.is_dir():
+            for d in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+            try:
+                root.rmdir()
+            except OSError:
+                pass
+        return removed
 
     # ----------------------------------------------------------------------- the end
     def finish(self) -> None:
@@ -272,7 +329,7 @@ class OutputFolder:
         removed, changed = 0, []
         entries = self.ledger.entries
         for rel, rec in sorted(entries.items()):
-            if rel in self.written:
+            if rel in self.written or rel.startswith(STATE + "/"):  # the state: see discard()
                 continue
             f = self.path / rel
             try:

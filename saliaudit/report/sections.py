@@ -167,9 +167,22 @@ def cover_view(doc: dict[str, Any]) -> dict[str, Any]:
         "gate_text": gate_text,
         "gate_failed": gate,
         "reason": summary.get("reason"),
+        "partial": partial_text(doc) if summary.get("partial") else None,
         "counts": counts,
         "how": how,
     }
+
+
+def partial_text(doc: dict[str, Any]) -> str:
+    """The cover's banner for results of an audit that did not finish."""
+    loaded = len(as_list(doc.get("images")))
+    found = as_dict(doc.get("inputs")).get("found")
+    of = f" of {found}" if isinstance(found, int) and found else ""
+    return (
+        f"Partial results: the audit did not finish. The verdicts below rest only on what was "
+        f"measured before it stopped ({loaded}{of} images in finished batches); they are not the "
+        "audit's verdicts. Continue it with the same command and --resume."
+    )
 
 
 def cell_view(cell: dict[str, Any] | None) -> dict[str, Any]:

@@ -1,0 +1,173 @@
+"""``saliaudit report --resume``: an interrupted audit continues from its saved units and
+gives the uninterrupted run's results (docs/usage.md, "Interrupting and resuming")."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from saliaudit.cli import app
+from saliaudit.resume import AuditState
+from saliaudit.state_codec import decode, encode
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "sample_models" / "digits_cnn.pt2"
+IMAGES = ROOT / "sample_models" / "images" / "digits"
+STATE = ".saliaudit-state"
+#: Run-specific parts of results.json: when and how long, where the output went.
+VOLATILE = ("run", "timings", "plan", "manifest", "config")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch, tmp_path):
+    for key in list(os.environ):
+        if key.startswith("SALIAUDIT_") or key in ("GITHUB_STEP_SUMMARY", "SOURCE_DATE_EPOCH"):
+            monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    if not MODEL.is_file():
+        pytest.skip("sample model not present")
+
+
+def report(out: Path, *extra: str, images: Path = IMAGES):
+    args = [
+        "report", str(MODEL), str(images), "-o", str(out), "--profile", "quick",
+        "--max-images", "4", "--batch-size", "2", "--methods", "fullgrad,random",
+        "--checks", "completeness,randomization,bn_folding,class_sensitivity",
+        "--psi", "paper,signed", "--overlays", "examples", "--examples-html", "2",
+        "--format", "json,html", "-q", *extra,
+    ]  # fmt: skip
+    return CliRunner().invoke(app, args, catch_exceptions=True)
+
+
+def numbers(path: Path) -> dict:
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return {k: v for k, v in doc.items() if k not in VOLATILE}
+
+
+def interrupt_after(monkeypatch, n: int) -> None:
+    """Raise Ctrl-C right after the ``n``-th unit is saved (a unit boundary)."""
+    original, count = AuditState.save, {"n": 0}
+
+    def save(self, unit):
+        original(self, unit)
+        count["n"] += 1
+        if count["n"] == n:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(AuditState, "save", save)
+
+
+def test_codec_round_trip_is_exact():
+    from saliaudit.checks.base import Measurement
+    from saliaudit.maps import Variant
+
+    v = Variant("fullgrad", "paper", None, False)
+    m = Measurement(
+        values=[0.1 + 0.2, float("nan"), -float("inf")],
+        images=["a", "b", "c"],
+        curves={"x": np.random.default_rng(0).normal(size=(3, 4))},
+        axes={"x": [0, 0.5, 1, 2]},
+        extra={"t": (1, 2), "k": {v: [np.float32(1.5)]}},
+        notes=["n"],
+    )
+    back = decode(json.loads(json.dumps(encode({v: m, "t": torch.arange(3.0)}), allow_nan=False)))
+    got = back[v]
+    assert got.values[0] == 0.1 + 0.2 and np.isnan(got.values[1]) and got.values[2] == -float("inf")
+    assert np.array_equal(got.curves["x"], m.curves["x"]) and got.curves["x"].dtype == np.float64
+    assert got.extra["t"] == (1, 2) and got.extra["k"] == {v: [1.5]}
+    assert torch.equal(back["t"], torch.arange(3.0))
+    with pytest.raises(TypeError):
+        encode(object())
+
+
+@pytest.mark.slow
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    done = report(full)
+    assert done.exit_code in (0, 1), done.output
+    assert not (full / STATE).exists()  # a finished audit removes its saved work
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as mp:
+        interrupt_after(mp, 3)  # batch 1: fullgrad, random; batch 2: fullgrad; then Ctrl-C
+        r = report(out)
+    assert r.exit_code == 130, r.output
+    assert "--resume" in r.output
+    partial = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert partial["summary"]["partial"] is True
+    # everything finished so far is in it: cells judged from the 3 units' measurements
+    measured = {p["image"] for c in partial["checks"] if c["method"] == "random" for p in c["per_image"]}
+    assert len(measured) == 2 and partial["checks"]
+    units = sorted((out / STATE / "units").iterdir())
+    assert len(units) == 3
+    ledger = (out / ".saliaudit-output").read_text(encoding="utf-8")
+    assert f"{STATE}/units/000002.json" in ledger  # the ledger knows them: not foreign
+
+    assert not (out / "report.html").exists()  # an interrupt writes results.json (and junit)
+    shown = tmp_path / "shown"
+    r = CliRunner().invoke(app, ["render", str(out / "results.json"), "-o", str(shown), "--format", "html"])
+    assert r.exit_code == 0, r.output
+    assert "PARTIAL RESULTS" in (shown / "report.html").read_text(encoding="utf-8")
+
+    saves = {"n": 0}
+    original = AuditState.save
+
+    def counting(self, unit):
+        saves["n"] += 1
+        original(self, unit)
+
+    monkeypatch.setattr(AuditState, "save", counting)
+    r = report(out, "--resume")
+    assert r.exit_code == done.exit_code, r.output
+    assert saves["n"] == 1  # only batch 2's random unit was computed
+    assert numbers(out / "results.json") == numbers(full / "results.json")
+    doc = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert doc["timings"]["reused_units"] == 3 and doc["run"]["resumed"]["units_reused"] == 3
+    assert not (out / STATE).exists()
+    assert STATE not in (out / ".saliaudit-output").read_text(encoding="utf-8")
+    assert not any(p["path"].startswith(STATE) for p in doc["manifest"])
+    # the overlays of the reused units were kept (written by the interrupted run)
+    for rec in doc["maps"]:
+        assert (out / rec["path"]).is_file(), rec["path"]
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_settings_and_missing_state(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    r = report(out, "--resume")
+    assert r.exit_code == 2 and "nothing to resume" in r.output, r.output
+    with monkeypatch.context() as mp:
+        interrupt_after(mp, 1)
+        assert report(out).exit_code == 130
+    r = report(out, "--resume", "--seed", "7")
+    assert r.exit_code == 2, r.output
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("saliaudit: error:")]
+    assert len(errors) == 1 and "cannot resume" in errors[0] and "seed" in errors[0], r.output
+    assert (out / STATE / "units" / "000000.json").is_file()  # a refusal keeps the saved work
+
+
+def test_report_of_partial_results_says_it_is_partial():
+    from saliaudit.report.html import render_html
+
+    from .report_fixture import make_results
+
+    doc = make_results(6, n_examples=2)
+    for target in ("html", "pdf"):  # report.html and the PDF's input
+        whole = render_html(doc, target=target, examples=1, examples_html=1)
+        assert "PARTIAL RESULTS" not in whole and "(partial)" not in whole
+        doc["summary"] = {
+            **doc["summary"],
+            "partial": True,
+            "status": "error",
+            "reason": "interrupted (Ctrl-C)",
+        }
+        part = render_html(doc, target=target, examples=1, examples_html=1)
+        assert "PARTIAL RESULTS" in part and "saliaudit report (partial)" in part
+        assert "--resume" in part and "The audit did not finish: interrupted (Ctrl-C)" in part
+        doc["summary"]["partial"] = False
