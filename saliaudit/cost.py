@@ -89,12 +89,14 @@ class Passes:
     rows through the model and back to the input (``backward``: one forward plus one
     backward), map comparisons (``compare``: one similarity measure of two maps) and, in a
     check's cost, computations of the audited method's maps (``maps``: each costs the passes
-    the method declares, and its time is measured per method)."""
+    the method declares, and its time is measured per method), and images imputed by ROAD's
+    noisy linear imputation (``impute``: one image and removal mask; no model pass)."""
 
     forward: float = 0.0
     backward: float = 0.0
     compare: float = 0.0
     maps: float = 0.0
+    impute: float = 0.0
 
     def __add__(self, other: Passes) -> Passes:
         return Passes(
@@ -102,16 +104,17 @@ class Passes:
             self.backward + other.backward,
             self.compare + other.compare,
             self.maps + other.maps,
+            self.impute + other.impute,
         )
 
     def __mul__(self, k: float) -> Passes:
-        return Passes(self.forward * k, self.backward * k, self.compare * k, self.maps * k)
+        return Passes(self.forward * k, self.backward * k, self.compare * k, self.maps * k, self.impute * k)
 
     __rmul__ = __mul__
 
     @property
     def empty(self) -> bool:
-        return not (self.forward or self.backward or self.compare or self.maps)
+        return not (self.forward or self.backward or self.compare or self.maps or self.impute)
 
     def to_dict(self) -> dict[str, float]:
         return {k: round(float(v), 3) for k, v in asdict(self).items()}
@@ -154,6 +157,7 @@ class Calibration:
     base_rss: int  # the process after loading the model
     device: str = "cpu"
     error: str | None = None  # why the passes could not be timed (the plan has no estimate)
+    impute_s: float = 0.0  # one image and mask of ROAD's imputation (0: not measured)
 
     @classmethod
     def unmeasured(cls, batch: int, error: str) -> Calibration:
@@ -162,7 +166,7 @@ class Calibration:
 
     def seconds(self, p: Passes) -> float:
         """Estimated seconds of ``p``."""
-        return self.floor(p) + p.compare * self.compare_s
+        return self.floor(p) + p.compare * self.compare_s + p.impute * self.impute_s
 
     def floor(self, p: Passes) -> float:
         """Seconds of ``p``'s model passes alone: no audit can do them faster."""
@@ -178,6 +182,7 @@ class Calibration:
             "forward_s_per_row": round(self.forward_s, 6),
             "backward_s_per_row": round(self.backward_s, 6),
             "compare_s": round(self.compare_s, 6),
+            "impute_s_per_row": round(self.impute_s, 6),
             "activation_bytes_per_row": int(self.activation_bytes),
             "largest_activation_bytes_per_row": int(self.largest_bytes),
             "rows_per_pass": self.rows(),
@@ -248,10 +253,11 @@ def _activation_bytes(module: torch.nn.Module, x: torch.Tensor) -> tuple[int, in
     return total, largest
 
 
-def calibrate(model: Any, batch: int, repeats: int = 2) -> Calibration:
+def calibrate(model: Any, batch: int, repeats: int = 2, *, impute: bool = False) -> Calibration:
     """Measure the activation memory of a row of ``model`` (a LoadedModel), then time one
     forward and one forward+backward pass at the rows per pass the audit will use (median of
-    ``repeats`` after a warm-up; seconds per row) and one map comparison at the input size."""
+    ``repeats`` after a warm-up; seconds per row) and one map comparison at the input size;
+    with ``impute``, also ROAD's imputation of one image (:func:`impute_seconds`)."""
     from .checks.similarity import METRICS, Maps, similarity
     from .methods.common import forward_fn, input_gradient
 
@@ -299,8 +305,52 @@ def calibrate(model: Any, batch: int, repeats: int = 2) -> Calibration:
 
     compare_s = timed(compare, maps.shape[1] * len(METRICS))
     return Calibration(
-        batch, forward_s, backward_s, compare_s, act, largest, params, peak_rss_bytes(), str(device)
+        batch,
+        forward_s,
+        backward_s,
+        compare_s,
+        act,
+        largest,
+        params,
+        peak_rss_bytes(),
+        str(device),
+        impute_s=impute_seconds((h, w), device) if impute else 0.0,
     )
+
+
+def impute_seconds(
+    size: tuple[int, int], device: torch.device | str = "cpu", rows: int = 4, repeats: int = 2
+) -> float:
+    """Seconds per image and mask of ROAD's noisy linear imputation at input ``size``: the
+    median of ``repeats`` runs (after a one-image warm-up) on ``rows`` images with masks that
+    remove 1/8, 3/8, 5/8 and 7/8 of the pixels, alternately in one region (a disc, as a smooth
+    map removes them: the slow case) and scattered at random (as a random order or a noisy
+    map: the fast case)."""
+    from .checks.imputation import linear_impute
+
+    h, w = size
+    gen = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    dist = ((yy - h / 3) ** 2 + (xx - w / 3) ** 2).flatten().double() + 1e-6 * torch.arange(h * w)
+    order = torch.argsort(torch.argsort(dist))  # rank of each pixel's distance
+    masks = []
+    for j in range(rows):
+        k = min(h * w - 1, max(1, round((j + 0.5) / rows * h * w)))
+        if j % 2 == 0:
+            masks.append((order < k).view(h, w))
+        else:
+            masks.append((torch.randperm(h * w, generator=gen) < k).view(h, w))
+    x = torch.randn(rows, 3, h, w, generator=gen).to(device)
+    m = torch.stack(masks).to(device)
+    linear_impute(x[1:2], m[1:2])  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(torch.device(device))
+        t0 = time.perf_counter()
+        linear_impute(x, m)
+        _sync(torch.device(device))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / rows
 
 
 @dataclass

@@ -234,7 +234,8 @@ class Audit:
         cfg, n = self.cfg, len(self.listing.entries)
         rows = max(1, min(int(cfg.batch_size), n))
         try:
-            cal = calibrate(self.lm, rows)
+            imputes = any(getattr(c, "imputes", False) for c in self.runner.checks)
+            cal = calibrate(self.lm, rows, impute=imputes)
         except Exception as err:  # e.g. out of memory: the audit records the failures itself
             cal = Calibration.unmeasured(rows, f"{type(err).__name__}: {first_line(err)}")
         with rows_limit(cal.rows()):

@@ -84,6 +84,11 @@ class DecompositionError(SaliauditError):
     """A saliency decomposition cannot be computed for this model (exit 3 when fatal)."""
 
 
+class ImputationError(SaliauditError):
+    """ROAD's linear imputation cannot fill a mask (no kept pixel, or no convergence): the
+    cell becomes ERROR (exit 3 only if raised outside a check)."""
+
+
 class OutputError(SaliauditError):
     """The output folder cannot be written safely: not writable, locked by another run, too
     little free space, or a file saliaudit did not write where it would write (exit 3)."""

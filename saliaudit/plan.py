@@ -48,6 +48,7 @@ PROFILES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
             "random_logit": {"max_images": 8},
             "input_invariance": {"max_images": 8},
             "perturbation": {"max_images": 16, "fractions": [0.02, 0.1, 0.2]},
+            "road": {"max_images": 8, "fractions": [0.1, 0.5, 0.9]},
             "sign_flip": {"max_images": 8, "fractions": [0.02, 0.1, 0.2]},
             "sensitivity_n": {"max_images": 8, "subsets": 30, "points": 4},
             "infidelity": {"max_images": 8, "n_perturb": 8},
@@ -61,6 +62,7 @@ PROFILES: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
             "random_logit": {"max_images": 16},
             "input_invariance": {"max_images": 16},
             "perturbation": {"max_images": 16},
+            "road": {"max_images": 8, "fractions": [0.1, 0.3, 0.5, 0.7, 0.9]},
             "sign_flip": {"max_images": 16},
             "sensitivity_n": {"max_images": 8, "subsets": 50},
             "infidelity": {"max_images": 16},
@@ -248,8 +250,9 @@ def _work(name: str, images: int, work: Passes, s: SourceCost, cal: Calibration)
         work.backward + work.maps * s.passes.backward,
         work.compare + work.maps * s.passes.compare,
         work.maps,
+        work.impute,
     )
-    own = Passes(work.forward, work.backward, work.compare)
+    own = Passes(work.forward, work.backward, work.compare, impute=work.impute)
     per_map = s.seconds if s.seconds is not None else cal.seconds(s.passes)
     return Stage(name, images, expanded, cal.seconds(own) + work.maps * per_map, cal.floor(expanded))
 

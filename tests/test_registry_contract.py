@@ -129,7 +129,11 @@ def audit_doc() -> dict:
         masks=str(MASKS),
         overlays=False,
         seed=0,
-        check_params={"randomization": {"max_images": 4}, "sensitivity_n": {"max_images": 4}},
+        check_params={
+            "randomization": {"max_images": 4},
+            "sensitivity_n": {"max_images": 4},
+            "road": {"max_images": 4},
+        },
     )
     return result.to_dict()
 

@@ -230,6 +230,9 @@ class Check:
     #: The verdict compares the mean with the thresholds through its interval (else the
     #: check's own test decides, and the interval is reported beside it).
     interval_verdict: ClassVar[bool] = False
+    #: The check imputes images with ROAD's noisy linear imputation (``Passes.impute`` in its
+    #: cost): the audit then times the imputation before the audit, for the plan.
+    imputes: ClassVar[bool] = False
     #: The range ``value`` can take (e.g. ``(-1, 1)`` for a correlation): the interval for a
     #: single image, and a bound for the bootstrap interval.
     value_range: ClassVar[tuple[float, float] | None] = None

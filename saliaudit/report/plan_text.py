@@ -41,6 +41,11 @@ def plan_lines(plan: dict[str, Any]) -> list[str]:
         f"plan · profile {plan.get('profile')} · one pass of the model at batch {cal.get('batch')}: "
         f"forward {1000 * float(cal.get('forward_s_per_row') or 0):.1f} ms, forward+backward "
         f"{1000 * float(cal.get('backward_s_per_row') or 0):.1f} ms per image"
+        + (
+            f"; ROAD's imputation {1000 * float(cal['impute_s_per_row']):.1f} ms per image and mask"
+            if cal.get("impute_s_per_row")
+            else ""
+        )
     ]
     stages = plan.get("stages") or {}
     width = max((len(k) for k in stages), default=10)
@@ -115,7 +120,8 @@ def plan_view(doc: dict[str, Any]) -> dict[str, Any] | None:
         f"{1000 * float(cal.get('forward_s_per_row') or 0):.1f} ms forward and "
         f"{1000 * float(cal.get('backward_s_per_row') or 0):.1f} ms forward and backward per image; "
         "each stage's passes are those its method and check declare, the floor is those passes "
-        "alone, the estimate adds the methods' measured time per map and the map comparisons. "
+        "alone, the estimate adds the methods' measured time per map, the map comparisons and "
+        "ROAD's imputation (timed on a few images when ROAD runs). "
         f"Estimated {duration(plan.get('estimated_s'))}, measured {duration(plan.get('measured_s'))} "
         f"(profile {plan.get('profile')})."
     )
