@@ -111,6 +111,7 @@ class AuditState:
         self.broken: str | None = None
         self.identity_sha = ""
         self.previous: dict[str, Any] = {}
+        self._identity_doc: str | None = None  # identity.json, not yet written
 
     def require(self) -> None:
         """With ``--resume``: the folder must hold an interrupted audit's state (else a
@@ -130,8 +131,9 @@ class AuditState:
         self.identity_sha = hashlib.sha256(raw.encode()).hexdigest()
         if not self.resume:
             self.out.discard(STATE)
-            doc = {**identity, "run": {"started_at": started}}
-            atomic_write(self.dir / "identity.json", json.dumps(doc, sort_keys=True))
+            # written with the first finished unit: a run that stops before any unit (no
+            # usable image, a refused model) leaves no state behind
+            self._identity_doc = json.dumps({**identity, "run": {"started_at": started}}, sort_keys=True)
             return
         saved = json.loads((self.dir / "identity.json").read_text(encoding="utf-8"))
         self.previous = saved.get("run") or {}
@@ -194,6 +196,9 @@ class AuditState:
         except (TypeError, ValueError) as err:
             self.broken = f"{unit.get('method')}: {err}"
             return
+        if self._identity_doc is not None:
+            atomic_write(self.dir / "identity.json", self._identity_doc)
+            self._identity_doc = None
         atomic_write(self.dir / "units" / f"{self.next_seq:06d}.json", text)
         self.next_seq += 1
 
