@@ -78,6 +78,7 @@ def report(
     seed: str | None = _setting("seed", metavar="INTEGER"),
     device: str | None = _setting("device", metavar="DEVICE"),
     fail_on: str | None = _setting("fail_on", metavar="LEVEL"),
+    max_skipped: str | None = _setting("max_skipped", metavar="FRACTION"),
     arch: str | None = _setting("arch", metavar="NAME"),
     num_classes: str | None = _setting("num_classes", metavar="K"),
     input_size: str | None = _setting("input_size", metavar="H,W"),
@@ -143,6 +144,7 @@ def report(
         seed=seed,
         device=device,
         fail_on=fail_on,
+        max_skipped=max_skipped,
         arch=arch,
         num_classes=num_classes,
         input_size=input_size,
@@ -314,7 +316,7 @@ def _write_partial(out: OutputFolder, result: AuditResult, cfg, reason: str) -> 
     """An audit that did not finish: results.json (always) and junit.xml (when asked for)
     with what was measured, marked partial; then the earlier runs' files are tidied as after
     a finished run. The paths written."""
-    result.summarize(cfg.fail_on, status="error", reason=reason, partial=True)
+    result.summarize(cfg.fail_on, status="error", reason=reason, partial=True, max_skipped=cfg.max_skipped)
     formats = ["json"] + (["junit"] if "junit" in cfg.format else [])
     try:
         written, _ = write_results(out, result, formats, manifest=True)

@@ -236,6 +236,13 @@ SETTINGS: dict[str, Setting] = {
             "fail",
             "lowest verdict that makes the exit code 1: fail, warn, never",
         ),
+        Setting(
+            "max_skipped",
+            lambda v: _fraction(v),
+            0.1,
+            "largest fraction of the images that may be dropped (undecodable, or NaN/Inf logits) "
+            "before the gate fails, 0 to 1",
+        ),
         Setting("arch", _optional(_text), None, "architecture of a state_dict: a torchvision model name"),
         Setting(
             "num_classes",
@@ -493,6 +500,10 @@ def _method_options(v: Any) -> dict[str, dict[str, Any]]:
                 raise ValueError(f"{method}.{name}: expected an integer, got {val!r}")
         out.setdefault(method, {})[name] = value
     return out
+
+
+def _fraction(v: Any) -> float:
+    return _reworded(lambda raw: validate.number("value", _parsed(raw, float), min=0, max=1), v)
 
 
 def _positive_float(v: Any) -> float:

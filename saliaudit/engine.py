@@ -180,6 +180,7 @@ class Audit:
                 labels=cfg.labels,
                 trust_model=cfg.trust_model,
                 device=self.device,
+                batch_size=cfg.batch_size,
             )
         self.result.model = model_info(self.lm)
         with self.timer.stage("find_images"):
@@ -438,7 +439,7 @@ class Audit:
             result.figures = self.figures.to_dict(result.checks)
         result.run["oom_retries"] = self.runner.oom_retries
         result.run["statistics"] = {"interval": stats.INTERVAL_METHOD, **self.runner.calibration}
-        result.summarize(self.cfg.fail_on)
+        result.summarize(self.cfg.fail_on, max_skipped=self.cfg.max_skipped)
         per_stage = {**self.timer.per_stage, **self.runner.timings}
         result.timings = {
             "total_s": time.perf_counter() - self.started,

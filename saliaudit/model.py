@@ -179,9 +179,11 @@ def _read_labels(labels: str | Path | Sequence[str]) -> list[str]:
     return [str(x) for x in labels]
 
 
-def _validate(lm: LoadedModel, num_classes: int | None, where: str) -> int:
-    """Run once on a zero batch; returns the number of classes the module outputs."""
-    b = lm.static_batch or max(2, lm.min_batch)
+def _validate(lm: LoadedModel, num_classes: int | None, where: str, batch_size: int | None = None) -> int:
+    """Run once on a zero batch of ``min(2, batch_size)`` rows (what the graph accepts);
+    returns the number of classes the module outputs. With ``batch_size`` 1, a model that
+    fails on 2 rows gets ``max_batch = 1``: every pass then runs one image at a time."""
+    b = lm.static_batch or max(min(2, batch_size or 2), lm.min_batch)
     if lm.max_batch:
         b = min(b, lm.max_batch)
     shape = (b, 3, *lm.input_size)
@@ -196,6 +198,7 @@ def _validate(lm: LoadedModel, num_classes: int | None, where: str) -> int:
             "out of memory on the device: use --device cpu, a smaller --input-size, or free the device's memory"
             if oom
             else "check --input-size and that the file holds an image classifier"
+            + ("; a model that runs one image at a time needs --batch-size 1" if b > 1 else "")
         )
         raise ModelLoadError(
             f"running the model on a blank {shape} batch failed: {one_line(e)}", path=where, hint=hint
@@ -220,6 +223,8 @@ def _validate(lm: LoadedModel, num_classes: int | None, where: str) -> int:
             path=where,
             hint="check the weights (a corrupted or diverged checkpoint?) and --input-size",
         )
+    if b == 1 and not lm.static_batch and (lm.max_batch or 2) >= 2:
+        _probe_two_rows(lm)
     k = int(out.shape[1])
     if num_classes is not None and num_classes != k:
         raise UsageError(
@@ -230,6 +235,24 @@ def _validate(lm: LoadedModel, num_classes: int | None, where: str) -> int:
     return k
 
 
+def _probe_two_rows(lm: LoadedModel) -> None:
+    """A model validated on one row: if it fails on two, cap every pass at one row (and say so)."""
+    try:
+        with torch.no_grad():
+            out = lm.module(torch.zeros((2, 3, *lm.input_size), device=lm.device))
+        ok = isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == 2
+        why = (
+            ""
+            if ok
+            else f"output {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
+        )
+    except Exception as e:
+        ok, why = False, one_line(e)
+    if not ok:
+        lm.max_batch = 1
+        lm.notes.append(f"the model fails on a batch of 2 ({why}); every pass runs one image at a time")
+
+
 def _finish(
     lm: LoadedModel,
     *,
@@ -237,11 +260,13 @@ def _finish(
     labels: Any,
     meta_names: list[str] | None,
     device: str | torch.device,
+    batch_size: int | None = None,
 ) -> LoadedModel:
-    """Move to the device, validate, and settle num_classes and class names."""
+    """Move to the device, validate (on ``min(2, batch_size)`` rows), and settle num_classes
+    and class names."""
     where = str(lm.path) if lm.path else "model"
     lm = lm.to(device)
-    k = _validate(lm, num_classes, where)
+    k = _validate(lm, num_classes, where, batch_size)
     if "num_classes" not in lm.sources:
         lm.sources["num_classes"] = "flag" if num_classes else "model output"
     lm.num_classes = k
@@ -296,8 +321,11 @@ def load_model(
     labels: str | Path | Sequence[str] | None = None,
     trust_model: bool = False,
     device: str | torch.device = "cpu",
+    batch_size: int | None = None,
 ) -> LoadedModel:
-    """Load, validate and describe the classifier in ``path`` (see module docstring)."""
+    """Load, validate and describe the classifier in ``path`` (see module docstring); the
+    validation runs ``min(2, batch_size)`` rows, so a model that only runs one image at a
+    time loads with ``batch_size=1``."""
     path = Path(path)
     flags = _flags(input_size, mean, std)
     if num_classes is not None:
@@ -310,7 +338,7 @@ def load_model(
     device = _as_device(device)
     sha, fmt = inspect_file(path)
     try:
-        return _load(path, fmt, sha, arch, num_classes, flags, labels, trust_model, device)
+        return _load(path, fmt, sha, arch, num_classes, flags, labels, trust_model, device, batch_size)
     except (ModelLoadError, UsageError):
         raise
     except Exception as e:  # anything torch raises for a bad file
@@ -331,6 +359,7 @@ def _load(
     labels: Any,
     trust_model: bool,
     device: torch.device,
+    batch_size: int | None = None,
 ) -> LoadedModel:
     sources: dict[str, str] = {}
     notes: list[str] = []
@@ -371,7 +400,14 @@ def _load(
         notes=notes,
         **kw,
     )
-    return _finish(lm, num_classes=num_classes, labels=labels, meta_names=meta_names, device=device)
+    return _finish(
+        lm,
+        num_classes=num_classes,
+        labels=labels,
+        meta_names=meta_names,
+        device=device,
+        batch_size=batch_size,
+    )
 
 
 def wrap_module(

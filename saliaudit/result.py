@@ -130,11 +130,18 @@ class AuditResult:
     plan: dict[str, Any] = field(default_factory=dict)
 
     def summarize(
-        self, fail_on: str, status: str | None = None, reason: str | None = None, *, partial: bool = False
+        self,
+        fail_on: str,
+        status: str | None = None,
+        reason: str | None = None,
+        *,
+        partial: bool = False,
+        max_skipped: float | None = None,
     ) -> None:
         """Fill ``summary``: counts per status (controls apart) and the overall status of the
         gate, which judges each cell by :func:`gate_status`; ``partial``: the audit did not
-        finish (interrupted or stopped on an error), the cells are those measured so far."""
+        finish (interrupted or stopped on an error), the cells are those measured so far.
+        More dropped images than ``max_skipped`` (a fraction) also fail the gate."""
         counts = {s: 0 for s in STATUSES}
         controls = {k: 0 for k in ("expected", "unexpected", "reference")}
         for c in self.checks:
@@ -161,12 +168,16 @@ class AuditResult:
                 "no check judged any method: the selected checks do not apply to the selected "
                 "methods, or only controls were audited (see saliaudit checks and saliaudit methods)"
             )
+        dropped = dropped_inputs(self.inputs, max_skipped)
         self.summary = {
             "status": status or overall,
             "fail_on": fail_on,
             "counts": counts,
             "controls": controls,
-            "gate_failed": gate_failed(self.checks, fail_on) or (no_verdict and fail_on != "never"),
+            "gate_failed": gate_failed(self.checks, fail_on)
+            or (no_verdict and fail_on != "never")
+            or (dropped["exceeded"] and fail_on != "never"),
+            "dropped": dropped,
             "no_verdict": no_verdict,
             "inconclusive": len(inconclusive),
             "images_to_decide": max(needed) if needed else None,
@@ -192,6 +203,54 @@ def gate_status(cell: CheckResult) -> str:
     if cell.control is None or cell.status in ("error", "skipped"):
         return cell.status
     return "warn" if cell.control == "unexpected" else "pass"
+
+
+def dropped_inputs(inputs: dict[str, Any], max_skipped: float | None) -> dict[str, Any]:
+    """The images the audit lost (``inputs.skipped``: undecodable, NaN/Inf logits, ...; a
+    duplicate is audited once and is not lost): ``{n, of, fraction, max, exceeded, reasons}``,
+    ``of`` the images the audit tried (audited + dropped), ``reasons`` ``[{reason, n}]`` (the
+    reason up to its first ';'), most frequent first; ``exceeded``: ``fraction > max``."""
+    lost = [
+        s for s in inputs.get("skipped") or [] if not str(s.get("reason", "")).startswith("duplicate of ")
+    ]
+    n = len(lost)
+    of = int(inputs.get("loaded") or 0) + n
+    fraction = n / of if of else 0.0
+    counts: dict[str, int] = {}
+    for s in lost:
+        key = str(s.get("reason", "")).split(";", 1)[0].strip() or "no reason recorded"
+        counts[key] = counts.get(key, 0) + 1
+    reasons = [{"reason": k, "n": v} for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    exceeded = max_skipped is not None and fraction > max_skipped
+    return {
+        "n": n,
+        "of": of,
+        "fraction": fraction,
+        "max": max_skipped,
+        "exceeded": exceeded,
+        "reasons": reasons,
+    }
+
+
+def dropped_text(dropped: dict[str, Any] | None) -> str | None:
+    """One sentence on the dropped images, e.g. "1 of 3 images (33 %) dropped, more than
+    --max-skipped 0.1 allows: the model output NaN/Inf for this image (1)"; None when none."""
+    if not dropped or not dropped.get("n"):
+        return None
+    n, of, limit = int(dropped["n"]), int(dropped.get("of") or 0), dropped.get("max")
+    share = f" ({100 * float(dropped.get('fraction') or 0):.0f} %)"
+    if limit is None:
+        bound = ""
+    elif dropped.get("exceeded"):
+        bound = f", more than --max-skipped {limit:g} allows"
+    else:
+        bound = f", within --max-skipped {limit:g}"
+    reasons = dropped.get("reasons") or []
+    why = "; ".join(f"{r['reason']} ({r['n']})" for r in reasons[:3])
+    if len(reasons) > 3:
+        why += f"; {len(reasons) - 3} other reasons"
+    noun = "image" if of == 1 else "images"
+    return f"{n} of {of} {noun}{share} dropped{bound}: {why}"
 
 
 def gate_failed(checks: list[CheckResult], fail_on: str) -> bool:

@@ -43,7 +43,18 @@ __all__ = ["STATE", "AuditState", "audit_identity"]
 
 #: Settings that change only what is written or how it is judged, not a unit's numbers.
 _NOT_IDENTITY = frozenset(
-    {"output", "format", "force", "page_size", "annotations", "examples", "fail_on", "budget", "plugins"}
+    {
+        "output",
+        "format",
+        "force",
+        "page_size",
+        "annotations",
+        "examples",
+        "fail_on",
+        "max_skipped",
+        "budget",
+        "plugins",
+    }
 )
 _WHAT = {
     "versions": "the saliaudit/PyTorch/NumPy versions",

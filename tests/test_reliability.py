@@ -408,14 +408,16 @@ def test_model_with_nan_on_some_images_skips_those_images(runner, assets, prev_o
     images = make_images(tmp_path / "imgs", 3)
     Image.new("RGB", (16, 16), (250, 250, 250)).save(images / "bright.png")
     result = report(runner, path, images, prev_out.path, "--no-overlays")
-    assert result.exit_code == 0, result.output
+    # 1 of 4 images dropped is over the default --max-skipped 0.1: the cells pass, the gate fails
+    assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     doc = prev_out.check()
     skipped = {s["path"]: s["reason"] for s in doc["inputs"]["skipped"]}
     assert list(skipped) == ["bright.png"]
     assert "NaN/Inf" in skipped["bright.png"] and "--mean" in skipped["bright.png"]
     assert doc["inputs"]["loaded"] == 3 and len(doc["completeness"]) == 3
-    assert doc["summary"]["status"] == "pass"
+    assert doc["summary"]["status"] == "pass" and doc["summary"]["gate_failed"] is True
+    assert doc["summary"]["dropped"]["exceeded"] is True
 
 
 # --------------------------------------------------------------------------- images
@@ -498,7 +500,13 @@ def test_image_corpus_skips_with_reasons_and_goes_on(runner, assets, prev_out, t
     folder = tmp_path / "corpus"
     expected = image_corpus(folder)
     _deny(monkeypatch, "locked.png")
-    result = report(runner, assets["model"], folder, prev_out.path, "--max-pixels", "20000", "--psi", "paper")
+    result = report(
+        runner,
+        assets["model"],
+        folder,
+        prev_out.path,
+        *("--max-pixels", "20000", "--psi", "paper", "--max-skipped", "1"),  # most files are bad
+    )
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     doc = prev_out.check()

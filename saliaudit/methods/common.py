@@ -28,7 +28,9 @@ def forward_fn(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """A differentiable ``x -> logits`` for a LoadedModel or ``nn.Module`` (never mutated).
 
     A ``.pt2`` graph exported with a static batch size runs on chunks of exactly that size
-    (the last chunk padded by repeating its last row); autograd flows through the chunks.
+    (the last chunk padded by repeating its last row), a model with ``max_batch`` (a bounded
+    dynamic batch, or one that runs only one image at a time) on chunks of at most that size;
+    autograd flows through the chunks.
     A module left in training mode runs as an eval-mode copy.
     """
     module = getattr(model, "module", model)
@@ -37,16 +39,20 @@ def forward_fn(model: Any) -> Callable[[torch.Tensor], torch.Tensor]:
 
         module = copy.deepcopy(module).eval()
     static = getattr(model, "static_batch", None)
-    if not static:
+    size = static or getattr(model, "max_batch", None)
+    if not size:
         return module
+    pad_to = static or getattr(model, "min_batch", 1)
 
     def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= size and x.shape[0] >= pad_to:
+            return module(x)
         outs = []
-        for start in range(0, x.shape[0], static):
-            chunk = x[start : start + static]
+        for start in range(0, x.shape[0], size):
+            chunk = x[start : start + size]
             n = chunk.shape[0]
-            if n < static:
-                chunk = torch.cat([chunk, chunk[-1:].expand(static - n, *chunk.shape[1:])])
+            if n < pad_to:
+                chunk = torch.cat([chunk, chunk[-1:].expand(pad_to - n, *chunk.shape[1:])])
             outs.append(module(chunk)[:n])
         return torch.cat(outs)
 

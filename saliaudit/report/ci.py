@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..result import dropped_text
 from .context import (
     STATUS_TEXT,
     as_dict,
@@ -65,6 +66,10 @@ def step_summary_markdown(doc: dict[str, Any]) -> str:
         f"{md(summary.get('fail_on') or 'fail')} {gate}",
         "",
     ]
+    drop_line = dropped_text(as_dict(summary.get("dropped")))
+    if drop_line:
+        failed = as_dict(summary.get("dropped")).get("exceeded") and summary.get("gate_failed")
+        lines += [("**Gate failed:** " if failed else "") + md(drop_line) + ".", ""]
     rows = verdict_rows(doc)
     if rows and checks:
         lines.append("| map | " + " | ".join(md(c) for c in checks) + " |")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ..result import dropped_text
 from .context import (
     STATUS_TEXT,
     STATUSES,
@@ -18,6 +19,7 @@ from .context import (
     ci_text,
     control_text,
     fmt,
+    gate_status_of,
     method_order,
     psi_methods,
     status_of,
@@ -121,11 +123,21 @@ def cover_view(doc: dict[str, Any]) -> dict[str, Any]:
             )
             + (f", {controls['reference']} for reference" if controls["reference"] else "")
         )
-    gate_text = (
-        f"The gate --fail-on {fail_on} failed: saliaudit exits with code 1."
-        if gate
-        else f"The gate --fail-on {fail_on} passed."
-    )
+    dropped = as_dict(summary.get("dropped"))
+    drop_line = dropped_text(dropped)
+    if gate and dropped.get("exceeded"):
+        level = {"fail": ("fail", "error"), "warn": ("warn", "fail", "error")}.get(fail_on, ())
+        cells = any(gate_status_of(c) in level for c in as_list(doc.get("checks")) if isinstance(c, dict))
+        gate_text = (
+            f"The gate failed: {drop_line}"
+            + (f"; also, cells reached --fail-on {fail_on}" if cells else "")
+            + ". saliaudit exits with code 1 (verdicts resting on the images the model could "
+            "handle would not describe the others)."
+        )
+    elif gate:
+        gate_text = f"The gate --fail-on {fail_on} failed: saliaudit exits with code 1."
+    else:
+        gate_text = f"The gate --fail-on {fail_on} passed." + (f" {drop_line}." if drop_line else "")
     skipped = as_list(inputs.get("skipped"))
     size = model.get("input_size")
     rows = [

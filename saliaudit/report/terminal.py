@@ -18,7 +18,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from ..result import AuditResult
+from ..result import AuditResult, dropped_text
 from .context import (
     STATUS_TEXT,
     check_info,
@@ -95,6 +95,8 @@ def quiet_line(doc: dict, out: Path, code: int) -> str:
     gate = "failed" if s.get("gate_failed") else "passed"
     if s.get("no_verdict"):
         gate = "failed: no check judged any method"
+    elif s.get("gate_failed") and (s.get("dropped") or {}).get("exceeded"):
+        gate = f"failed: {dropped_text(s['dropped'])}"
     return (
         f"saliaudit: {STATUS_TEXT.get(status, status.upper())} · gate --fail-on {s.get('fail_on')} "
         f"{gate} (exit {code}) · results: {out / 'results.json'}"
@@ -232,6 +234,10 @@ def print_summary(
         markup=False,
     )
     s = doc.get("summary") or {}
+    drop_line = dropped_text(s.get("dropped"))
+    if drop_line:
+        style = "red" if (s.get("dropped") or {}).get("exceeded") and s.get("gate_failed") else ""
+        console.print(Text(drop_line, style=style), soft_wrap=True)
     status = str(s.get("status") or "error")
     gate = "FAILED" if s.get("gate_failed") else "passed"
     line = Text("overall: ")
