@@ -171,3 +171,118 @@ def test_report_of_partial_results_says_it_is_partial():
         assert "PARTIAL RESULTS" in part and "saliaudit report (partial)" in part
         assert "--resume" in part and "The audit did not finish: interrupted (Ctrl-C)" in part
         doc["summary"]["partial"] = False
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """One uninterrupted run's results (the comparison for every interrupt point)."""
+    out = tmp_path_factory.mktemp("full") / "full"
+    mp = pytest.MonkeyPatch()
+    for key in list(os.environ):
+        if key.startswith("SALIAUDIT_") or key in ("GITHUB_STEP_SUMMARY", "SOURCE_DATE_EPOCH"):
+            mp.delenv(key)
+    try:
+        done = report(out)
+    finally:
+        mp.undo()
+    assert done.exit_code in (0, 1), done.output
+    return done.exit_code, numbers(out / "results.json")
+
+
+def _raise_on_call(mp: pytest.MonkeyPatch, owner: object, name: str, call: int) -> None:
+    original, count = getattr(owner, name), {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    mp.setattr(owner, name, wrapped)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "point, recomputed",
+    [
+        ("before the first check", 4),  # in batch 1's first check: nothing saved yet
+        ("mid-check", 2),  # in batch 2's randomization of fullgrad: 2 units saved
+        ("rendering", 0),  # every unit saved, the outputs not yet written
+    ],
+)
+def test_interrupt_points_resume_to_the_same_numbers(tmp_path, monkeypatch, uninterrupted, point, recomputed):
+    """Ctrl-C at different points of the audit; ``--resume`` recomputes only the missing units
+    and gives the uninterrupted run's numbers."""
+    from saliaudit.checks.completeness import Completeness
+    from saliaudit.checks.randomization import Randomization
+    from saliaudit.report import render
+
+    code, expected = uninterrupted
+    out = tmp_path / "out"
+    with monkeypatch.context() as mp:
+        if point == "before the first check":
+            _raise_on_call(mp, Completeness, "measure", 1)
+        elif point == "mid-check":
+            _raise_on_call(mp, Randomization, "measure", 3)  # batch 1: fullgrad, random; batch 2
+        else:
+            _raise_on_call(mp, render, "write_outputs", 1)
+        r = report(out)
+    assert r.exit_code == 130, r.output
+    saves = {"n": 0}
+    original = AuditState.save
+
+    def counting(self, unit):
+        saves["n"] += 1
+        original(self, unit)
+
+    if recomputed == 4:  # nothing was saved: there is nothing to resume, the rerun starts afresh
+        r = report(out, "--resume")
+        assert r.exit_code == 2 and "nothing to resume" in r.output, r.output
+        monkeypatch.setattr(AuditState, "save", counting)
+        r = report(out)
+    else:
+        monkeypatch.setattr(AuditState, "save", counting)
+        r = report(out, "--resume")
+    assert r.exit_code == code, r.output
+    assert saves["n"] == recomputed
+    assert numbers(out / "results.json") == expected
+    assert not (out / STATE).exists()
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume(tmp_path, uninterrupted):
+    """SIGKILL in the middle of a real process: every saved file is whole (atomic writes), no
+    temporary file is left unflagged, and ``--resume`` ends with the uninterrupted numbers."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code, expected = uninterrupted
+    out = tmp_path / "out"
+    args = [
+        sys.executable, "-m", "saliaudit", "report", str(MODEL), str(IMAGES), "-o", str(out),
+        "--profile", "quick", "--max-images", "4", "--batch-size", "2", "--methods", "fullgrad,random",
+        "--checks", "completeness,randomization,bn_folding,class_sensitivity", "--psi", "paper,signed",
+        "--overlays", "examples", "--examples-html", "2", "--format", "json,html", "-q",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SALIAUDIT_")}
+    env.pop("SOURCE_DATE_EPOCH", None)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    units = out / STATE / "units"
+    deadline = time.monotonic() + 300
+    while not (units / "000001.json").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.monotonic() < deadline, "no unit saved within 300 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    for f in (out / STATE).rglob("*.json"):
+        json.loads(f.read_text(encoding="utf-8"))  # no torn file
+    r = report(out, "--resume")
+    assert r.exit_code == code, r.output
+    assert numbers(out / "results.json") == expected
+    assert not list(out.rglob("*.tmp")) and not (out / STATE).exists()
