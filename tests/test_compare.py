@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -379,4 +380,28 @@ def test_report_baseline_end_to_end(tmp_path):
     assert diff["summary"]["compared"] == len(diff["cells"]) > 0
     paired = [c for c in diff["cells"] if c["change"]]
     assert paired and all(c["change"]["pairing"] == "paired" and c["change"]["n"] == 4 for c in paired)
+
+    # an audit compared with itself: exit 0, nothing changed
+    same = CliRunner().invoke(app, ["compare", str(baseline), str(baseline), "-o", str(tmp_path / "same")])
+    assert same.exit_code == 0, same.output
+    summary = json.loads((tmp_path / "same" / "diff.json").read_text(encoding="utf-8"))["summary"]
+    assert summary["regressions"] == 0 and summary["improvements"] == 0 and summary["compared"] > 0
+    # a copy with one PASS (else WARN) cell turned into a FAIL: exit 1, the cell named everywhere
+    doc = json.loads(baseline.read_text(encoding="utf-8"))
+    cells = [c for c in doc["checks"] if not c.get("control") and c["status"] in ("pass", "warn")]
+    cell = min(cells, key=lambda c: c["status"] != "pass")  # a PASS cell, else a WARN one
+    cell["status"] = "fail"
+    flipped = _write(tmp_path, "flipped.json", doc)
+    worse = CliRunner().invoke(app, ["compare", str(baseline), str(flipped), "-o", str(tmp_path / "worse")])
+    assert worse.exit_code == 1, worse.output
+    variant = cell.get("psi") or cell.get("post")
+    name = f"{cell['check']} · {cell['method']}" + (f"/{variant}" if variant else "")
+    diff = json.loads((tmp_path / "worse" / "diff.json").read_text(encoding="utf-8"))
+    assert diff["summary"]["regressions"] == 1
+    bad = [c for c in diff["cells"] if c.get("classification") == "regression"]
+    assert len(bad) == 1 and bad[0]["check"] == cell["check"] and bad[0]["method"] == cell["method"], bad
+    assert name in worse.output
+    html = (tmp_path / "worse" / "report.html").read_text(encoding="utf-8")
+    section = re.sub(r"<[^>]+>", "", html.split("Regressions (1)", 1)[1].split("</section>", 1)[0])
+    assert cell["check"] in section and f"{cell['method']}/{variant}" in section
     shutil.rmtree(tmp_path / "a")
