@@ -257,6 +257,12 @@ def _work(name: str, images: int, work: Passes, s: SourceCost, cal: Calibration)
     return Stage(name, images, expanded, cal.seconds(own) + work.maps * per_map, cal.floor(expanded))
 
 
+#: A budgeted audit plans to this share of the budget: the estimate is within about ±30 % per
+#: stage, and a budget is a limit the user set, so the plan leaves room for an estimate that
+#: was low rather than aiming at the limit itself.
+BUDGET_HEADROOM = 0.85
+
+
 def fit(
     checks: list[Any],
     estimate: Callable[[list[Any]], list[Stage]],
@@ -264,7 +270,7 @@ def fit(
     n_images: int,
     rebuild: Callable[[Any, dict[str, Any]], Any],
 ) -> tuple[list[Any], list[Stage], list[dict[str, Any]], bool]:
-    """Reduce ``checks`` until ``estimate(checks)`` fits ``budget_s``.
+    """Reduce ``checks`` until ``estimate(checks)`` fits :data:`BUDGET_HEADROOM` × ``budget_s``.
 
     The most expensive check stage that can still give something up does, in order: its own
     :meth:`reductions`, then half its images (not below :data:`MIN_IMAGES`). ``rebuild(check,
@@ -274,7 +280,8 @@ def fit(
     """
     reductions: list[dict[str, Any]] = []
     stages = estimate(checks)
-    while sum(s.estimated_s for s in stages) > budget_s:
+    target = BUDGET_HEADROOM * budget_s
+    while sum(s.estimated_s for s in stages) > target:
         by_cost = sorted(
             (s for s in stages if s.name.startswith("check:") and s.estimated_s > 0),
             key=lambda s: -s.estimated_s,
