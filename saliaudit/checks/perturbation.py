@@ -59,12 +59,12 @@ from ..result import CheckResult
 from .base import Batch, Check, Curve, MapSource, Measurement, Variant, register
 from .removal import (
     Job,
-    better_than_random,
     check_baseline,
     flag_notes,
     fraction_counts,
     image_keys,
     nonfinite_count,
+    order_tests,
     power_note,
     prefix_masks,
     random_ranks,
@@ -273,13 +273,8 @@ class Perturbation(Check):
         if not m.values:
             flag_notes(m)
             return self.result(variant, m, "skipped", None, "no image was measured")
-        kw = {
-            "min_advantage": float(self.t.get("min_advantage") or 0.0),
-            "alpha": float(self.t.get("alpha") or 0.05),
-            "draws": int(self.p["random_orders"]),
-        }
-        lerf = better_than_random(m.extra.get("lerf_advantage", []), m.extra.get("lerf_win_rate", []), **kw)
-        morf = better_than_random(m.extra.get("morf_advantage", []), m.extra.get("morf_win_rate", []), **kw)
+        tests = order_tests(m, self.t, self.p["random_orders"])
+        lerf, morf = tests["lerf"], tests["morf"]
         m.extra["lerf_test"], m.extra["morf_test"] = lerf, morf
         flag_notes(m)
         note = power_note(lerf)

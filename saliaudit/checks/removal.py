@@ -400,6 +400,23 @@ def better_than_random(
     return out
 
 
+def order_tests(
+    m: Any, thresholds: dict[str, Any], draws: int, parts: Sequence[str] = ("lerf", "morf")
+) -> dict[str, dict[str, Any]]:
+    """:func:`better_than_random` of each removal order in ``parts`` from a measurement's
+    ``{part}_advantage`` and ``{part}_win_rate`` (``min_advantage`` and ``alpha`` from the
+    check's thresholds): the verdict test of the perturbation and ROAD checks."""
+    kw = {
+        "min_advantage": float(thresholds.get("min_advantage") or 0.0),
+        "alpha": float(thresholds.get("alpha") or 0.05),
+        "draws": int(draws),
+    }
+    return {
+        p: better_than_random(m.extra.get(f"{p}_advantage", []), m.extra.get(f"{p}_win_rate", []), **kw)
+        for p in parts
+    }
+
+
 def power_note(test: dict[str, Any]) -> str | None:
     """A note when too few images make significance unreachable."""
     if test.get("min_p") is not None and test["min_p"] >= test["alpha"]:

@@ -63,12 +63,12 @@ from .base import Batch, Check, Curve, MapSource, Measurement, Variant, register
 from .imputation import run_imputed
 from .removal import (
     Job,
-    better_than_random,
     flag_notes,
     fraction_counts,
     image_generator,
     image_keys,
     nonfinite_count,
+    order_tests,
     power_note,
     prefix_masks,
     random_ranks,
@@ -285,18 +285,10 @@ class Road(Check):
         if not m.values:
             flag_notes(m)
             return self.result(variant, m, "skipped", None, "no image was measured")
-        kw = {
-            "min_advantage": float(self.t.get("min_advantage") or 0.0),
-            "alpha": float(self.t.get("alpha") or 0.05),
-            "draws": int(self.p["random_orders"]),
-        }
-        tests = {}
-        for part in ("morf", "lerf"):
-            test = better_than_random(
-                m.extra.get(f"{part}_advantage", []), m.extra.get(f"{part}_win_rate", []), **kw
-            )
+        tests = order_tests(m, self.t, self.p["random_orders"], ("morf", "lerf"))
+        for part, test in tests.items():
             test["ci"] = _interval(m.extra.get(f"{part}_advantage", []), f"{variant.label}/{part}")
-            m.extra[f"{part}_test"] = tests[part] = test
+            m.extra[f"{part}_test"] = test
         flag_notes(m)
         note = power_note(tests["morf"])
         if note and note not in m.notes:
@@ -320,8 +312,8 @@ class Road(Check):
         cur = {c: float(np.nanmean(m.curves[c])) for c in ("morf", "lerf", "random")}
         out = "logit" if self.p["output"] == "logit" else "probability"
         rule = (
-            f"each counts as better when its mean advantage is above {kw['min_advantage']:g} and "
-            f"the map beats the random orders more often than chance (exact rank test, p < {kw['alpha']:g})"
+            f"each counts as better when its mean advantage is above {tests['morf']['min_advantage']:g} and "
+            f"the map beats the random orders more often than chance (exact rank test, p < {tests['morf']['alpha']:g})"
         )
         msg = (
             f"{verdict} ({morf['n']} images, noisy linear imputation σ={float(self.p['noise']):g}, "
