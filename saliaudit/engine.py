@@ -222,7 +222,7 @@ class Audit:
         if self.state is not None:
             with self.timer.stage("resume_state"):
                 self.state.begin(audit_identity(self), self.result.run.get("started_at"))
-            if self.state.units:
+            if self.state.units or self.state.pending:
                 self.result.run["resumed"] = {
                     "from_started_at": self.state.previous.get("started_at"),
                     "units_saved": len(self.state.units),
@@ -450,6 +450,8 @@ class Audit:
             result.timings["reused_units"] = self.state.reused
             result.timings["reused_s"] = {k: round(v, 4) for k, v in self.state.reused_s.items()}
             result.run["resumed"]["units_reused"] = self.state.reused
+        if self.state is not None and self.state.steps_reused:
+            result.run.setdefault("resumed", {})["steps_reused"] = self.state.steps_reused
         if self.state is not None and self.state.broken:
             result.run["resume_state"] = f"not saved after: {self.state.broken}"
         result.run["duration_s"] = result.timings["total_s"]
@@ -548,7 +550,16 @@ class Audit:
             if maps is not None:
                 if not edges:
                     edges.append(self._edge_maps(batch))
-                self._use_maps(source, batch, pred, maps, edges[0], on_check=self._check_step(base + 1))
+                progress = (
+                    self.state.progress(self.batch_no, source.method, batch.images) if self.state else None
+                )
+                for c in self.runner.checks:
+                    c.progress = progress
+                try:
+                    self._use_maps(source, batch, pred, maps, edges[0], on_check=self._check_step(base + 1))
+                finally:
+                    for c in self.runner.checks:
+                        c.progress = None
             self.units_done = base + self.per_source
             source.forget()
             del maps

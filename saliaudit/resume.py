@@ -3,9 +3,11 @@
 The unit of work is one batch × one method: its maps' contributions to every check (the
 checks' measurements of that batch, their skips and errors), the example figures, overlays,
 FullGrad completeness records, edge similarities and summation-to-delta records it produced,
-and the state the checks carry across batches for their verdicts (figure maps, counts). A
-finer unit (one randomization step) would save little: a unit is seconds to minutes of work,
-and a check's measurement of a batch is only defined once all its steps ran.
+and the state the checks carry across batches for their verdicts (figure maps, counts).
+Inside the unit that is running, a check with steps of its own (the randomization cascade:
+one randomized model and its maps per step) saves its progress after every step in
+``.saliaudit-state/steps.json`` (:class:`Progress`); a resumed audit recomputes that unit's
+maps and cheaper checks and continues the check after its last saved step.
 
 Each unit is written as it completes, atomically, to ``.saliaudit-state/units/NNNNNN.json``
 (numbered in the order the audit runs them) in the output folder, with the audit's identity
@@ -39,7 +41,7 @@ if TYPE_CHECKING:
     from .report.output import OutputFolder
     from .result import CompletenessRecord
 
-__all__ = ["STATE", "AuditState", "audit_identity"]
+__all__ = ["STATE", "AuditState", "Progress", "audit_identity"]
 
 #: Settings that change only what is written or how it is judged, not a unit's numbers.
 _NOT_IDENTITY = frozenset(
@@ -123,6 +125,8 @@ class AuditState:
         self.identity_sha = ""
         self.previous: dict[str, Any] = {}
         self._identity_doc: str | None = None  # identity.json, not yet written
+        self.pending: dict[str, Any] | None = None  # steps.json of the interrupted unit
+        self.steps_reused = 0
 
     def require(self) -> None:
         """With ``--resume``: the folder must hold an interrupted audit's state (else a
@@ -173,6 +177,51 @@ class AuditState:
         self.next_seq = seq
         self.total_saved = seq
         self._drop_from(seq)
+        self._load_steps()
+
+    def _load_steps(self) -> None:
+        """The in-progress unit's saved steps, if they belong to this audit (else dropped)."""
+        f = self.dir / STEPS
+        if not f.is_file():
+            return
+        try:
+            doc = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            doc = None
+        if doc and doc.get("identity") == self.identity_sha and doc.get("seq") == self.next_seq:
+            self.pending = doc
+            self.out.adopt(f"{STATE}/{STEPS}")
+        else:
+            self.out.discard(f"{STATE}/{STEPS}")
+
+    def progress(self, batch_no: int, method: str, images: list[str]) -> Progress:
+        """Where the checks of the unit (batch, method), about to run, save their steps;
+        with the interrupted run's saved steps of this unit when it is the one it stopped in."""
+        doc, self.pending = self.pending, None
+        if doc is not None and (doc["batch"], doc["method"], doc["images"]) != (
+            batch_no,
+            method,
+            list(images),
+        ):
+            doc = None
+        saved = decode(doc["checks"]) if doc is not None else {}
+        head = {"batch": batch_no, "method": method, "images": list(images)}
+        return Progress(self, head, saved)
+
+    def save_steps(self, head: dict[str, Any], checks: dict[str, Any]) -> None:
+        """Write the running unit's steps so far (atomically, replacing the previous ones)."""
+        if self.broken:
+            return
+        try:
+            text = json.dumps(
+                {**head, "seq": self.next_seq, "identity": self.identity_sha, "checks": encode(checks)},
+                allow_nan=False,
+            )
+        except (TypeError, ValueError) as err:
+            self.broken = f"{head.get('method')} steps: {err}"
+            return
+        self._write_identity()
+        atomic_write(self.dir / STEPS, text)
 
     def _drop_from(self, seq: int) -> None:
         """Remove saved units from ``seq`` on (they are recomputed)."""
@@ -207,15 +256,63 @@ class AuditState:
         except (TypeError, ValueError) as err:
             self.broken = f"{unit.get('method')}: {err}"
             return
+        self._write_identity()
+        atomic_write(self.dir / "units" / f"{self.next_seq:06d}.json", text)
+        self.next_seq += 1
+        self.out.discard(f"{STATE}/{STEPS}")  # the unit is whole: its steps are in it
+
+    def _write_identity(self) -> None:
         if self._identity_doc is not None:
             atomic_write(self.dir / "identity.json", self._identity_doc)
             self._identity_doc = None
-        atomic_write(self.dir / "units" / f"{self.next_seq:06d}.json", text)
-        self.next_seq += 1
 
     def remove(self) -> None:
         """The audit finished: its saved work is no longer needed."""
         self.out.discard(STATE)
+
+
+# ----------------------------------------------------------------------------- steps
+STEPS = "steps.json"
+
+
+class Progress:
+    """The steps a check finished inside the running unit of work, for ``--resume``.
+
+    A check with long steps of its own (:class:`saliaudit.checks.randomization.
+    Randomization`: one randomized model per step) calls :meth:`load` when it starts
+    measuring a batch and :meth:`save` after each step, with JSON-ready state (numbers, NumPy
+    arrays, see :mod:`saliaudit.state_codec`) and a ``key`` naming what it measures (its
+    images, variants): a resumed audit hands back the state saved under the same key and the
+    check continues after its last step. Without a saved audit state (the Python API, a
+    run whose state cannot be saved) both are no-ops.
+    """
+
+    def __init__(self, state: AuditState | None = None, head: dict[str, Any] | None = None, saved=None):
+        self.state, self.head = state, head or {}
+        self.saved: dict[str, Any] = dict(saved or {})
+        self.current: dict[str, Any] = {}
+        self.resumed = 0
+
+    def load(self, check: str, key: Any) -> dict[str, Any] | None:
+        """The state ``check`` saved under ``key`` in the interrupted run, once (else None)."""
+        entry = self.saved.pop(check, None)
+        if entry is None or entry.get("key") != _plain_key(key):
+            return None
+        self.resumed += 1
+        if self.state is not None:
+            self.state.steps_reused += 1
+        return entry["state"]
+
+    def save(self, check: str, key: Any, state: dict[str, Any]) -> None:
+        """Record ``check``'s state after a finished step (written at once)."""
+        if self.state is None:
+            return
+        self.current[check] = {"key": _plain_key(key), "state": state}
+        self.state.save_steps(self.head, self.current)
+
+
+def _plain_key(key: Any) -> Any:
+    return json.loads(json.dumps(key, default=str))
 
 
 # ----------------------------------------------------------------------------- units

@@ -369,6 +369,38 @@ def test_full_disk_is_refused_before_the_audit_with_the_numbers(runner, assets, 
     assert not out.exists()  # refused: the folder it had created is removed again
 
 
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 4 MB tmpfs, almost full (a 3.5 MB file of someone else's); skipped where
+    mounting is not allowed (not root, no CAP_SYS_ADMIN, no tmpfs)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    try:
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], capture_output=True
+        )
+    except OSError:
+        pytest.skip("no mount command")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        (mnt / "filler.bin").write_bytes(b"\0" * 3_500_000)
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_real_full_disk_is_refused_before_the_audit(runner, assets, tmp_path, small_tmpfs):
+    out = small_tmpfs / "out"
+    result = report(
+        runner, truncated(assets, tmp_path), assets["images"], out, *PAPER, "--format", "json,html"
+    )
+    line = assert_one_line_error(result, 3, "not enough free space", "kB free", "needed")
+    assert "truncated" not in line  # the folder was checked before the model was loaded
+    assert not out.exists()
+    assert (small_tmpfs / "filler.bin").stat().st_size == 3_500_000  # nothing else touched
+
+
 @pytest.mark.parametrize("value", ["", "abc", "-5", "1.5"])
 def test_bad_source_date_epoch_is_refused_before_anything(runner, assets, tmp_path, value):
     out = tmp_path / "out"

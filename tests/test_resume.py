@@ -34,9 +34,9 @@ def _clean_env(monkeypatch, tmp_path):
         pytest.skip("sample model not present")
 
 
-def report(out: Path, *extra: str, images: Path = IMAGES):
+def report(out: Path, *extra: str, images: Path = IMAGES, model: Path = MODEL):
     args = [
-        "report", str(MODEL), str(images), "-o", str(out), "--profile", "quick",
+        "report", str(model), str(images), "-o", str(out), "--profile", "quick",
         "--max-images", "4", "--batch-size", "2", "--methods", "fullgrad,random",
         "--checks", "completeness,randomization,bn_folding,class_sensitivity",
         "--psi", "paper,signed", "--overlays", "examples", "--examples-html", "2",
@@ -48,6 +48,23 @@ def report(out: Path, *extra: str, images: Path = IMAGES):
 def numbers(path: Path) -> dict:
     doc = json.loads(path.read_text(encoding="utf-8"))
     return {k: v for k, v in doc.items() if k not in VOLATILE}
+
+
+def count_maps(monkeypatch) -> dict[str, int]:
+    """Rows of every map computation (the trained model's and the checks'), per method: the
+    audit's work, counted rather than timed (the seconds are in bench/resume.py)."""
+    from saliaudit.methods import MethodSource
+    from saliaudit.methods.fullgrad import FullGradSource
+
+    rows: dict[str, int] = {}
+    for cls in (MethodSource, FullGradSource):
+
+        def counting(self, model, x, *args, _original=cls.maps, **kwargs):
+            rows[self.method] = rows.get(self.method, 0) + int(x.shape[0])
+            return _original(self, model, x, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "maps", counting)
+    return rows
 
 
 def interrupt_after(monkeypatch, n: int) -> None:
@@ -89,7 +106,9 @@ def test_codec_round_trip_is_exact():
 @pytest.mark.slow
 def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
     full = tmp_path / "full"
-    done = report(full)
+    with monkeypatch.context() as mp:
+        full_rows = count_maps(mp)
+        done = report(full)
     assert done.exit_code in (0, 1), done.output
     assert not (full / STATE).exists()  # a finished audit removes its saved work
 
@@ -123,8 +142,13 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, monkeypatch):
         original(self, unit)
 
     monkeypatch.setattr(AuditState, "save", counting)
+    resumed_rows = count_maps(monkeypatch)
     r = report(out, "--resume")
     assert r.exit_code == done.exit_code, r.output
+    # resuming costs clearly less than starting again: FullGrad's two units were saved (its
+    # maps are computed only to time them for the plan), the random control's of batch 2 not
+    assert resumed_rows["fullgrad"] <= 0.1 * full_rows["fullgrad"], (resumed_rows, full_rows)
+    assert sum(resumed_rows.values()) <= 0.6 * sum(full_rows.values()), (resumed_rows, full_rows)
     assert saves["n"] == 1  # only batch 2's random unit was computed
     assert numbers(out / "results.json") == numbers(full / "results.json")
     doc = json.loads((out / "results.json").read_text(encoding="utf-8"))
@@ -150,6 +174,10 @@ def test_resume_refuses_other_settings_and_missing_state(tmp_path, monkeypatch):
     errors = [ln for ln in r.output.splitlines() if ln.startswith("saliaudit: error:")]
     assert len(errors) == 1 and "cannot resume" in errors[0] and "seed" in errors[0], r.output
     assert (out / STATE / "units" / "000000.json").is_file()  # a refusal keeps the saved work
+    r = report(out, "--resume", model=ROOT / "sample_models" / "shapes_vgg.pt2")  # another model
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("saliaudit: error:")]
+    assert r.exit_code == 2 and len(errors) == 1 and "the model file" in errors[0], r.output
+    assert (out / STATE / "units" / "000000.json").is_file()
 
 
 def test_report_of_partial_results_says_it_is_partial():
@@ -286,3 +314,50 @@ def test_kill_9_then_resume(tmp_path, uninterrupted):
     assert r.exit_code == code, r.output
     assert numbers(out / "results.json") == expected
     assert not list(out.rglob("*.tmp")) and not (out / STATE).exists()
+
+
+@pytest.mark.slow
+def test_interrupt_inside_the_randomization_cascade_resumes_after_the_last_step(
+    tmp_path, monkeypatch, uninterrupted
+):
+    """A randomization step is a unit of its own: Ctrl-C after the 2nd cascade step of batch
+    2's FullGrad unit; ``--resume`` reuses the 2 saved units and the 2 saved steps, computes
+    only the remaining steps of that unit, and gives the uninterrupted run's numbers."""
+    from saliaudit.resume import Progress
+
+    code, expected = uninterrupted
+    original = Progress.save
+    calls: list[tuple] = []
+
+    def record(self, check, key, state):
+        original(self, check, key, state)
+        calls.append((self.head.get("batch"), self.head.get("method"), dict(state["done"])))
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as mp:
+
+        def interrupting(self, check, key, state):
+            record(self, check, key, state)
+            if len([c for c in calls if c[:2] == (calls[0][0] + 1, "fullgrad")]) == 2:
+                raise KeyboardInterrupt
+
+        mp.setattr(Progress, "save", interrupting)
+        r = report(out)
+    assert r.exit_code == 130, r.output
+    steps_first = [c for c in calls if c[:2] == (calls[0][0], "fullgrad")]
+    total = steps_first[-1][2]["cascading"]  # the cascade's length
+    assert total > 2
+    assert (out / STATE / "steps.json").is_file()
+    assert len(list((out / STATE / "units").iterdir())) == 2
+
+    calls.clear()
+    monkeypatch.setattr(Progress, "save", record)
+    r = report(out, "--resume")
+    assert r.exit_code == code, r.output
+    resumed_unit = [c for c in calls if c[1] == "fullgrad"][: total - 2]
+    # the interrupted unit continued at step 3: steps 1-2 were not recomputed
+    assert [c[2]["cascading"] for c in resumed_unit] == list(range(3, total + 1))
+    assert numbers(out / "results.json") == expected
+    doc = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    assert doc["run"]["resumed"]["steps_reused"] == 1 and doc["run"]["resumed"]["units_reused"] == 2
+    assert not (out / STATE).exists()

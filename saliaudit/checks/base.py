@@ -217,6 +217,10 @@ class Check:
     #: saliaudit.state_codec) and restored by ``saliaudit report --resume``. Caches that
     #: measuring rebuilds (randomized model copies) are not state.
     resume_state: ClassVar[tuple[str, ...]] = ()
+    #: Where a check with long steps of its own saves them inside the running unit of work
+    #: (a :class:`saliaudit.resume.Progress`, set by the audit for each unit; None outside
+    #: an audit that saves its state).
+    progress: Any = None
 
     #: The verdict needs the controls: without a must-fail control measured on the same
     #: images, a cell cannot PASS (its number alone has no scale).

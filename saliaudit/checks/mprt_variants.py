@@ -213,6 +213,19 @@ class Collector:
             for v, m in dn.items():
                 self.values[v][:, k], self.degenerate[v][:, k] = similarity(self.ref[v], Maps(m), self.metric)
 
+    def state(self) -> dict[str, Any]:
+        """What :meth:`step` gathered so far (saved with each randomization step)."""
+        out: dict[str, Any] = {"h1": self.h1}
+        if self.smprt:
+            out.update(values=self.values, degenerate=self.degenerate)
+        return out
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state` of an interrupted run."""
+        self.h1 = state["h1"]
+        if self.smprt:
+            self.values, self.degenerate = state["values"], state["degenerate"]
+
     def per_image(
         self, v: Variant
     ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -59,6 +59,7 @@ import torch
 from .. import validate
 from ..cost import CostContext, Passes
 from ..result import CheckResult
+from ..resume import Progress
 from .base import Batch, Check, Curve, MapSource, Measurement, Variant, register, small_map
 from .mprt_variants import (
     ALTERNATIVES,
@@ -331,9 +332,29 @@ class Randomization(Check):
         }
         reference = {v: Maps(maps[v]) for v in variants}  # ranks, HOG features: once
         alt = Collector(self.p, source, batch, maps, len(steps), self.computes_smprt())
+        # a resumed audit continues after the interrupted run's last finished step
+        progress = self.progress or Progress()
+        key = {
+            "images": list(batch.images),
+            "variants": [v.label for v in variants],
+            "modes": modes,
+            "steps": steps,
+        }
+        done: dict[str, int] = {}
+        saved = progress.load(self.name, key)
+        if saved is not None:
+            done, curves, degenerate, strips = (
+                saved["done"],
+                saved["curves"],
+                saved["degenerate"],
+                saved["strips"],
+            )
+            alt.restore(saved["alt"])
         for mode in modes:
             it = rm.cascade() if mode == "cascading" else rm.independent()
             for k, (_, model) in enumerate(it):
+                if k < done.get(mode, 0):
+                    continue  # measured before the interruption (the cascade is still applied)
                 out = source.maps(model, batch.x, batch.targets)
                 for v in variants:
                     step_maps = Maps(out[v])
@@ -347,6 +368,9 @@ class Randomization(Check):
                 if mode == "cascading":
                     alt.step(k, model, out)
                 del out
+                done[mode] = k + 1
+                state = {"done": done, "curves": curves, "degenerate": degenerate, "strips": strips}
+                progress.save(self.name, key, {**state, "alt": alt.state()})
         result: dict[Variant, Measurement] = {}
         for v in variants:
             deg_c = degenerate[v][f"cascading_{metric}"]
