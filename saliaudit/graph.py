@@ -52,6 +52,22 @@ _NCHW_OPS = frozenset(
 #: Ops that rename dimensions: the layout follows the permutation.
 _SHAPE_OPS = frozenset({"view", "reshape", "_unsafe_view", "expand", "flatten", "unflatten"})
 
+#: Ops whose output does not depend on the values of their input (only on its shape).
+VALUE_FREE_OPS = frozenset(
+    {
+        "zeros_like",
+        "ones_like",
+        "full_like",
+        "empty_like",
+        "new_zeros",
+        "new_ones",
+        "new_full",
+        "new_empty",
+        "scalar_tensor",
+        "sym_size",
+    }
+)
+
 _GRAPH_CACHE: dict[int, dict[Any, torch.fx.GraphModule]] = {}
 
 
@@ -211,14 +227,18 @@ class GraphRunner(torch.fx.Interpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
         node_leaves, _ = tree_flatten((n.args, n.kwargs))
         dep_mask = [isinstance(a, torch.fx.Node) and a in self.dependent for a in node_leaves]
-        target, inplace = _functional(n.target)
-        dep = any(dep_mask)
+        dep = any(dep_mask) and op_name(n.target) not in VALUE_FREE_OPS
+        # in-place ops on input-dependent values run functionally (autograd and forward-mode
+        # AD need unmutated inputs); the others as written (a mask filled slice by slice)
+        target, inplace = _functional(n.target) if dep else (n.target, False)
         if dep and self.run_op is not None:
             out = self.run_op(n, target, args, kwargs)
         else:
             out = target(*args, **kwargs)
         if inplace and isinstance(n.args[0], torch.fx.Node) and n.args[0] in self.env:
             self.env[n.args[0]] = out  # later readers of the mutated value see the result
+        if dep and not _has_tensor(out):  # a shape (sym_size) carries no value of the image
+            dep = False
         if dep:
             self.dependent.add(n)
             self._track_layout(n, args, out)
@@ -255,6 +275,10 @@ class GraphRunner(torch.fx.Interpreter):
                 self.layouts[n] = src_layout
         elif src_layout:
             self.layouts[n] = src_layout
+
+
+def _has_tensor(out: Any) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in tree_flatten(out)[0])
 
 
 def _first_dep_input(n: torch.fx.Node, dependent: set[torch.fx.Node]) -> torch.fx.Node | None:

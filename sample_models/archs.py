@@ -1,7 +1,7 @@
 """Architectures of the sample models shipped with saliaudit.
 
 Plain ``torch.nn`` code with no dependency on saliaudit, so the state_dicts in this folder
-(``shapes_vgg.pt``, ``digits_cnn.pt``) can be loaded anywhere::
+(``shapes_vgg.pt``, ``digits_cnn.pt``, ``shapes_vit.pt``) can be loaded anywhere::
 
     import torch
     from archs import ShapesVGG
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ShapesVGG", "DigitsCNN", "MEAN", "STD"]
+__all__ = ["ShapesVGG", "DigitsCNN", "ShapesViT", "MEAN", "STD"]
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
@@ -98,3 +98,61 @@ class DigitsCNN(nn.Module):
         x = self.features(x)
         x = torch.flatten(x, 1)
         return self.classifier(x)
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention (fused scaled dot-product attention, as timm's)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        out = nn.functional.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(b, t, c))
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block: x + attn(LN(x)), then x + MLP(LN(x)) (GELU)."""
+
+    def __init__(self, dim: int, heads: int, mlp: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(mlp, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class ShapesViT(nn.Module):
+    """A tiny vision transformer (Dosovitskiy et al., ICLR 2021) for 64x64 RGB input.
+
+    patches:  conv(3->64, 8x8, stride 8)                               -> 64 tokens (8 x 8 grid)
+    tokens:   [class token] + patches, + learned position embedding  -> 65 x 64
+    blocks:   4 x pre-norm (multi-head self-attention, 4 heads; MLP 64->128->64, GELU)
+    head:     LayerNorm, Linear(64->num_classes) on the class token
+    """
+
+    def __init__(self, num_classes: int = 4, dim: int = 64, depth: int = 4, heads: int = 4) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, kernel_size=8, stride=8)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = nn.Parameter(torch.randn(1, 65, dim) * 0.02)
+        self.blocks = nn.Sequential(*[_Block(dim, heads, 2 * dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])

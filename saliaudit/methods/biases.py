@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from ..graph import call_with, dependent_leaves, op_name
+from ..graph import VALUE_FREE_OPS, call_with, dependent_leaves, op_name
 
 __all__ = ["CONSTANT_OPS", "ZERO_BIAS_OPS", "Unaccounted", "bias_of", "bias_kind"]
 
@@ -104,20 +104,7 @@ ZERO_BIAS_OPS = frozenset(
     }
 )
 #: Ops whose output does not depend on the values of their input: the output is a constant.
-CONSTANT_OPS = frozenset(
-    {
-        "zeros_like",
-        "ones_like",
-        "full_like",
-        "empty_like",
-        "new_zeros",
-        "new_ones",
-        "new_full",
-        "new_empty",
-        "scalar_tensor",
-        "sym_size",
-    }
-)
+CONSTANT_OPS = VALUE_FREE_OPS
 _PRODUCT_OPS = frozenset({"mm", "bmm", "matmul", "einsum", "mul", "div"})
 _CONV_OPS = frozenset(
     {
@@ -213,7 +200,9 @@ def bias_of(target: Any, args: tuple, kwargs: dict, out: Any, dep_mask: list[boo
     Raises :class:`Unaccounted` when the op has no forward-mode derivative.
     """
     name = op_name(target)
-    if not kwargs:
+    if name in ("cat", "stack", "index_put", "where") and not _all_tensors_dependent(args, dep_mask):
+        pass  # a constant joined to input-dependent values (a class token): its bias is itself
+    elif not kwargs:
         arg_dep = []
         leaves, _ = _flat_positional(args, dep_mask)
         arg_dep = leaves
@@ -263,6 +252,13 @@ def _subtract(y: Any, t: Any) -> Any:
     if isinstance(y, (tuple, list)):
         return tuple(_subtract(a, b) for a, b in zip(y, t))
     return None
+
+
+def _all_tensors_dependent(args: tuple, dep_mask: list[bool]) -> bool:
+    from torch.utils._pytree import tree_flatten
+
+    leaves = tree_flatten(args)[0]
+    return all(d for leaf, d in zip(leaves, dep_mask) if isinstance(leaf, torch.Tensor))
 
 
 def _flat_positional(args: tuple, dep_mask: list[bool]) -> tuple[list[bool], int]:

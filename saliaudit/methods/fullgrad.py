@@ -20,12 +20,12 @@ from typing import Any
 
 import torch
 
-from ..errors import DecompositionError, UsageError
-from ..graph import GraphRunner, get_graph, module_path, op_name
+from ..errors import UsageError
+from ..graph import get_graph
 from ..maps import MapSource, Variant
 from ..psi import PSI_PRESETS, TermStats, get_psi, reduce_term, upsample_sum
 from . import register
-from .biases import Unaccounted, bias_kind, bias_of
+from .decompose import decompose
 
 __all__ = ["BiasTerm", "FullGradients", "full_gradients"]
 
@@ -193,103 +193,6 @@ class FullGradients:
         return upsample_sum(per_layer(), size, presets)
 
 
-def _nchw_order(layout: str | None, ndim: int) -> list[int] | None:
-    """Permutation that brings a value of this layout to NCHW, or None if not spatial."""
-    if ndim != 4 or layout is None or sorted(layout) != sorted("NCHW"):
-        return None
-    return [layout.index(c) for c in "NCHW"]
-
-
-def _channel_vector(bias: torch.Tensor, order: list[int], shape: torch.Size) -> torch.Tensor | None:
-    """``bias`` as a (C,) vector if it only varies along the channel dimension."""
-    b = bias.reshape((1,) * (len(shape) - bias.dim()) + tuple(bias.shape))
-    varying = [d for d in range(b.dim()) if b.shape[d] != 1]
-    c_dim = order[1]
-    if varying == [c_dim] and b.shape[c_dim] == shape[c_dim]:
-        return b.reshape(-1)
-    if not varying:
-        return b.reshape(1).expand(shape[c_dim])
-    return None
-
-
-def _decompose(gm: torch.fx.GraphModule, x: torch.Tensor, targets: torch.Tensor) -> FullGradients:
-    records: list[tuple[torch.fx.Node, str, torch.Tensor, torch.Tensor]] = []
-    tuple_bias: dict[torch.fx.Node, tuple] = {}
-    unaccounted: list[str] = []
-
-    def on_op(node, target, args, kwargs, out, dep_mask):
-        name = op_name(target)
-        if name == "getitem":
-            src = node.args[0]
-            if src in tuple_bias and isinstance(out, torch.Tensor):
-                b = tuple_bias[src][node.args[1]]
-                if b is not None:
-                    records.append((node, op_name(src.target), out, b))
-            return
-        try:
-            b = bias_of(target, args, kwargs, out, dep_mask)
-        except Unaccounted as err:
-            unaccounted.append(f"{module_path(node)} ({err})")
-            return
-        if isinstance(b, tuple):
-            tuple_bias[node] = b
-        elif b is not None and isinstance(out, torch.Tensor) and out.requires_grad:
-            records.append((node, name, out, b))
-
-    x = x.detach().requires_grad_(True)
-    runner = GraphRunner(gm, on_op=on_op)
-    with torch.enable_grad():
-        out = runner.run(x)
-        logits_all = out[0] if isinstance(out, (tuple, list)) else out
-        if not isinstance(logits_all, torch.Tensor) or logits_all.dim() != 2:
-            raise DecompositionError(
-                f"the model output has shape {getattr(logits_all, 'shape', None)}, not (batch, classes)",
-                hint="audit a classifier that returns logits",
-            )
-        picked = logits_all.gather(1, targets.view(-1, 1)).squeeze(1)
-        inputs = [x] + [r[2] for r in records]
-        grads = torch.autograd.grad(picked.sum(), inputs, allow_unused=True)
-    layouts = runner.layouts
-    input_grad = grads[0] if grads[0] is not None else torch.zeros_like(x)
-    input_term = (input_grad * x).detach()
-    terms: dict[str, BiasTerm] = {}
-    for (node, name, _out_t, b), g in zip(records, grads[1:]):
-        if g is None:
-            continue
-        b = b.detach()
-        order = _nchw_order(layouts.get(node), g.dim())
-        channel_bias = None
-        if order is not None:
-            channel_bias = _channel_vector(b, order, g.shape)
-            b = b.reshape((1,) * (g.dim() - b.dim()) + tuple(b.shape)).permute(order)
-            g = g.permute(order)
-        key = f"{module_path(node)}.{name}"
-        k = 2
-        while key in terms:
-            key = f"{module_path(node)}.{name}#{k}"
-            k += 1
-        origin = node.args[0] if op_name(node.target) == "getitem" else node
-        terms[key] = BiasTerm(
-            key,
-            name,
-            bias_kind(name),
-            g.detach(),
-            b,
-            order is not None,
-            channel_bias,
-            getattr(origin, "name", node.name),
-        )
-    logits = picked.detach()
-    recon = input_term.reshape(x.shape[0], -1).sum(1, dtype=torch.float64)
-    for t in terms.values():
-        recon = recon + t.total()
-    f64 = logits.to(torch.float64)
-    residual = (f64 - recon).abs() / f64.abs().clamp(min=1e-6)
-    return FullGradients(
-        input_term, input_grad.detach(), terms, logits, targets, recon, residual, unaccounted
-    )
-
-
 def _no_graph(module: torch.nn.Module, x: torch.Tensor, targets: torch.Tensor, reason: str) -> FullGradients:
     """Input-gradient part only (TorchScript): the bias share stays in the residual."""
     x = x.detach().requires_grad_(True)
@@ -332,7 +235,7 @@ def full_gradients(model, x: torch.Tensor, targets: torch.Tensor | Sequence[int]
     static = getattr(model, "static_batch", None)
     if static and x.shape[0] != static:
         return _chunked(gm, x, targets, static)
-    return _decompose(gm, x, targets)
+    return decompose(gm, x, targets)
 
 
 def _chunked(gm: torch.fx.GraphModule, x: torch.Tensor, targets: torch.Tensor, size: int) -> FullGradients:
@@ -344,7 +247,7 @@ def _chunked(gm: torch.fx.GraphModule, x: torch.Tensor, targets: torch.Tensor, s
         if n < size:  # pad the last chunk by repeating its last image, then drop the padding
             xs = torch.cat([xs, xs[-1:].expand(size - n, *xs.shape[1:])])
             ts = torch.cat([ts, ts[-1:].expand(size - n)])
-        parts.append((_decompose(gm, xs, ts), n))
+        parts.append((decompose(gm, xs, ts), n))
     merged = parts[0][0].head(parts[0][1])
     for fg, n in parts[1:]:
         merged = FullGradients.cat(merged, fg.head(n))

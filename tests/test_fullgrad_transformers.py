@@ -1,0 +1,156 @@
+"""FullGrad through vision transformers: attention modules as single ops, token terms on the
+patch grid, exact completeness (Srinivas & Fleuret 2019, eq. 1) on torchvision, timm and
+Hugging Face models with random weights (built locally, nothing downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from saliaudit.methods.fullgrad import full_gradients
+from saliaudit.tokens import TokenGrid, token_grid
+
+torch.set_num_threads(2)
+
+
+def _randomize_zero_parameters(model: nn.Module) -> nn.Module:
+    """Libraries initialize class tokens, heads and biases to zero: that would hide a lost
+    class-token or bias share. Draw them at random (seeded)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return model.eval()
+
+
+def _check_exact(model: nn.Module, size: int, batch: int = 2, dtype=torch.float32, tol: float = 1e-3):
+    model = _randomize_zero_parameters(model).to(dtype)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=dtype)
+    with torch.no_grad():
+        logits = model(x)
+    targets = logits.argmax(1)
+    fg = full_gradients(model, x, targets)
+    assert fg.unaccounted == []
+    torch.testing.assert_close(fg.logits, logits.gather(1, targets[:, None])[:, 0])
+    assert fg.logits.abs().min() > 1e-3  # a residual relative to a real logit
+    assert float(fg.residual.max()) <= tol, fg.residual
+    return fg
+
+
+def _vit_hf(image_size: int = 32):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.ViTConfig(
+        image_size=image_size,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+    )
+    torch.manual_seed(0)
+    hf = transformers.ViTForImageClassification(cfg)
+
+    class Logits(nn.Module):
+        def __init__(self, m: nn.Module):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.m(pixel_values=x).logits
+
+    return Logits(hf)
+
+
+def test_token_grid_maps_row_major_patches_after_the_leading_tokens():
+    grid = token_grid(2 + 3 * 4, [(7, 7), (3, 4)])
+    assert (grid.prefix, grid.h, grid.w) == (2, 3, 4)
+    assert token_grid(50, [(3, 4)]) is None  # 38 leading tokens: not a ViT layout
+    t = torch.arange(2 * 14 * 5, dtype=torch.float32).reshape(2, 14, 5)
+    p = grid.patches(t)
+    assert p.shape == (2, 5, 3, 4)
+    # token 2 + r*4 + c, channel k sits at (k, r, c)
+    for b, r, c, k in [(0, 0, 0, 0), (1, 2, 3, 4), (0, 1, 2, 3)]:
+        assert p[b, k, r, c] == t[b, 2 + r * 4 + c, k]
+    assert torch.equal(grid.leading(t), t[:, :2])
+    assert TokenGrid(0, 2, 2).patches(torch.ones(1, 1, 3)).shape == (1, 3, 1, 1)  # broadcast
+
+
+def test_sample_like_vit_is_exact_and_draws_every_block_on_the_patch_grid():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
+    from archs import ShapesViT
+
+    torch.manual_seed(0)
+    fg = _check_exact(ShapesViT(), 64)
+    ops = {t.op for t in fg.bias_terms.values()}
+    assert {"attention", "layer_norm", "gelu", "linear", "conv2d", "add", "cat"} <= ops, ops
+    attention = [t for t in fg.bias_terms.values() if t.op == "attention" and t.spatial]
+    assert len(attention) == 4 and all(t.grad.shape[-2:] == (8, 8) for t in attention)
+    # the class token's share is a term of its own, in the completeness and in no map
+    leading = [t for t in fg.bias_terms.values() if t.name.endswith("[leading tokens]")]
+    assert leading and not any(t.spatial for t in leading)
+    assert any(float(t.total().abs().max()) > 0 for t in leading)
+    m = fg.saliency("paper")
+    assert m.shape == (2, 64, 64) and torch.isfinite(m).all()
+
+
+def test_float64_decomposition_is_exact_to_1e_6():
+    fg = _check_exact(_vit_hf(), 32, dtype=torch.float64, tol=1e-6)
+    assert any(t.op == "attention" for t in fg.bias_terms.values())
+
+
+def test_hugging_face_vit_is_exact_in_float32():
+    _check_exact(_vit_hf(), 32)
+
+
+@pytest.mark.parametrize("arch", ["vit_b_16", "swin_t"])
+def test_torchvision_transformers_are_exact(arch):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    fg = _check_exact(torchvision.models.get_model(arch, weights=None), 224, batch=1)
+    if arch == "swin_t":  # (B, H, W, C) throughout: every term before the pooling is spatial
+        nonspatial = [t for t in fg.bias_terms.values() if not t.spatial]
+        assert all(t.grad.dim() == 2 for t in nonspatial), [t.name for t in nonspatial]
+        assert sum(t.op == "attention" for t in fg.bias_terms.values()) == 12
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "deit_tiny_patch16_224",
+        "deit_tiny_distilled_patch16_224",
+        "vit_tiny_patch16_224",
+        "swin_tiny_patch4_window7_224",
+        "convnext_atto",
+    ],
+)
+def test_timm_models_are_exact(name):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    fg = _check_exact(timm.create_model(name, pretrained=False), 224, batch=1)
+    if "distilled" in name:  # class and distillation tokens: 2 leading tokens
+        lead = next(t for t in fg.bias_terms.values() if t.name.endswith("[leading tokens]"))
+        assert lead.grad.shape[1] == 2
+
+
+def test_class_token_share_is_not_lost():
+    """The class token is a constant joined to the patch tokens (``cat``): its value is a bias
+    of that op. With a large class token, dropping it would leave a large residual."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
+    from archs import ShapesViT
+
+    torch.manual_seed(0)
+    model = ShapesViT()
+    with torch.no_grad():
+        model.cls_token.normal_(0, 1.0)
+    fg = _check_exact(model, 64)
+    cat = [t for t in fg.bias_terms.values() if t.op == "cat"]
+    assert cat and any(float(t.total().abs().max()) > 1e-4 for t in cat)
