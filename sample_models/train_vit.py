@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 import torch
-
 import train as T
 from archs import MEAN, STD, ShapesViT
 
