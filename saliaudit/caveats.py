@@ -192,11 +192,49 @@ def _check_class(name: str) -> Any:
     return CHECKS.get(name)
 
 
+#: The leading tokens' share of |f(x)| above which FullGrad's maps are called partial.
+LEADING_SHARE = 0.25
+
+
+def leading_tokens_caveat(records: list[Any]) -> dict[str, Any] | None:
+    """On a token model: the class (and distillation) tokens' terms carry a share of the logit
+    that no map shows. Raised when the 95 % interval of the mean share |Σ leading| / |f(x)|
+    lies above :data:`LEADING_SHARE`."""
+    from .stats import mean_interval
+
+    shares = [
+        abs(r.leading_tokens) / max(abs(r.logit), 1e-6)
+        for r in records
+        if getattr(r, "leading_tokens", None) is not None
+    ]
+    iv = mean_interval(shares) if shares else None
+    if iv is None or iv.lo <= LEADING_SHARE:
+        return None
+    return {
+        "kind": "leading_tokens_share",
+        "numbers": {"n": iv.n, "mean": iv.mean, "ci": iv.as_list(), "threshold": LEADING_SHARE},
+        "message": (
+            f"On this model the class token's terms of FullGrad's decomposition carry on average "
+            f"{iv.mean:.0%} of |f(x)| (95 % CI [{iv.lo:.0%}, {iv.hi:.0%}], n = {iv.n} images, above "
+            f"{LEADING_SHARE:.0%}): that share is in the completeness but in no map, because the "
+            "class token stands for no patch. FullGrad's maps of this model show the patch tokens' "
+            "and the input-gradient terms only: read them as a partial explanation."
+        ),
+    }
+
+
 def compute_caveats(
-    checks: list[CheckResult], discards: AbsDiscards | None, edge_similarity: dict[str, float]
+    checks: list[CheckResult],
+    discards: AbsDiscards | None,
+    edge_similarity: dict[str, float],
+    completeness: list[Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """The caveats supported by the measurements, each with a message and its numbers."""
+    """The caveats supported by the measurements, each with a message and its numbers
+    (``completeness``: FullGrad's per-image records, for the leading tokens' share)."""
     out: list[dict[str, Any]] = []
+    lead = leading_tokens_caveat(list(completeness or []))
+    if lead is not None:
+        out.append(lead)
     if discards is not None and discards.total() is not None:
         per = discards.per_layer()
         total = discards.total()

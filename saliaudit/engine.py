@@ -435,7 +435,7 @@ class Audit:
         with self.timer.stage("judge"):
             result.checks = self.runner.results()
             sims = {k: float(np.mean(v)) for k, v in self.edge_sim.items() if v}
-            result.caveats = compute_caveats(result.checks, self.discards, sims)
+            result.caveats = compute_caveats(result.checks, self.discards, sims, result.completeness)
             result.figures = self.figures.to_dict(result.checks)
         result.run["oom_retries"] = self.runner.oom_retries
         result.run["statistics"] = {"interval": stats.INTERVAL_METHOD, **self.runner.calibration}
@@ -660,6 +660,12 @@ class Audit:
             )
 
     def _record_decomposition(self, batch: Batch, fg: Any, complete: list[CompletenessRecord]) -> None:
+        lead = fg.leading_share()
+        layout = getattr(fg, "layout", None)
+        if layout and (layout.get("token_grid") or layout.get("attention_modules")):
+            entry = next((e for e in self.result.methods if e.get("method") == "fullgrad"), None)
+            if entry is not None:
+                entry["decomposition"] = dict(layout)
         for i, name in enumerate(batch.images):
             t = int(batch.targets[i])
             complete.append(
@@ -671,6 +677,7 @@ class Audit:
                     float(fg.reconstructed[i]),
                     float(fg.residual[i]),
                     list(fg.unaccounted),
+                    None if lead is None else float(lead[i]),
                 )
             )
         if self.discards is not None:

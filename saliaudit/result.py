@@ -74,6 +74,9 @@ class CompletenessRecord:
     reconstructed: float
     relative_residual: float
     unaccounted: list[str] = field(default_factory=list)
+    #: On a token model: the sum of the leading tokens' terms (class, distillation), the part
+    #: of the logit that is in the decomposition but in no map.
+    leading_tokens: float | None = None
 
 
 @dataclass

@@ -352,6 +352,7 @@ def unit_record(
         "discards": encode(audit.discards.log[mark.discards :] if audit.discards is not None else []),
         "attribution": encode(audit.result.attribution_completeness[mark.attribution :]),
         "failed": entry["reason"] if entry["status"] == "error" else None,
+        "decomposition": entry.get("decomposition"),
         "check_state": encode(
             {c.name: {a: getattr(c, a) for a in c.resume_state} for c in audit.runner.checks}
         ),
@@ -366,6 +367,8 @@ def restore_unit(
     if unit.get("failed") is not None and audit._entry(source)["status"] == "ok":
         audit._entry(source).update(status="error", reason=unit["failed"])
         audit.runner.fail_source(source, f"the method failed: {unit['failed']}")
+    if unit.get("decomposition"):
+        audit._entry(source)["decomposition"] = unit["decomposition"]
     audit.runner.add_source(source)
     for item in decode(unit["runner"]):
         audit.runner.apply(item)

@@ -1,7 +1,7 @@
 """Architectures of the sample models shipped with saliaudit.
 
 Plain ``torch.nn`` code with no dependency on saliaudit, so the state_dicts in this folder
-(``shapes_vgg.pt``, ``digits_cnn.pt``, ``shapes_vit.pt``) can be loaded anywhere::
+(``shapes_vgg.pt``, ``digits_cnn.pt``, ``digits_vit.pt``) can be loaded anywhere::
 
     import torch
     from archs import ShapesVGG
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ShapesVGG", "DigitsCNN", "ShapesViT", "MEAN", "STD"]
+__all__ = ["ShapesVGG", "DigitsCNN", "TinyViT", "MEAN", "STD"]
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
@@ -133,20 +133,32 @@ class _Block(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.norm2(x))))
 
 
-class ShapesViT(nn.Module):
-    """A tiny vision transformer (Dosovitskiy et al., ICLR 2021) for 64x64 RGB input.
+class TinyViT(nn.Module):
+    """A tiny vision transformer (Dosovitskiy et al., ICLR 2021).
 
-    patches:  conv(3->64, 8x8, stride 8)                               -> 64 tokens (8 x 8 grid)
-    tokens:   [class token] + patches, + learned position embedding  -> 65 x 64
-    blocks:   4 x pre-norm (multi-head self-attention, 4 heads; MLP 64->128->64, GELU)
-    head:     LayerNorm, Linear(64->num_classes) on the class token
+    patches:  conv(3->dim, patch x patch, stride patch)              -> (size/patch)² tokens
+    tokens:   [class token] + patches, + learned position embedding
+    blocks:   depth x pre-norm (multi-head self-attention; MLP dim->2·dim->dim, GELU)
+    head:     LayerNorm, Linear(dim->num_classes) on the class token
+
+    The sample ``digits_vit``: 32x32 input, 4x4 patches (an 8 x 8 grid, 65 tokens), dimension
+    64, 4 blocks of 4 heads.
     """
 
-    def __init__(self, num_classes: int = 4, dim: int = 64, depth: int = 4, heads: int = 4) -> None:
+    def __init__(
+        self,
+        num_classes: int = 10,
+        size: int = 32,
+        patch: int = 4,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+    ) -> None:
         super().__init__()
-        self.patch = nn.Conv2d(3, dim, kernel_size=8, stride=8)
+        tokens = 1 + (size // patch) ** 2
+        self.patch = nn.Conv2d(3, dim, kernel_size=patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos = nn.Parameter(torch.randn(1, 65, dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
         self.blocks = nn.Sequential(*[_Block(dim, heads, 2 * dim) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)

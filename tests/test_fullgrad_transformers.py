@@ -83,16 +83,16 @@ def test_sample_like_vit_is_exact_and_draws_every_block_on_the_patch_grid():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
-    from archs import ShapesViT
+    from archs import TinyViT
 
     torch.manual_seed(0)
-    fg = _check_exact(ShapesViT(), 64)
+    fg = _check_exact(TinyViT(num_classes=4, size=64, patch=8), 64)
     ops = {t.op for t in fg.bias_terms.values()}
     assert {"attention", "layer_norm", "gelu", "linear", "conv2d", "add", "cat"} <= ops, ops
     attention = [t for t in fg.bias_terms.values() if t.op == "attention" and t.spatial]
     assert len(attention) == 4 and all(t.grad.shape[-2:] == (8, 8) for t in attention)
     # the class token's share is a term of its own, in the completeness and in no map
-    leading = [t for t in fg.bias_terms.values() if t.name.endswith("[leading tokens]")]
+    leading = [t for t in fg.bias_terms.values() if "[leading tokens]" in t.name]
     assert leading and not any(t.spatial for t in leading)
     assert any(float(t.total().abs().max()) > 0 for t in leading)
     m = fg.saliency("paper")
@@ -134,7 +134,7 @@ def test_timm_models_are_exact(name):
     torch.manual_seed(0)
     fg = _check_exact(timm.create_model(name, pretrained=False), 224, batch=1)
     if "distilled" in name:  # class and distillation tokens: 2 leading tokens
-        lead = next(t for t in fg.bias_terms.values() if t.name.endswith("[leading tokens]"))
+        lead = next(t for t in fg.bias_terms.values() if "[leading tokens]" in t.name)
         assert lead.grad.shape[1] == 2
 
 
@@ -145,12 +145,31 @@ def test_class_token_share_is_not_lost():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
-    from archs import ShapesViT
+    from archs import TinyViT
 
     torch.manual_seed(0)
-    model = ShapesViT()
+    model = TinyViT(num_classes=4, size=64, patch=8)
     with torch.no_grad():
         model.cls_token.normal_(0, 1.0)
     fg = _check_exact(model, 64)
     cat = [t for t in fg.bias_terms.values() if t.op == "cat"]
     assert cat and any(float(t.total().abs().max()) > 1e-4 for t in cat)
+
+
+def test_leading_tokens_caveat_is_raised_only_when_the_interval_is_above_the_threshold():
+    from saliaudit.caveats import LEADING_SHARE, leading_tokens_caveat
+    from saliaudit.result import CompletenessRecord
+
+    def records(shares):
+        return [
+            CompletenessRecord(f"{i}.png", 0, "a", 2.0, 2.0, 0.0, [], 2.0 * s) for i, s in enumerate(shares)
+        ]
+
+    high = leading_tokens_caveat(records([0.6, 0.7, 0.8, 0.65, 0.75, 0.7]))
+    assert high is not None and high["kind"] == "leading_tokens_share"
+    assert high["numbers"]["n"] == 6 and high["numbers"]["ci"][0] > LEADING_SHARE
+    assert "70%" in high["message"]
+    assert leading_tokens_caveat(records([0.05, 0.1, 0.08, 0.12])) is None
+    # a mean above the threshold whose interval reaches below it is not enough
+    assert leading_tokens_caveat(records([0.0, 0.9, 0.0, 0.9])) is None
+    assert leading_tokens_caveat([CompletenessRecord("a.png", 0, "a", 1.0, 1.0, 0.0)]) is None  # a CNN

@@ -133,6 +133,7 @@ def decompose(gm: torch.fx.GraphModule, x: torch.Tensor, targets: torch.Tensor) 
     input_term = (input_grad * x).detach()
     terms: dict[str, BiasTerm] = {}
     n = x.shape[0]
+    used: dict[tuple[int, int, int], None] = {}  # token grids drawn: (leading, h, w)
     for (node, name, _out_t, b), g in zip(records, grads[1:]):
         if g is None:
             continue
@@ -142,7 +143,7 @@ def decompose(gm: torch.fx.GraphModule, x: torch.Tensor, targets: torch.Tensor) 
         scope = member.get(node)
         path = _clean(scope.key) if scope is not None else module_path(node)
         origin = node.args[0] if op_name(node.target) == "getitem" else node
-        for term in _terms(path, name, g.detach(), b.detach(), runner.layouts.get(node), list(grids)):
+        for term in _terms(path, name, g.detach(), b.detach(), runner.layouts.get(node), list(grids), used):
             term.node = getattr(origin, "name", node.name)
             key, k = term.name, 2
             while key in terms:
@@ -156,13 +157,23 @@ def decompose(gm: torch.fx.GraphModule, x: torch.Tensor, targets: torch.Tensor) 
         recon = recon + t.total()
     f64 = logits.to(torch.float64)
     residual = (f64 - recon).abs() / f64.abs().clamp(min=1e-6)
+    layout: dict[str, Any] = {"attention_modules": len(scopes)}
+    if used:
+        p, h, w = max(used, key=lambda k: k[1] * k[2])
+        layout.update(token_grid=[h, w], leading_tokens=p)
     return FullGradients(
-        input_term, input_grad.detach(), terms, logits, targets, recon, residual, unaccounted
+        input_term, input_grad.detach(), terms, logits, targets, recon, residual, unaccounted, layout
     )
 
 
 def _terms(
-    path: str, name: str, g: torch.Tensor, b: torch.Tensor, layout: str | None, grids: list[tuple[int, int]]
+    path: str,
+    name: str,
+    g: torch.Tensor,
+    b: torch.Tensor,
+    layout: str | None,
+    grids: list[tuple[int, int]],
+    used: dict[tuple[int, int, int], None],
 ) -> list[BiasTerm]:
     """The bias term(s) of one op: spatial (NCHW), a token term split into its patch grid
     and its leading tokens, or one non-spatial term."""
@@ -177,6 +188,7 @@ def _terms(
     grid = token_grid(int(g.shape[1]), grids) if g.dim() == 3 else None
     if grid is None:
         return [BiasTerm(key, name, kind, g, b, False)]
+    used.setdefault((grid.prefix, grid.h, grid.w), None)
     b3 = b.reshape((1,) * (3 - b.dim()) + tuple(b.shape))
     g4, b4 = grid.patches(g), grid.patches(b3)
     spatial = BiasTerm(key, name, kind, g4, b4, True, _channel_vector(b4, [0, 1, 2, 3], g4.shape))

@@ -102,6 +102,9 @@ class FullGradients:
         reconstructed: ``Σ input_term + Σ bias terms`` per image (float64).
         residual: ``|f − reconstructed| / max(|f|, 1e-6)`` per image (float64).
         unaccounted: ops whose bias could not be computed; their share is in ``residual``.
+        layout: how the terms were laid out: ``attention_modules`` (taken as single ops),
+            and on a token model ``token_grid`` ``[h, w]`` and ``leading_tokens`` (tokens
+            without a patch, whose terms are in no map).
     """
 
     input_term: torch.Tensor
@@ -112,6 +115,18 @@ class FullGradients:
     reconstructed: torch.Tensor
     residual: torch.Tensor
     unaccounted: list[str] = field(default_factory=list)
+    layout: dict[str, Any] = field(default_factory=dict)
+
+    def leading_share(self) -> torch.Tensor | None:
+        """Per image, the sum of the leading tokens' terms (class, distillation): the part of
+        the logit in no map; None on a model without tokens."""
+        lead = [t for t in self.bias_terms.values() if "[leading tokens]" in t.name]
+        if not self.layout.get("token_grid"):
+            return None
+        total = torch.zeros(self.logits.shape[0], dtype=torch.float64, device=self.logits.device)
+        for t in lead:
+            total = total + t.total()
+        return total
 
     def head(self, n: int) -> FullGradients:
         """The decomposition of the first ``n`` images (shared biases stay shared)."""
@@ -134,6 +149,7 @@ class FullGradients:
             self.reconstructed[:n],
             self.residual[:n],
             list(self.unaccounted),
+            dict(self.layout),
         )
 
     @staticmethod
@@ -171,6 +187,7 @@ class FullGradients:
             torch.cat([a.reconstructed, b.reconstructed]),
             torch.cat([a.residual, b.residual]),
             sorted(set(a.unaccounted) | set(b.unaccounted)),
+            {**b.layout, **a.layout},
         )
 
     @property

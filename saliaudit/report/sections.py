@@ -357,6 +357,30 @@ def completeness_view(doc: dict[str, Any], target: str, info: dict[str, Any] | N
         "status": status_of(cell) if cell else None,
         "message": str(cell.get("message") or "") if cell else "",
         "others": _delta_rows(doc),
+        "tokens": _token_layout(doc, recs),
+    }
+
+
+def _token_layout(doc: dict[str, Any], recs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """How FullGrad's terms of a transformer were drawn (attention modules as single ops, token
+    terms on the patch grid) and the leading tokens' share of the logit (in no map)."""
+    methods = [m for m in as_list(doc.get("methods")) if isinstance(m, dict)]
+    entry = next((as_dict(m["decomposition"]) for m in methods if m.get("decomposition")), {})
+    if not entry:
+        return None
+    shares = sorted(
+        abs(r["leading_tokens"]) / max(abs(r["logit"]), 1e-6)
+        for r in recs
+        if isinstance(r.get("leading_tokens"), (int, float)) and isinstance(r.get("logit"), (int, float))
+    )
+    grid = as_list(entry.get("token_grid"))
+    return {
+        "attention": int(entry.get("attention_modules") or 0),
+        "grid": f"{grid[0]}×{grid[1]}" if len(grid) == 2 else None,
+        "leading": entry.get("leading_tokens"),
+        "share_median": fmt(shares[len(shares) // 2]) if shares else None,
+        "share_max": fmt(shares[-1]) if shares else None,
+        "n": len(shares),
     }
 
 
