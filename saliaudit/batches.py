@@ -110,12 +110,13 @@ def predict_batch(
         labels.append(label)
         notes = list(d.notes)
         if masks is not None and masks_dir is not None:
-            masks.append(_load_masks(masks_dir, d.entry.rel, names, lm.input_size, notes, d.image.size))
+            masks.append(_load_masks(masks_dir, d.entry.rel, names, lm, notes, d.image.size))
         records.append(
             ImageRecord(d.entry.rel, d.sha256, label, t, names[t], float(probs[i, t]), notes, folder)
         )
     batch = Batch(lm, x, [d.entry.rel for d in items], targets, logits, labels, masks, seed, offset, examples)
-    return Predicted(batch, records, [d.image for d in items], probs, dropped, items)
+    # what the maps are drawn over: the part of each image the model sees (its center crop)
+    return Predicted(batch, records, [lm.visible(d.image) for d in items], probs, dropped, items)
 
 
 def _logits(lm: LoadedModel, x: torch.Tensor, on_retry: Callable[[int], None] | None) -> torch.Tensor:
@@ -143,7 +144,7 @@ def _load_masks(
     masks_dir: Path,
     rel: str,
     names: list[str],
-    size: tuple[int, int],
+    lm: LoadedModel,
     notes: list[str],
     image_size: tuple[int, int],
 ) -> dict[int, np.ndarray]:
@@ -154,7 +155,10 @@ def _load_masks(
         notes.append(f"no masks: {reason}")
         return {}
     try:
-        return load_masks(masks_dir, rel, names, size, image_size=image_size)
+        crop = None
+        if lm.preprocessing.resize != "stretch":  # resized and cropped as the image
+            crop = lm.preprocessing.geometry(image_size, lm.input_size)
+        return load_masks(masks_dir, rel, names, lm.input_size, image_size=image_size, crop=crop)
     except SaliauditError as err:
         notes.append(f"masks not used: {err}")
         return {}

@@ -187,8 +187,8 @@ def _like(name: str, *decls: str, metavar: str | None = None, default: str | Non
 
 _CONFIG_HELP = _help("TOML configuration file", "the nearest saliaudit.toml or pyproject.toml upwards")
 _MODEL_HELP = (
-    "Model file: .pt2, state_dict (.pt/.pth/.safetensors with --arch), TorchScript, "
-    "or a pickled module with --trust-model."
+    "Model file: .pt2, state_dict (.pt/.pth/.safetensors with --arch NAME or --arch timm:NAME), "
+    "TorchScript, a pickled module with --trust-model, or a Hugging Face folder (save_pretrained)."
 )
 
 

@@ -67,6 +67,7 @@ def explain(
     mean: str | None = _like("mean", "--mean", metavar="R,G,B"),
     std: str | None = _like("std", "--std", metavar="R,G,B"),
     cam_layer: str | None = _like("cam_layer", "--cam-layer", metavar="NAME"),
+    output_key: str | None = _like("output_key", "--output-key", metavar="KEY"),
     trust_model: bool = typer.Option(
         False, "--trust-model", help=_help(SETTINGS["trust_model"].help), show_default=False
     ),
@@ -101,6 +102,7 @@ def explain(
             std=std,
             cam_layer=cam_layer,
             trust_model=trust_model,
+            output_key=output_key,
         )
     except ImageError as err:  # IMAGE exists but cannot be decoded: no usable image
         _fail(err, EXIT_NO_IMAGES)

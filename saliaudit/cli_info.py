@@ -27,6 +27,7 @@ def methods_command(
     ),
     arch: str | None = _like("arch", "--arch", metavar="NAME"),
     input_size: str | None = _like("input_size", "--input-size", metavar="H,W"),
+    output_key: str | None = _like("output_key", "--output-key", metavar="KEY"),
     plugin: list[str] | None = typer.Option(None, "--plugin", metavar="MODULE", help=_PLUGIN_HELP),
 ) -> None:
     """List the saliency methods with their parameters (and, for a model, the CAM layers)."""
@@ -41,7 +42,7 @@ def methods_command(
 
         try:
             _check_inputs(model=model)
-            lm = load_model(model, arch=arch, input_size=input_size)
+            lm = load_model(model, arch=arch, input_size=input_size, output_key=output_key)
         except SaliauditError as err:
             _fail(err, err.exit_code)
 

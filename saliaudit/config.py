@@ -243,7 +243,12 @@ SETTINGS: dict[str, Setting] = {
             "largest fraction of the images that may be dropped (undecodable, or NaN/Inf logits) "
             "before the gate fails, 0 to 1",
         ),
-        Setting("arch", _optional(_text), None, "architecture of a state_dict: a torchvision model name"),
+        Setting(
+            "arch",
+            _optional(_text),
+            None,
+            "architecture of a state_dict: a torchvision model name, or timm:NAME for a timm model",
+        ),
         Setting(
             "num_classes",
             _optional(_int(1)),
@@ -273,6 +278,14 @@ SETTINGS: dict[str, Setting] = {
             "from the model, else ImageNet's",
         ),
         Setting("labels", _optional(_text), None, "class names file, one per line", "from the model"),
+        Setting(
+            "output_key",
+            _optional(_text),
+            None,
+            "which part of a model output that is a tuple, list, dict or dataclass holds the logits: "
+            "a key, attribute name or index",
+            "the logits entry, else the only (batch, classes) tensor",
+        ),
         Setting(
             "trust_model", _bool, False, "allow unpickling a pickled nn.Module (runs code from the file)"
         ),

@@ -91,6 +91,7 @@ def model_info(lm: LoadedModel) -> dict[str, Any]:
         "mean": list(lm.mean),
         "std": list(lm.std),
         "static_batch": lm.static_batch,
+        "preprocessing": lm.preprocessing.to_dict(),
         "class_names": list(lm.class_names),
         "sources": dict(lm.sources),
         "limitations": list(lm.limitations),
@@ -181,6 +182,7 @@ class Audit:
                 trust_model=cfg.trust_model,
                 device=self.device,
                 batch_size=cfg.batch_size,
+                output_key=cfg.output_key,
             )
         self.result.model = model_info(self.lm)
         with self.timer.stage("find_images"):

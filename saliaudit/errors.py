@@ -11,7 +11,8 @@ and the exit code the CLI maps it to (docs/report.md, "Exit codes"). The rule:
 * 3, cannot run: the named files exist but the audit cannot be done with them: a model that
   does not load or does not behave like a classifier, an unusable output folder (not
   writable, in use by another run, too little free space, a file saliaudit did not write
-  where it would write), a missing PDF backend, an internal error.
+  where it would write), a missing PDF backend or optional package (timm, transformers), an
+  internal error.
 * 4, no usable images: IMAGES (or explain's IMAGE) exists, but no image in it can be decoded.
 
 The command line (``cli.py`` and its ``cli_*`` modules) is the only place that catches them.

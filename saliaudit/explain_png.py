@@ -103,6 +103,11 @@ def explain_image(
     logit = float(logits[0, index])
     title = f"{label} · {Path(image).name} · {how} {index} ({name}), logit {logit:.4g}"
     save_explanation(
-        output, decoded.image, maps[0].detach().cpu().numpy(), signed=found.signed, title=title, size=size
+        output,
+        lm.visible(decoded.image),
+        maps[0].detach().cpu().numpy(),
+        signed=found.signed,
+        title=title,
+        size=size,
     )
     return f"{output}: {label}, class {index} ({name}), logit {logit:.4g}"

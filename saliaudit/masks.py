@@ -10,7 +10,9 @@ name of the model (exact, else case-insensitive) or a class index. A mask is bin
 image's aspect ratio is accepted).
 
 Masks are brought to the model's input size exactly as :meth:`LoadedModel.preprocess` brings
-the image there (bilinear, antialiased, aspect ratio not kept), then thresholded at 0.5: a
+the image there (bilinear, antialiased, aspect ratio not kept; for a model whose preprocessing
+resizes the shorter side and center-crops, the same resize and the same crop), then
+thresholded at 0.5: a
 pixel belongs to the object when at least half of it is covered, so the mask stays aligned
 with the resized image. (Nearest-neighbour resizing would shift the mask by up to half a
 source pixel against the bilinear image; at equal size neither changes anything.) An object
@@ -128,15 +130,26 @@ def _read_binary(path: Path) -> np.ndarray:
     return out
 
 
-def _resize(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize like the image (bilinear, antialiased), keep pixels covered at least half."""
-    if mask.shape == tuple(size):
+def _resize(
+    mask: np.ndarray,
+    size: tuple[int, int],
+    crop: tuple[tuple[int, int], tuple[int, int]] | None = None,
+) -> np.ndarray:
+    """Resize like the image (bilinear, antialiased), keep pixels covered at least half.
+    ``crop``: ``((resized h, w), (top, left))``, the image's resize then center crop to ``size``."""
+    if mask.shape == tuple(size) and crop is None:
         return mask
     import torch
     from torchvision.transforms.v2 import functional as F
 
     t = torch.from_numpy(mask.astype(np.float32))[None]
-    cover = F.resize(t, list(size), interpolation=F.InterpolationMode.BILINEAR, antialias=True)[0]
+    if crop is None:
+        cover = F.resize(t, list(size), interpolation=F.InterpolationMode.BILINEAR, antialias=True)[0]
+    else:
+        (rh, rw), (top, left) = crop
+        if (rh, rw) != mask.shape:
+            t = F.resize(t, [rh, rw], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+        cover = F.crop(t, top, left, int(size[0]), int(size[1]))[0]  # zeros outside
     out = cover >= 0.5
     if not out.any():  # thinner than half a pixel: keep where it is best covered
         out = cover >= cover.max() * (1 - 1e-6)
@@ -149,6 +162,7 @@ def load_masks(
     class_names: list[str],
     size: tuple[int, int],
     image_size: tuple[int, int] | None = None,
+    crop: tuple[tuple[int, int], tuple[int, int]] | None = None,
 ) -> dict[int, np.ndarray]:
     """The object masks of one image: ``{class index: bool (H, W)}`` at the input size.
 
@@ -159,6 +173,8 @@ def load_masks(
         size: the model input size ``(H, W)`` the image is resized to.
         image_size: the decoded image's ``(width, height)`` (PIL order), when known: masks
             must have its aspect ratio (1 % tolerance).
+        crop: ``((resized height, width), (top, left))`` of a preprocessing that resizes then
+            center-crops (:meth:`saliaudit.preprocess.Preprocessing.geometry`), else ``None``.
 
     Returns ``{}`` when the image has no mask folder. Raises
     :class:`~saliaudit.errors.ImageError` (message naming the file and what to do) for an
@@ -207,5 +223,5 @@ def load_masks(
                 path=path,
                 hint="save every mask of an image at the image's size",
             )
-        out[k], source[k] = _resize(m, size), path
+        out[k], source[k] = _resize(m, size, crop), path
     return out

@@ -1,13 +1,17 @@
 """Loading the classifier to audit (see docs/usage.md, "Models").
 
 Formats: ``.pt2`` (torch.export), a state_dict (``.pt``/``.pth``/``.safetensors``) plus
-``--arch``, TorchScript, and a pickled ``nn.Module`` (only with ``--trust-model``).
+``--arch`` (torchvision, or ``timm:NAME``), TorchScript, a pickled ``nn.Module`` (only with
+``--trust-model``), and a Hugging Face folder (``save_pretrained``).
 Everything is loaded on the CPU first, validated on a blank batch, then moved to the device.
 The user's file is only read; an in-memory module passed to :func:`wrap_module` is never mutated.
 
 This is the public module: reading each file format lives in :mod:`saliaudit.model_formats` and,
-for a state_dict, :mod:`saliaudit.model_arch`; here the flags and the values found in the file are
-resolved, and the result is validated and described as a :class:`LoadedModel`.
+for a state_dict, :mod:`saliaudit.model_arch` (:mod:`saliaudit.model_timm`), for a folder
+:mod:`saliaudit.model_hf`; a tuple/dict output or a 1-channel model is adapted in
+:mod:`saliaudit.model_adapt`, and the resize/crop policy is :mod:`saliaudit.preprocess`. Here the
+flags and the values found in the file are resolved, and the result is validated and described
+as a :class:`LoadedModel`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from saliaudit.errors import ModelLoadError, UsageError
+from saliaudit.model_adapt import validate
 from saliaudit.model_arch import load_state_dict_model
 from saliaudit.model_formats import (
     inspect_file,
@@ -34,6 +39,8 @@ from saliaudit.model_formats import (
     parse_triple,
     read_torch_file,
 )
+from saliaudit.model_timm import load_timm_model, timm_name
+from saliaudit.preprocess import Preprocessing
 
 if TYPE_CHECKING:  # pragma: no cover
     import PIL.Image
@@ -79,21 +86,26 @@ class LoadedModel:
     device: torch.device = torch.device("cpu")
     max_batch: int | None = None  # upper bound of a dynamic .pt2 batch dimension
     min_batch: int = 1  # lower bound of a dynamic .pt2 batch dimension
+    preprocessing: Preprocessing = field(default_factory=Preprocessing)
 
     def preprocess(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
-        """RGB PIL images -> normalized float32 (B, 3, H, W) at ``input_size`` on ``self.device``."""
+        """RGB PIL images -> normalized float32 (B, 3, H, W) at ``input_size`` on ``self.device``,
+        resized (and center-cropped) as :attr:`preprocessing` says."""
         from torchvision.transforms.v2 import functional as F
 
-        out = []
-        for img in images:
-            if img.mode != "RGB":
-                img = img.convert("RGB")
-            t = F.to_dtype(F.pil_to_tensor(img), torch.float32, scale=True)
-            t = F.resize(t, list(self.input_size), interpolation=F.InterpolationMode.BILINEAR, antialias=True)
-            out.append(F.normalize(t.clamp_(0.0, 1.0), list(self.mean), list(self.std)))
+        out = [
+            F.normalize(self.preprocessing.pixels(img, self.input_size), list(self.mean), list(self.std))
+            for img in images
+        ]
         if not out:
             return torch.empty((0, 3, *self.input_size), dtype=torch.float32, device=self.device)
         return torch.stack(out).to(self.device)
+
+    def visible(self, image: PIL.Image.Image) -> PIL.Image.Image:
+        """The part of ``image`` the model sees (its center crop; the whole image without one),
+        at the image's resolution: what a map is drawn over."""
+        box = self.preprocessing.visible_box(image.size, self.input_size)
+        return image if box == (0, 0, *image.size) else image.crop(box)
 
     def _chunks(self, n: int) -> tuple[int, int]:
         """(chunk size, minimum size a chunk is padded to)."""
@@ -179,80 +191,6 @@ def _read_labels(labels: str | Path | Sequence[str]) -> list[str]:
     return [str(x) for x in labels]
 
 
-def _validate(lm: LoadedModel, num_classes: int | None, where: str, batch_size: int | None = None) -> int:
-    """Run once on a zero batch of ``min(2, batch_size)`` rows (what the graph accepts);
-    returns the number of classes the module outputs. With ``batch_size`` 1, a model that
-    fails on 2 rows gets ``max_batch = 1``: every pass then runs one image at a time."""
-    b = lm.static_batch or max(min(2, batch_size or 2), lm.min_batch)
-    if lm.max_batch:
-        b = min(b, lm.max_batch)
-    shape = (b, 3, *lm.input_size)
-    try:
-        with torch.no_grad():
-            out = lm.module(torch.zeros(shape, device=lm.device))
-    except Exception as e:
-        oom = isinstance(e, getattr(torch, "OutOfMemoryError", ())) or (
-            isinstance(e, RuntimeError) and "out of memory" in str(e).lower()
-        )
-        hint = (
-            "out of memory on the device: use --device cpu, a smaller --input-size, or free the device's memory"
-            if oom
-            else "check --input-size and that the file holds an image classifier"
-            + ("; a model that runs one image at a time needs --batch-size 1" if b > 1 else "")
-        )
-        raise ModelLoadError(
-            f"running the model on a blank {shape} batch failed: {one_line(e)}", path=where, hint=hint
-        ) from None
-    if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != b:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelLoadError(
-            f"output shape {got} is not (batch, classes); saliaudit audits classifiers "
-            "that return one logits tensor",
-            path=where,
-            hint="wrap the model so that forward returns a (batch, classes) tensor",
-        )
-    if not out.is_floating_point():
-        raise ModelLoadError(
-            f"output dtype {out.dtype} is not floating point logits",
-            path=where,
-            hint="return float logits from forward",
-        )
-    if not torch.isfinite(out).all():
-        raise ModelLoadError(
-            "the model outputs NaN/Inf on a blank input",
-            path=where,
-            hint="check the weights (a corrupted or diverged checkpoint?) and --input-size",
-        )
-    if b == 1 and not lm.static_batch and (lm.max_batch or 2) >= 2:
-        _probe_two_rows(lm)
-    k = int(out.shape[1])
-    if num_classes is not None and num_classes != k:
-        raise UsageError(
-            f"--num-classes {num_classes} but the model outputs {k} classes",
-            path=where,
-            hint=f"omit --num-classes or pass --num-classes {k}",
-        )
-    return k
-
-
-def _probe_two_rows(lm: LoadedModel) -> None:
-    """A model validated on one row: if it fails on two, cap every pass at one row (and say so)."""
-    try:
-        with torch.no_grad():
-            out = lm.module(torch.zeros((2, 3, *lm.input_size), device=lm.device))
-        ok = isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == 2
-        why = (
-            ""
-            if ok
-            else f"output {tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
-        )
-    except Exception as e:
-        ok, why = False, one_line(e)
-    if not ok:
-        lm.max_batch = 1
-        lm.notes.append(f"the model fails on a batch of 2 ({why}); every pass runs one image at a time")
-
-
 def _finish(
     lm: LoadedModel,
     *,
@@ -261,12 +199,14 @@ def _finish(
     meta_names: list[str] | None,
     device: str | torch.device,
     batch_size: int | None = None,
+    output_key: str | int | None = None,
 ) -> LoadedModel:
-    """Move to the device, validate (on ``min(2, batch_size)`` rows), and settle num_classes
-    and class names."""
+    """Move to the device, validate (on ``min(2, batch_size)`` rows; the output selection and
+    the 1-channel adapter of :mod:`saliaudit.model_adapt`), and settle num_classes and class
+    names."""
     where = str(lm.path) if lm.path else "model"
     lm = lm.to(device)
-    k = _validate(lm, num_classes, where, batch_size)
+    k = validate(lm, num_classes, where, batch_size, output_key)
     if "num_classes" not in lm.sources:
         lm.sources["num_classes"] = "flag" if num_classes else "model output"
     lm.num_classes = k
@@ -322,10 +262,12 @@ def load_model(
     trust_model: bool = False,
     device: str | torch.device = "cpu",
     batch_size: int | None = None,
+    output_key: str | int | None = None,
 ) -> LoadedModel:
     """Load, validate and describe the classifier in ``path`` (see module docstring); the
     validation runs ``min(2, batch_size)`` rows, so a model that only runs one image at a
-    time loads with ``batch_size=1``."""
+    time loads with ``batch_size=1``. ``output_key`` picks the logits of a model whose
+    forward returns a tuple, list, dict or dataclass (a key, attribute name or index)."""
     path = Path(path)
     flags = _flags(input_size, mean, std)
     if num_classes is not None:
@@ -338,7 +280,9 @@ def load_model(
     device = _as_device(device)
     sha, fmt = inspect_file(path)
     try:
-        return _load(path, fmt, sha, arch, num_classes, flags, labels, trust_model, device, batch_size)
+        return _load(
+            path, fmt, sha, arch, num_classes, flags, labels, trust_model, device, batch_size, output_key
+        )
     except (ModelLoadError, UsageError):
         raise
     except Exception as e:  # anything torch raises for a bad file
@@ -360,6 +304,7 @@ def _load(
     trust_model: bool,
     device: torch.device,
     batch_size: int | None = None,
+    output_key: str | int | None = None,
 ) -> LoadedModel:
     sources: dict[str, str] = {}
     notes: list[str] = []
@@ -368,12 +313,19 @@ def _load(
     found: dict[str, list[tuple[Any, str]]] = {}
     meta_names: list[str] | None = None
     obj: Any = None
-    if fmt not in ("pt2", "torchscript"):
+    if fmt not in ("pt2", "torchscript", "huggingface"):
         obj, fmt = read_torch_file(path, fmt, trust_model)
-    if arch is not None and fmt in ("pt2", "torchscript", "pickle"):
-        notes.append(f"--arch {arch} ignored: the {fmt} file holds its own architecture")
+    if arch is not None and fmt in ("pt2", "torchscript", "pickle", "huggingface"):
+        what = "folder" if fmt == "huggingface" else "file"
+        notes.append(f"--arch {arch} ignored: the {fmt} {what} holds its own architecture")
         arch = None
-    if fmt == "pt2":
+    if fmt == "huggingface":
+        from saliaudit.model_hf import load_hf_folder
+
+        kw["module"], arch, meta_names, kw["preprocessing"] = load_hf_folder(
+            path, trust_model, found, sources, notes
+        )
+    elif fmt == "pt2":
         meta_names = load_pt2(path, flags["input_size"], kw, found, sources, notes)
     elif fmt == "torchscript":
         kw["module"] = load_torchscript(path, notes)
@@ -382,12 +334,23 @@ def _load(
         if any(m.training for m in obj.modules()):
             notes.append("model was in training mode; audited in eval mode")
         kw["module"] = obj
+    elif timm_name(arch) is not None:
+        kw["module"], arch, meta_names, kw["preprocessing"] = load_timm_model(
+            obj, str(arch), num_classes, flags["input_size"], path, found, sources, notes
+        )
+        fmt = "state_dict"
     else:
         kw["module"], arch, meta_names = load_state_dict_model(obj, arch, num_classes, path, found, sources)
         fmt = "state_dict"
     if fmt != "pt2":
         kw["module"].eval()
     _resolve(kw, sources, flags, found)
+    policy = kw.get("preprocessing")
+    if policy is not None and policy.resize_size and sources.get("input_size") == "flag":
+        own = next((v for v, _ in found.get("input_size", []) if v is not None), None)
+        if own is not None and tuple(own) != tuple(kw["input_size"]):
+            kw["preprocessing"] = policy.scaled(own, kw["input_size"])
+            sources["preprocessing"] += f" (resize scaled from {own[0]}×{own[1]} to --input-size)"
     lm = LoadedModel(
         format=fmt,
         path=path,
@@ -407,6 +370,7 @@ def _load(
         meta_names=meta_names,
         device=device,
         batch_size=batch_size,
+        output_key=output_key,
     )
 
 
@@ -418,9 +382,11 @@ def wrap_module(
     std: Any = None,
     labels: str | Path | Sequence[str] | None = None,
     num_classes: int | None = None,
+    output_key: str | int | None = None,
 ) -> LoadedModel:
     """Wrap an in-memory classifier (Python API). The user's module is never mutated: a module in
-    training mode is deep-copied before eval(); no hooks, no requires_grad changes."""
+    training mode is deep-copied before eval(); no hooks, no requires_grad changes (a tuple, dict
+    or 1-channel model is put behind :class:`~saliaudit.model_adapt.Adapted`, which holds it)."""
     if not isinstance(module, torch.nn.Module):
         raise UsageError(
             f"expected a torch.nn.Module, got {type(module).__name__}",
@@ -456,4 +422,6 @@ def wrap_module(
     )
     if isinstance(module, torch.jit.ScriptModule):
         lm.limitations.append(TORCHSCRIPT_LIMITATION)
-    return _finish(lm, num_classes=num_classes, labels=labels, meta_names=None, device=lm.device)
+    return _finish(
+        lm, num_classes=num_classes, labels=labels, meta_names=None, device=lm.device, output_key=output_key
+    )

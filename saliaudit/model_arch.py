@@ -1,4 +1,5 @@
-"""A state_dict (``.pt``/``.pth``/``.safetensors``) plus ``--arch``: torchvision architecture resolution.
+"""A state_dict (``.pt``/``.pth``/``.safetensors``) plus ``--arch``: torchvision architecture resolution
+(``--arch timm:NAME``: :mod:`saliaudit.model_timm`, which shares the unwrapping and strict loading).
 
 The state_dict is unwrapped from a training checkpoint, the torchvision classification model named by
 ``--arch`` is built with the head size read from the weights (or ``--num-classes``) and loaded strictly;
@@ -37,7 +38,7 @@ def _tv_weights_meta(arch: str) -> dict[str, Any] | None:
         return None
 
 
-def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+def unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """Unwrap {'state_dict'|'model'|...: sd} and strip a 'module.' (DataParallel) prefix."""
     for _ in range(3):
         if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -116,6 +117,21 @@ def _build_from_state_dict(
             path=path,
             hint="check --arch and --num-classes",
         ) from None
+    load_strict(model, sd, f"--arch {arch}", k_cls, inferred, num_classes, path)
+    return model.eval(), k_cls, source
+
+
+def load_strict(
+    model: torch.nn.Module,
+    sd: dict[str, torch.Tensor],
+    what: str,
+    k_cls: int,
+    inferred: int | None,
+    num_classes: int | None,
+    path: Path,
+) -> None:
+    """``model.load_state_dict(sd, strict=True)``, with a one-line error that counts the missing
+    and unexpected keys and the shape mismatches (``what``: ``--arch resnet18``)."""
     msd = model.state_dict()
     for k in msd:
         if k.endswith("num_batches_tracked") and k not in sd:
@@ -129,8 +145,8 @@ def _build_from_state_dict(
     ]
     if missing or unexpected or shapes:
         parts = [
-            f"{len(lst)} {what} ({', '.join(lst[:3])}{', ...' if len(lst) > 3 else ''})"
-            for what, lst in (
+            f"{len(lst)} {kind} ({', '.join(lst[:3])}{', ...' if len(lst) > 3 else ''})"
+            for kind, lst in (
                 ("missing keys", missing),
                 ("unexpected keys", unexpected),
                 ("shape mismatches", shapes),
@@ -138,12 +154,14 @@ def _build_from_state_dict(
             if lst
         ]
         hint = "check --arch (the architecture the weights were trained with)"
+        if any(k.endswith("pos_embed") for k in (x.split(":")[0] for x in shapes)):
+            hint += ", --input-size (the size the weights were trained at)"
         if inferred and num_classes and inferred != num_classes:
             hint += f" and --num-classes (the file's head has {inferred} classes)"
         else:
             hint += " and --num-classes"
         raise ModelLoadError(
-            f"state_dict does not match --arch {arch} with {k_cls} classes: {'; '.join(parts)}",
+            f"state_dict does not match {what} with {k_cls} classes: {'; '.join(parts)}",
             path=path,
             hint=hint,
         )
@@ -151,11 +169,10 @@ def _build_from_state_dict(
         model.load_state_dict(sd, strict=True)
     except Exception as e:
         raise ModelLoadError(
-            f"state_dict does not load into --arch {arch}: {one_line(e)}",
+            f"state_dict does not load into {what}: {one_line(e)}",
             path=path,
             hint="check --arch and --num-classes",
         ) from None
-    return model.eval(), k_cls, source
 
 
 def load_state_dict_model(
@@ -168,12 +185,14 @@ def load_state_dict_model(
 ) -> tuple[torch.nn.Module, str, list[str] | None]:
     """(module, resolved arch, class names or None) for a state_dict plus ``--arch``; ``found`` and
     ``sources`` get the torchvision weights metadata and where ``num_classes`` came from."""
-    sd = _unwrap_state_dict(obj, path)
+    sd = unwrap_state_dict(obj, path)
     if arch is None:
         raise UsageError(
-            "is a state_dict (weights only, no architecture); pass --arch NAME (a torchvision model name)",
+            "is a state_dict (weights only, no architecture); pass --arch NAME (a torchvision model "
+            "name, or timm:NAME for a timm model)",
             path=path,
-            hint="e.g. --arch resnet18, or export the model with torch.export.save to .pt2",
+            hint="e.g. --arch resnet18 or --arch timm:convnext_tiny, or export the model with "
+            "torch.export.save to .pt2",
         )
     arch = _check_arch(arch, path)
     module, k_cls, sources["num_classes"] = _build_from_state_dict(sd, arch, num_classes, path)

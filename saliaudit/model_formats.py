@@ -140,11 +140,16 @@ def _detect_format(path: Path) -> str:
 
 
 def inspect_file(path: Path) -> tuple[str, str]:
-    """(sha256, format) of an existing, non-empty regular file; see :func:`_detect_format`."""
+    """(sha256, format) of an existing, non-empty regular file (see :func:`_detect_format`), or
+    of a Hugging Face model folder (:func:`saliaudit.model_hf.inspect_folder`)."""
     if not path.exists():
         raise UsageError("model file not found", path=path, hint="check the MODEL path")
+    if path.is_dir():
+        from saliaudit.model_hf import inspect_folder
+
+        return inspect_folder(path)
     if not path.is_file():
-        raise UsageError("is not a file", path=path, hint="pass the model file itself, not a folder")
+        raise UsageError("is not a file", path=path, hint="pass the model file itself")
     try:
         if path.stat().st_size == 0:
             raise ModelLoadError("model file is empty", path=path, hint="re-save or re-download the model")
@@ -229,7 +234,7 @@ def _pt2_info(ep: torch.export.ExportedProgram, path: Path | None) -> dict[str, 
         or users[0].meta["val"].ndim != 4
     ):
         raise ModelLoadError(
-            "the exported graph does not take one (batch, 3, H, W) image tensor",
+            "the exported graph does not take one (batch, C, H, W) image tensor",
             path=path,
             hint="export the classifier with a single image batch input",
         )
@@ -239,7 +244,8 @@ def _pt2_info(ep: torch.export.ExportedProgram, path: Path | None) -> dict[str, 
         raise ModelLoadError(
             f"the exported graph takes {shape[1]} channels, not 3",
             path=path,
-            hint="saliaudit audits RGB image classifiers",
+            hint="saliaudit audits RGB image classifiers; a 1-channel (grey) model is fed the images' "
+            "luminance when loaded as a state_dict with --arch (or a module), not as a .pt2",
         )
     if isinstance(shape[0], int):
         info["static_batch"] = shape[0]

@@ -146,6 +146,7 @@ def cover_view(doc: dict[str, Any]) -> dict[str, Any]:
         ("Format", text_of(model.get("format")) + (f" ({model['arch']})" if model.get("arch") else "")),
         ("Classes", text_of(model.get("num_classes"))),
         ("Input size", "×".join(str(s) for s in size) if isinstance(size, list) else text_of(size)),
+        *_preprocessing_row(model),
         (
             "Images",
             f"{text_of(inputs.get('loaded'), '0')} audited of {text_of(inputs.get('found'), '0')} "
@@ -467,6 +468,25 @@ def problems_view(doc: dict[str, Any], target: str) -> dict[str, Any]:
         "image_notes": image_notes,
         "reason": str(reason) if reason else None,
     }
+
+
+def _preprocessing_row(model: dict[str, Any]) -> list[tuple[str, str]]:
+    """A "Preprocessing" row for a model whose source gave its resize and crop (timm, Hugging
+    Face): ``shorter side to 256, center crop 224×224, bicubic (PIL) · timm pretrained_cfg``."""
+    from ..preprocess import Preprocessing
+
+    pre, size = as_dict(model.get("preprocessing")), model.get("input_size")
+    fields = {k: pre[k] for k in Preprocessing.__dataclass_fields__ if k in pre}
+    try:
+        fields["resize_size"] = tuple(fields["resize_size"]) if fields.get("resize_size") else None
+        policy = Preprocessing(**fields)
+        if policy.is_default or not isinstance(size, list) or len(size) != 2:
+            return []
+        text = policy.describe(size)
+    except (TypeError, ValueError):
+        return []
+    source = as_dict(model.get("sources")).get("preprocessing")
+    return [("Preprocessing", text + (f" · {source}" if source else ""))]
 
 
 #: Settings the loaded model resolves when they are not given (flag, environment or config
