@@ -20,7 +20,6 @@ import torch
 import train as T
 from archs import MEAN, STD, TinyViT
 
-
 EPOCHS = 40
 
 
