@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.text import Text
 
 from .cli_common import _PLUGIN_HELP, _check_inputs, _fail, _like, _load_plugins
-from .errors import SaliauditError, UsageError
+from .errors import SaliauditError
 
 
 def _print_block(console: Console, text: str | Text, indent: int = 0, style: str = "") -> None:
@@ -23,14 +23,17 @@ def _print_block(console: Console, text: str | Text, indent: int = 0, style: str
 
 def methods_command(
     model: Path | None = typer.Option(
-        None, "--model", metavar="MODEL", help="Also show the layers the CAM methods would use on this model."
+        None,
+        "--model",
+        metavar="MODEL",
+        help="Also show what each method will do on this model (CAM layer, FullGrad terms, skips).",
     ),
     arch: str | None = _like("arch", "--arch", metavar="NAME"),
     input_size: str | None = _like("input_size", "--input-size", metavar="H,W"),
     output_key: str | None = _like("output_key", "--output-key", metavar="KEY"),
     plugin: list[str] | None = typer.Option(None, "--plugin", metavar="MODULE", help=_PLUGIN_HELP),
 ) -> None:
-    """List the saliency methods with their parameters (and, for a model, the CAM layers)."""
+    """List the saliency methods with their parameters (and, for a model, what each will do)."""
     from .config import DEFAULT_METHODS
     from .methods import METHODS, method_names
     from .psi import PSI_PRESETS
@@ -75,31 +78,51 @@ def methods_command(
     )
     if lm is None:
         return
+    _print_model_plans(console, model, lm, method_names())
+
+
+def _print_hanging(console: Console, text: str | Text, indent: int = 2, hang: int = 4) -> None:
+    """``text`` wrapped, its first line indented by ``indent`` and the others by ``hang``."""
+    body = text if isinstance(text, Text) else Text(text)
+    for i, line in enumerate(body.wrap(console, max(console.width - hang, 20))):
+        line.rstrip()
+        console.print(Text(" " * (indent if i == 0 else hang)) + line, soft_wrap=True)
+
+
+def _print_model_plans(console: Console, model: Path, lm, names: list[str]) -> None:
+    """What each method will do on ``lm`` (:mod:`saliaudit.method_plans`), then the CAM layer."""
     import torch
 
-    from .errors import DecompositionError
+    from .method_plans import method_plans
+    from .methods import METHODS
     from .methods.layers import cam_layers, find_cam_layer
 
+    plans = method_plans(lm, names)
+    h, w = lm.input_size
+    console.print()
+    _print_block(console, f"On {model} ({h}×{w} input), each method:")
+    groups: dict[str, list[str]] = {}  # methods that will do the same, on one line
+    for plan in plans:
+        groups.setdefault(plan.text, []).append(plan.method)
+    for text, methods in groups.items():
+        _print_hanging(console, Text.assemble((", ".join(methods), "bold"), f": {text}"))
     cam = [m.name for m in METHODS.values() if m.family == "cam"]
     internals = [m.name for m in METHODS.values() if m.needs_internals and m.family != "cam"]
-    # as the audit plans them: on TorchScript, methods that need layer internals are SKIPPED
-    reason = (
-        "a TorchScript model does not expose its layer activations; export the model "
-        "with torch.export and pass the .pt2"
-        if lm.format == "torchscript"
-        else None
-    )
+    reason = next((p.text for p in plans if p.method in cam and p.status != "runs"), None)
     if reason is None:
         try:
             example = torch.zeros(1, 3, *lm.input_size)
             layer, layers = find_cam_layer(lm, example), cam_layers(lm, example)
-        except DecompositionError as err:  # no capturable graph, or no spatial layer
+        except SaliauditError as err:  # no capturable graph, or no layer
             reason = str(err)
-        except UsageError as err:
-            _fail(err, err.exit_code)
     console.print()
     if reason is not None:
+        reason = reason.removeprefix("cannot run: ").removeprefix("skipped: ")
         if lm.format == "torchscript":
+            reason = (
+                "a TorchScript model does not expose its layer activations; export the model "
+                "with torch.export and pass the .pt2"
+            )
             tail = (
                 "an audit reports the CAM methods, and the other methods that need layer "
                 "internals, as skipped. Skipped: " + ", ".join(cam + internals) + "."
@@ -113,7 +136,7 @@ def methods_command(
         Text.assemble(
             f"CAM layer for {model}: ",
             (str(layer), "bold"),
-            " (override with --cam-layer); spatial layers: " + ", ".join(layers),
+            " (override with --cam-layer); layers: " + ", ".join(layers),
         ),
     )
 

@@ -1,4 +1,5 @@
-"""``saliaudit methods --model``: the CAM layer per model format; the methods benchmark runs.
+"""``saliaudit methods --model``: what each method will do, the CAM layer per model format
+(vision transformers included); the methods benchmark runs.
 
 The layer the command prints must be the one the CAM methods use
 (:func:`saliaudit.methods.cam.find_cam_layer` on the loaded model) and one of the layers
@@ -29,7 +30,7 @@ from .test_cli import _clean_env, run, tiny_cnn  # noqa: F401  (_clean_env: auto
 ROOT = Path(__file__).resolve().parents[1]
 CAM_LINE = re.compile(
     r"^CAM layer for (.+?): (\S+) \(override with --cam-layer\); "
-    r"spatial layers: (.+)$",
+    r"layers: (.+)$",
     re.MULTILINE,
 )
 
@@ -82,6 +83,10 @@ def test_methods_model_state_dict_resnet18_uses_layer4(cli_runner, tmp_path):
     assert layer == "layer4"
     want, want_layers = expected_layers(path, arch="resnet18", input_size="64")
     assert want == "layer4" and layer in want_layers and layers == want_layers
+    text = method_lines(result.output)["gradcam"]
+    assert text.startswith(
+        "layer layer4, 512 channels on a 2×2 grid; default: the input of the global pooling"
+    )
     assert {"layer1", "layer2", "layer3", "conv1"} <= set(layers)
 
 
@@ -94,6 +99,9 @@ def test_methods_model_torchscript_says_cam_methods_are_skipped(cli_runner, tmp_
     assert not CAM_LINE.search(result.output)
     line = next(ln for ln in unwrapped(result.output).splitlines() if ln.startswith("CAM layer for"))
     assert "not available" in line and "skipped" in line and "TorchScript" in line
+    lines = method_lines(result.output)
+    for name, m in METHODS.items():
+        assert lines[name].startswith("skipped: needs layer internals") == m.needs_internals, name
     skipped = line.split("Skipped:")[1]
     for name, m in METHODS.items():
         if m.needs_internals:  # what an audit of this model would report SKIPPED
@@ -113,6 +121,71 @@ def test_methods_model_without_spatial_layer_says_cam_cannot_run(cli_runner, tmp
     for name, m in METHODS.items():
         if m.family == "cam":
             assert name in line
+
+
+def method_lines(output: str) -> dict[str, str]:
+    """The per-method section ("On MODEL ..., each method:"): {method: text}, one entry per
+    method of a line that names several, continuation lines (indented by 4) joined."""
+    section = re.split(r"each\s+method:\n", output, maxsplit=1)[1].split("\n\n", 1)[0]
+    entries: list[str] = []
+    for line in section.splitlines():
+        if line.startswith("    "):
+            entries[-1] += " " + line.strip()
+        else:
+            entries.append(line.strip())
+    out = {}
+    for entry in entries:
+        names, text = entry.split(": ", 1)
+        for name in names.split(", "):
+            out[name] = text
+    return out
+
+
+def test_methods_model_vit_pt2_token_layer_and_fullgrad_terms(cli_runner, tmp_path):
+    """A timm ViT exported to .pt2: the CAM methods read blocks.11.norm1's tokens on the 14×14
+    patch grid without the class token, FullGrad takes attention as single ops and keeps the
+    class token's share out of the map; each statement checked against the library."""
+    timm = pytest.importorskip("timm")
+    from saliaudit.methods.fullgrad import full_gradients
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=5).eval()
+    path = tmp_path / "vit.pt2"
+    torch.export.save(torch.export.export(model, (torch.rand(1, 3, 224, 224),), strict=False), path)
+    result = run(cli_runner, "methods", "--model", path)
+    assert result.exit_code == 0, result.output
+    lines = method_lines(result.output)
+    assert set(lines) == set(method_names())
+    assert all("skipped" not in text and "cannot run" not in text for text in lines.values()), lines
+    for name in ("gradcam", "gradcam_pp", "gradcam_abs"):
+        assert lines[name].startswith(
+            "layer blocks.11.norm1, tokens 197 = 1 leading + 14×14 patches, 192 channels; "
+            "the leading token is left out of the map"
+        ), lines[name]
+    assert lines["cumulative_gradcam"].endswith("blocks.10, blocks.11.norm1")
+    fg_line = lines["fullgrad"]
+    for part in (
+        "attention modules taken as single ops (12)",
+        "token terms drawn on the 14×14 patch grid",
+        "the class token's share left out of the map",
+    ):
+        assert part in fg_line, fg_line
+    layer, layers = cam_line(result.output)
+    want, want_layers = expected_layers(path)
+    assert layer == want == "blocks.11.norm1" and layers == want_layers
+    # the statements are the library's: FullGrad's terms on the same model and input
+    lm = saliaudit.load_model(path)
+    fg = full_gradients(lm, torch.zeros(1, 3, 224, 224), [0])
+    attention = [t for t in fg.bias_terms.values() if t.op == "attention"]
+    leading = [t for t in fg.bias_terms.values() if t.name.endswith("[leading tokens]")]
+    assert {t.name.removesuffix("[leading tokens]") for t in attention} == {
+        f"blocks.{i}.attn.attention" for i in range(12)
+    }
+    assert leading and all(t.grad.shape[1] == 1 and not t.spatial for t in leading)
+    patches = fg.bias_terms[leading[0].name.removesuffix("[leading tokens]")]
+    assert patches.spatial and tuple(patches.grad.shape[-2:]) == (14, 14)
+    assert f"({len(leading)} terms, kept in the completeness)" in fg_line
+    assert f"{len(fg.bias_terms)} bias terms, {len(fg.spatial_terms)} drawn on the image" in fg_line
 
 
 def test_methods_model_missing_file_is_one_line_error(cli_runner, tmp_path):

@@ -10,7 +10,13 @@ models have no capturable graph: these methods raise :class:`DecompositionError`
 registry marks them ``needs_internals``, so an audit reports them SKIPPED).
 
 Layers are named by ``nn.Module`` path (``"layer4"``); :mod:`saliaudit.methods.layers` finds the
-default (:func:`find_cam_layer`), lists the choices (:func:`cam_layers`) and captures them.
+default (:func:`find_cam_layer`) and lists the choices (:func:`cam_layers`),
+:mod:`saliaudit.methods.capture` captures them. On a vision transformer ``A`` is the patch
+tokens of a token layer laid out on the patch grid, the leading (class, distillation,
+register) tokens left out, as pytorch-grad-cam's ViT ``reshape_transform`` does; the default
+layer there is the input of the last attention (``blocks.11.norm1`` on a timm ViT, the
+layer pytorch-grad-cam's tutorial prescribes), after which the patch tokens no longer reach a
+class-token head.
 """
 
 from __future__ import annotations
@@ -22,16 +28,9 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 from . import register
+from .capture import layer_activations, run_chunks
 from .common import as_targets
-from .layers import (
-    cam_layers,
-    cumulative_nodes,
-    find_cam_layer,
-    layer_activations,
-    model_index,
-    resolve_layer,
-    run_chunks,
-)
+from .layers import cam_layers, cumulative_nodes, find_cam_layer, model_index, resolve_layer
 
 __all__ = [
     "cam_layers",
@@ -143,7 +142,8 @@ def gradcam(
 
     Parameters:
         layer (None): module path (``"layer4"``: that module's output) or fx node name;
-            ``None`` = :func:`find_cam_layer` (the input of the global pooling).
+            ``None`` = :func:`find_cam_layer` (the input of the global pooling; on a
+            class-token vision transformer the input of the last attention).
         relu (True): the standard definition's ReLU; ``False`` keeps the signed sum.
 
     Returns: ``(B, 1, H, W)`` on ``x``'s device and dtype.

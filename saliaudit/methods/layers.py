@@ -4,10 +4,12 @@ A :class:`LayerIndex` lists the spatial, input-dependent nodes of the model's AT
 (:func:`saliaudit.graph.get_graph`, the same for eager modules and ``.pt2`` files) by
 ``nn.Module`` path: the layer ``"layer4"`` is the output of that module, i.e. the last
 input-dependent graph node whose module path is ``layer4`` or starts with ``layer4.``; an fx
-node name (``relu__16``) is accepted too. :func:`find_cam_layer` picks the default (the input of
-the global pooling that feeds the classifier), :func:`cam_layers` lists the choices and
-:func:`layer_activations` returns a layer's activation and the gradient of the target logits
-with respect to it, from one run of :class:`~saliaudit.graph.GraphRunner` (no module hook).
+node name (``relu__16``) is accepted too. A vision transformer's token values ``(B, T, C)``
+count as layers too, read as the ``(B, C, h, w)`` map of their patch tokens (the leading
+class/distillation/register tokens dropped, :mod:`saliaudit.methods.token_layers`).
+:func:`find_cam_layer` picks the default (the input of the global pooling that feeds the
+classifier; on a class-token transformer the input of the last attention),
+:func:`cam_layers` lists the choices; :mod:`saliaudit.methods.capture` reads them.
 """
 
 from __future__ import annotations
@@ -22,17 +24,18 @@ import torch.fx
 
 from ..errors import DecompositionError, UsageError
 from ..graph import GraphRunner, get_graph, module_path, op_name
-from .common import as_targets
+from ..tokens import TokenGrid
+from .token_layers import default_token_layer, infer_layouts, mixer_modules, token_values
 
 __all__ = [
     "LayerIndex",
+    "LayerInfo",
     "cam_layers",
     "cumulative_nodes",
     "find_cam_layer",
-    "layer_activations",
+    "layer_info",
     "model_index",
     "resolve_layer",
-    "run_chunks",
 ]
 
 _POOL_OPS = frozenset(
@@ -63,12 +66,18 @@ class LayerIndex:
     by_name: dict[str, torch.fx.Node]  # fx node name -> node
     names: dict[torch.fx.Node, str] = field(default_factory=dict)  # canonical layer names
     spatial: list[torch.fx.Node] = field(default_factory=list)
+    tokens: dict[torch.fx.Node, TokenGrid] = field(default_factory=dict)  # (B, T, C) values
+    dead: set[torch.fx.Node] = field(default_factory=set)  # patch tokens that miss the logits
     auto: torch.fx.Node | None = None
     auto_reason: str = ""
     cut: list[torch.fx.Node] = field(default_factory=list)
 
     def name(self, node: torch.fx.Node) -> str:
         return self.names.get(node, node.name)
+
+    def usable(self, node: torch.fx.Node) -> bool:
+        """Can a CAM read this value (spatial, or tokens on a patch grid)?"""
+        return node in self.tokens or _is_spatial(self, node)
 
 
 _INDEX: weakref.WeakKeyDictionary[torch.fx.GraphModule, dict[tuple, LayerIndex]] = weakref.WeakKeyDictionary()
@@ -93,7 +102,9 @@ def _first_dep(node: torch.fx.Node, dependent: set[torch.fx.Node]) -> torch.fx.N
     return next((a for a in node.all_input_nodes if a in dependent), None)
 
 
-def _build_index(gm: torch.fx.GraphModule, x: torch.Tensor) -> LayerIndex:
+def _build_index(gm: torch.fx.GraphModule, x: torch.Tensor, small: torch.Tensor) -> LayerIndex:
+    """The index for the input ``x``; ``small`` (one image, padded to a static batch) is the
+    probe of the NaN tests that find a token model's default layer."""
     shapes: dict[torch.fx.Node, tuple[int, ...]] = {}
 
     def on_op(node, target, args, kwargs, out, dep_mask):
@@ -116,8 +127,13 @@ def _build_index(gm: torch.fx.GraphModule, x: torch.Tensor) -> LayerIndex:
             if last_of[p] is n:
                 index.names[n] = p  # the outermost module whose output this node is
                 break
+    mixers = mixer_modules(order)
+    batch, size = int(x.shape[0]), (int(x.shape[-2]), int(x.shape[-1]))
+    index.layouts.update(infer_layouts(order, shapes, index.layouts, batch, size, mixers))
     index.spatial = [n for n in order if _is_spatial(index, n)]
     spatial = set(index.spatial)
+    grids = [hw for hw in dict.fromkeys(_hw(index, n) for n in index.spatial) if hw[0] * hw[1] > 1]
+    index.tokens = token_values(order, shapes, batch, grids)
 
     # the default layer: the input of the last global pooling (over H and W) of a spatial value
     for n in reversed(order):
@@ -131,7 +147,7 @@ def _build_index(gm: torch.fx.GraphModule, x: torch.Tensor) -> LayerIndex:
             out_layout = index.layouts.get(n, "NCHW")
             shape = shapes.get(n, ())
             if len(shape) == 4 and shape[out_layout.index("H")] == 1 and shape[out_layout.index("W")] == 1:
-                index.auto, index.auto_reason = src, f"input of the global pooling {n.name}"
+                index.auto, index.auto_reason = src, f"the input of the global pooling ({n.name})"
                 break
         elif (
             name in _REDUCE_OPS
@@ -139,8 +155,15 @@ def _build_index(gm: torch.fx.GraphModule, x: torch.Tensor) -> LayerIndex:
             and isinstance(n.args[1], (list, tuple))
             and hw <= {int(d) % 4 for d in n.args[1]}
         ):
-            index.auto, index.auto_reason = src, f"input of the global {name} {n.name}"
+            index.auto, index.auto_reason = src, f"the input of the global {name} ({n.name})"
             break
+    if index.auto is None and index.tokens:
+        # no global pooling of a spatial value (a vision transformer): the last token value
+        # whose patch tokens reach the logits
+        node, why, dead = default_token_layer(gm, small, index.tokens, index.names, mixers)
+        index.dead.update(dead)
+        if node is not None:
+            index.auto, index.auto_reason = node, why
     if index.auto is None and index.spatial:
         # no global pooling (e.g. VGG's flatten of a 7×7 map): the last spatial value, taken
         # before an adaptive pooling to a fixed size
@@ -148,7 +171,7 @@ def _build_index(gm: torch.fx.GraphModule, x: torch.Tensor) -> LayerIndex:
         if op_name(node.target) in _ADAPTIVE:
             src = _first_dep(node, dependent)
             node = src if src in spatial else node
-        index.auto, index.auto_reason = node, "last spatial value (no global pooling found)"
+        index.auto, index.auto_reason = node, "the last spatial value (no global pooling found)"
 
     # cut points: values through which all later computation flows (a plain CNN's layers, a
     # residual network's block outputs)
@@ -156,7 +179,7 @@ def _build_index(gm: torch.fx.GraphModule, x: torch.Tensor) -> LayerIndex:
     first_input = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
     reach = max((pos[u] for u in (first_input.users if first_input else ()) if u in pos), default=-1)
     for i, n in enumerate(order):
-        if reach <= i and n in spatial and n in index.names:
+        if reach <= i and (n in spatial or n in index.tokens) and n in index.names:
             index.cut.append(n)
         reach = max([reach] + [pos[u] for u in n.users if u in pos])
     return index
@@ -193,13 +216,14 @@ def model_index(model: Any, x: torch.Tensor) -> tuple[torch.fx.GraphModule, Laye
     per_gm = _INDEX.setdefault(gm, {})
     key = tuple(probe.shape)
     if key not in per_gm:
-        per_gm[key] = _build_index(gm, probe)
+        per_gm[key] = _build_index(gm, probe, _pad(x[:1].detach(), pad_to))
     return gm, per_gm[key]
 
 
 def _layer_names(index: LayerIndex) -> list[str]:
-    """Spatial module outputs up to the default layer (later ones are pooled, 1×1)."""
-    nodes = index.spatial
+    """Spatial and token module outputs up to the default layer (later ones are pooled, 1×1,
+    or their patch tokens no longer reach the logits)."""
+    nodes = [n for n in index.order if index.usable(n)]
     if index.auto is not None and index.auto in nodes:
         nodes = nodes[: nodes.index(index.auto) + 1]
     return list(dict.fromkeys(index.names[n] for n in nodes if n in index.names))
@@ -210,24 +234,36 @@ def _suggest(index: LayerIndex, name: str) -> str:
     close = difflib.get_close_matches(name, pool, n=5, cutoff=0.4)
     if close:
         return "did you mean " + ", ".join(close) + "?"
-    return "spatial layers: " + ", ".join(pool[-8:])
+    return "layers: " + ", ".join(pool[-8:])
 
 
 def resolve_layer(index: LayerIndex, layer: str | None) -> torch.fx.Node:
     if layer is None:
         if index.auto is None:
-            raise DecompositionError("the model has no spatial (B, C, H, W) layer for a CAM")
+            raise DecompositionError(
+                "the model has no spatial (B, C, H, W) layer and no (B, T, C) tokens on a patch "
+                "grid for a CAM"
+            )
         return index.auto
     if not isinstance(layer, str) or not layer:
         raise UsageError(f"invalid CAM layer {layer!r}", hint="pass a module path such as layer4")
     node = index.last_of.get(layer) or index.by_name.get(layer)
     if node is None:
         raise UsageError(f"the model has no layer {layer!r}", hint=_suggest(index, layer))
-    if node not in index.spatial:
+    if not index.usable(node):
         raise UsageError(
             f"layer {layer!r} is not spatial: its output has shape "
-            f"{index.shapes.get(node)}; a CAM needs a (B, C, H, W) value",
+            f"{index.shapes.get(node)}; a CAM needs a (B, C, H, W) value or (B, T, C) tokens "
+            "on the patch grid",
             hint=_suggest(index, layer),
+        )
+    if node in index.dead:
+        raise UsageError(
+            f"the patch tokens of layer {layer!r} do not reach the logits (they are read only "
+            "through the leading tokens after it), so its CAM is zero",
+            hint=f"take {index.name(index.auto)} or an earlier layer"
+            if index.auto
+            else _suggest(index, layer),
         )
     return node
 
@@ -236,23 +272,63 @@ def find_cam_layer(model: Any, example: torch.Tensor) -> str:
     """Name of the default CAM layer: the last spatial value before global pooling.
 
     That is the input of the ``adaptive_avg_pool2d`` (or max pooling, or mean/amax over H and
-    W) that leads to the classifier, found on the ATen graph of an eager module or a ``.pt2``.
-    Without global pooling, the last spatial value (before an adaptive pooling to a fixed
-    size, as in VGG). The name is the outermost module whose output it is (``"layer4"`` on a
-    torchvision ResNet), else the fx node name. ``example``: a (B, C, H, W) input batch.
+    W) that leads to the classifier, found on the ATen graph of an eager module or a ``.pt2``
+    (Swin's channels-last ``(B, H, W, C)`` included). Without global pooling but with token
+    values (a ViT), the last token value whose patch tokens reach the logits: with a
+    class-token readout the input of the last attention, ``blocks.11.norm1`` on a timm
+    ViT-B/16 (pytorch-grad-cam's documented ``model.blocks[-1].norm1``), with a token-mean
+    readout the input of the mean. Otherwise the last spatial value (before an adaptive
+    pooling to a fixed size, as in VGG). The name is the outermost module whose output it is
+    (``"layer4"`` on a torchvision ResNet), else the fx node name. ``example``: a
+    (B, C, H, W) input batch.
     """
     _, index = model_index(model, example)
     return index.name(resolve_layer(index, None))
 
 
 def cam_layers(model: Any, example: torch.Tensor) -> list[str]:
-    """Names of the spatial module outputs a CAM can use (``--cam-layer``), in graph order.
+    """Names of the module outputs a CAM can use (``--cam-layer``), in graph order.
 
-    Module outputs up to and including :func:`find_cam_layer`'s (the last entry); any other
-    module path or fx node name with a spatial output is accepted as well.
+    Spatial and token module outputs up to and including :func:`find_cam_layer`'s (the last
+    entry); any other module path or fx node name with such an output is accepted as well.
     """
     _, index = model_index(model, example)
     return _layer_names(index)
+
+
+@dataclass
+class LayerInfo:
+    """What a CAM reads at one layer: ``channels`` maps on an ``h × w`` grid, from ``tokens``
+    values of which ``prefix`` lead (``tokens`` is None for a spatial layer)."""
+
+    name: str
+    channels: int
+    h: int
+    w: int
+    tokens: int | None = None
+    prefix: int = 0
+    reason: str = ""
+
+    def __str__(self) -> str:
+        if self.tokens is None:
+            return f"layer {self.name}, {self.channels} channels on a {self.h}×{self.w} grid"
+        return (
+            f"layer {self.name}, tokens {self.tokens} = {self.prefix} leading + "
+            f"{self.h}×{self.w} patches, {self.channels} channels"
+        )
+
+
+def layer_info(model: Any, example: torch.Tensor, layer: str | None = None) -> LayerInfo:
+    """The :class:`LayerInfo` of ``layer`` (None: the default, with the reason it was chosen)."""
+    _, index = model_index(model, example)
+    node = resolve_layer(index, layer)
+    shape = index.shapes[node]
+    grid = index.tokens.get(node)
+    reason = index.auto_reason if node is index.auto else ""
+    if grid is not None:
+        return LayerInfo(index.name(node), shape[2], grid.h, grid.w, shape[1], grid.prefix, reason)
+    h, w = _hw(index, node)
+    return LayerInfo(index.name(node), shape[index.layouts[node].index("C")], h, w, reason=reason)
 
 
 def cumulative_nodes(index: LayerIndex, last: torch.fx.Node) -> list[torch.fx.Node]:
@@ -261,95 +337,3 @@ def cumulative_nodes(index: LayerIndex, last: torch.fx.Node) -> list[torch.fx.No
     if last not in nodes:
         nodes.append(last)
     return nodes
-
-
-# --------------------------------------------------------------------------- capture
-
-
-def _nchw(t: torch.Tensor, layout: str) -> torch.Tensor:
-    order = [layout.index(c) for c in "NCHW"]
-    return t if order == [0, 1, 2, 3] else t.permute(order)
-
-
-def _capture(
-    gm: torch.fx.GraphModule,
-    index: LayerIndex,
-    x: torch.Tensor,
-    targets: torch.Tensor,
-    nodes: list[torch.fx.Node],
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    store: dict[torch.fx.Node, torch.Tensor] = {}
-    wanted = set(nodes)
-
-    def on_op(node, target, args, kwargs, out, dep_mask):
-        if node in wanted:
-            store[node] = out
-
-    xi = x.detach().requires_grad_(True)
-    runner = GraphRunner(gm, on_op=on_op)
-    with torch.enable_grad():
-        out = runner.run(xi)
-        logits = out[0] if isinstance(out, (tuple, list)) else out
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
-            raise DecompositionError(
-                f"the model output has shape {getattr(logits, 'shape', None)}, not (batch, classes)",
-                hint="audit a classifier that returns logits",
-            )
-        k = logits.shape[1]
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= k):
-            raise UsageError(f"target class out of range for a model with {k} classes: {targets.tolist()}")
-        missing = [n.name for n in nodes if n not in store]
-        if missing:
-            raise DecompositionError(f"layer value {missing[0]} was not computed")
-        score = logits.gather(1, targets.view(-1, 1)).sum()
-        acts = [store[n] for n in nodes]
-        grads = torch.autograd.grad(score, acts, allow_unused=True)
-    result = []
-    for n, a, g in zip(nodes, acts, grads):
-        a = a.detach()
-        g = torch.zeros_like(a) if g is None else g.detach()
-        layout = runner.layouts.get(n) or index.layouts[n]
-        result.append((_nchw(a, layout), _nchw(g, layout)))
-    return result
-
-
-def layer_activations(
-    model: Any,
-    x: torch.Tensor,
-    targets: torch.Tensor | list[int],
-    layers: str | None | list[str | None] = None,
-) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """``[(name, A, ∂f_target/∂A)]`` for each layer, NCHW ``(B, K, h, w)``, one forward+backward.
-
-    ``layers``: a name, ``None`` (automatic) or a list of them. Batched on ``x``'s device; a
-    graph with a static batch size runs in chunks of that size.
-    """
-    targets = as_targets(targets, x)
-    gm, index = model_index(model, x)
-    names = layers if isinstance(layers, list) else [layers]
-    nodes = [resolve_layer(index, name) for name in names]
-    return run_chunks(model, gm, index, x, targets, nodes)
-
-
-def run_chunks(
-    model: Any,
-    gm: torch.fx.GraphModule,
-    index: LayerIndex,
-    x: torch.Tensor,
-    targets: torch.Tensor,
-    nodes: list[torch.fx.Node],
-) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    size, pad_to = _chunking(model, x.shape[0])
-    parts = []
-    for start in range(0, x.shape[0], size):
-        xs, ts = x[start : start + size], targets[start : start + size]
-        n = xs.shape[0]
-        parts.append(
-            [(a[:n], g[:n]) for a, g in _capture(gm, index, _pad(xs, pad_to), _pad(ts, pad_to), nodes)]
-        )
-    out = []
-    for i, node in enumerate(nodes):
-        a = torch.cat([p[i][0] for p in parts]) if len(parts) > 1 else parts[0][i][0]
-        g = torch.cat([p[i][1] for p in parts]) if len(parts) > 1 else parts[0][i][1]
-        out.append((index.name(node), a, g))
-    return out
