@@ -104,19 +104,46 @@ def test_float64_decomposition_is_exact_to_1e_6():
     assert any(t.op == "attention" for t in fg.bias_terms.values())
 
 
-def test_hugging_face_vit_is_exact_in_float32():
-    _check_exact(_vit_hf(), 32)
+def _through_loader(lm, size: int, batch: int = 1):
+    """The decomposition of a loaded model (as a user loads it) on random inputs."""
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1))
+    logits = lm.logits(x)
+    targets = logits.argmax(1)
+    fg = full_gradients(lm, x, targets)
+    assert fg.unaccounted == []
+    assert fg.logits.abs().min() > 1e-3
+    torch.testing.assert_close(fg.logits, logits.gather(1, targets[:, None])[:, 0], rtol=1e-4, atol=1e-5)
+    assert float(fg.residual.max()) <= 1e-3, fg.residual
+    return fg
+
+
+def test_hugging_face_vit_folder_is_exact_in_float32(tmp_path):
+    """A ``save_pretrained`` folder, loaded as ``saliaudit report FOLDER``."""
+    from saliaudit import load_model
+
+    model = _randomize_zero_parameters(_vit_hf().m)
+    model.save_pretrained(tmp_path / "vit")
+    lm = load_model(tmp_path / "vit")
+    fg = _through_loader(lm, 32, batch=2)
+    assert fg.layout["token_grid"] == [4, 4] and fg.layout["leading_tokens"] == 1
 
 
 @pytest.mark.parametrize("arch", ["vit_b_16", "swin_t"])
-def test_torchvision_transformers_are_exact(arch):
+def test_torchvision_transformers_are_exact(arch, tmp_path):
+    """A state_dict loaded with ``--arch vit_b_16`` / ``--arch swin_t``."""
     torchvision = pytest.importorskip("torchvision")
+    from saliaudit import load_model
+
     torch.manual_seed(0)
-    fg = _check_exact(torchvision.models.get_model(arch, weights=None), 224, batch=1)
+    model = _randomize_zero_parameters(torchvision.models.get_model(arch, weights=None))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    fg = _through_loader(load_model(tmp_path / "m.pt", arch=arch), 224)
     if arch == "swin_t":  # (B, H, W, C) throughout: every term before the pooling is spatial
         nonspatial = [t for t in fg.bias_terms.values() if not t.spatial]
         assert all(t.grad.dim() == 2 for t in nonspatial), [t.name for t in nonspatial]
         assert sum(t.op == "attention" for t in fg.bias_terms.values()) == 12
+    else:
+        assert fg.layout == {"attention_modules": 12, "token_grid": [14, 14], "leading_tokens": 1}
 
 
 @pytest.mark.parametrize(
@@ -129,11 +156,20 @@ def test_torchvision_transformers_are_exact(arch):
         "convnext_atto",
     ],
 )
-def test_timm_models_are_exact(name):
+def test_timm_models_are_exact(name, tmp_path):
+    """A state_dict loaded with ``--arch timm:NAME``."""
     timm = pytest.importorskip("timm")
+    from saliaudit import load_model
+
     torch.manual_seed(0)
-    fg = _check_exact(timm.create_model(name, pretrained=False), 224, batch=1)
+    model = _randomize_zero_parameters(timm.create_model(name, pretrained=False))
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    fg = _through_loader(load_model(tmp_path / "m.pt", arch=f"timm:{name}"), 224)
+    if "swin" in name:  # timm's Swin reshapes to (B, H·W, C) and back: still on the image
+        nonspatial = [t.name for t in fg.bias_terms.values() if not t.spatial]
+        assert nonspatial == ["head.fc.linear"], nonspatial
     if "distilled" in name:  # class and distillation tokens: 2 leading tokens
+        assert fg.layout["leading_tokens"] == 2
         lead = next(t for t in fg.bias_terms.values() if "[leading tokens]" in t.name)
         assert lead.grad.shape[1] == 2
 
@@ -173,3 +209,23 @@ def test_leading_tokens_caveat_is_raised_only_when_the_interval_is_above_the_thr
     # a mean above the threshold whose interval reaches below it is not enough
     assert leading_tokens_caveat(records([0.0, 0.9, 0.0, 0.9])) is None
     assert leading_tokens_caveat([CompletenessRecord("a.png", 0, "a", 1.0, 1.0, 0.0)]) is None  # a CNN
+
+
+def test_static_batch_export_is_exact(tmp_path):
+    """A .pt2 exported with a fixed batch size: the batch dimension cannot be told from the
+    graph's symbols, so values whose first dimension is not the batch size mark the modules."""
+    import sys
+    from pathlib import Path
+
+    from saliaudit import load_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sample_models"))
+    from archs import TinyViT
+
+    torch.manual_seed(0)
+    model = _randomize_zero_parameters(TinyViT(num_classes=4, size=32, patch=4))
+    ep = torch.export.export(model, (torch.zeros(2, 3, 32, 32),))  # static batch 2
+    torch.export.save(ep, str(tmp_path / "static.pt2"))
+    lm = load_model(tmp_path / "static.pt2", input_size=32, mean=0.5, std=0.5)
+    fg = _through_loader(lm, 32, batch=3)  # padded to chunks of 2
+    assert fg.layout["attention_modules"] == 4 and fg.layout["token_grid"] == [8, 8]

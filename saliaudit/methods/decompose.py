@@ -23,6 +23,7 @@ from ..graph import GraphRunner, module_path, op_name
 from ..tokens import token_grid
 from .biases import Unaccounted, bias_kind, bias_of
 from .scopes import find_scopes, nodes_of, scope_biases
+from .token_layers import infer_layouts
 
 if TYPE_CHECKING:
     from .fullgrad import BiasTerm, FullGradients
@@ -133,6 +134,17 @@ def decompose(gm: torch.fx.GraphModule, x: torch.Tensor, targets: torch.Tensor) 
     input_term = (input_grad * x).detach()
     terms: dict[str, BiasTerm] = {}
     n = x.shape[0]
+    # per-image 4-D values whose layout a reshape lost (timm's Swin): the one of NHWC or NCHW
+    # whose grid tiles the input
+    shapes = {node: tuple(g.shape) for (node, *_), g in zip(records, grads[1:]) if g is not None}
+    layouts = {
+        **runner.layouts,
+        **infer_layouts(list(shapes), shapes, runner.layouts, n, tuple(x.shape[2:]), set()),
+    }
+    for node, shape in shapes.items():  # every image-like grid is a candidate patch grid
+        order = _nchw_order(layouts.get(node), len(shape))
+        if order is not None:
+            grids.setdefault((int(shape[order[2]]), int(shape[order[3]])), None)
     used: dict[tuple[int, int, int], None] = {}  # token grids drawn: (leading, h, w)
     for (node, name, _out_t, b), g in zip(records, grads[1:]):
         if g is None:
@@ -143,7 +155,7 @@ def decompose(gm: torch.fx.GraphModule, x: torch.Tensor, targets: torch.Tensor) 
         scope = member.get(node)
         path = _clean(scope.key) if scope is not None else module_path(node)
         origin = node.args[0] if op_name(node.target) == "getitem" else node
-        for term in _terms(path, name, g.detach(), b.detach(), runner.layouts.get(node), list(grids), used):
+        for term in _terms(path, name, g.detach(), b.detach(), layouts.get(node), list(grids), used):
             term.node = getattr(origin, "name", node.name)
             key, k = term.name, 2
             while key in terms:

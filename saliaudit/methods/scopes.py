@@ -55,17 +55,23 @@ def _stack(node: torch.fx.Node) -> list[str]:
 
 
 def _batch_symbol(gm: torch.fx.GraphModule) -> Any:
+    """The batch size of the graph's input: a symbol (dynamic batch), an int (a graph exported
+    with a static batch), or None."""
     x = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
     val = x.meta.get("val") if x is not None else None
     if not isinstance(val, torch.Tensor) or val.dim() == 0:
         return None
-    return val.shape[0] if isinstance(val.shape[0], torch.SymInt) else None
+    first = val.shape[0]
+    return first if isinstance(first, torch.SymInt) else int(first)
 
 
 def _per_image(val: Any, batch: Any) -> bool:
-    """Is the (fake) value laid out per image: batch first, and nowhere else?"""
+    """Is the (fake) value laid out per image: batch first, and nowhere else? With a static
+    batch only the first dimension can be checked."""
     if batch is None or not isinstance(val, torch.Tensor) or val.dim() == 0:
         return True
+    if isinstance(batch, int):
+        return int(val.shape[0]) == batch
     sym = batch.node.expr
     first = val.shape[0]
     if not (isinstance(first, torch.SymInt) and first.node.expr == sym):
@@ -76,8 +82,21 @@ def _per_image(val: Any, batch: Any) -> bool:
 def _touches_batch(val: Any, batch: Any) -> bool:
     if batch is None or not isinstance(val, torch.Tensor):
         return False
+    if isinstance(batch, int):
+        return True  # with a static batch every input-dependent value is a candidate
     sym = batch.node.expr
     return any(isinstance(d, torch.SymInt) and sym in d.node.expr.free_symbols for d in val.shape)
+
+
+def _input_dependent(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """The nodes whose values depend on the input image's values (not only on its shape)."""
+    x = next((n for n in gm.graph.nodes if n.op == "placeholder"), None)
+    dep: set[torch.fx.Node] = {x} if x is not None else set()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and op_name(n.target) not in VALUE_FREE_OPS:
+            if any(a in dep for a in n.all_input_nodes):
+                dep.add(n)
+    return dep
 
 
 class Scope:
@@ -98,6 +117,7 @@ class Scope:
 def find_scopes(gm: torch.fx.GraphModule) -> list[Scope]:
     """The token-mixing scopes of a graph (module docstring), in graph order."""
     batch = _batch_symbol(gm)
+    dependent = _input_dependent(gm)
     calls = [n for n in gm.graph.nodes if n.op == "call_function"]
     stacks = {n: _stack(n) for n in calls}
     wanted: set[str] = set()
@@ -107,7 +127,7 @@ def find_scopes(gm: torch.fx.GraphModule) -> list[Scope]:
             continue
         mixer = op_name(n.target) in MIXER_OPS
         val = n.meta.get("val")
-        strange = _touches_batch(val, batch) and not _per_image(val, batch)
+        strange = n in dependent and _touches_batch(val, batch) and not _per_image(val, batch)
         if mixer or strange:
             wanted.add(st[-1])
     # widen a scope whose outputs are not per image to its parent, until they are
