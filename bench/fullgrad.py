@@ -4,7 +4,7 @@ The floor is the one forward + backward pass that any gradient saliency map need
 eager forward and the gradient of the target logits with respect to the input (parameters
 frozen), on the same batch, in the same process. Reported as a ratio (lower is better).
 
-Run:  python bench/fullgrad.py [--arch resnet50] [--batch 8] [--size 224] [--repeats 3]
+Run:  python bench/fullgrad.py [--arch resnet50|vit_b_16|swin_t] [--batch 8] [--size 224] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -46,8 +46,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     model = torchvision.models.get_model(args.arch, weights=None).eval()
+    gen = torch.Generator().manual_seed(0)
     for p in model.parameters():
         p.requires_grad_(False)
+        if p.abs().sum() == 0:  # zero-initialized heads and class tokens: random, as trained
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     x = torch.rand(args.batch, 3, args.size, args.size)
     targets = torch.arange(args.batch) % 1000
     print(
@@ -101,6 +104,8 @@ def main() -> None:
         official.remove()
     except ImportError as err:
         print(f"official formulas not importable: {err}")
+    except Exception as err:  # the official formulas know convolutions and batch-norm only
+        print(f"official formulas: not applicable to {args.arch} ({type(err).__name__}: {err})")
     try:
         from pytorch_grad_cam import FullGrad
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -119,6 +124,8 @@ def main() -> None:
         )
     except ImportError as err:
         print(f"pytorch-grad-cam not importable: {err}")
+    except Exception as err:
+        print(f"pytorch-grad-cam FullGrad: fails on {args.arch} ({type(err).__name__}: {str(err)[:120]})")
 
     print(f"{'what':40s} {'seconds':>9s} {'x floor':>8s}")
     for name, t in rows:

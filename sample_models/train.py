@@ -5,9 +5,10 @@
 CPU only, seeded and deterministic (torch.use_deterministic_algorithms, 2 threads).
 Writes, next to this file:
 
-    shapes_vgg.pt2, digits_cnn.pt2      torch.export programs (dynamic batch 1..1024) with
-                                        "saliaudit.json" metadata in extra_files
-    shapes_vgg.pt, digits_cnn.pt        plain state_dicts (weights_only=True loadable)
+    shapes_vgg.pt2, digits_cnn.pt2,     torch.export programs (dynamic batch 1..1024) with
+    digits_vit.pt2                      "saliaudit.json" metadata in extra_files
+    shapes_vgg.pt, digits_cnn.pt,       plain state_dicts (weights_only=True loadable)
+    digits_vit.pt                       (digits_vit: a tiny vision transformer, train_vit.py)
     shapes_labels.txt, digits_labels.txt
     images/shapes/<class>/NNN.png       single-object test images (ImageFolder layout)
     images/shapes_pairs/NNN.png         two-object test images (flat)
@@ -488,10 +489,22 @@ def main() -> int:
         n_masks += 1
     print(f"masks: {n_masks} files ok")
 
+    # ---------------- the sample transformer, on the same digits ----------------
+    from train_vit import train_vit
+
+    metrics["digits_vit"] = train_vit(dtr_img, dtr_y, dte_img, dte_y)
+
     runtime = time.perf_counter() - t0
     metrics["sha256"] = {
         p: sha256(HERE / p)[:16]
-        for p in ("shapes_vgg.pt", "digits_cnn.pt", "shapes_vgg.pt2", "digits_cnn.pt2")
+        for p in (
+            "shapes_vgg.pt",
+            "digits_cnn.pt",
+            "digits_vit.pt",
+            "shapes_vgg.pt2",
+            "digits_cnn.pt2",
+            "digits_vit.pt2",
+        )
     }
     (HERE / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(

@@ -16,7 +16,11 @@ from saliaudit.data import find_images, iter_decoded
 from saliaudit.methods.fullgrad import full_gradients
 
 ROOT = Path(__file__).resolve().parents[1] / "sample_models"
-MODELS = {"shapes_vgg": ("ShapesVGG", "shapes"), "digits_cnn": ("DigitsCNN", "digits")}
+MODELS = {
+    "shapes_vgg": ("ShapesVGG", "shapes"),
+    "digits_cnn": ("DigitsCNN", "digits"),
+    "digits_vit": ("TinyViT", "digits"),
+}
 
 
 def _archs():
@@ -131,3 +135,37 @@ def test_quick_start_audit_of_the_sample_model(tmp_path):
                 c["variant"] if "variant" in c else c
             )
     assert doc["check_info"]["randomization"]["sample"]["stratified_by"] == "folder label"
+
+
+@pytest.mark.slow  # a default audit of the sample transformer on 8 digits
+def test_default_audit_of_the_sample_vit_explains_the_token_grid(tmp_path):
+    """The README's transformer line: a default audit of ``digits_vit`` runs end to end, its
+    FullGrad decomposition is exact through attention, and the report says how token terms
+    were drawn (the 8×8 patch grid, the class token left out of the maps)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from saliaudit.cli import app
+
+    out = tmp_path / "vit"
+    result = CliRunner().invoke(
+        app,
+        ["report", str(ROOT / "digits_vit.pt2"), str(ROOT / "images" / "digits"), "-o", str(out), "-q",
+         "--max-images", "8", "--format", "json,html"],
+    )  # fmt: skip
+    doc = json.loads((out / "results.json").read_text())
+    assert result.exit_code == (1 if doc["summary"]["gate_failed"] else 0), result.output
+    fullgrad = next(m for m in doc["methods"] if m["method"] == "fullgrad")
+    assert fullgrad["status"] == "ok"
+    assert fullgrad["decomposition"] == {"attention_modules": 4, "token_grid": [8, 8], "leading_tokens": 1}
+    complete = doc["checks"][0]
+    assert complete["check"] == "completeness" and complete["status"] == "pass"
+    assert all(
+        r["relative_residual"] <= 1e-3 and r["leading_tokens"] is not None for r in doc["completeness"]
+    )
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "A token model" in html and "8×8 patch grid" in html and "attention modules" in html
+    # the controls still fail what they must on a transformer
+    must = [c for c in doc["checks"] if c["check"] == "randomization" and c["method"] in ("random", "edge")]
+    assert must and all(c["status"] == "fail" for c in must)
