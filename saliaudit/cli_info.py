@@ -116,6 +116,8 @@ def _print_model_plans(console: Console, model: Path, lm, names: list[str]) -> N
         except SaliauditError as err:  # no capturable graph, or no layer
             reason = str(err)
     console.print()
+    if lm.format != "torchscript":
+        _print_unsupported(console, lm, model, list(METHODS.values()))
     if reason is not None:
         reason = reason.removeprefix("cannot run: ").removeprefix("skipped: ")
         if lm.format == "torchscript":
@@ -139,6 +141,27 @@ def _print_model_plans(console: Console, model: Path, lm, names: list[str]) -> N
             " (override with --cam-layer); layers: " + ", ".join(layers),
         ),
     )
+
+
+def _print_unsupported(console: Console, lm: object, model: Path, methods: list) -> None:
+    """The methods that have no rule for an op of the model (an audit reports them SKIPPED
+    with that reason), as the audit asks them (``Method.unsupported``)."""
+    import torch
+
+    example = torch.zeros(1, 3, *lm.input_size)  # type: ignore[attr-defined]
+    lines = []
+    for m in methods:
+        try:
+            why = m.unsupported(lm, example) if m.unsupported is not None else None
+        except Exception:  # the method's own run reports what goes wrong
+            why = None
+        if why:
+            lines.append(f"{m.name}: {why}")
+    if lines:
+        _print_block(console, f"Without a rule for an op of {model} (an audit reports them as skipped):")
+        for line in lines:
+            _print_block(console, line, indent=4)
+        console.print()
 
 
 def checks_command(

@@ -394,11 +394,27 @@ class Audit:
                     reason="needs layer internals, which a TorchScript "
                     "model does not expose; export the model with torch.export (.pt2)",
                 )
+            elif (why := self._unsupported(method)) is not None:
+                entry.update(status="skipped", reason=why)  # no rule for an op of this model
+            if entry["status"] == "skipped":
                 self.runner.fail_source(source, f"{name} was skipped: {entry['reason']}", skipped=True)
             else:
                 planned.append(source)
             self.result.methods.append(entry)
         return planned
+
+    def _unsupported(self, method: Any) -> str | None:
+        """Why ``method`` has no rule for an op of the model (``Method.unsupported``), asked
+        on one seeded example image; ``None`` when it can run. A failure of the question
+        itself leaves the method planned: running it records its own error."""
+        if method.unsupported is None:
+            return None
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        x = torch.randn(1, 3, *self.lm.input_size, generator=gen).to(self.device)
+        try:
+            return method.unsupported(self.lm, x)
+        except Exception:  # e.g. the graph cannot be captured: the method's run says so
+            return None
 
     # ------------------------------------------------------------------------------- run
     def run(self) -> AuditResult:

@@ -85,6 +85,12 @@ class DecompositionError(SaliauditError):
     """A saliency decomposition cannot be computed for this model (exit 3 when fatal)."""
 
 
+class NotApplicableError(DecompositionError):
+    """A method has no rule for an op of this model (a propagation method on attention, for
+    instance): the audit reports the method SKIPPED with the message; exit 3 when fatal
+    (``saliaudit explain``)."""
+
+
 class ImputationError(SaliauditError):
     """ROAD's linear imputation cannot fill a mask (no kept pixel, or no convergence): the
     cell becomes ERROR (exit 3 only if raised outside a check)."""

@@ -13,6 +13,7 @@ import torchvision
 from torch import nn
 
 import saliaudit
+from saliaudit.errors import NotApplicableError
 from saliaudit.methods import explain, get_method
 from saliaudit.methods.propagation import NONLINEAR_OPS
 from saliaudit.model import wrap_module
@@ -389,8 +390,10 @@ def test_guided_backprop_ignores_negative_upstream_gradients(x):
     assert explain(model, x, t, "guided_backprop").abs().max().item() == 0.0
 
 
-def test_squeeze_excitation_product_keeps_its_gradient(x, targets):
-    """In x·σ(s) only σ's derivative is replaced; the product's two-sided gradient stays."""
+def test_squeeze_excitation_product(x, targets):
+    """In h·σ(u): ε-LRP takes the gate σ(u) as a constant, so the signal h takes all relevance
+    (signal-take-all, Arras et al. 2017); guided backprop keeps the product's two-sided
+    gradient with its rule at σ; DeepLIFT has no rule for the product and is skipped."""
     torch.manual_seed(0)
 
     class SE(nn.Module):
@@ -404,14 +407,24 @@ def test_squeeze_excitation_product_keeps_its_gradient(x, targets):
             return self.head((h * s).mean((2, 3)))
 
     model = SE().eval()
-    # ε-LRP with f(z)/z at the sigmoid, by hand through autograd.Function-free arithmetic:
-    xi = x.clone().requires_grad_(True)
-    h = model.conv(xi)
-    u = model.fc(h.mean((2, 3)))
-    ratio = (torch.sigmoid(u) / (u + 1e-9 * torch.where(u >= 0, 1.0, -1.0))).detach()
-    s = (u * ratio + (torch.sigmoid(u) - u * ratio).detach())[:, :, None, None]  # value σ(u), slope f(u)/u
-    model.head((h * s).mean((2, 3))).gather(1, targets[:, None]).sum().backward()
-    torch.testing.assert_close(explain(model, x, targets, "epsilon_lrp"), xi.grad * x, rtol=1e-4, atol=1e-6)
+    expected = {}
+    for method in ("epsilon_lrp", "guided_backprop"):
+        xi = x.clone().requires_grad_(True)
+        h = model.conv(xi)
+        s = torch.sigmoid(model.fc(h.mean((2, 3))))
+        if method == "epsilon_lrp":
+            s = s.detach()
+        else:  # σ'(u) · max(g, 0) at the sigmoid
+            s.register_hook(lambda g: g.clamp(min=0))
+        model.head((h * s[:, :, None, None]).mean((2, 3))).gather(1, targets[:, None]).sum().backward()
+        expected[method] = xi.grad * x if method == "epsilon_lrp" else xi.grad
+    for method, exp in expected.items():
+        torch.testing.assert_close(explain(model, x, targets, method), exp, rtol=1e-4, atol=1e-6)
+    assert rel_diff(expected["epsilon_lrp"], _grad(model, x, targets) * x) > 1e-2
+    with pytest.raises(
+        NotApplicableError, match=r"no rule for the product of two input-dependent tensors \(mul"
+    ):
+        explain(model, x, targets, "deeplift")
 
 
 def test_ops_are_classified():

@@ -69,6 +69,10 @@ class Method:
             (:class:`~saliaudit.cost.Passes`), or ``cost(params, (H, W)) -> Passes``;
             ``None``: one forward+backward row (none for controls). The audit's plan and
             ``--budget`` are built from it (:meth:`passes`).
+        unsupported: ``fn(model, x) -> str | None``: why the method has no rule for this
+            model (the audit then reports it SKIPPED with that reason, as it does methods
+            that need internals on TorchScript); ``None`` when it can run. ``x`` is an
+            example input batch.
     """
 
     name: str
@@ -84,6 +88,7 @@ class Method:
     origin: str = "builtin"
     reference_input: Any = None
     cost: Any = None
+    unsupported: Any = None
 
     def passes(self, params: dict[str, Any] | None = None, size: tuple[int, int] = (224, 224)) -> Passes:
         """Model passes of one map computation per image with ``params`` (defaults filled in)
@@ -122,11 +127,13 @@ def register(
     origin: str = "builtin",
     reference_input: Any = None,
     cost: Any = None,
+    unsupported: Any = None,
 ) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
     """Decorator: register ``fn(model, x, targets, *, param=default, ...)`` under ``name``.
 
     ``fn`` returns the signed attribution ``(B, C, H, W)``; its keyword-only arguments are the
-    method's parameters. A name registered twice keeps the last registration.
+    method's parameters. A name registered twice keeps the last registration. ``unsupported``
+    (see :class:`Method`) says why the method cannot run on a model.
     """
     if option not in ("post", "psi"):
         raise ValueError(f"option must be 'post' or 'psi', not {option!r}")
@@ -151,6 +158,7 @@ def register(
             origin,
             reference_input,
             cost,
+            unsupported,
         )
         return fn
 

@@ -11,8 +11,13 @@ epsilon_lrp    ``g · f(z) / (z + ε·sign(z))``               modified gradient
 deeplift       ``g · (f(z) − f(z̄)) / (z − z̄)``              modified gradient ⊙ (x − x̄)
 ============== ============================================ ============================
 
-Linear ops (convolutions, batch-norm, pooling, additions of branches) and products of two
-input-dependent values (squeeze-excitation ``x · σ(…)``) keep their ordinary gradient.
+Linear ops (convolutions, batch-norm, pooling, additions of branches) keep their ordinary
+gradient. Products of two input-dependent values (attention, squeeze-excitation gates),
+softmax and normalizations by input-dependent statistics (LayerNorm) get the rules of
+:mod:`saliaudit.methods.propagation_rules` (ε-LRP: Ali et al., ICML 2022; guided backprop:
+the gradient except at a softmax), or the method raises
+:class:`~saliaudit.errors.NotApplicableError` naming the op (the audit reports it SKIPPED):
+it never keeps a gradient that its paper does not define.
 
 The rules are applied on the model's ATen graph (:func:`saliaudit.graph.get_graph`), not with
 module hooks, so they reach every non-linearity however it was written: ``nn.ReLU`` or a
@@ -39,8 +44,9 @@ Conventions (differences from Captum 0.9):
   (neither does Captum's: on the sample shapes model, VGG-style with max-pooling, the delta
   error reaches 150 %). Without max-pooling both are summation-to-delta complete. The audit
   reports the delta of every image (``attribution_completeness`` in the results).
-* Only element-wise activation functions (:data:`NONLINEAR_OPS`) are modified; ``exp``,
-  ``log``, ``sqrt``, ``pow`` (inside normalizations, softmax) keep their gradient.
+* Only element-wise activation functions (:data:`NONLINEAR_OPS`) are modified. ``exp``,
+  ``log``, ``sqrt``, ``pow`` … have no rule in ε-LRP and DeepLIFT where the backward pass
+  reaches them (ε-LRP's does not inside a LayerNorm or softmax); guided backprop keeps theirs.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from ..graph import GraphRunner, get_graph, op_name
 from . import register
 from .common import picked
 from .gradients import zero_reference
+from .propagation_rules import RulePlan, plan_rules, require, run_rule_op, unsupported
 
 __all__ = ["NONLINEAR_OPS", "deeplift", "epsilon_lrp", "guided_backprop", "modified_gradient"]
 
@@ -176,6 +183,7 @@ def _run(
     rule: str,
     param: Any,
     reference: torch.Tensor | None,
+    plan: RulePlan,
 ) -> torch.Tensor:
     refs: dict[torch.fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
     # The per-op callbacks read the runners' ``dependent`` sets through these holders, not
@@ -198,6 +206,8 @@ def _run(
         del ref_runner, deps["ref"]
 
     def apply(node, target, args, kwargs):
+        if node in plan.cuts or node in plan.norms:  # ε-LRP's AH-, LN- and gate rules
+            return run_rule_op(plan, node, target, args, kwargs)
         if not _nonlinear_input(node, target, args, deps["run"]):
             return target(*args, **kwargs)
         extra = refs.get(node) if rule == "rescale" else param
@@ -230,18 +240,17 @@ def modified_gradient(
 
     ``rule`` is ``"guided"``, ``"epsilon"`` (``param`` = ε) or ``"rescale"`` (``reference`` =
     the reference input x̄, same shape as ``x``). Batched; a ``.pt2`` graph with a static batch
-    size runs on chunks of that size. Raises :class:`DecompositionError` for TorchScript.
+    size runs on chunks of that size. Raises :class:`DecompositionError` for TorchScript and
+    :class:`~saliaudit.errors.NotApplicableError` when the backward pass reaches an op that
+    ``rule`` has no rule for (:func:`~saliaudit.methods.propagation_rules.plan_rules`).
     """
     targets = torch.as_tensor(targets, dtype=torch.long, device=x.device).reshape(-1)
-    gm = get_graph(model, x)
-    if gm is None:
-        raise DecompositionError(
-            "modified-gradient methods need the model graph, which TorchScript does not expose",
-            hint="export the model with torch.export and pass the .pt2",
-        )
+    gm = _graph(model, x)
+    plan = plan_rules(gm, rule)
+    require(plan)
     static = getattr(model, "static_batch", None)
     if not static or x.shape[0] == static:
-        return _run(gm, x, targets, rule, param, reference)
+        return _run(gm, x, targets, rule, param, reference, plan)
     parts = []
     for start in range(0, x.shape[0], static):
         xs, ts = x[start : start + static], targets[start : start + static]
@@ -252,8 +261,18 @@ def modified_gradient(
             xs = torch.cat([xs, xs[-1:].expand(pad, *xs.shape[1:])])
             ts = torch.cat([ts, ts[-1:].expand(pad)])
             rs = None if rs is None else torch.cat([rs, rs[-1:].expand(pad, *rs.shape[1:])])
-        parts.append(_run(gm, xs, ts, rule, param, rs)[:n])
+        parts.append(_run(gm, xs, ts, rule, param, rs, plan)[:n])
     return torch.cat(parts)
+
+
+def _graph(model: Any, x: torch.Tensor) -> torch.fx.GraphModule:
+    gm = get_graph(model, x)
+    if gm is None:
+        raise DecompositionError(
+            "modified-gradient methods need the model graph, which TorchScript does not expose",
+            hint="export the model with torch.export and pass the .pt2",
+        )
+    return gm
 
 
 def _baseline(model: Any, x: torch.Tensor, baseline: Any) -> torch.Tensor:
@@ -279,6 +298,7 @@ def _baseline(model: Any, x: torch.Tensor, baseline: Any) -> torch.Tensor:
     reference="Springenberg et al., Striving for Simplicity: The All Convolutional Net, "
     "ICLR workshop 2015 (arXiv 2014)",
     summary="gradient with f'(z)·max(g, 0) at every non-linearity",
+    unsupported=unsupported("guided"),
 )
 def guided_backprop(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Guided backpropagation: the gradient with negative upstream gradients zeroed.
@@ -286,7 +306,10 @@ def guided_backprop(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch
     At every element-wise non-linearity ``y = f(z)`` of the model graph the backward pass
     uses ``f'(z) · max(g, 0)`` instead of ``f'(z) · g`` (for ReLU ``1[z>0] · max(g, 0)``, as in
     Captum). Applied to every activation (ReLU, reused ReLU modules, ``F.relu``, ReLU6,
-    LeakyReLU, Hardswish, SiLU, GELU, sigmoid, … and ops of a ``.pt2``).
+    LeakyReLU, Hardswish, SiLU, GELU, sigmoid, … and ops of a ``.pt2``); every other op keeps
+    its gradient, products included, as Springenberg et al. define it. A softmax (attention)
+    has no such rule: ``NotApplicableError`` names it and the audit reports the method SKIPPED
+    (iNNvestigate, Alber et al. JMLR 2019, refuses any non-ReLU network).
 
     Parameters: none.
 
@@ -305,9 +328,11 @@ def guided_backprop(model: Any, x: torch.Tensor, targets: torch.Tensor) -> torch
     "epsilon_lrp",
     family="propagation",
     needs_internals=True,
-    reference="Bach et al., PLoS ONE 2015, via Ancona et al., ICLR 2018",
+    reference="Bach et al., PLoS ONE 2015, via Ancona et al., ICLR 2018; on attention and "
+    "LayerNorm Ali et al., ICML 2022",
     summary="ε-LRP: gradient with f(z)/(z+ε·sign z) at non-linearities, times input",
     reference_input=zero_reference,
+    unsupported=unsupported("epsilon"),
 )
 def epsilon_lrp(model: Any, x: torch.Tensor, targets: torch.Tensor, *, epsilon: float = 1e-9) -> torch.Tensor:
     """ε-LRP as a modified gradient (Ancona et al. 2018, Prop. 1).
@@ -318,6 +343,13 @@ def epsilon_lrp(model: Any, x: torch.Tensor, targets: torch.Tensor, *, epsilon: 
     gradient × input (Ancona Prop. 3); it differs for activations with ``f(z)/z ≠ f'(z)``
     (ReLU6 clipping, SiLU, sigmoid …).
 
+    On transformers, the rules of Ali et al. (ICML 2022, CP-LRP): attention weights constant
+    (AH-rule; a fused ``scaled_dot_product_attention`` runs with ``q``, ``k`` detached),
+    LayerNorm's ``σ`` constant (LN-rule; also GroupNorm, RMSNorm, a division by an
+    input-dependent value), sigmoid gates constant (signal-take-all, Arras et al. 2017); the
+    relevance then sums to the logit minus the biases' share. Other products of two
+    input-dependent tensors raise ``NotApplicableError`` (:mod:`.propagation_rules`).
+
     Parameters:
         epsilon: stabilizer ε (default ``1e-9``).
 
@@ -325,7 +357,9 @@ def epsilon_lrp(model: Any, x: torch.Tensor, targets: torch.Tensor, *, epsilon: 
 
     Reference: Bach et al., *On Pixel-Wise Explanations for Non-Linear Classifier Decisions
     by Layer-Wise Relevance Propagation*, PLoS ONE 2015; Ancona, Ceolini, Öztireli & Gross,
-    *Towards better understanding of gradient-based attribution methods*, ICLR 2018.
+    *Towards better understanding of gradient-based attribution methods*, ICLR 2018; Ali,
+    Schnake, Eberle, Montavon, Müller & Wolf, *XAI for Transformers: Better Explanations
+    through Conservative Propagation*, ICML 2022.
     """
     return modified_gradient(model, x, targets, "epsilon", float(epsilon)) * x
 
@@ -338,6 +372,7 @@ def epsilon_lrp(model: Any, x: torch.Tensor, targets: torch.Tensor, *, epsilon: 
     summary="DeepLIFT Rescale: gradient with Δf/Δz at non-linearities, times x − x̄",
     reference_input=lambda model, x, baseline="black", **_: _baseline(model, x, baseline)[None],
     cost=Passes(forward=1, backward=1),  # the reference's pre-activations, then x
+    unsupported=unsupported("rescale"),
 )
 def deeplift(model: Any, x: torch.Tensor, targets: torch.Tensor, *, baseline: str = "black") -> torch.Tensor:
     """DeepLIFT with the Rescale rule, as a modified gradient (Ancona et al. 2018).
@@ -347,6 +382,9 @@ def deeplift(model: Any, x: torch.Tensor, targets: torch.Tensor, *, baseline: st
     is replaced by ``(f(z) − f(z̄)) / (z − z̄)``, falling back to ``f'(z)`` where
     ``|z − z̄| < 1e-6``. Max-pooling keeps its gradient (Captum applies its own rule there).
     Without max-pooling the attribution sums to ``f(x) − f(x̄)`` (summation-to-delta).
+    DeepLIFT has no rule for a product of two input-dependent tensors (attention,
+    squeeze-excitation gates), a softmax or a LayerNorm: ``NotApplicableError`` names the op
+    and the audit reports the method SKIPPED (Captum silently keeps the gradient there).
 
     Parameters:
         baseline: ``black`` (default: a black image, i.e. ``(0 − mean)/std`` for a loaded
