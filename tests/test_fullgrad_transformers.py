@@ -11,18 +11,12 @@ from torch import nn
 from saliaudit.methods.fullgrad import full_gradients
 from saliaudit.tokens import TokenGrid, token_grid
 
+from .tiny_vit import hf_vit, randomize_zero_parameters
+
 torch.set_num_threads(2)
 
 
-def _randomize_zero_parameters(model: nn.Module) -> nn.Module:
-    """Libraries initialize class tokens, heads and biases to zero: that would hide a lost
-    class-token or bias share. Draw them at random (seeded)."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model.eval()
+_randomize_zero_parameters = randomize_zero_parameters
 
 
 def _check_exact(model: nn.Module, size: int, batch: int = 2, dtype=torch.float32, tol: float = 1e-3):
@@ -39,29 +33,9 @@ def _check_exact(model: nn.Module, size: int, batch: int = 2, dtype=torch.float3
     return fg
 
 
-def _vit_hf(image_size: int = 32):
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.ViTConfig(
-        image_size=image_size,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=3,
-    )
-    torch.manual_seed(0)
-    hf = transformers.ViTForImageClassification(cfg)
-
-    class Logits(nn.Module):
-        def __init__(self, m: nn.Module):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.m(pixel_values=x).logits
-
-    return Logits(hf)
+def _vit_hf():
+    pytest.importorskip("transformers")
+    return hf_vit()
 
 
 def test_token_grid_maps_row_major_patches_after_the_leading_tokens():

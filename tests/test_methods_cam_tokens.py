@@ -33,18 +33,13 @@ from saliaudit.methods.layers import layer_info
 
 from .conftest import hook_counts, real_images
 from .test_methods_cam import minmax, rel_err
+from .tiny_vit import hf_vit, randomize_zero_parameters
 
 timm = pytest.importorskip("timm")
 TARGETS = [3, 7]
 
 
-def _randomize_zero_parameters(model: nn.Module) -> nn.Module:
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model.eval()
+_randomize_zero_parameters = randomize_zero_parameters
 
 
 def _timm(name: str) -> nn.Module:
@@ -138,27 +133,8 @@ def test_deit_distilled_drops_both_leading_tokens():
 
 
 def _hf_vit() -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.ViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=3,
-    )
-    hf = transformers.ViTForImageClassification(cfg).eval()
-
-    class Logits(nn.Module):
-        def __init__(self, m: nn.Module):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return self.m(pixel_values=x).logits
-
-    return Logits(hf).eval()
+    pytest.importorskip("transformers")
+    return hf_vit()
 
 
 def _tv_vit() -> nn.Module:

@@ -14,6 +14,8 @@ from saliaudit.graph import get_graph
 from saliaudit.methods import explain, get_method
 from saliaudit.methods.propagation_rules import plan_rules
 
+from .tiny_vit import hf_vit
+
 torch.set_num_threads(2)
 
 
@@ -41,29 +43,8 @@ def _zero_biases(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def _hf_vit(attn: str) -> nn.Module:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.ViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=3,
-        attn_implementation=attn,
-    )
-    torch.manual_seed(0)
-    hf = transformers.ViTForImageClassification(cfg)
-
-    class Logits(nn.Module):
-        def __init__(self, m: nn.Module):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.m(pixel_values=x).logits
-
-    return Logits(hf)
+    pytest.importorskip("transformers")
+    return hf_vit(attn_implementation=attn)
 
 
 def _timm(name: str, **kw) -> nn.Module:

@@ -115,3 +115,52 @@ def cp_lrp(m: TinyViT, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits, _ = cp_lrp_forward(m, xi)
     (g,) = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), [xi])
     return (g * x).detach()
+
+
+# ----------------------------------------------------------------------------- shared helpers
+def randomize_zero_parameters(model: nn.Module, scale: float = 0.05, seed: int = 0) -> nn.Module:
+    """Libraries initialize class tokens, heads and biases to zero: that would hide a lost
+    class-token or bias share. Draw them at random (seeded); eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return model.eval()
+
+
+def hf_vit_config(**kwargs):
+    """A tiny Hugging Face ``ViTConfig``: 32×32 input, 8×8 patches, 2 layers of width 32,
+    3 labels (``kwargs`` override)."""
+    from transformers import ViTConfig
+
+    base = dict(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=3,
+    )
+    return ViTConfig(**{**base, **kwargs})
+
+
+class HFLogits(nn.Module):
+    """A Hugging Face classifier as a plain module: pixel values in, ``logits`` out."""
+
+    def __init__(self, m: nn.Module):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.m(pixel_values=x).logits
+
+
+def hf_vit(seed: int = 0, **kwargs) -> HFLogits:
+    """A seeded tiny ``ViTForImageClassification`` (:func:`hf_vit_config`) behind
+    :class:`HFLogits`, in eval mode."""
+    from transformers import ViTForImageClassification
+
+    torch.manual_seed(seed)
+    return HFLogits(ViTForImageClassification(hf_vit_config(**kwargs))).eval()

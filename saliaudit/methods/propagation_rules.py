@@ -42,6 +42,7 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import NotApplicableError
 from ..graph import VALUE_FREE_OPS, get_graph, module_path, op_name
+from .scopes import SDPA_OPS
 
 __all__ = [
     "NORM_OPS",
@@ -63,16 +64,6 @@ PRODUCTS: dict[str, tuple[int, ...]] = {
 #: Numerator and divisor positions of a division.
 DIVISIONS: dict[str, tuple[int, int]] = {"div": (0, 1), "true_divide": (0, 1), "addcdiv": (1, 2)}
 SOFTMAX_OPS = frozenset({"softmax", "_softmax", "_safe_softmax", "log_softmax", "_log_softmax"})
-SDPA_OPS = frozenset(
-    {
-        "scaled_dot_product_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_cudnn_attention",
-        "_scaled_dot_product_attention_math",
-    }
-)
 #: Normalizations by input-dependent statistics; ε-LRP has the LN-rule for the first five.
 LN_RULE_OPS = frozenset({"layer_norm", "native_layer_norm", "group_norm", "native_group_norm", "rms_norm"})
 NORM_OPS = LN_RULE_OPS | {"instance_norm", "_fused_rms_norm", "local_response_norm"}

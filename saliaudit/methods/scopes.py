@@ -30,14 +30,11 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from ..graph import VALUE_FREE_OPS, op_name
 
-__all__ = ["MIXER_OPS", "Scope", "find_scopes", "sdpa_math"]
+__all__ = ["MIXER_OPS", "SDPA_OPS", "Scope", "find_scopes", "sdpa_math"]
 
-#: Ops that mix tokens through input-dependent weights (attention).
-MIXER_OPS = frozenset(
+#: Fused attention ops (``F.scaled_dot_product_attention`` and its kernels).
+SDPA_OPS = frozenset(
     {
-        "softmax",
-        "_softmax",
-        "_safe_softmax",
         "scaled_dot_product_attention",
         "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_efficient_attention",
@@ -46,6 +43,8 @@ MIXER_OPS = frozenset(
         "_scaled_dot_product_attention_math",
     }
 )
+#: Ops that mix tokens through input-dependent weights (attention).
+MIXER_OPS = frozenset({"softmax", "_softmax", "_safe_softmax"}) | SDPA_OPS
 
 
 def _stack(node: torch.fx.Node) -> list[str]:
@@ -222,7 +221,7 @@ def scope_biases(
             if dep:
                 live.add(n)
             name = op_name(target)
-            if name in MIXER_OPS and "scaled_dot_product" in name:
+            if name in SDPA_OPS:
                 out = _sdpa_call(name, args, kwargs)
             else:
                 out = target(*args, **kwargs)
