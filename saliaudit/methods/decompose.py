@@ -13,6 +13,7 @@ Srinivas & Fleuret, NeurIPS 2019, eq. 1–2.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -32,7 +33,7 @@ __all__ = ["decompose"]
 
 #: The op name given to an attention module taken as one op.
 ATTENTION = "attention"
-_SCOPES: dict[int, list] = {}
+_SCOPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _nchw_order(layout: str | None, ndim: int) -> list[int] | None:
@@ -55,11 +56,10 @@ def _channel_vector(bias: torch.Tensor, order: list[int], shape: torch.Size) -> 
 
 
 def _scopes_of(gm: torch.fx.GraphModule) -> list:
-    key = id(gm)
-    if key not in _SCOPES:
-        _SCOPES.clear()  # one graph at a time is enough: the audit decomposes one model
-        _SCOPES[key] = find_scopes(gm)
-    return _SCOPES[key]
+    """The graph's attention scopes, found once per graph (freed with it)."""
+    if gm not in _SCOPES:
+        _SCOPES[gm] = find_scopes(gm)
+    return _SCOPES[gm]
 
 
 def decompose(gm: torch.fx.GraphModule, x: torch.Tensor, targets: torch.Tensor) -> FullGradients:
