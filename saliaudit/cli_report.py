@@ -201,6 +201,7 @@ def _run_report(
     baseline: tuple[Path, dict] | None = None,
     resume: bool = False,
 ) -> int:
+    from .distributed import current_world
     from .engine import Audit, new_result
     from .model import resolve_device
     from .preflight import planned_report
@@ -208,6 +209,21 @@ def _run_report(
     from .report.terminal import print_summary, progress_bar, quiet_line
     from .resume import AuditState
 
+    world = current_world()  # launched by torchrun with several processes
+    if world is not None:
+        from . import distributed
+
+        try:
+            if resume:
+                raise ResumeRefusedError(
+                    "--resume is not supported under torchrun",
+                    hint="resume the interrupted audit in one process, or rerun the job without --resume",
+                )
+            cfg = distributed.start(world, cfg)
+        except SaliauditError as err:
+            _fail(err, err.exit_code)
+        if world.rank != 0:
+            return _worker(model, images, cfg, world)
     out = OutputFolder(Path(cfg.output), force=cfg.force)
     result = None
     audit = None
@@ -217,11 +233,16 @@ def _run_report(
         raise Interrupted()
 
     signal.signal(signal.SIGTERM, on_term)
-    state = AuditState(out, resume=resume)
+    state = AuditState(out, resume=resume) if world is None else None
     try:
-        state.require()  # --resume without saved work: a usage error, before anything is touched
+        if state is not None:
+            state.require()  # --resume without saved work: a usage error, before anything is touched
         # before the model is loaded: the folder is free, writable, ours to write, with room
-        out.prepare(planned_report(cfg, images, baseline=baseline is not None), owner=True)
+        try:
+            out.prepare(planned_report(cfg, images, baseline=baseline is not None), owner=True)
+        finally:
+            if world is not None:
+                distributed.barrier()  # the other ranks start once the folder is prepared
         _folder_lines(out, quiet)
         result = new_result(cfg, datetime.now(timezone.utc), resolve_device(cfg.device))
         from .report.plan_text import plan_lines
@@ -232,14 +253,20 @@ def _run_report(
                     err_console.print(line, markup=False, soft_wrap=True)
 
         with progress_bar(err_console, quiet) as progress:
-            audit = Audit(cfg, out.path, progress=progress, result=result, on_plan=show_plan, state=state)
-            audit.plan(model, images)
-            audit.run()
+            if world is not None:  # this rank's share, then every rank's units replayed and judged
+                audit = distributed.run_sharded(
+                    model, images, cfg, out.path, world, progress=progress, result=result, on_plan=show_plan
+                )
+            else:
+                audit = Audit(cfg, out.path, progress=progress, result=result, on_plan=show_plan, state=state)
+                audit.plan(model, images)
+                audit.run()
             doc = result.to_dict()
             hook = progress.rendering(cfg.format) if progress else None
             # on pdf_error, the rest is written
             _, pdf_error = write_results(out, doc, cfg.format, on_format=hook, manifest=True)
-            state.remove()  # the audit is written: its saved work is no longer needed
+            if state is not None:
+                state.remove()  # the audit is written: its saved work is no longer needed
             if progress:
                 progress.finish()
         _ci_outputs(doc, cfg.annotations)
@@ -286,7 +313,9 @@ def _run_report(
         return code
     except (KeyboardInterrupt, Interrupted):
         reason = "interrupted by SIGTERM" if sys.exc_info()[0] is Interrupted else "interrupted (Ctrl-C)"
-        if result is not None and out.prepared:
+        if world is not None:  # torchrun stops every rank when one fails or is killed
+            _stopped_rank(out, f"{reason} (torchrun stops the job when a rank fails or is killed)")
+        elif result is not None and out.prepared:
             result.inputs["loaded"] = len(result.images)
             if audit is not None:
                 audit.judge_partial()
@@ -300,7 +329,9 @@ def _run_report(
             err_console.print(f"saliaudit: {reason}; nothing was written", markup=False)
         return EXIT_INTERRUPTED
     except SaliauditError as err:
-        if result is not None and out.prepared and not isinstance(err, ResumeRefusedError):
+        if world is not None:
+            _stopped_rank(out)
+        elif result is not None and out.prepared and not isinstance(err, ResumeRefusedError):
             _write_partial(out, result, cfg, str(err))
         _fail(err, err.exit_code)
     except typer.Exit:
@@ -310,8 +341,37 @@ def _run_report(
     finally:
         signal.signal(signal.SIGTERM, previous)
         out.close()  # the lock is released on every path
+        if world is not None:
+            distributed.stop()
         _folder_lines(out, quiet)
     return EXIT_CANNOT_RUN
+
+
+def _worker(model: Path, images: Path, cfg, world) -> int:
+    """A torchrun rank other than 0: its share of the units, sent to rank 0; no output, no
+    files (rank 0 prepared the output folder before the barrier)."""
+    from . import distributed
+
+    try:
+        distributed.barrier()
+        distributed.run_sharded(model, images, cfg, Path(cfg.output), world)
+    except SaliauditError as err:
+        return err.exit_code  # rank 0 prints the message
+    except (KeyboardInterrupt, Interrupted):
+        return EXIT_INTERRUPTED
+    finally:
+        distributed.stop()
+    return EXIT_OK
+
+
+def _stopped_rank(out: OutputFolder, reason: str | None = None) -> None:
+    """Rank 0 of a torchrun job that did not finish: the overlays it wrote are removed and
+    no results are written (a partial audit of some ranks would mislead)."""
+    if out.prepared:
+        out.discard("maps")
+        out.finish()
+    if reason is not None:
+        err_console.print(f"saliaudit: {reason}; nothing was written", markup=False, soft_wrap=True)
 
 
 def _write_partial(out: OutputFolder, result: AuditResult, cfg, reason: str) -> list[Path]:

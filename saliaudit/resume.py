@@ -386,4 +386,21 @@ def restore_unit(
     for c in audit.runner.checks:
         for attr, value in (state.get(c.name) or {}).items():
             if attr in c.resume_state:
-                setattr(c, attr, value)
+                setattr(c, attr, merge_state(getattr(c, attr, None), value))
+
+
+def merge_state(old: Any, new: Any) -> Any:
+    """A check's cross-batch state after a saved unit: dictionaries merged key by key
+    (units of several torchrun ranks each hold their own figures), counts by their maximum,
+    an empty value keeping the earlier one; anything else replaced. A sequential run's
+    snapshots only grow, so merging them equals taking the newest."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = dict(old)
+        for k, v in new.items():
+            out[k] = merge_state(out.get(k), v) if k in out else v
+        return out
+    if new is None or (isinstance(new, (list, tuple, dict, str)) and not new):
+        return old if old is not None else new
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)) and not isinstance(new, bool):
+        return max(old, new)
+    return new
