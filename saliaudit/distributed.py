@@ -36,8 +36,9 @@ if TYPE_CHECKING:
 
 __all__ = ["World", "Shard", "DistributedError", "current_world", "owner", "partition", "run_sharded"]
 
-#: Test hook: the rank named here kills itself (SIGKILL) when it starts its second batch.
-KILL_HOOK = "SALIAUDIT_TEST_KILL_RANK"
+#: Test hook, ``RANK:kill`` or ``RANK:raise``: that rank kills itself (SIGKILL) or raises when
+#: it starts its second batch (tests/test_distributed.py).
+FAULT_HOOK = "_SALIAUDIT_TEST_RANK_FAULT"
 
 
 class DistributedError(SaliauditError):
@@ -108,11 +109,17 @@ def barrier() -> None:
 
 
 def stop() -> None:
-    """Leave the process group."""
+    """Wait for every rank (rank 0 has printed its message by then: a failed rank's exit
+    code does not make torchrun stop it first) and leave the process group."""
     import torch.distributed as dist
 
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        except Exception:  # a rank is gone: torchrun stops the job
+            pass
+        finally:
+            dist.destroy_process_group()
 
 
 class Shard:
@@ -132,8 +139,11 @@ class Shard:
         self.where = images[0] if images else f"batch {batch_no}"
         if self.pool is None and self.owns(batch_no):
             self.batches += 1
-            if self.batches == 2 and os.environ.get(KILL_HOOK) == str(self.world.rank):
+            hook = os.environ.get(FAULT_HOOK, "")
+            if self.batches == 2 and hook == f"{self.world.rank}:kill":
                 os.kill(os.getpid(), 9)
+            if self.batches == 2 and hook == f"{self.world.rank}:raise":
+                raise RuntimeError("test fault")
 
     def owns(self, batch_no: int) -> bool:
         return self.pool is None and owner(batch_no, self.world.size) == self.world.rank
