@@ -1,0 +1,131 @@
+"""One audit over several processes with torchrun (saliaudit/distributed.py; README,
+"Scaling out"): the batches are dealt to the ranks without overlap or loss, rank 0's report
+equals a single process's, and a failing or killed rank stops the job with nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from saliaudit.distributed import FAULT_HOOK, World, current_world, owner, partition
+from saliaudit.resume import merge_state
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "sample_models" / "digits_cnn.pt2"
+IMAGES = ROOT / "sample_models" / "images" / "digits"
+#: Run-specific parts of results.json (as in tests/test_resume.py).
+VOLATILE = ("run", "timings", "plan", "manifest", "config")
+ARGS = [
+    "report", str(MODEL), str(IMAGES), "--profile", "quick", "--max-images", "8", "--batch-size", "2",
+    "--methods", "fullgrad,random", "--checks", "completeness,randomization,bn_folding,class_sensitivity",
+    "--psi", "paper,signed", "--overlays", "examples", "--examples-html", "2", "--format", "json,html", "-q",
+]  # fmt: skip
+
+
+def test_partition_has_no_overlap_or_loss_and_is_balanced() -> None:
+    for n in range(0, 23):
+        for bs in range(1, 5):
+            for size in range(1, 6):
+                shares = partition(n, bs, size)
+                flat = sorted(i for s in shares for i in s)
+                assert flat == list(range(n)), (n, bs, size)
+                batches = [len({i // bs for i in s}) for s in shares]
+                assert max(batches) - min(batches) <= 1, (n, bs, size, batches)
+
+
+def test_owner_deals_batches_in_turn() -> None:
+    assert [owner(k, 3) for k in range(1, 8)] == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_current_world_only_under_torchrun(monkeypatch) -> None:
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert current_world() is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert current_world() is None
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert current_world() == World(3, 4, 1)
+
+
+def test_merge_state_merges_ranks_and_equals_replacing_a_superset() -> None:
+    a = {"v": {"x.png": 1}}
+    b = {"v": {"y.png": 2}, "w": {"z.png": 3}}
+    assert merge_state(a, b) == {"v": {"x.png": 1, "y.png": 2}, "w": {"z.png": 3}}
+    grown = {"v": {"x.png": 1, "y.png": 2}}
+    assert merge_state(a, grown) == grown  # a sequential run: the newer snapshot holds the older
+    assert merge_state(2, 5) == 5 and merge_state(5, 2) == 5  # counts: their maximum
+    assert merge_state(["conv1+bn1"], []) == ["conv1+bn1"]  # an empty value keeps the earlier one
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SALIAUDIT_")}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def _torchrun(out: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    cmd = [*torchrun, "-m", "saliaudit", *ARGS, "-o", str(out)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=out.parent)
+
+
+def _numbers(path: Path) -> dict:
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    return {k: v for k, v in doc.items() if k not in VOLATILE}
+
+
+needs_model = pytest.mark.skipif(not MODEL.is_file(), reason="sample model not present")
+
+
+@pytest.mark.slow
+@needs_model
+def test_two_gloo_ranks_equal_one_process(tmp_path) -> None:
+    env = _env()
+    one = subprocess.run(
+        [sys.executable, "-m", "saliaudit", *ARGS, "-o", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr
+    two = _torchrun(tmp_path / "two", env)
+    assert two.returncode == 0, two.stderr
+    assert _numbers(tmp_path / "two" / "results.json") == _numbers(tmp_path / "one" / "results.json")
+    assert two.stdout.count("results:") + two.stderr.count("results:") == 1  # rank 0 alone reports
+    doc = json.loads((tmp_path / "two" / "results.json").read_text(encoding="utf-8"))
+    assert doc["run"]["world_size"] == 2
+    assert [r["rank"] for r in doc["run"]["ranks"]] == [0, 1]
+    assert [r["images"] for r in doc["run"]["ranks"]] == [4, 4]  # batches 1, 3 and 2, 4
+    single = json.loads((tmp_path / "one" / "results.json").read_text(encoding="utf-8"))
+    assert single["run"]["world_size"] == 1 and single["run"]["ranks"][0]["images"] == 8
+    # the overlays the second rank computed are written by rank 0, byte for byte the same
+    for entry in single["manifest"]:
+        assert entry in doc["manifest"] or not entry["path"].startswith("maps/")
+    assert "2 (torchrun; rank 0" in (tmp_path / "two" / "report.html").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+@needs_model
+@pytest.mark.parametrize("fault", ["1:raise", "1:kill"])
+def test_a_failing_rank_stops_the_job_with_nothing_written(tmp_path, fault: str) -> None:
+    env = {**_env(), FAULT_HOOK: fault}
+    out = tmp_path / "out"
+    run = _torchrun(out, env)
+    assert run.returncode != 0
+    text = run.stdout + run.stderr
+    if fault.endswith("raise"):  # rank 0 names the rank and the image it was on
+        assert "saliaudit: error: rank 1 failed on 1/002.png: RuntimeError: test fault" in text
+    else:  # torchrun names the killed rank; rank 0 says it wrote nothing
+        assert "SIGKILL" in text and "nothing was written" in text
+    left = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert left in ([], [".saliaudit-output"]), left
+    shutil.rmtree(tmp_path, ignore_errors=True)
