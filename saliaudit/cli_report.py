@@ -240,9 +240,12 @@ def _run_report(
         # before the model is loaded: the folder is free, writable, ours to write, with room
         try:
             out.prepare(planned_report(cfg, images, baseline=baseline is not None), owner=True)
-        finally:
+        except SaliauditError as err:
             if world is not None:
-                distributed.barrier()  # the other ranks start once the folder is prepared
+                distributed.share(err.exit_code)  # the other ranks stop: nothing to audit into
+            raise
+        if world is not None:
+            distributed.share(None)  # the other ranks start once the folder is prepared
         _folder_lines(out, quiet)
         result = new_result(cfg, datetime.now(timezone.utc), resolve_device(cfg.device))
         from .report.plan_text import plan_lines
@@ -353,7 +356,9 @@ def _worker(model: Path, images: Path, cfg, world) -> int:
     from . import distributed
 
     try:
-        distributed.barrier()
+        code = distributed.share()
+        if code is not None:  # rank 0 could not prepare the output folder (it says why)
+            return code
         distributed.run_sharded(model, images, cfg, Path(cfg.output), world)
     except SaliauditError as err:
         return err.exit_code  # rank 0 prints the message

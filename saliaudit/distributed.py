@@ -100,12 +100,15 @@ def start(world: World, cfg: AuditConfig) -> AuditConfig:
     return replace(cfg, values={**cfg.values, "device": device})
 
 
-def barrier() -> None:
-    """Wait for every rank (rank 0 prepares the output folder before the others start)."""
+def share(value: Any = None) -> Any:
+    """Rank 0's ``value`` on every rank (the others wait for it): whether rank 0 prepared the
+    output folder, before the others start (``None``) or its exit code when it could not."""
     import torch.distributed as dist
 
+    box = [value]
     if dist.is_initialized():
-        dist.barrier()
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def stop() -> None:
@@ -203,8 +206,15 @@ def run_sharded(
     shard = Shard(world)
     work = Path(out_dir) if world.rank == 0 else Path(tempfile.mkdtemp(prefix=f"saliaudit-rank{world.rank}-"))
     audit = None
+
+    def planned(plan: Any) -> None:  # the caller shows the plan from its result
+        if result is not None:
+            result.plan = plan.to_dict()
+        if on_plan is not None:
+            on_plan(plan)
+
     try:
-        audit = Audit(cfg, work, progress=progress, on_plan=on_plan, shard=shard)
+        audit = Audit(cfg, work, progress=progress, on_plan=planned, shard=shard)
         audit.plan(model, images)
         audit.run_units()
         report: dict[str, Any] = {"ok": True, "units": shard.units}
@@ -238,6 +248,14 @@ def run_sharded(
     final = Audit(cfg, out_dir, result=result, shard=Shard(world, pool))
     final.plan(model, images, reuse=audit.plan_)
     final.run()
+    # rank 0's own share measured against the plan (the replay only adds recorded numbers)
+    per_stage = {**audit.timer.per_stage, **audit.runner.timings}
+    final.result.plan = audit._plan_record(per_stage)
+    final.result.timings = {
+        "total_s": time.perf_counter() - t0,
+        "per_stage": {k: round(v, 4) for k, v in per_stage.items()},
+        "replay_s": round(final.result.timings["total_s"], 4),
+    }
     final.result.run["duration_s"] = round(time.perf_counter() - t0, 3)
     final.result.run["world_size"] = world.size
     final.result.run["ranks"] = [
