@@ -129,3 +129,16 @@ def test_a_failing_rank_stops_the_job_with_nothing_written(tmp_path, fault: str)
     left = sorted(p.name for p in out.iterdir()) if out.exists() else []
     assert left in ([], [".saliaudit-output"]), left
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.slow
+@needs_model
+def test_an_unusable_output_folder_stops_every_rank(tmp_path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("the user's", encoding="utf-8")
+    run = _torchrun(out, _env())
+    assert run.returncode != 0
+    text = run.stdout + run.stderr
+    assert text.count("saliaudit: error: ") == 1 and "not a saliaudit output" in text  # rank 0 alone
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
