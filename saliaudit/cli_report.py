@@ -317,7 +317,8 @@ def _run_report(
     except (KeyboardInterrupt, Interrupted):
         reason = "interrupted by SIGTERM" if sys.exc_info()[0] is Interrupted else "interrupted (Ctrl-C)"
         if world is not None:  # torchrun stops every rank when one fails or is killed
-            _stopped_rank(out, f"{reason} (torchrun stops the job when a rank fails or is killed)")
+            where = "; ".join(distributed.unfinished(world)) or "no other rank was computing"
+            _stopped_rank(out, f"{reason}: torchrun stopped the job ({where})")
         elif result is not None and out.prepared:
             result.inputs["loaded"] = len(result.images)
             if audit is not None:
@@ -340,6 +341,8 @@ def _run_report(
     except typer.Exit:
         raise
     except Exception as err:  # an unexpected bug: one line, the traceback with --debug
+        if world is not None:
+            _stopped_rank(out)
         _bug(err)
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -125,6 +125,49 @@ def stop() -> None:
             dist.destroy_process_group()
 
 
+def _store() -> Any:
+    """The job's key-value store (torchrun's rendezvous), or ``None``."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return None
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except Exception:  # a private helper: without it the positions are not shared
+        return None
+
+
+def _post(world: World, where: str) -> None:
+    """Publish where this rank is (``""``: its share is finished), for rank 0's message
+    when torchrun stops the job because a rank was killed."""
+    store = _store()
+    if store is not None:
+        try:
+            store.set(f"saliaudit/at/{world.rank}", where)
+        except Exception:  # informational only
+            pass
+
+
+def unfinished(world: World) -> list[str]:
+    """``rank R on IMAGE`` for each other rank that had not finished its share."""
+    from datetime import timedelta
+
+    store, out = _store(), []
+    if store is None:
+        return out
+    try:
+        store.set_timeout(timedelta(seconds=2))
+        for r in range(1, world.size):
+            key = f"saliaudit/at/{r}"
+            if store.check([key]):
+                where = store.get(key).decode()
+                if where:
+                    out.append(f"rank {r} on {where}")
+    except Exception:  # the store is gone with the job: no positions
+        pass
+    return out
+
+
 class Shard:
     """The engine's view of this rank's share: which batches it computes (:meth:`owns`),
     the units it finished (:meth:`keep`), and on rank 0's replay the gathered units
@@ -142,6 +185,7 @@ class Shard:
         self.where = images[0] if images else f"batch {batch_no}"
         if self.pool is None and self.owns(batch_no):
             self.batches += 1
+            _post(self.world, self.where)
             hook = os.environ.get(FAULT_HOOK, "")
             if self.batches == 2 and hook == f"{self.world.rank}:kill":
                 os.kill(os.getpid(), 9)
@@ -218,6 +262,7 @@ def run_sharded(
         audit.plan(model, images)
         audit.run_units()
         report: dict[str, Any] = {"ok": True, "units": shard.units}
+        _post(world, "")
     except Exception as err:  # sent to rank 0, which stops the job with it
         text = str(err) if isinstance(err, SaliauditError) else f"{type(err).__name__}: {first_line(err)}"
         report = {"ok": False, "message": f"rank {world.rank} failed on {shard.where}: {text}"}
@@ -230,7 +275,15 @@ def run_sharded(
         images=len(shard.images),
         seconds=round(time.perf_counter() - t0, 3),
     )
-    gathered = _gather(report, world)
+    try:
+        gathered = _gather(report, world)
+    except Exception as err:  # a rank died before sending its work (torchrun stops the job)
+        where = "; ".join(unfinished(world)) or "a rank stopped"
+        raise DistributedError(
+            f"the ranks' work could not be gathered ({where}; the transport said: "
+            f"{first_line(err).split('. ')[0]})",
+            hint="torchrun's report below names the rank that stopped",
+        ) from err
     if gathered is None:  # rank > 0: done
         if not report["ok"]:
             raise DistributedError(report["message"])

@@ -125,7 +125,7 @@ def test_a_failing_rank_stops_the_job_with_nothing_written(tmp_path, fault: str)
     if fault.endswith("raise"):  # rank 0 names the rank and the image it was on
         assert "saliaudit: error: rank 1 failed on 1/002.png: RuntimeError: test fault" in text
     else:  # torchrun names the killed rank; rank 0 says it wrote nothing
-        assert "SIGKILL" in text and "nothing was written" in text
+        assert "SIGKILL" in text and "rank 1 on 1/002.png); nothing was written" in text
     left = sorted(p.name for p in out.iterdir()) if out.exists() else []
     assert left in ([], [".saliaudit-output"]), left
     shutil.rmtree(tmp_path, ignore_errors=True)
