@@ -243,6 +243,7 @@ def run_sharded(
     (``result`` filled), on the others ``None``. Raises :class:`DistributedError` on rank 0
     when a rank failed (on that rank too, after sending its message)."""
     from .batches import first_line
+    from .cost import release_memory
     from .engine import Audit
     from .report.output import atomic_write
 
@@ -298,12 +299,15 @@ def run_sharded(
                 atomic_write(Path(out_dir) / rel, data)
             pool[key] = unit
     assert audit is not None
-    final = Audit(cfg, out_dir, result=result, shard=Shard(world, pool))
-    final.plan(model, images, reuse=audit.plan_)
-    final.run()
     # rank 0's own share measured against the plan (the replay only adds recorded numbers)
     per_stage = {**audit.timer.per_stage, **audit.runner.timings}
-    final.result.plan = audit._plan_record(per_stage)
+    plan, plan_record = audit.plan_, audit._plan_record(per_stage)
+    del audit  # its model and maps: the replay loads the model again
+    release_memory()
+    final = Audit(cfg, out_dir, result=result, shard=Shard(world, pool))
+    final.plan(model, images, reuse=plan)
+    final.run()
+    final.result.plan = plan_record
     final.result.timings = {
         "total_s": time.perf_counter() - t0,
         "per_stage": {k: round(v, 4) for k, v in per_stage.items()},
