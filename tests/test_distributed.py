@@ -22,7 +22,7 @@ IMAGES = ROOT / "sample_models" / "images" / "digits"
 #: Run-specific parts of results.json (as in tests/test_resume.py).
 VOLATILE = ("run", "timings", "plan", "manifest", "config")
 ARGS = [
-    "report", str(MODEL), str(IMAGES), "--profile", "quick", "--max-images", "8", "--batch-size", "2",
+    "--profile", "quick", "--max-images", "9", "--batch-size", "2", "--max-skipped", "0.5",
     "--methods", "fullgrad,random", "--checks", "completeness,randomization,bn_folding,class_sensitivity",
     "--psi", "paper,signed", "--overlays", "examples", "--examples-html", "2", "--format", "json,html", "-q",
 ]  # fmt: skip
@@ -71,9 +71,9 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _torchrun(out: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+def _torchrun(out: Path, env: dict[str, str], images: Path = IMAGES) -> subprocess.CompletedProcess:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    cmd = [*torchrun, "-m", "saliaudit", *ARGS, "-o", str(out)]
+    cmd = [*torchrun, "-m", "saliaudit", "report", str(MODEL), str(images), *ARGS, "-o", str(out)]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=out.parent)
 
 
@@ -88,18 +88,36 @@ needs_model = pytest.mark.skipif(not MODEL.is_file(), reason="sample model not p
 @pytest.mark.slow
 @needs_model
 def test_two_gloo_ranks_equal_one_process(tmp_path) -> None:
+    images = tmp_path / "images"  # 8 digits and a file that does not decode (skipped)
+    for digit in ("0", "1"):
+        (images / digit).mkdir(parents=True)
+        for src in sorted((IMAGES / digit).glob("*.png"))[:4]:
+            shutil.copy(src, images / digit / src.name)
+    (images / "0" / "0015.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))  # truncated
     env = _env()
     one = subprocess.run(
-        [sys.executable, "-m", "saliaudit", *ARGS, "-o", str(tmp_path / "one")],
+        [
+            sys.executable,
+            "-m",
+            "saliaudit",
+            "report",
+            str(MODEL),
+            str(images),
+            *ARGS,
+            "-o",
+            str(tmp_path / "one"),
+        ],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert one.returncode == 0, one.stderr
-    two = _torchrun(tmp_path / "two", env)
+    two = _torchrun(tmp_path / "two", env, images)
     assert two.returncode == 0, two.stderr
     assert _numbers(tmp_path / "two" / "results.json") == _numbers(tmp_path / "one" / "results.json")
+    skipped = _numbers(tmp_path / "two" / "results.json")["inputs"]["skipped"]
+    assert [s["path"] for s in skipped] == ["0/0015.png"]  # the decoding skip reaches the report
     assert two.stdout.count("results:") + two.stderr.count("results:") == 1  # rank 0 alone reports
     doc = json.loads((tmp_path / "two" / "results.json").read_text(encoding="utf-8"))
     assert doc["run"]["world_size"] == 2
