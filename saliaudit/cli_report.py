@@ -211,19 +211,14 @@ def _run_report(
 
     world = current_world()  # launched by torchrun with several processes
     if world is not None:
-        from . import distributed
+        from . import cli_dist, distributed
 
         try:
-            if resume:
-                raise ResumeRefusedError(
-                    "--resume is not supported under torchrun",
-                    hint="resume the interrupted audit in one process, or rerun the job without --resume",
-                )
-            cfg = distributed.start(world, cfg)
+            cfg = cli_dist.join(world, cfg, resume)
         except SaliauditError as err:
             _fail(err, err.exit_code)
         if world.rank != 0:
-            return _worker(model, images, cfg, world)
+            return cli_dist.worker(model, images, cfg, world)
     out = OutputFolder(Path(cfg.output), force=cfg.force)
     result = None
     audit = None
@@ -318,7 +313,7 @@ def _run_report(
         reason = "interrupted by SIGTERM" if sys.exc_info()[0] is Interrupted else "interrupted (Ctrl-C)"
         if world is not None:  # torchrun stops every rank when one fails or is killed
             where = "; ".join(distributed.unfinished(world)) or "no other rank was computing"
-            _stopped_rank(out, f"{reason}: torchrun stopped the job ({where})")
+            cli_dist.stopped(out, f"{reason}: torchrun stopped the job ({where})")
         elif result is not None and out.prepared:
             result.inputs["loaded"] = len(result.images)
             if audit is not None:
@@ -334,7 +329,7 @@ def _run_report(
         return EXIT_INTERRUPTED
     except SaliauditError as err:
         if world is not None:
-            _stopped_rank(out)
+            cli_dist.stopped(out)
         elif result is not None and out.prepared and not isinstance(err, ResumeRefusedError):
             _write_partial(out, result, cfg, str(err))
         _fail(err, err.exit_code)
@@ -342,7 +337,7 @@ def _run_report(
         raise
     except Exception as err:  # an unexpected bug: one line, the traceback with --debug
         if world is not None:
-            _stopped_rank(out)
+            cli_dist.stopped(out)
         _bug(err)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -351,35 +346,6 @@ def _run_report(
             distributed.stop()
         _folder_lines(out, quiet)
     return EXIT_CANNOT_RUN
-
-
-def _worker(model: Path, images: Path, cfg, world) -> int:
-    """A torchrun rank other than 0: its share of the units, sent to rank 0; no output, no
-    files (rank 0 prepared the output folder before the barrier)."""
-    from . import distributed
-
-    try:
-        code = distributed.share()
-        if code is not None:  # rank 0 could not prepare the output folder (it says why)
-            return code
-        distributed.run_sharded(model, images, cfg, Path(cfg.output), world)
-    except SaliauditError as err:
-        return err.exit_code  # rank 0 prints the message
-    except (KeyboardInterrupt, Interrupted):
-        return EXIT_INTERRUPTED
-    finally:
-        distributed.stop()
-    return EXIT_OK
-
-
-def _stopped_rank(out: OutputFolder, reason: str | None = None) -> None:
-    """Rank 0 of a torchrun job that did not finish: the overlays it wrote are removed and
-    no results are written (a partial audit of some ranks would mislead)."""
-    if out.prepared:
-        out.discard("maps")
-        out.finish()
-    if reason is not None:
-        err_console.print(f"saliaudit: {reason}; nothing was written", markup=False, soft_wrap=True)
 
 
 def _write_partial(out: OutputFolder, result: AuditResult, cfg, reason: str) -> list[Path]:
