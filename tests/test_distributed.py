@@ -160,3 +160,15 @@ def test_an_unusable_output_folder_stops_every_rank(tmp_path) -> None:
     text = run.stdout + run.stderr
     assert text.count("saliaudit: error: ") == 1 and "not a saliaudit output" in text  # rank 0 alone
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+
+
+def test_resume_and_budget_are_refused_under_torchrun() -> None:
+    from saliaudit.cli_dist import join
+    from saliaudit.config import AuditConfig
+    from saliaudit.errors import ResumeRefusedError, UsageError
+
+    world = World(0, 2, 0)
+    with pytest.raises(ResumeRefusedError, match="not supported under torchrun"):
+        join(world, AuditConfig(values={"device": "cpu"}, sources={}), resume=True)
+    with pytest.raises(UsageError, match="--budget is not supported under torchrun"):
+        join(world, AuditConfig(values={"device": "cpu", "budget": 60.0}, sources={}), resume=False)
