@@ -363,8 +363,13 @@ def unit_record(
 def restore_unit(
     audit: Audit, unit: dict[str, Any], source: MapSource, complete: list[CompletenessRecord]
 ) -> None:
-    """Replay a saved unit into the audit, in the order its numbers were first added."""
-    if unit.get("failed") is not None and audit._entry(source)["status"] == "ok":
+    """Replay a saved unit into the audit, in the order its numbers were first added. A
+    method that failed in an earlier unit adds nothing more (one process computes no more
+    maps of it; under torchrun another rank may have computed later batches)."""
+    if audit._entry(source)["status"] != "ok":
+        audit.runner.add_source(source)
+        return
+    if unit.get("failed") is not None:
         audit._entry(source).update(status="error", reason=unit["failed"])
         audit.runner.fail_source(source, f"the method failed: {unit['failed']}")
     if unit.get("decomposition"):

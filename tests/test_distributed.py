@@ -172,3 +172,47 @@ def test_resume_and_budget_are_refused_under_torchrun() -> None:
         join(world, AuditConfig(values={"device": "cpu"}, sources={}), resume=True)
     with pytest.raises(UsageError, match="--budget is not supported under torchrun"):
         join(world, AuditConfig(values={"device": "cpu", "budget": 60.0}, sources={}), resume=False)
+
+
+PLUGIN = '''
+import os
+import torch
+from PIL import Image
+import saliaudit
+from saliaudit.methods.common import forward_fn
+
+
+@saliaudit.register_method("fails_on_one", family="gradient", reference="test plugin")
+def fails_on_one(model, x, targets):
+    """Input gradient; raises on a batch holding the image named in FAIL_IMAGE."""
+    bad = model.preprocess([Image.open(os.environ["FAIL_IMAGE"]).convert("RGB")]).to(x.device)
+    if any(torch.allclose(row, bad[0]) for row in x):
+        raise RuntimeError("cannot explain this image")
+    x = x.detach().requires_grad_(True)
+    picked = forward_fn(model)(x).gather(1, targets.view(-1, 1)).sum()
+    return torch.autograd.grad(picked, x)[0]
+'''
+
+
+@pytest.mark.slow
+@needs_model
+def test_a_method_failing_on_another_rank_gives_the_single_process_results(tmp_path) -> None:
+    (tmp_path / "failing_plugin.py").write_text(PLUGIN, encoding="utf-8")
+    # batch 2 (rank 1) fails; a single process computes no more maps of the method, and
+    # rank 0's later batch 3 must not add to the results either
+    env = {**_env(), "FAIL_IMAGE": str(IMAGES / "0" / "002.png")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(tmp_path)])
+    args = ["--max-images", "8", "--batch-size", "2", "--methods", "fails_on_one,random", "--plugin",
+            "failing_plugin", "--checks", "completeness,randomization", "--profile", "quick",
+            "--format", "json", "-q", "--fail-on", "never"]  # fmt: skip
+    base = [sys.executable, "-m", "saliaudit", "report", str(MODEL), str(IMAGES), *args]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    one = subprocess.run([*base, "-o", "one"], env=env, capture_output=True, text=True, cwd=tmp_path)
+    two = subprocess.run(
+        [*torchrun, *base[1:], "-o", "two"], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr, two.stderr[-2000:])
+    a, b = _numbers(tmp_path / "one" / "results.json"), _numbers(tmp_path / "two" / "results.json")
+    entry = next(m for m in b["methods"] if m["method"] == "fails_on_one")
+    assert entry["status"] == "error" and "cannot explain this image" in entry["reason"]
+    assert a == b
