@@ -21,8 +21,15 @@ image: randomization and sensitivity_n stop at their ``max_images`` = 16, pertur
 sign_flip measure every image), peak RSS 1.41 GB and 1.50 GB. Its sizes are given with
 ``--full-sizes`` (default 8,16).
 
+A third mode, ``--ranks 1,2``, measures one audit (``--ranks-images`` images, FullGrad and
+Grad-CAM with the completeness and randomization checks) in one process and under
+``torchrun --standalone --nproc-per-node R`` (README, "Scaling out"): wall time, the
+speed-up over one process, and whether results.json (without the run-specific keys) equals
+the single process's. The ``--threads`` are shared out: each of R ranks gets threads / R.
+
 Run:  python bench/scale.py [--sizes 200,2000] [--batch-size 8] [--threads 2]
                             [--config-set fast|full|both] [--full-sizes 20,200] [--keep DIR]
+      python bench/scale.py --ranks 1,2 [--ranks-images 32] [--threads 2]
 """
 
 from __future__ import annotations
@@ -154,6 +161,43 @@ def run_set(
     return rows
 
 
+RANKED = ["--methods", "fullgrad,gradcam", "--checks", "completeness,randomization", "--profile", "quick"]
+VOLATILE = ("run", "timings", "plan", "manifest", "config")
+
+
+def run_ranks(ranks: list[int], folder: Path, work: Path, args: argparse.Namespace) -> None:
+    """One audit in 1 process and under torchrun with R processes: wall time, speed-up, and
+    the results against the single process's."""
+    import json
+
+    print(
+        f"\n[ranks] {' '.join(RANKED)} --no-overlays --batch-size {args.batch_size} --device {args.device}, "
+        f"{args.threads} threads shared by the ranks"
+    )
+    print(f"{'ranks':>6} {'wall s':>8} {'speed-up':>9} {'same results':>13}  exit")
+    first: tuple[float, dict] | None = None
+    for r in ranks:
+        env = child_env(args)
+        env["OMP_NUM_THREADS"] = str(max(1, args.threads // r))
+        out = work / f"out_ranks_{r}"
+        shutil.rmtree(out, ignore_errors=True)
+        audit = ["-m", "saliaudit", "report", str(MODEL), str(folder), "-o", str(out), *RANKED]
+        audit += ["--no-overlays", "--format", "json", "-q", "--batch-size", str(args.batch_size)]
+        audit += ["--device", args.device]
+        launch = [sys.executable]
+        if r > 1:
+            launch += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(r)]
+        code, wall, _, tail = measure(launch + audit, env, work)
+        doc = json.loads((out / "results.json").read_text()) if (out / "results.json").is_file() else {}
+        numbers = {k: v for k, v in doc.items() if k not in VOLATILE}
+        if first is None:
+            first = (wall, numbers)
+        same = "yes" if numbers and numbers == first[1] else "no"
+        print(f"{r:>6} {wall:>8.1f} {first[0] / wall:>8.2f}x {same:>13}  {code}", flush=True)
+        if code not in (0, 1):
+            print(tail, file=sys.stderr)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="200,2000", help="image counts of the fast set")
@@ -163,7 +207,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: temp)")
+    ap.add_argument("--ranks", default=None, help="process counts of one audit (torchrun), e.g. 1,2")
+    ap.add_argument("--ranks-images", type=int, default=32, help="images of the --ranks audit")
     args = ap.parse_args()
+    if args.ranks:
+        work = args.keep or Path(tempfile.mkdtemp(prefix="saliaudit-ranks-"))
+        work.mkdir(parents=True, exist_ok=True)
+        print(f"saliaudit scale-out benchmark · {platform.platform()} · {os.cpu_count()} CPUs")
+        try:
+            folder = make_images(work / f"images_{args.ranks_images}", args.ranks_images)
+            run_ranks([int(r) for r in args.ranks.split(",")], folder, work, args)
+        finally:
+            if args.keep is None:
+                shutil.rmtree(work, ignore_errors=True)
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     full_sizes = [int(s) for s in args.full_sizes.split(",")]
     work = args.keep or Path(tempfile.mkdtemp(prefix="saliaudit-scale-"))

@@ -201,6 +201,7 @@ def _run_report(
     baseline: tuple[Path, dict] | None = None,
     resume: bool = False,
 ) -> int:
+    from .distributed import current_world
     from .engine import Audit, new_result
     from .model import resolve_device
     from .preflight import planned_report
@@ -208,6 +209,16 @@ def _run_report(
     from .report.terminal import print_summary, progress_bar, quiet_line
     from .resume import AuditState
 
+    world = current_world()  # launched by torchrun with several processes
+    if world is not None:
+        from . import cli_dist, distributed
+
+        try:
+            cfg = cli_dist.join(world, cfg, resume)
+        except SaliauditError as err:
+            _fail(err, err.exit_code)
+        if world.rank != 0:
+            return cli_dist.worker(model, images, cfg, world)
     out = OutputFolder(Path(cfg.output), force=cfg.force)
     result = None
     audit = None
@@ -217,11 +228,19 @@ def _run_report(
         raise Interrupted()
 
     signal.signal(signal.SIGTERM, on_term)
-    state = AuditState(out, resume=resume)
+    state = AuditState(out, resume=resume) if world is None else None
     try:
-        state.require()  # --resume without saved work: a usage error, before anything is touched
+        if state is not None:
+            state.require()  # --resume without saved work: a usage error, before anything is touched
         # before the model is loaded: the folder is free, writable, ours to write, with room
-        out.prepare(planned_report(cfg, images, baseline=baseline is not None), owner=True)
+        try:
+            out.prepare(planned_report(cfg, images, baseline=baseline is not None), owner=True)
+        except SaliauditError as err:
+            if world is not None:
+                distributed.share(err.exit_code)  # the other ranks stop: nothing to audit into
+            raise
+        if world is not None:
+            distributed.share(None)  # the other ranks start once the folder is prepared
         _folder_lines(out, quiet)
         result = new_result(cfg, datetime.now(timezone.utc), resolve_device(cfg.device))
         from .report.plan_text import plan_lines
@@ -232,14 +251,20 @@ def _run_report(
                     err_console.print(line, markup=False, soft_wrap=True)
 
         with progress_bar(err_console, quiet) as progress:
-            audit = Audit(cfg, out.path, progress=progress, result=result, on_plan=show_plan, state=state)
-            audit.plan(model, images)
-            audit.run()
+            if world is not None:  # this rank's share, then every rank's units replayed and judged
+                audit = distributed.run_sharded(
+                    model, images, cfg, out.path, world, progress=progress, result=result, on_plan=show_plan
+                )
+            else:
+                audit = Audit(cfg, out.path, progress=progress, result=result, on_plan=show_plan, state=state)
+                audit.plan(model, images)
+                audit.run()
             doc = result.to_dict()
             hook = progress.rendering(cfg.format) if progress else None
             # on pdf_error, the rest is written
             _, pdf_error = write_results(out, doc, cfg.format, on_format=hook, manifest=True)
-            state.remove()  # the audit is written: its saved work is no longer needed
+            if state is not None:
+                state.remove()  # the audit is written: its saved work is no longer needed
             if progress:
                 progress.finish()
         _ci_outputs(doc, cfg.annotations)
@@ -286,7 +311,10 @@ def _run_report(
         return code
     except (KeyboardInterrupt, Interrupted):
         reason = "interrupted by SIGTERM" if sys.exc_info()[0] is Interrupted else "interrupted (Ctrl-C)"
-        if result is not None and out.prepared:
+        if world is not None:  # torchrun stops every rank when one fails or is killed
+            where = "; ".join(distributed.unfinished(world)) or "no other rank was computing"
+            cli_dist.stopped(out, f"{reason}: torchrun stopped the job ({where})")
+        elif result is not None and out.prepared:
             result.inputs["loaded"] = len(result.images)
             if audit is not None:
                 audit.judge_partial()
@@ -300,16 +328,22 @@ def _run_report(
             err_console.print(f"saliaudit: {reason}; nothing was written", markup=False)
         return EXIT_INTERRUPTED
     except SaliauditError as err:
-        if result is not None and out.prepared and not isinstance(err, ResumeRefusedError):
+        if world is not None:
+            cli_dist.stopped(out)
+        elif result is not None and out.prepared and not isinstance(err, ResumeRefusedError):
             _write_partial(out, result, cfg, str(err))
         _fail(err, err.exit_code)
     except typer.Exit:
         raise
     except Exception as err:  # an unexpected bug: one line, the traceback with --debug
+        if world is not None:
+            cli_dist.stopped(out)
         _bug(err)
     finally:
         signal.signal(signal.SIGTERM, previous)
         out.close()  # the lock is released on every path
+        if world is not None:
+            distributed.stop()
         _folder_lines(out, quiet)
     return EXIT_CANNOT_RUN
 

@@ -153,9 +153,11 @@ class Audit:
         result: AuditResult | None = None,
         on_plan: Callable[[Plan], None] | None = None,
         state: AuditState | None = None,
+        shard: Any = None,
     ):
         self.cfg, self.out_dir, self.progress = cfg, Path(out_dir), progress
         self.state = state  # saved work (saliaudit.resume): each finished unit, --resume
+        self.shard = shard  # torchrun: this rank's share of the units (saliaudit.distributed)
         self.on_plan = on_plan
         self.counter = PassCounter()
         self.timer = Timer()
@@ -167,8 +169,9 @@ class Audit:
         self.edge_sim: dict[str, list[float]] = {}
 
     # ------------------------------------------------------------------------------ plan
-    def plan(self, model_path: str | Path, images: str | Path) -> None:
-        """Load the model, list the images, build the map sources and the checks."""
+    def plan(self, model_path: str | Path, images: str | Path, reuse: Plan | None = None) -> None:
+        """Load the model, list the images, build the map sources and the checks (``reuse``:
+        the plan an earlier audit of the same inputs made, instead of calibrating again)."""
         cfg = self.cfg
         with self.timer.stage("load_model"):
             self.lm = load_model(
@@ -205,7 +208,7 @@ class Audit:
             choose_examples([e.rel for e in self.listing.entries], int(cfg.examples_html), cfg.seed)
         )
         with self.timer.stage("calibrate"):
-            self.plan_ = self._make_plan()
+            self.plan_ = reuse if reuse is not None else self._make_plan()
         # after the plan: a budget may have capped the check that stores the class maps
         self.figures.with_maps = not _stores_class_maps(self.runner.checks)
         self.result.plan = self.plan_.to_dict()
@@ -419,9 +422,13 @@ class Audit:
     # ------------------------------------------------------------------------------- run
     def run(self) -> AuditResult:
         """Stream the images through every method and check; judge; the filled result."""
+        self.run_units()
+        return self._finish()
+
+    def run_units(self) -> None:
+        """Stream the images through every method and check, without judging."""
         with self.counter.active(), rows_limit(self.plan_.calibration.rows()):
             self._run_batches()
-        return self._finish()
 
     def _run_batches(self) -> None:
         decoded = iter_decoded(self.listing, max_pixels=self.cfg.max_pixels)
@@ -473,6 +480,12 @@ class Audit:
         if self.state is not None and self.state.broken:
             result.run["resume_state"] = f"not saved after: {self.state.broken}"
         result.run["duration_s"] = result.timings["total_s"]
+        if "world_size" not in result.run:  # one process (torchrun: saliaudit.distributed sets them)
+            result.run["world_size"] = 1
+            seconds = round(result.timings["total_s"], 3)
+            result.run["ranks"] = [
+                {"rank": 0, "device": str(self.device), "images": len(result.images), "seconds": seconds}
+            ]
         result.plan = self._plan_record(per_stage)
         self.units_done = self.units_total
         self._step("audited", batch=False)
@@ -530,6 +543,8 @@ class Audit:
 
     def _run_batch(self, items: list) -> None:
         """Predict one batch, run every source and check on it; the batch lands whole."""
+        if self.shard is not None:
+            self.shard.at(self.batch_no, [d.entry.rel for d in items])
         self._step("predicting")
         with self.timer.stage("predict"), self.counter.at("predict"):
             pred = predict_batch(
@@ -555,11 +570,16 @@ class Audit:
             base = start + k * self.per_source
             self.units_done = base
             saved = self.state.take(self.batch_no, source.method, batch.images) if self.state else None
+            if saved is None and self.shard is not None:  # torchrun, rank 0: the ranks' units
+                saved = self.shard.take(self.batch_no, source.method, batch.images)
             if saved is not None:  # --resume: this unit's numbers were saved by the earlier run
                 self._step(f"method {source.method} (saved)")
                 restore_unit(self, saved, source, complete)
                 self.units_done = base + self.per_source
                 self.runner.log.clear()
+                continue
+            if self.shard is not None and not self.shard.owns(self.batch_no):
+                self.units_done = base + self.per_source  # another rank computes it
                 continue
             mark = Mark(self, complete)
             self._step(f"method {source.method}")
@@ -583,6 +603,8 @@ class Audit:
             del maps
             if self.state is not None:  # saved as soon as it is finished
                 self.state.save(unit_record(self, mark, source, batch.images, complete))
+            if self.shard is not None:  # gathered by rank 0 at the end
+                self.shard.keep(unit_record(self, mark, source, batch.images, complete), self.out_dir)
             self.runner.log.clear()
             release_memory()  # the next method starts from the memory this one really holds
         self.runner.end_batch(batch)

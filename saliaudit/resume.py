@@ -363,8 +363,13 @@ def unit_record(
 def restore_unit(
     audit: Audit, unit: dict[str, Any], source: MapSource, complete: list[CompletenessRecord]
 ) -> None:
-    """Replay a saved unit into the audit, in the order its numbers were first added."""
-    if unit.get("failed") is not None and audit._entry(source)["status"] == "ok":
+    """Replay a saved unit into the audit, in the order its numbers were first added. A
+    method that failed in an earlier unit adds nothing more (one process computes no more
+    maps of it; under torchrun another rank may have computed later batches)."""
+    if audit._entry(source)["status"] != "ok":
+        audit.runner.add_source(source)
+        return
+    if unit.get("failed") is not None:
         audit._entry(source).update(status="error", reason=unit["failed"])
         audit.runner.fail_source(source, f"the method failed: {unit['failed']}")
     if unit.get("decomposition"):
@@ -386,4 +391,21 @@ def restore_unit(
     for c in audit.runner.checks:
         for attr, value in (state.get(c.name) or {}).items():
             if attr in c.resume_state:
-                setattr(c, attr, value)
+                setattr(c, attr, merge_state(getattr(c, attr, None), value))
+
+
+def merge_state(old: Any, new: Any) -> Any:
+    """A check's cross-batch state after a saved unit: dictionaries merged key by key
+    (units of several torchrun ranks each hold their own figures), counts by their maximum,
+    an empty value keeping the earlier one; anything else replaced. A sequential run's
+    snapshots only grow, so merging them equals taking the newest."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = dict(old)
+        for k, v in new.items():
+            out[k] = merge_state(out.get(k), v) if k in out else v
+        return out
+    if new is None or (isinstance(new, (list, tuple, dict, str)) and not new):
+        return old if old is not None else new
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)) and not isinstance(new, bool):
+        return max(old, new)
+    return new

@@ -520,6 +520,20 @@ def _setting_row(name: str, value: Any, source: Any, model: dict[str, Any]) -> d
     return {"name": name, "value": text_of(value), "source": text_of(source, "default")}
 
 
+def _ranks_text(run: dict[str, Any]) -> str:
+    """The world size, and under torchrun each rank's device, images and seconds."""
+    size = run.get("world_size")
+    ranks = [as_dict(r) for r in run.get("ranks") or [] if isinstance(r, dict)]
+    if not isinstance(size, int) or size <= 1:
+        return "1" if size == 1 else "–"
+    parts = [
+        f"rank {text_of(r.get('rank'))}: {text_of(r.get('device'))}, {text_of(r.get('images'))} images, "
+        + (fmt(r["seconds"]) + " s" if isinstance(r.get("seconds"), (int, float)) else "–")
+        for r in ranks
+    ]
+    return f"{size} (torchrun; " + "; ".join(parts) + ")"
+
+
 def configuration_view(doc: dict[str, Any]) -> dict[str, Any]:
     config = as_dict(doc.get("config"))
     values, sources = as_dict(config.get("values")), as_dict(config.get("sources"))
@@ -529,6 +543,7 @@ def configuration_view(doc: dict[str, Any]) -> dict[str, Any]:
     env = [(str(k), text_of(v)) for k, v in as_dict(run.get("versions")).items()]
     env += [
         ("device", text_of(run.get("device"))),
+        ("processes", _ranks_text(run)),
         ("seed", text_of(run.get("seed"))),
         ("started at", text_of(run.get("started_at"))),
         (
