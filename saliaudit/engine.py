@@ -593,11 +593,13 @@ class Audit:
                 )
                 for c in self.runner.checks:
                     c.progress = progress
+                self.runner.progress = progress
                 try:
                     self._use_maps(source, batch, pred, maps, edges[0], on_check=self._check_step(base + 1))
                 finally:
                     for c in self.runner.checks:
                         c.progress = None
+                    self.runner.progress = None
             self.units_done = base + self.per_source
             source.forget()
             del maps

@@ -258,9 +258,10 @@ def _work(name: str, images: int, work: Passes, s: SourceCost, cal: Calibration)
 
 
 #: A budgeted audit plans to this share of the budget: the estimate is within about ±30 % per
-#: stage, and a budget is a limit the user set, so the plan leaves room for an estimate that
-#: was low rather than aiming at the limit itself.
-BUDGET_HEADROOM = 0.85
+#: stage (a heavily reduced audit of the sample model ran 1.47× its estimate in CI), and a
+#: budget is a limit the user set, so the plan leaves room for an estimate that was low
+#: rather than aiming at the limit itself.
+BUDGET_HEADROOM = 0.7
 
 
 def fit(

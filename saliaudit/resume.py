@@ -4,10 +4,11 @@ The unit of work is one batch × one method: its maps' contributions to every ch
 checks' measurements of that batch, their skips and errors), the example figures, overlays,
 FullGrad completeness records, edge similarities and summation-to-delta records it produced,
 and the state the checks carry across batches for their verdicts (figure maps, counts).
-Inside the unit that is running, a check with steps of its own (the randomization cascade:
-one randomized model and its maps per step) saves its progress after every step in
-``.saliaudit-state/steps.json`` (:class:`Progress`); a resumed audit recomputes that unit's
-maps and cheaper checks and continues the check after its last saved step.
+Inside the unit that is running, each check's measurement of the batch is saved as it
+finishes, and a check with steps of its own (the randomization cascade: one randomized model
+and its maps per step) saves its progress after every step, in ``.saliaudit-state/steps.json``
+(:class:`Progress`); a resumed audit recomputes that unit's maps, replays its finished checks
+and continues the interrupted check after its last saved step.
 
 Each unit is written as it completes, atomically, to ``.saliaudit-state/units/NNNNNN.json``
 (numbered in the order the audit runs them) in the output folder, with the audit's identity

@@ -331,7 +331,8 @@ def test_interrupt_inside_the_randomization_cascade_resumes_after_the_last_step(
 
     def record(self, check, key, state):
         original(self, check, key, state)
-        calls.append((self.head.get("batch"), self.head.get("method"), dict(state["done"])))
+        if check == "randomization":  # (the runner saves the finished checks here too)
+            calls.append((self.head.get("batch"), self.head.get("method"), dict(state["done"])))
 
     out = tmp_path / "out"
     with monkeypatch.context() as mp:
@@ -359,5 +360,59 @@ def test_interrupt_inside_the_randomization_cascade_resumes_after_the_last_step(
     assert [c[2]["cascading"] for c in resumed_unit] == list(range(3, total + 1))
     assert numbers(out / "results.json") == expected
     doc = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    assert doc["run"]["resumed"]["steps_reused"] == 1 and doc["run"]["resumed"]["units_reused"] == 2
+    # the cascade's saved steps, and the checks finished before it in that unit
+    assert doc["run"]["resumed"]["steps_reused"] >= 1 and doc["run"]["resumed"]["units_reused"] == 2
+    assert not (out / STATE).exists()
+
+
+def _count_measures(mp: pytest.MonkeyPatch, calls: list, stop_at: int | None = None) -> None:
+    """Record (check, method, images) of every check measurement; with ``stop_at``, Ctrl-C
+    as the ``stop_at``-th measurement of FullGrad's second batch begins."""
+    from saliaudit.checks import CHECKS, check_names
+
+    check_names()
+    for name in ("completeness", "randomization", "bn_folding", "class_sensitivity"):
+        cls = CHECKS[name]
+
+        def measure(self, batch, source, maps, _original=cls.measure, _name=name):
+            calls.append((_name, source.method, tuple(batch.images)))
+            fullgrad = [c for c in calls if c[1] == "fullgrad"]
+            second = [c for c in fullgrad if c[2] != fullgrad[0][2]]
+            if stop_at is not None and source.method == "fullgrad" and len(second) == stop_at:
+                raise KeyboardInterrupt
+            return _original(self, batch, source, maps)
+
+        mp.setattr(cls, "measure", measure)
+
+
+@pytest.mark.slow
+def test_checks_finished_inside_a_unit_are_not_measured_again(tmp_path, uninterrupted):
+    """A check's measurement of a batch is saved as it finishes: Ctrl-C as the 3rd check of
+    batch 2's FullGrad unit starts; ``--resume`` measures only the checks not yet finished in
+    that unit, and gives the uninterrupted run's numbers."""
+    code, expected = uninterrupted
+    out = tmp_path / "out"
+    mp = pytest.MonkeyPatch()
+    first: list = []
+    try:
+        _count_measures(mp, first, stop_at=3)
+        r = report(out)
+    finally:
+        mp.undo()
+    assert r.exit_code == 130, r.output
+    batch2 = [c for c in first if c[1] == "fullgrad" and c[2] != first[0][2]]
+    assert len(batch2) == 3  # two finished, the third interrupted
+    again: list = []
+    mp = pytest.MonkeyPatch()
+    try:
+        _count_measures(mp, again)
+        r = report(out, "--resume")
+    finally:
+        mp.undo()
+    assert r.exit_code == code, r.output
+    resumed = [c for c in again if c[1] == "fullgrad" and c[2] == batch2[0][2]]
+    finished = {c[0] for c in batch2[:2]}
+    assert resumed and not finished & {c[0] for c in resumed}, (finished, resumed)
+    assert resumed[0][0] == batch2[2][0]  # it continues with the interrupted check
+    assert numbers(out / "results.json") == expected
     assert not (out / STATE).exists()

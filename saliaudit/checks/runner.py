@@ -24,6 +24,9 @@ from . import check_names, get_check
 from .base import Check, Measurement, _jsonable
 from .calibrate import calibrate
 
+#: The key under which the running unit's finished checks are saved (saliaudit.resume.Progress).
+CHECKS_DONE = "__checks__"
+
 __all__ = ["CheckRunner", "oom_split", "is_oom", "control_expectation"]
 
 T = TypeVar("T")
@@ -114,6 +117,9 @@ class CheckRunner:
         #: What :meth:`run` did, in order (see :meth:`apply`): the audit saves each
         #: (batch, method)'s part of it for ``--resume`` (saliaudit.resume).
         self.log: list[tuple[Any, ...]] = []
+        #: Where the running unit's finished checks are saved (a saliaudit.resume.Progress,
+        #: set by the audit for each unit; None outside an audit that saves its state).
+        self.progress: Any = None
 
     def rebuild(self, check: Check, params: dict[str, Any]) -> Check:
         """A new instance of ``check`` with ``params`` changed (validated as usual)."""
@@ -148,12 +154,29 @@ class CheckRunner:
         import time
 
         self.add_source(source)
+        # --resume: the checks this unit finished before an interruption are replayed
+        progress = self.progress
+        where = {"images": list(batch.images), "method": source.method, "variants": [v.label for v in maps]}
+        saved = progress.load(CHECKS_DONE, where) if progress is not None else None
+        done: dict[str, Any] = saved if saved is not None else {}
+        finished: dict[str, Any] = {}
         for check in self.checks:
             if on_check is not None:
                 on_check(check.name)
             key = (check.name, source.method)
             if key in self.errors or key in self.skips:
                 continue
+            if check.name in done:  # measured before the interruption: its outcome, not again
+                check.take(batch)  # the check's count of images, as when it measured
+                for item in done[check.name]["items"]:
+                    self.apply(item)
+                from ..resume import merge_state
+
+                for attr, value in done[check.name]["state"].items():
+                    setattr(check, attr, merge_state(getattr(check, attr, None), value))
+                finished[check.name] = done[check.name]
+                continue
+            first = len(self.log)
             reason = check.skip_reason(source, batch.model, self.has_masks)
             if reason:
                 self.apply(("skip", check.name, source.method, reason))
@@ -186,6 +209,10 @@ class CheckRunner:
                 name = f"check:{check.name}"
                 self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
             self.apply(("measure", check.name, out))
+            if progress is not None:  # saved at once: an interruption keeps this check's work
+                state = {a: getattr(check, a) for a in check.resume_state}
+                finished[check.name] = {"items": self.log[first:], "state": state}
+                progress.save(CHECKS_DONE, where, finished)
 
     def apply(self, item: tuple[Any, ...]) -> None:
         """Record one outcome of :meth:`run` (also when a resumed audit replays it):
