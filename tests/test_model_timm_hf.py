@@ -22,6 +22,7 @@ from saliaudit.methods import explain
 from saliaudit.methods.fullgrad import full_gradients
 
 from .test_cli import _clean_env, assert_one_line_error, report  # noqa: F401
+from .tiny_vit import hf_vit_config
 
 
 @pytest.fixture
@@ -175,22 +176,11 @@ LABELS = {0: "cat", 1: "dog", 2: "bird"}
 
 
 def vit(**kwargs):
-    from transformers import ViTConfig, ViTForImageClassification
+    from transformers import ViTForImageClassification
 
     torch.manual_seed(0)
-    config = ViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        num_labels=3,
-        id2label=LABELS,
-        label2id={v: k for k, v in LABELS.items()},
-        **kwargs,
-    )
-    return ViTForImageClassification(config).eval()
+    labels = {"id2label": LABELS, "label2id": {v: k for k, v in LABELS.items()}}
+    return ViTForImageClassification(hf_vit_config(**labels, **kwargs)).eval()
 
 
 def vit_folder(folder, processor: dict | None = None, model=None):
